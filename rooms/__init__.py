@@ -1,0 +1,1 @@
+"""The consultation domain: pure Python, no web, media or database imports."""

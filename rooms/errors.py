@@ -1,0 +1,41 @@
+"""Domain errors. Each maps to one HTTP status / socket error code in the layers above."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base of all errors the domain raises on purpose."""
+
+    code = "domain_error"
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class Forbidden(DomainError):
+    code = "forbidden"
+
+
+class Conflict(DomainError):
+    """The request is well-formed but conflicts with the current state."""
+
+    code = "conflict"
+
+
+class IllegalTransition(Conflict):
+    code = "illegal_transition"
+
+    def __init__(self, current: str, action: str, allowed_from: frozenset[str]) -> None:
+        allowed = ", ".join(sorted(allowed_from)) or "no state"
+        super().__init__(
+            f"cannot {action} a consultation that is {current} (allowed from: {allowed})"
+        )
+        self.current = current
+        self.action = action
+
+
+class InvalidInput(DomainError):
+    """Input that passed schema validation but breaks a domain rule."""
+
+    code = "invalid_input"

@@ -1,0 +1,278 @@
+"""Entities of the consultation record. Plain dataclasses with typed ids; no behaviour beyond
+what needs nothing but the entity itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, NewType
+
+from rooms.roles import Role
+
+ConsultationId = NewType("ConsultationId", str)
+SessionId = NewType("SessionId", str)
+UserId = NewType("UserId", str)
+# One connection of one person: a surgeon with two cameras is two participants, one user.
+ParticipantId = NewType("ParticipantId", str)
+RecordingId = NewType("RecordingId", str)
+
+
+class ConsultationKind(StrEnum):
+    CONSULTATION = "consultation"
+    TELEMENTORING = "telementoring"
+    TEACHING = "teaching"
+
+
+class ConsultationStatus(StrEnum):
+    REQUESTED = "requested"
+    ACCEPTED = "accepted"
+    DECLINED = "declined"
+    SCHEDULED = "scheduled"
+    LIVE = "live"
+    OPINION_PENDING = "opinion_pending"
+    SIGNED = "signed"
+    ARCHIVED = "archived"
+    CANCELLED = "cancelled"
+    ABORTED = "aborted"
+
+
+class Sex(StrEnum):
+    FEMALE = "female"
+    MALE = "male"
+    OTHER = "other"
+    UNKNOWN = "unknown"
+
+
+class CloseReason(StrEnum):
+    """Why a participant left a session."""
+
+    LEFT = "left"
+    KICKED = "kicked"
+    NETWORK_LOST = "network_lost"
+    DUPLICATE = "duplicate"
+    SESSION_ENDED = "session_ended"
+    DENIED = "denied"
+
+
+class ConsentKind(StrEnum):
+    CONSULTATION = "consultation"
+    RECORDING = "recording"
+    TEACHING = "teaching"
+
+
+class EventKind(StrEnum):
+    """Kinds of entries in a session's append-only event log."""
+
+    SESSION_STARTED = "session_started"
+    SESSION_ENDED = "session_ended"
+    JOINED = "joined"
+    LEFT = "left"
+    WAITING = "waiting"
+    ADMITTED = "admitted"
+    DENIED = "denied"
+    CHAT = "chat"
+    HAND_RAISED = "hand_raised"
+    HAND_LOWERED = "hand_lowered"
+    MUTED = "muted"
+    REMOVED = "removed"
+    CONSENT = "consent"
+    ANNOTATION = "annotation"
+    RECORDING_STARTED = "recording_started"
+    RECORDING_STOPPED = "recording_stopped"
+
+
+class AuditAction(StrEnum):
+    VIEW_CONSULTATION = "view_consultation"
+    VIEW_RECORD = "view_record"
+    EXPORT_RECORD = "export_record"
+    DOWNLOAD_RECORDING = "download_recording"
+    VIEW_AUDIT = "view_audit"
+    CREATE_CONSULTATION = "create_consultation"
+    TRANSITION = "transition"
+    ADD_TEAM_MEMBER = "add_team_member"
+    ISSUE_INVITE = "issue_invite"
+    REVOKE_INVITE = "revoke_invite"
+    WRITE_OPINION = "write_opinion"
+    SIGN_OPINION = "sign_opinion"
+    RECORD_DECISION = "record_decision"
+    DESTROY = "destroy"
+
+
+@dataclass(frozen=True)
+class Resident:
+    """The subject of a consultation, by pseudonymous id: no national id number here."""
+
+    pseudonym: str
+    display_name: str
+    age: int
+    sex: Sex
+
+
+@dataclass(frozen=True)
+class TeamMember:
+    user_id: UserId
+    name: str
+    role: Role
+    institution: str
+    added_at: datetime
+
+
+@dataclass
+class Consultation:
+    id: ConsultationId
+    kind: ConsultationKind
+    specialty: str
+    resident: Resident
+    inviting_institution: str
+    inviting_clinician: UserId
+    reason: str
+    purpose: str
+    case_summary: str
+    requested_specialty: str
+    requested_title: str
+    preferred_time: datetime | None
+    scheduled_time: datetime | None
+    status: ConsultationStatus
+    status_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    team: list[TeamMember] = field(default_factory=list)
+
+    def member(self, user_id: UserId) -> TeamMember | None:
+        return next((m for m in self.team if m.user_id == user_id), None)
+
+
+@dataclass(frozen=True)
+class Session:
+    """One live call of a consultation; a follow-up call is a second session."""
+
+    id: SessionId
+    consultation_id: ConsultationId
+    number: int
+    started_at: datetime
+    ended_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Participation:
+    session_id: SessionId
+    participant_id: ParticipantId
+    user_id: UserId
+    name: str
+    role: Role
+    device: str
+    joined_at: datetime
+    left_at: datetime | None
+    close_reason: CloseReason | None
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """One entry of a session's append-only log, stamped by the server."""
+
+    session_id: SessionId
+    seq: int
+    at: datetime
+    kind: EventKind
+    actor: UserId | None
+    participant_id: ParticipantId | None
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Consent:
+    consultation_id: ConsultationId
+    session_id: SessionId | None
+    kind: ConsentKind
+    granted: bool
+    given_by: UserId
+    on_behalf_of: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class OpinionContent:
+    findings: str
+    assessment: str
+    recommendations: str
+    referral_advice: str
+
+
+@dataclass(frozen=True)
+class Signature:
+    version: int
+    signer: UserId
+    signer_name: str
+    signer_role: Role
+    signed_at: datetime
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class OpinionVersion:
+    """One version of the opinion (会诊意见). Versions are never edited, only added."""
+
+    consultation_id: ConsultationId
+    version: int
+    content: OpinionContent
+    author: UserId
+    created_at: datetime
+    amendment_reason: str | None
+    content_hash: str
+    signatures: tuple[Signature, ...] = ()
+
+    @property
+    def locked(self) -> bool:
+        return bool(self.signatures)
+
+
+@dataclass(frozen=True)
+class FinalDecision:
+    consultation_id: ConsultationId
+    decided_by: UserId
+    decision: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Recording:
+    id: RecordingId
+    session_id: SessionId
+    track: str
+    kind: str
+    media_type: str
+    sha256: str | None
+    duration_s: float | None
+    size_bytes: int | None
+    state: str
+    started_at: datetime
+    ended_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    at: datetime
+    actor: UserId
+    actor_role: Role
+    action: AuditAction
+    consultation_id: ConsultationId | None
+    target: str | None
+    remote_addr: str | None
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """Everything the record holds for one consultation, as one read."""
+
+    consultation: Consultation
+    sessions: list[Session]
+    participations: list[Participation]
+    events: list[SessionEvent]
+    consents: list[Consent]
+    opinions: list[OpinionVersion]
+    decisions: list[FinalDecision]
+    recordings: list[Recording]
+    audit: list[AuditEntry]

@@ -1,0 +1,146 @@
+"""What the domain needs from durable storage. Implementations live with their dependency
+(SQL in server/db); the domain imports none of them."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from rooms.model import (
+    AuditAction,
+    AuditEntry,
+    CloseReason,
+    Consent,
+    Consultation,
+    ConsultationId,
+    ConsultationStatus,
+    EventKind,
+    FinalDecision,
+    OpinionVersion,
+    ParticipantId,
+    Participation,
+    Recording,
+    Session,
+    SessionEvent,
+    SessionId,
+    Signature,
+    TeamMember,
+    UserId,
+)
+from rooms.roles import Role
+
+
+@dataclass(frozen=True)
+class ConsultationFilter:
+    status: ConsultationStatus | None = None
+    # Consultations on whose team this user is.
+    member: UserId | None = None
+    # Consultations on whose team someone of this role is.
+    role: Role | None = None
+    # Consultations that involve this institution (inviting or on the team).
+    institution: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class NewAuditEntry:
+    at: datetime
+    actor: UserId
+    actor_role: Role
+    action: AuditAction
+    consultation_id: ConsultationId | None
+    target: str | None
+    remote_addr: str | None
+    detail: dict[str, Any]
+
+
+class RecordRepository(Protocol):
+    """Reads and writes inside one transaction. Events and audit entries are append-only:
+    there is deliberately no method that changes or removes them."""
+
+    async def add_consultation(self, consultation: Consultation) -> None: ...
+
+    async def get_consultation(
+        self, consultation_id: ConsultationId, *, for_update: bool = False
+    ) -> Consultation | None: ...
+
+    async def list_consultations(self, query: ConsultationFilter) -> list[Consultation]: ...
+
+    async def update_consultation_state(self, consultation: Consultation) -> None:
+        """Persist status, status_reason, scheduled_time and updated_at."""
+        ...
+
+    async def add_team_member(self, consultation_id: ConsultationId, member: TeamMember) -> None: ...
+
+    async def add_session(self, session: Session) -> None: ...
+
+    async def end_session(self, session_id: SessionId, ended_at: datetime) -> None: ...
+
+    async def list_sessions(self, consultation_id: ConsultationId) -> list[Session]: ...
+
+    async def add_participation(self, participation: Participation) -> None: ...
+
+    async def close_participation(
+        self,
+        session_id: SessionId,
+        participant_id: ParticipantId,
+        left_at: datetime,
+        reason: CloseReason,
+    ) -> None: ...
+
+    async def list_participations(self, consultation_id: ConsultationId) -> list[Participation]: ...
+
+    async def append_event(
+        self,
+        session_id: SessionId,
+        at: datetime,
+        kind: EventKind,
+        actor: UserId | None,
+        participant_id: ParticipantId | None,
+        data: dict[str, Any],
+    ) -> SessionEvent: ...
+
+    async def list_events(self, consultation_id: ConsultationId) -> list[SessionEvent]: ...
+
+    async def add_consent(self, consent: Consent) -> None: ...
+
+    async def list_consents(self, consultation_id: ConsultationId) -> list[Consent]: ...
+
+    async def add_opinion_version(self, version: OpinionVersion) -> None: ...
+
+    async def add_signature(self, consultation_id: ConsultationId, signature: Signature) -> None: ...
+
+    async def list_opinion_versions(self, consultation_id: ConsultationId) -> list[OpinionVersion]:
+        """All versions, oldest first, each with its signatures."""
+        ...
+
+    async def add_decision(self, decision: FinalDecision) -> None: ...
+
+    async def list_decisions(self, consultation_id: ConsultationId) -> list[FinalDecision]: ...
+
+    async def add_recording(self, recording: Recording) -> None: ...
+
+    async def list_recordings(self, consultation_id: ConsultationId) -> list[Recording]: ...
+
+    async def revoke_token(self, jti: str, expires_at: datetime, revoked_at: datetime) -> None: ...
+
+    async def is_token_revoked(self, jti: str) -> bool: ...
+
+    async def append_audit(self, entry: NewAuditEntry) -> AuditEntry: ...
+
+    async def list_audit(
+        self, consultation_id: ConsultationId | None, limit: int, after_seq: int
+    ) -> list[AuditEntry]: ...
+
+
+class RecordStore(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[RecordRepository]:
+        """Everything done through the repository commits together or not at all."""
+        ...
+
+    async def ping(self) -> None:
+        """Raises if the database cannot be reached."""
+        ...

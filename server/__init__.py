@@ -1,0 +1,1 @@
+"""The wiring: config, CLI, app factory, REST API, auth, database."""

@@ -1,0 +1,140 @@
+"""One typed configuration: defaults, overlaid by an optional TOML file, then TELEMED_* variables."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+# The secret a fresh checkout runs with in development mode; refused anywhere else.
+DEV_JWT_SECRET = "telemed-development-secret-do-not-use-in-production"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JwtConfig(_Section):
+    algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
+    # HS256: the shared secret. RS256/ES256: tokens are verified with public_key (PEM) and,
+    # where telemed mints tokens itself (invites, the CLI), signed with private_key (PEM).
+    secret: SecretStr = SecretStr(DEV_JWT_SECRET)
+    public_key: SecretStr | None = None
+    private_key: SecretStr | None = None
+    issuer: str = "telemed"
+    audience: str = "telemed"
+    leeway_s: int = Field(default=30, ge=0, le=300)
+    access_ttl_s: int = Field(default=8 * 3600, gt=0)
+    invite_ttl_s: int = Field(default=2 * 3600, gt=0, le=7 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _keys_match_algorithm(self) -> JwtConfig:
+        if self.algorithm != "HS256" and self.public_key is None:
+            raise ValueError(f"jwt.public_key is required with {self.algorithm}")
+        return self
+
+
+class IceServer(_Section):
+    urls: list[str]
+    username: str | None = None
+    credential: SecretStr | None = None
+
+
+class Config(_Section):
+    dev: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    data_dir: Path = Path("data")
+    # Empty: an SQLite file under data_dir.
+    database_url: str = ""
+    redis_url: str | None = None
+    public_url: str = ""
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    max_body_bytes: int = Field(default=256 * 1024, gt=0)
+    jwt: JwtConfig = JwtConfig()
+    ice_servers: list[IceServer] = []
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'telemed.db').resolve()}"
+
+    @property
+    def effective_public_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    def check_safe_to_serve(self) -> None:
+        """Outside development mode the built-in secret would let anyone mint tokens."""
+        if not self.dev and self.jwt.algorithm == "HS256":
+            if self.jwt.secret.get_secret_value() == DEV_JWT_SECRET:
+                raise ConfigError("set TELEMED_JWT_SECRET (or run with --dev): the default secret is for development only")
+            if len(self.jwt.secret.get_secret_value()) < 32:
+                raise ConfigError("TELEMED_JWT_SECRET must be at least 32 characters")
+
+
+class ConfigError(Exception):
+    pass
+
+
+# Environment variables that map onto nested fields.
+_ENV_FIELDS: dict[str, tuple[str, ...]] = {
+    "DEV": ("dev",),
+    "HOST": ("host",),
+    "PORT": ("port",),
+    "DATA_DIR": ("data_dir",),
+    "DATABASE_URL": ("database_url",),
+    "REDIS_URL": ("redis_url",),
+    "PUBLIC_URL": ("public_url",),
+    "LOG_FORMAT": ("log_format",),
+    "LOG_LEVEL": ("log_level",),
+    "MAX_BODY_BYTES": ("max_body_bytes",),
+    "JWT_ALGORITHM": ("jwt", "algorithm"),
+    "JWT_SECRET": ("jwt", "secret"),
+    "JWT_PUBLIC_KEY": ("jwt", "public_key"),
+    "JWT_PRIVATE_KEY": ("jwt", "private_key"),
+    "JWT_ISSUER": ("jwt", "issuer"),
+    "JWT_AUDIENCE": ("jwt", "audience"),
+    "JWT_LEEWAY_S": ("jwt", "leeway_s"),
+    "JWT_ACCESS_TTL_S": ("jwt", "access_ttl_s"),
+    "JWT_INVITE_TTL_S": ("jwt", "invite_ttl_s"),
+}
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults < TOML file (`path` or TELEMED_CONFIG) < TELEMED_* environment < overrides."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    path = path or (Path(env["TELEMED_CONFIG"]) if env.get("TELEMED_CONFIG") else None)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    for name, field_path in _ENV_FIELDS.items():
+        value = env.get(f"TELEMED_{name}")
+        if value is not None:
+            _set_nested(data, field_path, value)
+    for key, value in (overrides or {}).items():
+        _set_nested(data, tuple(key.split(".")), value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+
+
+def _set_nested(data: dict[str, Any], field_path: tuple[str, ...], value: Any) -> None:
+    *parents, leaf = field_path
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
