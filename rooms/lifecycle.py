@@ -40,7 +40,9 @@ TRANSITIONS: dict[Action, Transition] = {
     Action.DECLINE: Transition(frozenset({S.REQUESTED}), S.DECLINED, needs_reason=True),
     # Scheduling again from `scheduled` moves the time; from `opinion_pending` it books a
     # follow-up session of the same consultation.
-    Action.SCHEDULE: Transition(frozenset({S.ACCEPTED, S.SCHEDULED, S.OPINION_PENDING}), S.SCHEDULED),
+    Action.SCHEDULE: Transition(
+        frozenset({S.ACCEPTED, S.SCHEDULED, S.OPINION_PENDING}), S.SCHEDULED
+    ),
     Action.START_SESSION: Transition(frozenset({S.SCHEDULED}), S.LIVE),
     Action.END_SESSION: Transition(frozenset({S.LIVE}), S.OPINION_PENDING),
     Action.COMPLETE_SIGNING: Transition(frozenset({S.OPINION_PENDING}), S.SIGNED),

@@ -12,10 +12,23 @@ from rooms.model import Consultation, OpinionContent, OpinionVersion, UserId
 from rooms.roles import INVITED_PHYSICIAN_ROLES
 
 
-def content_hash(consultation: Consultation, version: int, content: OpinionContent) -> str:
-    """SHA-256 of a canonical JSON form: what a signature is a signature of."""
+def content_hash(
+    consultation: Consultation,
+    version: int,
+    content: OpinionContent,
+    amendment_reason: str | None = None,
+) -> str:
+    """SHA-256 of a canonical JSON form: what a signature is a signature of. An amendment's
+    reason is part of what its signers sign."""
+    fields: dict[str, object] = {
+        "consultation": consultation.id,
+        "version": version,
+        **asdict(content),
+    }
+    if amendment_reason is not None:
+        fields["amendment_reason"] = amendment_reason
     canonical = json.dumps(
-        {"consultation": consultation.id, "version": version, **asdict(content)},
+        fields,
         sort_keys=True,
         ensure_ascii=False,
         separators=(",", ":"),
@@ -23,19 +36,24 @@ def content_hash(consultation: Consultation, version: int, content: OpinionConte
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def check_new_version(latest: OpinionVersion | None, amendment_reason: str | None) -> None:
-    """A signed version is locked: what follows it is an amendment and says why."""
-    if latest is None or not latest.locked:
+def check_new_version(versions: Sequence[OpinionVersion], amendment_reason: str | None) -> None:
+    """Once any version is signed the opinion is locked: every later version is an amendment
+    and says why."""
+    signed = [v for v in versions if v.locked]
+    if not signed:
         if amendment_reason is not None:
             raise InvalidInput("amendment_reason is only for changing a signed opinion")
         return
     if not (amendment_reason and amendment_reason.strip()):
+        newest_signed = max(v.version for v in signed)
         raise Conflict(
-            f"version {latest.version} is signed and locked; an amendment needs amendment_reason"
+            f"version {newest_signed} is signed and locked; an amendment needs amendment_reason"
         )
 
 
-def check_signature(latest: OpinionVersion | None, signer: UserId, version: int | None) -> OpinionVersion:
+def check_signature(
+    latest: OpinionVersion | None, signer: UserId, version: int | None
+) -> OpinionVersion:
     """Only the newest version is signed, once per signer, and only the version the signer read."""
     if latest is None:
         raise Conflict("there is no opinion to sign yet")

@@ -46,11 +46,16 @@ def can(actor: Actor, permission: Permission, consultation: Consultation | None 
     if actor.scope is not None and actor.scope != consultation.id:
         return Decision(False, "this token is scoped to another consultation")
     if actor.role in PATIENT_ROLES and actor.scope is None:
-        return Decision(False, f"a {actor.role.value} acts only through an invite to their consultation")
+        return Decision(
+            False, f"a {actor.role.value} acts only through an invite to their consultation"
+        )
     membership = _membership(actor, consultation)
     if not membership:
         return membership
-    if permission is Permission.RECORD_DECISION and actor.user_id != consultation.inviting_clinician:
+    if (
+        permission is Permission.RECORD_DECISION
+        and actor.user_id != consultation.inviting_clinician
+    ):
         return Decision(False, "only the inviting clinician records the final decision")
     return _ALLOW
 
@@ -71,13 +76,12 @@ def _membership(actor: Actor, consultation: Consultation) -> Decision:
         return _ALLOW
     if actor.role is Role.TRAINEE and consultation.kind is ConsultationKind.TEACHING:
         # Trainees are many and not on the team; their invite scopes them to this session.
-        return _ALLOW if actor.scope == consultation.id else Decision(
-            False, "trainees join through an invite to the teaching session"
+        return (
+            _ALLOW
+            if actor.scope == consultation.id
+            else Decision(False, "trainees join through an invite to the teaching session")
         )
-    if actor.role is Role.COORDINATOR and actor.org in _institutions(consultation):
+    if actor.role is Role.COORDINATOR and actor.org == consultation.inviting_institution:
+        # Scheduling staff of the inviting institution run its consultations.
         return _ALLOW
     return Decision(False, "not on this consultation's team")
-
-
-def _institutions(consultation: Consultation) -> set[str]:
-    return {consultation.inviting_institution} | {m.institution for m in consultation.team}

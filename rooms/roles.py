@@ -105,15 +105,21 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     },
     Role.COUNTY_PHYSICIAN: _INVITED_PHYSICIAN | {P.ADMIT, P.REQUEST_CONSULTATION, P.INVITE},
     Role.PROVINCIAL_SPECIALIST: _INVITED_PHYSICIAN
-    | {P.ADMIT, P.MUTE_OTHERS, P.REMOVE_PARTICIPANT, P.START_RECORDING},
+    | {
+        P.ADMIT,
+        P.REQUEST_CONSULTATION,
+        P.INVITE,
+        P.MUTE_OTHERS,
+        P.REMOVE_PARTICIPANT,
+        P.START_RECORDING,
+    },
     Role.TRAINEE: frozenset({P.JOIN, P.SUBSCRIBE, P.CHAT}),
     Role.COORDINATOR: frozenset(
         {
+            # Joins the room to run the waiting room; sees and hears nothing clinical.
             P.JOIN,
             P.ADMIT,
-            P.SUBSCRIBE,
             P.MANAGE_CONSULTATION,
-            P.REQUEST_CONSULTATION,
             P.RESPOND_TO_REQUEST,
             P.SCHEDULE,
             P.INVITE,

@@ -1,4 +1,5 @@
-"""One typed configuration: defaults, overlaid by an optional TOML file, then TELEMED_* variables."""
+"""One typed configuration: defaults, overlaid by an optional TOML file, then TELEMED_*
+variables."""
 
 from __future__ import annotations
 
@@ -73,7 +74,10 @@ class Config(_Section):
         """Outside development mode the built-in secret would let anyone mint tokens."""
         if not self.dev and self.jwt.algorithm == "HS256":
             if self.jwt.secret.get_secret_value() == DEV_JWT_SECRET:
-                raise ConfigError("set TELEMED_JWT_SECRET (or run with --dev): the default secret is for development only")
+                raise ConfigError(
+                    "set TELEMED_JWT_SECRET (or run with --dev): "
+                    "the default secret is for development only"
+                )
             if len(self.jwt.secret.get_secret_value()) < 32:
                 raise ConfigError("TELEMED_JWT_SECRET must be at least 32 characters")
 

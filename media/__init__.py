@@ -1,0 +1,1 @@
+"""Media: the forwarding relay on aiortc."""

@@ -1,0 +1,541 @@
+"""Use cases on consultations. Each runs in one store transaction, checks the one policy,
+changes state through the life cycle and writes its audit entry before it returns."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from rooms import lifecycle, opinion
+from rooms.clock import Clock, utc_now
+from rooms.errors import Conflict, Forbidden, InvalidInput, NotFound
+from rooms.lifecycle import Action
+from rooms.model import (
+    AuditAction,
+    AuditEntry,
+    Consultation,
+    ConsultationId,
+    ConsultationKind,
+    ConsultationStatus,
+    EventKind,
+    FinalDecision,
+    OpinionContent,
+    OpinionVersion,
+    Resident,
+    Session,
+    SessionId,
+    SessionRecord,
+    Signature,
+    TeamMember,
+    UserId,
+)
+from rooms.policy import Actor, can, require
+from rooms.roles import CLINICIAN_ROLES, PATIENT_ROLES, Permission, Role
+from rooms.store import ConsultationFilter, NewAuditEntry, RecordRepository, RecordStore
+
+# Which permission each life-cycle action needs.
+ACTION_PERMISSION: dict[Action, Permission] = {
+    Action.ACCEPT: Permission.RESPOND_TO_REQUEST,
+    Action.DECLINE: Permission.RESPOND_TO_REQUEST,
+    Action.SCHEDULE: Permission.SCHEDULE,
+    Action.CANCEL: Permission.MANAGE_CONSULTATION,
+    Action.ABORT: Permission.MANAGE_CONSULTATION,
+    Action.ARCHIVE: Permission.MANAGE_CONSULTATION,
+}
+
+INVITABLE_ROLES = frozenset({Role.RESIDENT, Role.GUARDIAN, Role.TRAINEE})
+TEAM_ROLES = CLINICIAN_ROLES | {Role.COORDINATOR}
+
+
+@dataclass(frozen=True)
+class NewTeamMember:
+    user_id: UserId
+    name: str
+    role: Role
+    institution: str
+
+
+@dataclass(frozen=True)
+class NewConsultation:
+    kind: ConsultationKind
+    specialty: str
+    resident: Resident
+    reason: str
+    purpose: str
+    case_summary: str
+    requested_specialty: str
+    requested_title: str
+    preferred_time: datetime | None
+    team: list[NewTeamMember]
+
+
+@dataclass(frozen=True)
+class Invite:
+    """What an invite token is minted from; the jti makes it revocable."""
+
+    consultation_id: ConsultationId
+    user_id: UserId
+    name: str
+    role: Role
+    org: str
+    jti: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    actor: Actor
+    remote_addr: str | None = None
+
+
+class ConsultationService:
+    def __init__(self, store: RecordStore, clock: Clock = utc_now) -> None:
+        self._store = store
+        self._now = clock
+
+    async def create(self, ctx: RequestContext, new: NewConsultation) -> Consultation:
+        actor = ctx.actor
+        require(actor, Permission.REQUEST_CONSULTATION)
+        now = self._now()
+        inviter = TeamMember(actor.user_id, actor.name, actor.role, actor.org, now)
+        team = [inviter]
+        for m in new.team:
+            if m.user_id in {t.user_id for t in team}:
+                raise InvalidInput(f"team member {m.user_id} is listed twice")
+            _check_team_role(m.role)
+            team.append(TeamMember(m.user_id, m.name, m.role, m.institution, now))
+        resident = new.resident
+        team.append(
+            TeamMember(
+                UserId(resident.pseudonym), resident.display_name, Role.RESIDENT, actor.org, now
+            )
+        )
+        consultation = Consultation(
+            id=ConsultationId(f"c_{uuid.uuid4().hex[:16]}"),
+            kind=new.kind,
+            specialty=new.specialty,
+            resident=resident,
+            inviting_institution=actor.org,
+            inviting_clinician=actor.user_id,
+            reason=new.reason,
+            purpose=new.purpose,
+            case_summary=new.case_summary,
+            requested_specialty=new.requested_specialty,
+            requested_title=new.requested_title,
+            preferred_time=new.preferred_time,
+            scheduled_time=None,
+            status=ConsultationStatus.REQUESTED,
+            status_reason=None,
+            created_at=now,
+            updated_at=now,
+            team=team,
+        )
+        async with self._store.transaction() as tx:
+            await tx.add_consultation(consultation)
+            await self._audit(tx, ctx, AuditAction.CREATE_CONSULTATION, consultation.id)
+        return consultation
+
+    async def get(self, ctx: RequestContext, consultation_id: ConsultationId) -> Consultation:
+        async with self._store.transaction() as tx:
+            consultation = await self._load(tx, ctx.actor, Permission.JOIN, consultation_id)
+            await self._audit(tx, ctx, AuditAction.VIEW_CONSULTATION, consultation_id)
+        return consultation
+
+    async def list_visible(
+        self, ctx: RequestContext, query: ConsultationFilter
+    ) -> list[Consultation]:
+        """Only what the caller may see: their teams, or their institution for coordinators."""
+        actor = ctx.actor
+        if actor.role is Role.COORDINATOR:
+            if query.institution not in (None, actor.org):
+                return []
+            query = replace(query, institution=actor.org)
+        else:
+            query = replace(query, member=actor.user_id)
+        async with self._store.transaction() as tx:
+            found = await tx.list_consultations(query)
+        return [c for c in found if can(actor, Permission.JOIN, c)]
+
+    async def transition(
+        self,
+        ctx: RequestContext,
+        consultation_id: ConsultationId,
+        action: Action,
+        *,
+        reason: str | None = None,
+        scheduled_time: datetime | None = None,
+    ) -> Consultation:
+        if action not in ACTION_PERMISSION:
+            raise InvalidInput(f"{action.value} is not a request action")
+        if action is Action.SCHEDULE and scheduled_time is None:
+            raise InvalidInput("schedule needs scheduled_time")
+        async with self._store.transaction() as tx:
+            consultation = await self._load(
+                tx, ctx.actor, ACTION_PERMISSION[action], consultation_id, for_update=True
+            )
+            before = consultation.status
+            consultation.status = lifecycle.next_status(before, action, reason)
+            consultation.status_reason = reason
+            if scheduled_time is not None:
+                consultation.scheduled_time = scheduled_time
+            consultation.updated_at = self._now()
+            await tx.update_consultation_state(consultation)
+            await self._audit(
+                tx,
+                ctx,
+                AuditAction.TRANSITION,
+                consultation_id,
+                detail={
+                    "action": action.value,
+                    "from": before.value,
+                    "to": consultation.status.value,
+                },
+            )
+        return consultation
+
+    async def add_member(
+        self, ctx: RequestContext, consultation_id: ConsultationId, new: NewTeamMember
+    ) -> Consultation:
+        _check_team_role(new.role)
+        async with self._store.transaction() as tx:
+            consultation = await self._load(
+                tx, ctx.actor, Permission.MANAGE_CONSULTATION, consultation_id, for_update=True
+            )
+            if consultation.status in lifecycle.TERMINAL | {ConsultationStatus.SIGNED}:
+                raise Conflict(f"the team of a {consultation.status.value} consultation is closed")
+            if consultation.member(new.user_id) is not None:
+                raise Conflict(f"{new.user_id} is already on the team")
+            member = TeamMember(new.user_id, new.name, new.role, new.institution, self._now())
+            await tx.add_team_member(consultation_id, member)
+            consultation.team.append(member)
+            await self._audit(
+                tx, ctx, AuditAction.ADD_TEAM_MEMBER, consultation_id, target=new.user_id
+            )
+        return consultation
+
+    async def prepare_invite(
+        self,
+        ctx: RequestContext,
+        consultation_id: ConsultationId,
+        role: Role,
+        name: str | None,
+        ttl: timedelta,
+    ) -> Invite:
+        """An invite for the resident, a guardian or a trainee; the caller mints the token."""
+        if role not in INVITABLE_ROLES:
+            raise InvalidInput(f"invites are for {', '.join(sorted(INVITABLE_ROLES))}")
+        async with self._store.transaction() as tx:
+            consultation = await self._load(
+                tx, ctx.actor, Permission.INVITE, consultation_id, for_update=True
+            )
+            if consultation.status in lifecycle.TERMINAL | {
+                ConsultationStatus.CANCELLED,
+                ConsultationStatus.DECLINED,
+            }:
+                raise Conflict(f"cannot invite to a {consultation.status.value} consultation")
+            if role is Role.TRAINEE and consultation.kind is not ConsultationKind.TEACHING:
+                raise InvalidInput("trainees are invited to teaching sessions only")
+            now = self._now()
+            if role is Role.RESIDENT:
+                user_id, display = (
+                    UserId(consultation.resident.pseudonym),
+                    consultation.resident.display_name,
+                )
+            else:
+                if not name:
+                    raise InvalidInput(f"an invite for a {role.value} needs a name")
+                user_id, display = UserId(f"{role.value[0]}_{secrets.token_hex(6)}"), name
+            if role is Role.GUARDIAN:
+                member = TeamMember(user_id, display, role, consultation.inviting_institution, now)
+                await tx.add_team_member(consultation_id, member)
+            invite = Invite(
+                consultation_id=consultation_id,
+                user_id=user_id,
+                name=display,
+                role=role,
+                org=consultation.inviting_institution,
+                jti=uuid.uuid4().hex,
+                expires_at=now + ttl,
+            )
+            await self._audit(
+                tx,
+                ctx,
+                AuditAction.ISSUE_INVITE,
+                consultation_id,
+                target=invite.jti,
+                detail={
+                    "role": role.value,
+                    "user": user_id,
+                    "expires_at": invite.expires_at.isoformat(),
+                },
+            )
+        return invite
+
+    async def revoke_invite(
+        self, ctx: RequestContext, consultation_id: ConsultationId, jti: str, max_ttl: timedelta
+    ) -> None:
+        async with self._store.transaction() as tx:
+            await self._load(tx, ctx.actor, Permission.INVITE, consultation_id)
+            now = self._now()
+            # Kept until any token carrying this jti would have expired anyway.
+            await tx.revoke_token(jti, now + max_ttl, now)
+            await self._audit(tx, ctx, AuditAction.REVOKE_INVITE, consultation_id, target=jti)
+
+    async def start_session(self, ctx: RequestContext, consultation_id: ConsultationId) -> Session:
+        """The first clinician in a scheduled consultation opens its next session (goes live)."""
+        async with self._store.transaction() as tx:
+            consultation = await self._load(
+                tx, ctx.actor, Permission.JOIN, consultation_id, for_update=True
+            )
+            if ctx.actor.role not in CLINICIAN_ROLES:
+                raise Forbidden("a session is opened by a clinician")
+            before = consultation.status
+            consultation.status = lifecycle.next_status(before, Action.START_SESSION)
+            now = self._now()
+            consultation.updated_at = now
+            number = len(await tx.list_sessions(consultation_id)) + 1
+            session = Session(
+                SessionId(f"s_{uuid.uuid4().hex[:16]}"), consultation_id, number, now, None
+            )
+            await tx.update_consultation_state(consultation)
+            await tx.add_session(session)
+            await tx.append_event(
+                session.id,
+                now,
+                EventKind.SESSION_STARTED,
+                ctx.actor.user_id,
+                None,
+                {"number": number},
+            )
+        return session
+
+    async def end_session(
+        self, ctx: RequestContext, consultation_id: ConsultationId, session_id: SessionId
+    ) -> Consultation:
+        async with self._store.transaction() as tx:
+            consultation = await self._load(
+                tx, ctx.actor, Permission.END_SESSION, consultation_id, for_update=True
+            )
+            sessions = {s.id: s for s in await tx.list_sessions(consultation_id)}
+            session = sessions.get(session_id)
+            if session is None:
+                raise NotFound(f"no session {session_id} in consultation {consultation_id}")
+            if session.ended_at is not None:
+                raise Conflict(f"session {session_id} has already ended")
+            consultation.status = lifecycle.next_status(consultation.status, Action.END_SESSION)
+            newest = opinion.latest(await tx.list_opinion_versions(consultation_id))
+            if newest is not None and opinion.fully_signed(consultation, newest):
+                # Everyone signed during the call: nothing is pending any more.
+                consultation.status = lifecycle.next_status(
+                    consultation.status, Action.COMPLETE_SIGNING
+                )
+            now = self._now()
+            consultation.updated_at = now
+            await tx.update_consultation_state(consultation)
+            await tx.end_session(session_id, now)
+            await tx.append_event(
+                session_id, now, EventKind.SESSION_ENDED, ctx.actor.user_id, None, {}
+            )
+        return consultation
+
+    async def write_opinion(
+        self,
+        ctx: RequestContext,
+        consultation_id: ConsultationId,
+        content: OpinionContent,
+        amendment_reason: str | None,
+    ) -> OpinionVersion:
+        async with self._store.transaction() as tx:
+            consultation = await self._load(
+                tx, ctx.actor, Permission.WRITE_OPINION, consultation_id, for_update=True
+            )
+            _require_status(
+                consultation,
+                {
+                    ConsultationStatus.LIVE,
+                    ConsultationStatus.OPINION_PENDING,
+                    ConsultationStatus.SIGNED,
+                },
+                "write an opinion",
+            )
+            versions = await tx.list_opinion_versions(consultation_id)
+            newest = opinion.latest(versions)
+            opinion.check_new_version(versions, amendment_reason)
+            number = (newest.version if newest else 0) + 1
+            version = OpinionVersion(
+                consultation_id=consultation_id,
+                version=number,
+                content=content,
+                author=ctx.actor.user_id,
+                created_at=self._now(),
+                amendment_reason=amendment_reason,
+                content_hash=opinion.content_hash(consultation, number, content, amendment_reason),
+            )
+            await tx.add_opinion_version(version)
+            await self._audit(
+                tx, ctx, AuditAction.WRITE_OPINION, consultation_id, target=str(number)
+            )
+        return version
+
+    async def sign_opinion(
+        self, ctx: RequestContext, consultation_id: ConsultationId, version: int | None
+    ) -> tuple[OpinionVersion, Consultation]:
+        actor = ctx.actor
+        async with self._store.transaction() as tx:
+            consultation = await self._load(
+                tx, actor, Permission.SIGN_OPINION, consultation_id, for_update=True
+            )
+            newest = opinion.check_signature(
+                opinion.latest(await tx.list_opinion_versions(consultation_id)),
+                actor.user_id,
+                version,
+            )
+            signature = Signature(
+                version=newest.version,
+                signer=actor.user_id,
+                signer_name=actor.name,
+                signer_role=actor.role,
+                signed_at=self._now(),
+                content_hash=newest.content_hash,
+            )
+            await tx.add_signature(consultation_id, signature)
+            signed = replace(newest, signatures=(*newest.signatures, signature))
+            await self._audit(
+                tx,
+                ctx,
+                AuditAction.SIGN_OPINION,
+                consultation_id,
+                target=str(newest.version),
+                detail={"content_hash": newest.content_hash},
+            )
+            if consultation.status is ConsultationStatus.OPINION_PENDING and opinion.fully_signed(
+                consultation, signed
+            ):
+                consultation.status = lifecycle.next_status(
+                    consultation.status, Action.COMPLETE_SIGNING
+                )
+                consultation.updated_at = self._now()
+                await tx.update_consultation_state(consultation)
+                await self._audit(
+                    tx,
+                    ctx,
+                    AuditAction.TRANSITION,
+                    consultation_id,
+                    detail={
+                        "action": Action.COMPLETE_SIGNING.value,
+                        "from": "opinion_pending",
+                        "to": "signed",
+                    },
+                )
+        return signed, consultation
+
+    async def record_decision(
+        self, ctx: RequestContext, consultation_id: ConsultationId, decision: str
+    ) -> FinalDecision:
+        async with self._store.transaction() as tx:
+            await self._load(
+                tx, ctx.actor, Permission.RECORD_DECISION, consultation_id, for_update=True
+            )
+            versions = await tx.list_opinion_versions(consultation_id)
+            if not any(v.locked for v in versions):
+                raise Conflict("the final decision follows a signed opinion; none is signed yet")
+            entry = FinalDecision(consultation_id, ctx.actor.user_id, decision, self._now())
+            await tx.add_decision(entry)
+            await self._audit(tx, ctx, AuditAction.RECORD_DECISION, consultation_id)
+        return entry
+
+    async def record(self, ctx: RequestContext, consultation_id: ConsultationId) -> SessionRecord:
+        """The whole record, filtered by what the caller may see; the read itself is audited."""
+        actor = ctx.actor
+        async with self._store.transaction() as tx:
+            consultation = await self._load(tx, actor, Permission.VIEW_RECORD, consultation_id)
+            await self._audit(tx, ctx, AuditAction.VIEW_RECORD, consultation_id)
+            opinions = await tx.list_opinion_versions(consultation_id)
+            if actor.role in PATIENT_ROLES:
+                # Drafts are the physicians' working notes; the resident sees what was signed.
+                opinions = [v for v in opinions if v.locked]
+            # The patient (whose data it is) and the inviting clinician (who answers for it)
+            # see who accessed the record.
+            sees_audit = (
+                actor.role in PATIENT_ROLES or actor.user_id == consultation.inviting_clinician
+            )
+            audit = await tx.list_audit(consultation_id, 10_000, 0) if sees_audit else []
+            return SessionRecord(
+                consultation=consultation,
+                sessions=await tx.list_sessions(consultation_id),
+                participations=await tx.list_participations(consultation_id),
+                events=await tx.list_events(consultation_id),
+                consents=await tx.list_consents(consultation_id),
+                opinions=opinions,
+                decisions=await tx.list_decisions(consultation_id),
+                recordings=await tx.list_recordings(consultation_id),
+                audit=audit,
+            )
+
+    async def audit_log(
+        self,
+        ctx: RequestContext,
+        consultation_id: ConsultationId | None,
+        limit: int,
+        after_seq: int,
+    ) -> list[AuditEntry]:
+        require(ctx.actor, Permission.VIEW_AUDIT)
+        async with self._store.transaction() as tx:
+            entries = await tx.list_audit(consultation_id, limit, after_seq)
+            await self._audit(
+                tx, ctx, AuditAction.VIEW_AUDIT, consultation_id, detail={"after": after_seq}
+            )
+        return entries
+
+    async def _load(
+        self,
+        tx: RecordRepository,
+        actor: Actor,
+        permission: Permission,
+        consultation_id: ConsultationId,
+        *,
+        for_update: bool = False,
+    ) -> Consultation:
+        consultation = await tx.get_consultation(consultation_id, for_update=for_update)
+        if consultation is None:
+            raise NotFound(f"no consultation {consultation_id}")
+        require(actor, permission, consultation)
+        return consultation
+
+    async def _audit(
+        self,
+        tx: RecordRepository,
+        ctx: RequestContext,
+        action: AuditAction,
+        consultation_id: ConsultationId | None,
+        *,
+        target: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        await tx.append_audit(
+            NewAuditEntry(
+                at=self._now(),
+                actor=ctx.actor.user_id,
+                actor_role=ctx.actor.role,
+                action=action,
+                consultation_id=consultation_id,
+                target=target,
+                remote_addr=ctx.remote_addr,
+                detail=detail or {},
+            )
+        )
+
+
+def _require_status(
+    consultation: Consultation, allowed: set[ConsultationStatus], what: str
+) -> None:
+    if consultation.status not in allowed:
+        raise Conflict(f"cannot {what} while the consultation is {consultation.status.value}")
+
+
+def _check_team_role(role: Role) -> None:
+    if role not in TEAM_ROLES:
+        raise InvalidInput(f"a {role.value} joins through an invite, not as a team member")

@@ -1,0 +1,111 @@
+"""A small declarative layer over aiohttp routes: each endpoint names its body, query and
+response models, so validation, authentication and the OpenAPI document come from one place."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from rooms.consultations import RequestContext
+from server.api.problems import BadRequest, validation_problem
+
+BodyT = TypeVar("BodyT", bound=BaseModel | None)
+QueryT = TypeVar("QueryT", bound=BaseModel | None)
+
+Authenticate = Callable[[web.Request], Awaitable[RequestContext]]
+
+
+@dataclass(frozen=True)
+class Call(Generic[BodyT, QueryT]):
+    request: web.Request
+    ctx: RequestContext
+    body: BodyT
+    query: QueryT
+
+    def path(self, name: str) -> str:
+        return self.request.match_info[name]
+
+
+Handler = Callable[[Call[Any, Any]], Awaitable[BaseModel | None]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    response: type[BaseModel] | None
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    status: int = 200
+    tags: tuple[str, ...] = ()
+    errors: tuple[int, ...] = (400, 401, 403, 404)
+
+
+@dataclass
+class Api:
+    authenticate: Authenticate
+    endpoints: list[Endpoint] = field(default_factory=list)
+
+    def add(self, endpoint: Endpoint) -> None:
+        self.endpoints.append(endpoint)
+
+    def register(self, app: web.Application) -> None:
+        for endpoint in self.endpoints:
+            app.router.add_route(endpoint.method, endpoint.path, self._wrap(endpoint))
+
+    def _wrap(self, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            ctx = await self.authenticate(request)
+            body = await _read_body(request, endpoint.body)
+            query = _read_query(request, endpoint.query)
+            result = await endpoint.handler(Call(request, ctx, body, query))
+            if result is None:
+                return web.Response(status=endpoint.status)
+            return web.Response(
+                status=endpoint.status,
+                body=result.model_dump_json(),
+                content_type="application/json",
+            )
+
+        return handle
+
+
+async def _read_body(request: web.Request, model: type[BaseModel] | None) -> Any:
+    if model is None:
+        return None
+    raw = await request.read()
+    if not raw.strip():
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_problem(exc, "body") from None
+
+
+def _read_query(request: web.Request, model: type[BaseModel] | None) -> Any:
+    if model is None:
+        return None
+    params: dict[str, str] = {}
+    for key in request.query:
+        values = request.query.getall(key)
+        if len(values) > 1:
+            raise BadRequest(f"query parameter {key!r} is given more than once")
+        params[key] = values[0]
+    try:
+        return model.model_validate(params)
+    except ValidationError as exc:
+        raise validation_problem(exc, "query") from None

@@ -1,0 +1,296 @@
+"""The /api/v1 endpoints: each reads its validated input, calls one use case, returns a model."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from rooms.consultations import ConsultationService, NewConsultation, NewTeamMember
+from rooms.lifecycle import Action
+from rooms.model import ConsultationId, OpinionContent, Resident, UserId
+from rooms.roles import Role
+from rooms.store import ConsultationFilter
+from server.api.framework import Api, Authenticate, Call, Endpoint, Handler
+from server.api.schemas import (
+    AuditEntryOut,
+    AuditList,
+    AuditQuery,
+    ConsultationList,
+    ConsultationOut,
+    ConsultationQuery,
+    CreateConsultation,
+    DecisionIn,
+    DecisionOut,
+    InviteIn,
+    InviteOut,
+    NoBody,
+    OpinionIn,
+    OpinionOut,
+    ReasonBody,
+    RecordOut,
+    ScheduleBody,
+    SignedOut,
+    SignIn,
+    TeamMemberIn,
+)
+from server.auth import TokenService
+
+PREFIX = "/api/v1"
+ONE = PREFIX + "/consultations/{consultation_id}"
+
+
+def _cid(call: Call[Any, Any]) -> ConsultationId:
+    return ConsultationId(call.path("consultation_id"))
+
+
+class ConsultationRoutes:
+    def __init__(
+        self, service: ConsultationService, tokens: TokenService, invite_ttl_s: int
+    ) -> None:
+        self._service = service
+        self._tokens = tokens
+        self._invite_ttl_s = invite_ttl_s
+
+    def endpoints(self) -> list[Endpoint]:
+        tags = ("consultations",)
+        lifecycle = [
+            Endpoint(
+                "POST",
+                f"{ONE}/{action.value}",
+                self._transition_handler(action),
+                f"{action.value.capitalize()} the consultation",
+                ConsultationOut,
+                body=body,
+                tags=("life cycle",),
+                errors=(400, 401, 403, 404, 409),
+            )
+            for action, body in (
+                (Action.ACCEPT, NoBody),
+                (Action.DECLINE, ReasonBody),
+                (Action.SCHEDULE, ScheduleBody),
+                (Action.CANCEL, ReasonBody),
+                (Action.ABORT, ReasonBody),
+                (Action.ARCHIVE, NoBody),
+            )
+        ]
+        return [
+            Endpoint(
+                "POST",
+                f"{PREFIX}/consultations",
+                self.create,
+                "Request a consultation",
+                ConsultationOut,
+                body=CreateConsultation,
+                status=201,
+                tags=tags,
+            ),
+            Endpoint(
+                "GET",
+                f"{PREFIX}/consultations",
+                self.list,
+                "List the consultations you may see",
+                ConsultationList,
+                query=ConsultationQuery,
+                tags=tags,
+            ),
+            Endpoint("GET", ONE, self.get, "Get one consultation", ConsultationOut, tags=tags),
+            *lifecycle,
+            Endpoint(
+                "POST",
+                f"{ONE}/team",
+                self.add_member,
+                "Add a clinician or coordinator to the team",
+                ConsultationOut,
+                body=TeamMemberIn,
+                status=201,
+                tags=tags,
+                errors=(400, 401, 403, 404, 409),
+            ),
+            Endpoint(
+                "POST",
+                f"{ONE}/invites",
+                self.invite,
+                "Invite a resident, guardian or trainee",
+                InviteOut,
+                body=InviteIn,
+                status=201,
+                tags=("invites",),
+                errors=(400, 401, 403, 404, 409),
+            ),
+            Endpoint(
+                "DELETE",
+                f"{ONE}/invites/{{jti}}",
+                self.revoke,
+                "Revoke an invite",
+                None,
+                status=204,
+                tags=("invites",),
+            ),
+            Endpoint(
+                "POST",
+                f"{ONE}/opinions",
+                self.write_opinion,
+                "Write the opinion (a new version; an amendment once signed)",
+                OpinionOut,
+                body=OpinionIn,
+                status=201,
+                tags=("opinion",),
+                errors=(400, 401, 403, 404, 409),
+            ),
+            Endpoint(
+                "POST",
+                f"{ONE}/opinions/sign",
+                self.sign_opinion,
+                "Sign the newest opinion version",
+                SignedOut,
+                body=SignIn,
+                tags=("opinion",),
+                errors=(400, 401, 403, 404, 409),
+            ),
+            Endpoint(
+                "POST",
+                f"{ONE}/decision",
+                self.record_decision,
+                "Record the inviting clinician's final decision",
+                DecisionOut,
+                body=DecisionIn,
+                status=201,
+                tags=("opinion",),
+                errors=(400, 401, 403, 404, 409),
+            ),
+            Endpoint(
+                "GET",
+                f"{ONE}/record",
+                self.record,
+                "The session record (audited)",
+                RecordOut,
+                tags=("record",),
+            ),
+            Endpoint(
+                "GET",
+                f"{PREFIX}/audit",
+                self.audit,
+                "The audit log (admins)",
+                AuditList,
+                query=AuditQuery,
+                tags=("audit",),
+                errors=(400, 401, 403),
+            ),
+        ]
+
+    async def create(self, call: Call[CreateConsultation, None]) -> ConsultationOut:
+        b = call.body
+        new = NewConsultation(
+            kind=b.kind,
+            specialty=b.specialty,
+            resident=Resident(
+                b.resident.pseudonym, b.resident.display_name, b.resident.age, b.resident.sex
+            ),
+            reason=b.reason,
+            purpose=b.purpose,
+            case_summary=b.case_summary,
+            requested_specialty=b.requested_specialty,
+            requested_title=b.requested_title,
+            preferred_time=b.preferred_time,
+            team=[_member(m) for m in b.team],
+        )
+        return ConsultationOut.of(await self._service.create(call.ctx, new))
+
+    async def list(self, call: Call[None, ConsultationQuery]) -> ConsultationList:
+        q = call.query
+        query = ConsultationFilter(
+            status=q.status, role=q.role, institution=q.institution, limit=q.limit, offset=q.offset
+        )
+        found = await self._service.list_visible(call.ctx, query)
+        return ConsultationList(items=[ConsultationOut.of(c) for c in found])
+
+    async def get(self, call: Call[None, None]) -> ConsultationOut:
+        return ConsultationOut.of(await self._service.get(call.ctx, _cid(call)))
+
+    def _transition_handler(self, action: Action) -> Handler:
+        async def handle(call: Call[NoBody | ReasonBody | ScheduleBody, None]) -> ConsultationOut:
+            body = call.body
+            consultation = await self._service.transition(
+                call.ctx,
+                _cid(call),
+                action,
+                reason=body.reason if isinstance(body, ReasonBody) else None,
+                scheduled_time=body.scheduled_time if isinstance(body, ScheduleBody) else None,
+            )
+            return ConsultationOut.of(consultation)
+
+        return handle
+
+    async def add_member(self, call: Call[TeamMemberIn, None]) -> ConsultationOut:
+        consultation = await self._service.add_member(call.ctx, _cid(call), _member(call.body))
+        return ConsultationOut.of(consultation)
+
+    async def invite(self, call: Call[InviteIn, None]) -> InviteOut:
+        ttl_s = min(call.body.ttl_s or self._invite_ttl_s, self._invite_ttl_s)
+        invite = await self._service.prepare_invite(
+            call.ctx, _cid(call), Role(call.body.role), call.body.name, timedelta(seconds=ttl_s)
+        )
+        token, expires_at = self._tokens.mint_invite(
+            user_id=invite.user_id,
+            name=invite.name,
+            role=invite.role,
+            org=invite.org,
+            consultation=invite.consultation_id,
+            ttl_s=ttl_s,
+            jti=invite.jti,
+        )
+        return InviteOut(
+            token=token,
+            jti=invite.jti,
+            user_id=invite.user_id,
+            role=invite.role,
+            expires_at=expires_at,
+        )
+
+    async def revoke(self, call: Call[None, None]) -> None:
+        await self._service.revoke_invite(
+            call.ctx, _cid(call), call.path("jti"), timedelta(seconds=self._invite_ttl_s)
+        )
+
+    async def write_opinion(self, call: Call[OpinionIn, None]) -> OpinionOut:
+        b = call.body
+        content = OpinionContent(b.findings, b.assessment, b.recommendations, b.referral_advice)
+        version = await self._service.write_opinion(
+            call.ctx, _cid(call), content, b.amendment_reason
+        )
+        return OpinionOut.of(version)
+
+    async def sign_opinion(self, call: Call[SignIn, None]) -> SignedOut:
+        version, consultation = await self._service.sign_opinion(
+            call.ctx, _cid(call), call.body.version
+        )
+        return SignedOut(opinion=OpinionOut.of(version), consultation_status=consultation.status)
+
+    async def record_decision(self, call: Call[DecisionIn, None]) -> DecisionOut:
+        decision = await self._service.record_decision(call.ctx, _cid(call), call.body.decision)
+        return DecisionOut.of(decision)
+
+    async def record(self, call: Call[None, None]) -> RecordOut:
+        return RecordOut.of(await self._service.record(call.ctx, _cid(call)))
+
+    async def audit(self, call: Call[None, AuditQuery]) -> AuditList:
+        q = call.query
+        cid = ConsultationId(q.consultation) if q.consultation else None
+        entries = await self._service.audit_log(call.ctx, cid, q.limit, q.after)
+        return AuditList(items=[AuditEntryOut.of(e) for e in entries])
+
+
+def _member(m: TeamMemberIn) -> NewTeamMember:
+    return NewTeamMember(UserId(m.user_id), m.name, m.role, m.institution)
+
+
+def build_api(
+    service: ConsultationService,
+    tokens: TokenService,
+    invite_ttl_s: int,
+    authenticate: Authenticate,
+) -> Api:
+    api = Api(authenticate)
+    for endpoint in ConsultationRoutes(service, tokens, invite_ttl_s).endpoints():
+        api.add(endpoint)
+    return api

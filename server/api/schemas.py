@@ -1,0 +1,462 @@
+"""Request and response bodies. Requests forbid unknown fields so a typo is an error, not a
+silently dropped value; responses are built from domain objects by the `from_*` helpers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+from rooms.model import (
+    AuditEntry,
+    Consent,
+    Consultation,
+    ConsultationKind,
+    ConsultationStatus,
+    FinalDecision,
+    OpinionVersion,
+    Participation,
+    Recording,
+    Session,
+    SessionEvent,
+    SessionRecord,
+    Sex,
+    TeamMember,
+)
+from rooms.roles import Role
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+LongText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=20_000)]
+Identifier = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[\w.@:-]+$"),
+]
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class ResponseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+class ResidentIn(RequestBody):
+    pseudonym: Identifier = Field(
+        description="Pseudonymous resident id; never a national id number"
+    )
+    display_name: Text
+    age: int = Field(ge=0, le=130)
+    sex: Sex
+
+
+class TeamMemberIn(RequestBody):
+    user_id: Identifier
+    name: Text
+    role: Role
+    institution: Text
+
+
+class CreateConsultation(RequestBody):
+    kind: ConsultationKind = ConsultationKind.CONSULTATION
+    specialty: Text
+    resident: ResidentIn
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+    purpose: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+    case_summary: LongText = ""
+    requested_specialty: Text
+    requested_title: Text = Field(description="e.g. 主任医师 / chief physician")
+    preferred_time: AwareDatetime | None = None
+    team: list[TeamMemberIn] = Field(default_factory=list, max_length=50)
+
+
+class NoBody(RequestBody):
+    """Actions that take nothing but may be sent `{}`."""
+
+
+class ReasonBody(RequestBody):
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+
+
+class ScheduleBody(RequestBody):
+    scheduled_time: AwareDatetime
+
+
+class InviteIn(RequestBody):
+    role: Literal["resident", "guardian", "trainee"]
+    name: Text | None = Field(default=None, description="Required for guardians and trainees")
+    ttl_s: int | None = Field(default=None, gt=0, description="Capped at the configured invite TTL")
+
+
+class OpinionIn(RequestBody):
+    findings: LongText
+    assessment: LongText
+    recommendations: LongText
+    referral_advice: LongText = ""
+    amendment_reason: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+        | None
+    ) = None
+
+
+class SignIn(RequestBody):
+    version: int = Field(ge=1, description="The version the signer read; only the newest is signed")
+
+
+class DecisionIn(RequestBody):
+    decision: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)
+    ]
+
+
+class ConsultationQuery(RequestBody):
+    status: ConsultationStatus | None = None
+    role: Role | None = None
+    institution: Text | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+    offset: int = Field(default=0, ge=0)
+
+
+class AuditQuery(RequestBody):
+    consultation: Identifier | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+    after: int = Field(default=0, ge=0, description="Return entries with seq greater than this")
+
+
+# --- responses --------------------------------------------------------------------------
+
+
+class ResidentOut(ResponseBody):
+    pseudonym: str
+    display_name: str
+    age: int
+    sex: Sex
+
+
+class TeamMemberOut(ResponseBody):
+    user_id: str
+    name: str
+    role: Role
+    institution: str
+    added_at: datetime
+
+    @classmethod
+    def of(cls, m: TeamMember) -> TeamMemberOut:
+        return cls(
+            user_id=m.user_id,
+            name=m.name,
+            role=m.role,
+            institution=m.institution,
+            added_at=m.added_at,
+        )
+
+
+class ConsultationOut(ResponseBody):
+    id: str
+    kind: ConsultationKind
+    specialty: str
+    status: ConsultationStatus
+    status_reason: str | None
+    resident: ResidentOut
+    inviting_institution: str
+    inviting_clinician: str
+    reason: str
+    purpose: str
+    case_summary: str
+    requested_specialty: str
+    requested_title: str
+    preferred_time: datetime | None
+    scheduled_time: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    team: list[TeamMemberOut]
+
+    @classmethod
+    def of(cls, c: Consultation) -> ConsultationOut:
+        r = c.resident
+        return cls(
+            id=c.id,
+            kind=c.kind,
+            specialty=c.specialty,
+            status=c.status,
+            status_reason=c.status_reason,
+            resident=ResidentOut(
+                pseudonym=r.pseudonym, display_name=r.display_name, age=r.age, sex=r.sex
+            ),
+            inviting_institution=c.inviting_institution,
+            inviting_clinician=c.inviting_clinician,
+            reason=c.reason,
+            purpose=c.purpose,
+            case_summary=c.case_summary,
+            requested_specialty=c.requested_specialty,
+            requested_title=c.requested_title,
+            preferred_time=c.preferred_time,
+            scheduled_time=c.scheduled_time,
+            created_at=c.created_at,
+            updated_at=c.updated_at,
+            team=[TeamMemberOut.of(m) for m in c.team],
+        )
+
+
+class ConsultationList(ResponseBody):
+    items: list[ConsultationOut]
+
+
+class InviteOut(ResponseBody):
+    token: str
+    jti: str
+    user_id: str
+    role: Role
+    expires_at: datetime
+
+
+class SignatureOut(ResponseBody):
+    signer: str
+    signer_name: str
+    signer_role: Role
+    signed_at: datetime
+    content_hash: str
+
+
+class OpinionOut(ResponseBody):
+    version: int
+    findings: str
+    assessment: str
+    recommendations: str
+    referral_advice: str
+    author: str
+    created_at: datetime
+    amendment_reason: str | None
+    content_hash: str
+    locked: bool
+    signatures: list[SignatureOut]
+
+    @classmethod
+    def of(cls, v: OpinionVersion) -> OpinionOut:
+        return cls(
+            version=v.version,
+            findings=v.content.findings,
+            assessment=v.content.assessment,
+            recommendations=v.content.recommendations,
+            referral_advice=v.content.referral_advice,
+            author=v.author,
+            created_at=v.created_at,
+            amendment_reason=v.amendment_reason,
+            content_hash=v.content_hash,
+            locked=v.locked,
+            signatures=[
+                SignatureOut(
+                    signer=s.signer,
+                    signer_name=s.signer_name,
+                    signer_role=s.signer_role,
+                    signed_at=s.signed_at,
+                    content_hash=s.content_hash,
+                )
+                for s in v.signatures
+            ],
+        )
+
+
+class SignedOut(ResponseBody):
+    opinion: OpinionOut
+    consultation_status: ConsultationStatus
+
+
+class DecisionOut(ResponseBody):
+    decided_by: str
+    decision: str
+    at: datetime
+
+    @classmethod
+    def of(cls, d: FinalDecision) -> DecisionOut:
+        return cls(decided_by=d.decided_by, decision=d.decision, at=d.at)
+
+
+class SessionOut(ResponseBody):
+    id: str
+    number: int
+    started_at: datetime
+    ended_at: datetime | None
+
+    @classmethod
+    def of(cls, s: Session) -> SessionOut:
+        return cls(id=s.id, number=s.number, started_at=s.started_at, ended_at=s.ended_at)
+
+
+class ParticipationOut(ResponseBody):
+    session_id: str
+    participant_id: str
+    user_id: str
+    name: str
+    role: Role
+    device: str
+    joined_at: datetime
+    left_at: datetime | None
+    close_reason: str | None
+
+    @classmethod
+    def of(cls, p: Participation) -> ParticipationOut:
+        return cls(
+            session_id=p.session_id,
+            participant_id=p.participant_id,
+            user_id=p.user_id,
+            name=p.name,
+            role=p.role,
+            device=p.device,
+            joined_at=p.joined_at,
+            left_at=p.left_at,
+            close_reason=p.close_reason.value if p.close_reason else None,
+        )
+
+
+class EventOut(ResponseBody):
+    seq: int
+    session_id: str
+    at: datetime
+    kind: str
+    actor: str | None
+    participant_id: str | None
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, e: SessionEvent) -> EventOut:
+        return cls(
+            seq=e.seq,
+            session_id=e.session_id,
+            at=e.at,
+            kind=e.kind.value,
+            actor=e.actor,
+            participant_id=e.participant_id,
+            data=e.data,
+        )
+
+
+class ConsentOut(ResponseBody):
+    session_id: str | None
+    kind: str
+    granted: bool
+    given_by: str
+    on_behalf_of: str
+    at: datetime
+
+    @classmethod
+    def of(cls, c: Consent) -> ConsentOut:
+        return cls(
+            session_id=c.session_id,
+            kind=c.kind.value,
+            granted=c.granted,
+            given_by=c.given_by,
+            on_behalf_of=c.on_behalf_of,
+            at=c.at,
+        )
+
+
+class RecordingOut(ResponseBody):
+    id: str
+    session_id: str
+    track: str
+    kind: str
+    media_type: str
+    sha256: str | None
+    duration_s: float | None
+    size_bytes: int | None
+    state: str
+    started_at: datetime
+    ended_at: datetime | None
+
+    @classmethod
+    def of(cls, r: Recording) -> RecordingOut:
+        return cls(
+            id=r.id,
+            session_id=r.session_id,
+            track=r.track,
+            kind=r.kind,
+            media_type=r.media_type,
+            sha256=r.sha256,
+            duration_s=r.duration_s,
+            size_bytes=r.size_bytes,
+            state=r.state,
+            started_at=r.started_at,
+            ended_at=r.ended_at,
+        )
+
+
+class AuditEntryOut(ResponseBody):
+    seq: int
+    at: datetime
+    actor: str
+    actor_role: Role
+    action: str
+    consultation_id: str | None
+    target: str | None
+    remote_addr: str | None
+    detail: dict[str, Any]
+
+    @classmethod
+    def of(cls, a: AuditEntry) -> AuditEntryOut:
+        return cls(
+            seq=a.seq,
+            at=a.at,
+            actor=a.actor,
+            actor_role=a.actor_role,
+            action=a.action.value,
+            consultation_id=a.consultation_id,
+            target=a.target,
+            remote_addr=a.remote_addr,
+            detail=a.detail,
+        )
+
+
+class AuditList(ResponseBody):
+    items: list[AuditEntryOut]
+
+
+class RecordOut(ResponseBody):
+    consultation: ConsultationOut
+    sessions: list[SessionOut]
+    participations: list[ParticipationOut]
+    events: list[EventOut]
+    consents: list[ConsentOut]
+    opinions: list[OpinionOut]
+    decisions: list[DecisionOut]
+    recordings: list[RecordingOut]
+    audit: list[AuditEntryOut]
+
+    @classmethod
+    def of(cls, r: SessionRecord) -> RecordOut:
+        return cls(
+            consultation=ConsultationOut.of(r.consultation),
+            sessions=[SessionOut.of(s) for s in r.sessions],
+            participations=[ParticipationOut.of(p) for p in r.participations],
+            events=[EventOut.of(e) for e in r.events],
+            consents=[ConsentOut.of(c) for c in r.consents],
+            opinions=[OpinionOut.of(v) for v in r.opinions],
+            decisions=[DecisionOut.of(d) for d in r.decisions],
+            recordings=[RecordingOut.of(x) for x in r.recordings],
+            audit=[AuditEntryOut.of(a) for a in r.audit],
+        )
+
+
+class Health(ResponseBody):
+    status: Literal["ok", "unavailable"]
+    detail: str | None = None
+
+
+class ProblemField(ResponseBody):
+    path: str
+    message: str
+
+
+class Problem(ResponseBody):
+    """RFC 9457 problem details."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[ProblemField] | None = None

@@ -1,0 +1,85 @@
+"""The app factory: wires config, store, auth and the API. All live state hangs off the app."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib.metadata import version
+
+from aiohttp import web
+
+from rooms.consultations import ConsultationService, RequestContext
+from server.api.openapi import build_openapi
+from server.api.problems import problem_middleware
+from server.api.routes import build_api
+from server.api.schemas import Health
+from server.auth import TokenService, bearer_token, check_not_revoked
+from server.config import Config
+from server.db.migrate import upgrade
+from server.db.store import SqlRecordStore
+from server.logs import request_id_middleware
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", SqlRecordStore)
+SERVICE = web.AppKey("consultations", ConsultationService)
+TOKENS = web.AppKey("tokens", TokenService)
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[request_id_middleware, problem_middleware],
+    )
+    store = SqlRecordStore(config.effective_database_url)
+    tokens = TokenService(config.jwt)
+    service = ConsultationService(store)
+    app[CONFIG] = config
+    app[STORE] = store
+    app[TOKENS] = tokens
+    app[SERVICE] = service
+
+    async def authenticate(request: web.Request) -> RequestContext:
+        claims = tokens.verify(bearer_token(request.headers.get("Authorization")))
+        await check_not_revoked(claims, _is_revoked(store))
+        return RequestContext(claims.to_actor(), request.remote)
+
+    api = build_api(service, tokens, config.jwt.invite_ttl_s, authenticate)
+    api.register(app)
+    openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))
+
+    async def get_openapi(_: web.Request) -> web.Response:
+        return web.Response(text=openapi, content_type="application/json")
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response(Health(status="ok").model_dump(exclude_none=True))
+
+    async def readyz(_: web.Request) -> web.Response:
+        try:
+            await store.ping()
+        except Exception as exc:
+            body = Health(status="unavailable", detail=f"database: {type(exc).__name__}")
+            return web.json_response(body.model_dump(), status=503)
+        return web.json_response(Health(status="ok").model_dump(exclude_none=True))
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/api/v1/openapi.json", get_openapi)
+    app.cleanup_ctx.append(_store_lifecycle)
+    return app
+
+
+async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    await upgrade(app[CONFIG].effective_database_url)
+    store = app[STORE]
+    await store.start()
+    yield
+    await store.stop()
+
+
+def _is_revoked(store: SqlRecordStore) -> Callable[[str], Awaitable[bool]]:
+    async def is_revoked(jti: str) -> bool:
+        async with store.transaction() as tx:
+            revoked: bool = await tx.is_token_revoked(jti)
+        return revoked
+
+    return is_revoked

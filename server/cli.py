@@ -1,0 +1,121 @@
+"""The `telemed` command: serve, db upgrade, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from rooms.model import ConsultationId, UserId
+from rooms.roles import Role
+from server.app import CONFIG as CONFIG_KEY
+from server.app import SERVICE, TOKENS, create_app
+from server.auth import TokenService
+from server.config import Config, ConfigError, load_config
+from server.db.migrate import upgrade
+from server.demo import describe, ensure_demo
+from server.logs import configure_logging
+
+log = logging.getLogger("telemed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    if getattr(args, "dev", False):
+        overrides["dev"] = True
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"telemed: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_format, config.log_level)
+    try:
+        result: int = args.run(config, args)
+    except ConfigError as exc:
+        print(f"telemed: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="telemed", description="Telemedicine consultation server")
+    parser.add_argument("--config", type=Path, help="TOML config file (also TELEMED_CONFIG)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--dev", action="store_true", help="development mode: demo data and tokens")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(run=_serve)
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="apply migrations").set_defaults(run=_db_upgrade)
+
+    token = commands.add_parser("token", help="print an access token (demos and tests)")
+    token.add_argument("--user", required=True)
+    token.add_argument("--name", required=True)
+    token.add_argument("--role", required=True, choices=[r.value for r in Role])
+    token.add_argument("--org", default="")
+    token.add_argument("--consultation", help="scope the token to one consultation")
+    token.add_argument("--ttl", type=int, help="lifetime in seconds")
+    token.set_defaults(run=_token)
+    return parser
+
+
+def _serve(config: Config, _: argparse.Namespace) -> int:
+    config.check_safe_to_serve()
+    app = create_app(config)
+    if config.dev:
+        app.cleanup_ctx.append(_print_demo)
+    listen = f"http://{config.host}:{config.port}"
+    print(f"telemed listening on {listen} (public URL {config.effective_public_url})")
+    print(f"database: {_redact(config.effective_database_url)}")
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    return 0
+
+
+async def _print_demo(app: web.Application) -> AsyncIterator[None]:
+    setup = await ensure_demo(app[SERVICE], app[TOKENS])
+    print(describe(setup, app[CONFIG_KEY].effective_public_url), flush=True)
+    yield
+
+
+def _db_upgrade(config: Config, _: argparse.Namespace) -> int:
+    asyncio.run(upgrade(config.effective_database_url))
+    print(f"database at head: {_redact(config.effective_database_url)}")
+    return 0
+
+
+def _token(config: Config, args: argparse.Namespace) -> int:
+    tokens = TokenService(config.jwt)
+    print(
+        tokens.mint(
+            user_id=UserId(args.user),
+            name=args.name,
+            role=Role(args.role),
+            org=args.org,
+            consultation=ConsultationId(args.consultation) if args.consultation else None,
+            ttl_s=args.ttl,
+        )
+    )
+    return 0
+
+
+def _redact(url: str) -> str:
+    """Database URLs may carry a password."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest

@@ -1,0 +1,1 @@
+"""Signaling: the socket.io namespace of a live room."""
