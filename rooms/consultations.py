@@ -16,6 +16,7 @@ from rooms.lifecycle import Action
 from rooms.model import (
     AuditAction,
     AuditEntry,
+    CloseReason,
     Consultation,
     ConsultationId,
     ConsultationKind,
@@ -143,6 +144,12 @@ class ConsultationService:
             consultation = await self._load(tx, ctx.actor, Permission.JOIN, consultation_id)
             await self._audit(tx, ctx, AuditAction.VIEW_CONSULTATION, consultation_id)
         return consultation
+
+    async def get_for_join(self, actor: Actor, consultation_id: ConsultationId) -> Consultation:
+        """The consultation, if the actor may join it; joining is recorded in the session log,
+        not the audit log."""
+        async with self._store.transaction() as tx:
+            return await self._load(tx, actor, Permission.JOIN, consultation_id)
 
     async def list_visible(
         self, ctx: RequestContext, query: ConsultationFilter
@@ -313,14 +320,27 @@ class ConsultationService:
         return session
 
     async def end_session(
-        self, ctx: RequestContext, consultation_id: ConsultationId, session_id: SessionId
+        self,
+        ctx: RequestContext | None,
+        consultation_id: ConsultationId,
+        session_id: SessionId,
+        reason: str = "ended",
     ) -> Consultation:
+        """Ends a live session and closes every open participation in it. Without a context it
+        is the server ending a session that no clinician is left in."""
         async with self._store.transaction() as tx:
-            consultation = await self._load(
-                tx, ctx.actor, Permission.END_SESSION, consultation_id, for_update=True
+            if ctx is None:
+                found = await tx.get_consultation(consultation_id, for_update=True)
+                if found is None:
+                    raise NotFound(f"no consultation {consultation_id}")
+                consultation = found
+            else:
+                consultation = await self._load(
+                    tx, ctx.actor, Permission.END_SESSION, consultation_id, for_update=True
+                )
+            session = next(
+                (s for s in await tx.list_sessions(consultation_id) if s.id == session_id), None
             )
-            sessions = {s.id: s for s in await tx.list_sessions(consultation_id)}
-            session = sessions.get(session_id)
             if session is None:
                 raise NotFound(f"no session {session_id} in consultation {consultation_id}")
             if session.ended_at is not None:
@@ -336,10 +356,25 @@ class ConsultationService:
             consultation.updated_at = now
             await tx.update_consultation_state(consultation)
             await tx.end_session(session_id, now)
+            for p in await tx.list_participations(consultation_id):
+                if p.session_id == session_id and p.left_at is None:
+                    await tx.close_participation(
+                        session_id, p.participant_id, now, CloseReason.SESSION_ENDED
+                    )
             await tx.append_event(
-                session_id, now, EventKind.SESSION_ENDED, ctx.actor.user_id, None, {}
+                session_id,
+                now,
+                EventKind.SESSION_ENDED,
+                ctx.actor.user_id if ctx else None,
+                None,
+                {"reason": reason},
             )
         return consultation
+
+    async def open_session(self, consultation_id: ConsultationId) -> Session | None:
+        async with self._store.transaction() as tx:
+            sessions = await tx.list_sessions(consultation_id)
+        return next((s for s in sessions if s.ended_at is None), None)
 
     async def write_opinion(
         self,

@@ -39,3 +39,11 @@ class InvalidInput(DomainError):
     """Input that passed schema validation but breaks a domain rule."""
 
     code = "invalid_input"
+
+
+class RoomRefused(DomainError):
+    """A live-room action refused for a reason the client can act on; `code` names it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

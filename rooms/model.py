@@ -72,6 +72,7 @@ class EventKind(StrEnum):
     ADMITTED = "admitted"
     DENIED = "denied"
     CHAT = "chat"
+    CHAT_SETTINGS = "chat_settings"
     HAND_RAISED = "hand_raised"
     HAND_LOWERED = "hand_lowered"
     MUTED = "muted"

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from importlib.metadata import version
 
+import socketio
 from aiohttp import web
 
 from rooms.consultations import ConsultationService, RequestContext
+from rooms.live import InMemoryPresence
+from rooms.room_service import LiveRoomService, RoomLimits
 from server.api.openapi import build_openapi
 from server.api.problems import problem_middleware
 from server.api.routes import build_api
@@ -18,11 +22,18 @@ from server.config import Config
 from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.logs import request_id_middleware
+from server.presence_redis import RedisPresence
+from signaling.namespace import ConsultNamespace
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", SqlRecordStore)
 SERVICE = web.AppKey("consultations", ConsultationService)
 TOKENS = web.AppKey("tokens", TokenService)
+ROOMS = web.AppKey("rooms", LiveRoomService)
+SIO = web.AppKey("sio", socketio.AsyncServer)
+NAMESPACE = web.AppKey("namespace", ConsultNamespace)
+# The engine.io frame limit guards the transport; per-event limits are the namespace's.
+_MAX_FRAME_BYTES = 1024 * 1024
 
 
 def create_app(config: Config) -> web.Application:
@@ -43,6 +54,7 @@ def create_app(config: Config) -> web.Application:
         await check_not_revoked(claims, _is_revoked(store))
         return RequestContext(claims.to_actor(), request.remote)
 
+    _attach_signaling(app, config, store, service, tokens)
     api = build_api(service, tokens, config.jwt.invite_ttl_s, authenticate)
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))
@@ -66,6 +78,52 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/api/v1/openapi.json", get_openapi)
     app.cleanup_ctx.append(_store_lifecycle)
     return app
+
+
+def _attach_signaling(
+    app: web.Application,
+    config: Config,
+    store: SqlRecordStore,
+    service: ConsultationService,
+    tokens: TokenService,
+) -> None:
+    """Without a Redis URL everything stays in this process; with one, presence and
+    socket.io fan-out are shared by every node."""
+    sig = config.signaling
+    presence: InMemoryPresence | RedisPresence
+    if config.redis_url:
+        presence = RedisPresence(config.redis_url)
+        manager: socketio.AsyncManager = socketio.AsyncRedisManager(config.redis_url)
+    else:
+        presence = InMemoryPresence()
+        manager = socketio.AsyncManager()
+    sio = socketio.AsyncServer(
+        async_mode="aiohttp",
+        client_manager=manager,
+        max_http_buffer_size=_MAX_FRAME_BYTES,
+        cors_allowed_origins=[],
+        logger=False,
+        engineio_logger=False,
+    )
+    limits = RoomLimits(
+        max_participants=sig.max_participants,
+        reconnect_grace=timedelta(seconds=sig.reconnect_grace_s),
+    )
+    rooms = LiveRoomService(store, service, presence, limits)
+    namespace = ConsultNamespace(rooms, tokens, _is_revoked(store), sig)
+    sio.register_namespace(namespace)
+    sio.attach(app)
+    app[ROOMS] = rooms
+    app[SIO] = sio
+    app[NAMESPACE] = namespace
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        yield
+        await namespace.stop()
+        if isinstance(presence, RedisPresence):
+            await presence.stop()
+
+    app.cleanup_ctx.append(lifecycle)
 
 
 async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:

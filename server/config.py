@@ -45,6 +45,19 @@ class IceServer(_Section):
     credential: SecretStr | None = None
 
 
+class SignalingConfig(_Section):
+    max_payload_bytes: int = Field(default=64 * 1024, gt=0)
+    # Token bucket per connection: sustained rate and burst.
+    events_per_second: float = Field(default=20.0, gt=0)
+    event_burst: int = Field(default=40, gt=0)
+    max_participants: int = Field(default=100, gt=0)
+    reconnect_grace_s: float = Field(default=30.0, ge=0)
+    # How long a live session waits for a clinician to come back before the server ends it.
+    empty_room_grace_s: float = Field(default=120.0, ge=0)
+    chat_max_chars: int = Field(default=2000, gt=0)
+    annotation_max_points: int = Field(default=500, gt=0)
+
+
 class Config(_Section):
     dev: bool = False
     host: str = "127.0.0.1"
@@ -58,6 +71,7 @@ class Config(_Section):
     log_level: str = "INFO"
     max_body_bytes: int = Field(default=256 * 1024, gt=0)
     jwt: JwtConfig = JwtConfig()
+    signaling: SignalingConfig = SignalingConfig()
     ice_servers: list[IceServer] = []
 
     @property
@@ -107,6 +121,9 @@ _ENV_FIELDS: dict[str, tuple[str, ...]] = {
     "JWT_LEEWAY_S": ("jwt", "leeway_s"),
     "JWT_ACCESS_TTL_S": ("jwt", "access_ttl_s"),
     "JWT_INVITE_TTL_S": ("jwt", "invite_ttl_s"),
+    "RECONNECT_GRACE_S": ("signaling", "reconnect_grace_s"),
+    "EMPTY_ROOM_GRACE_S": ("signaling", "empty_room_grace_s"),
+    "MAX_PARTICIPANTS": ("signaling", "max_participants"),
 }
 
 

@@ -1,0 +1,720 @@
+"""The live room: joining, the waiting room, presence, chat, hands, moderation, consent and
+annotation. Each action is checked with the one policy, appended to the session's event log,
+and only then returned as announcements for the transport to deliver."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from rooms.clock import Clock, utc_now
+from rooms.consultations import ConsultationService, RequestContext
+from rooms.errors import IllegalTransition, NotFound, RoomRefused
+from rooms.live import LiveParticipant, ParticipantState, PresenceStore, RoomState
+from rooms.model import (
+    CloseReason,
+    Consent,
+    ConsentKind,
+    Consultation,
+    ConsultationId,
+    ConsultationStatus,
+    EventKind,
+    ParticipantId,
+    Participation,
+    SessionEvent,
+)
+from rooms.outcome import Audience, Outcome, Target
+from rooms.policy import Actor, can, require
+from rooms.roles import CLINICIAN_ROLES, Permission, Role
+from rooms.store import RecordRepository, RecordStore
+
+
+@dataclass(frozen=True)
+class RoomLimits:
+    max_participants: int = 100
+    reconnect_grace: timedelta = timedelta(seconds=30)
+    chat_history: int = 200
+
+
+@dataclass(frozen=True)
+class Stroke:
+    """A telestration stroke over one video track, in coordinates normalised to 0..1."""
+
+    target_track: str
+    points: list[tuple[float, float]]
+    colour: str
+    width: float
+    clear: bool
+    media_time: float | None
+
+
+class LiveRoomService:
+    def __init__(
+        self,
+        store: RecordStore,
+        consultations: ConsultationService,
+        presence: PresenceStore,
+        limits: RoomLimits = RoomLimits(),
+        clock: Clock = utc_now,
+    ) -> None:
+        self._store = store
+        self._consultations = consultations
+        self._presence = presence
+        self._limits = limits
+        self._now = clock
+
+    @property
+    def limits(self) -> RoomLimits:
+        return self._limits
+
+    # --- joining and leaving ---------------------------------------------------------------
+
+    async def join(
+        self, conn: str, actor: Actor, consultation_id: ConsultationId, device: str
+    ) -> Outcome:
+        consultation = await self._consultations.get_for_join(actor, consultation_id)
+        async with self._presence.lock(consultation_id):
+            room = await self._room_for_join(actor, consultation)
+            if actor.user_id in room.removed_users:
+                raise RoomRefused("removed", "you were removed from this session")
+            out = Outcome()
+            existing = room.by_device(actor.user_id, device)
+            if existing is not None and existing.disconnected_at is not None:
+                return await self._resume(conn, room, existing, actor, out)
+            if existing is not None:
+                # The same device connected again (a reloaded page): the new connection wins.
+                await self._close(room, existing, CloseReason.DUPLICATE, out)
+                out.disconnects.append(existing.connection)
+                room.participants.pop(existing.participant_id)
+            if len(room.participants) >= self._limits.max_participants:
+                raise RoomRefused(
+                    "room_full", f"the room is full ({self._limits.max_participants} participants)"
+                )
+            participant = LiveParticipant(
+                participant_id=ParticipantId(f"p_{uuid.uuid4().hex[:12]}"),
+                user_id=actor.user_id,
+                name=actor.name,
+                role=actor.role,
+                org=actor.org,
+                device=device,
+                connection=conn,
+                state=ParticipantState.WAITING,
+                joined_at=self._now(),
+            )
+            if can(actor, Permission.ADMIT, consultation):
+                # Whoever may admit others needs no one to admit them.
+                async with self._store.transaction() as tx:
+                    seated = await self._seat(tx, room, participant, admitted_by=None)
+                await self._announce_seated(room, seated, consultation, out)
+            else:
+                await self._wait(room, participant, out)
+            return out
+
+    async def leave(self, conn: str, consultation_id: ConsultationId) -> Outcome:
+        async with self._presence.lock(consultation_id):
+            out = Outcome()
+            room = await self._presence.get(consultation_id)
+            participant = room.by_connection(conn) if room else None
+            if room is None or participant is None:
+                raise RoomRefused("not_in_room", "you are not in this room")
+            await self._close(room, participant, CloseReason.LEFT, out)
+            return out
+
+    async def disconnected(
+        self, conn: str, consultation_id: ConsultationId
+    ) -> tuple[ParticipantId, datetime] | None:
+        """The connection dropped: keep the seat for the grace period. Returns the seat and the
+        moment it dropped (to hand to `expire`), or None if the connection held no seat."""
+        async with self._presence.lock(consultation_id):
+            room = await self._presence.get(consultation_id)
+            participant = room.by_connection(conn) if room else None
+            if participant is None:
+                return None
+            at = self._now()
+            await self._presence.put_participant(
+                consultation_id, replace(participant, disconnected_at=at)
+            )
+            return participant.participant_id, at
+
+    async def expire(
+        self, consultation_id: ConsultationId, participant_id: ParticipantId, since: datetime
+    ) -> Outcome:
+        """The grace period is over: if the seat is still empty since `since`, it is lost."""
+        async with self._presence.lock(consultation_id):
+            out = Outcome()
+            room = await self._presence.get(consultation_id)
+            participant = room.participants.get(participant_id) if room else None
+            if room is None or participant is None or participant.disconnected_at != since:
+                return out
+            await self._close(room, participant, CloseReason.NETWORK_LOST, out)
+            return out
+
+    async def clinician_present(self, consultation_id: ConsultationId) -> bool:
+        room = await self._presence.get(consultation_id)
+        return room is not None and any(
+            p.role in CLINICIAN_ROLES and p.state is ParticipantState.ADMITTED
+            for p in room.participants.values()
+        )
+
+    async def end_abandoned(self, consultation_id: ConsultationId) -> Outcome:
+        """No clinician came back within the grace period: the server ends the session."""
+        async with self._presence.lock(consultation_id):
+            room = await self._presence.get(consultation_id)
+            if room is None or await self.clinician_present(consultation_id):
+                return Outcome()
+            return await self._end(None, room, "no clinician left")
+
+    # --- the waiting room --------------------------------------------------------------------
+
+    async def admit(
+        self, conn: str, actor: Actor, consultation_id: ConsultationId, target: ParticipantId
+    ) -> Outcome:
+        async with self._presence.lock(consultation_id):
+            room, me = await self._member(conn, consultation_id)
+            out = Outcome()
+            async with self._store.transaction() as tx:
+                consultation = await self._check(tx, actor, Permission.ADMIT, consultation_id)
+                waiting = self._waiting_target(room, target)
+                await self._append(
+                    tx,
+                    room,
+                    EventKind.ADMITTED,
+                    me,
+                    {"participant_id": target, "user_id": waiting.user_id},
+                )
+                seated = await self._seat(tx, room, waiting, admitted_by=me)
+            await self._announce_seated(room, seated, consultation, out)
+            out.announce(
+                "admitted",
+                {"participant": target, "by": me.participant_id},
+                Target.admitters(consultation_id),
+            )
+            return out
+
+    async def deny(
+        self,
+        conn: str,
+        actor: Actor,
+        consultation_id: ConsultationId,
+        target: ParticipantId,
+        reason: str,
+    ) -> Outcome:
+        async with self._presence.lock(consultation_id):
+            room, me = await self._member(conn, consultation_id)
+            async with self._store.transaction() as tx:
+                await self._check(tx, actor, Permission.ADMIT, consultation_id)
+                waiting = self._waiting_target(room, target)
+                await self._append(
+                    tx,
+                    room,
+                    EventKind.DENIED,
+                    me,
+                    {"participant_id": target, "user_id": waiting.user_id, "reason": reason},
+                )
+            await self._presence.drop_participant(consultation_id, target)
+            out = Outcome()
+            payload = {"participant": target, "by": me.participant_id, "reason": reason}
+            out.announce("denied", payload, Target.connection(waiting.connection))
+            out.announce("denied", payload, Target.admitters(consultation_id))
+            out.disconnects.append(waiting.connection)
+            return out
+
+    # --- in the room -------------------------------------------------------------------------
+
+    async def chat(
+        self, conn: str, actor: Actor, consultation_id: ConsultationId, text: str
+    ) -> Outcome:
+        room, me = await self._member(conn, consultation_id)
+        if actor.role is Role.TRAINEE and not room.trainee_chat:
+            raise RoomRefused("chat_closed", "chat is closed to trainees in this session")
+        async with self._store.transaction() as tx:
+            await self._check(tx, actor, Permission.CHAT, consultation_id)
+            event = await self._append(
+                tx, room, EventKind.CHAT, me, {"text": text, "name": me.name, "role": me.role.value}
+            )
+        out = Outcome()
+        out.announce("chat_message", _chat_payload(event), Target.room(consultation_id))
+        return out
+
+    async def set_trainee_chat(
+        self, conn: str, actor: Actor, consultation_id: ConsultationId, open_: bool
+    ) -> Outcome:
+        async with self._presence.lock(consultation_id):
+            room, me = await self._member(conn, consultation_id)
+            async with self._store.transaction() as tx:
+                await self._check(tx, actor, Permission.ADMIT, consultation_id)
+                await self._append(tx, room, EventKind.CHAT_SETTINGS, me, {"trainee_chat": open_})
+            await self._presence.set_trainee_chat(consultation_id, open_)
+        out = Outcome()
+        out.announce(
+            "trainee_chat_set",
+            {"open": open_, "by": me.participant_id},
+            Target.room(consultation_id),
+        )
+        return out
+
+    async def hand(
+        self, conn: str, actor: Actor, consultation_id: ConsultationId, raised: bool
+    ) -> Outcome:
+        async with self._presence.lock(consultation_id):
+            room, me = await self._member(conn, consultation_id)
+            if me.hand_raised == raised:
+                raise RoomRefused(
+                    "no_change", f"your hand is already {'raised' if raised else 'down'}"
+                )
+            kind = EventKind.HAND_RAISED if raised else EventKind.HAND_LOWERED
+            async with self._store.transaction() as tx:
+                await self._check(tx, actor, Permission.JOIN, consultation_id)
+                await self._append(tx, room, kind, me, {})
+            await self._presence.put_participant(consultation_id, replace(me, hand_raised=raised))
+        out = Outcome()
+        out.announce(kind.value, {"participant": me.participant_id}, Target.room(consultation_id))
+        return out
+
+    async def mute(
+        self,
+        conn: str,
+        actor: Actor,
+        consultation_id: ConsultationId,
+        target: ParticipantId,
+        kind: str,
+    ) -> Outcome:
+        async with self._presence.lock(consultation_id):
+            room, me = await self._member(conn, consultation_id)
+            async with self._store.transaction() as tx:
+                await self._check(tx, actor, Permission.MUTE_OTHERS, consultation_id)
+                other = self._admitted_target(room, target)
+                await self._append(
+                    tx, room, EventKind.MUTED, me, {"participant_id": target, "kind": kind}
+                )
+            muted = (
+                replace(other, audio_muted=True)
+                if kind == "audio"
+                else replace(other, video_muted=True)
+            )
+            await self._presence.put_participant(consultation_id, muted)
+        out = Outcome()
+        out.announce(
+            "muted",
+            {"participant": target, "kind": kind, "by": me.participant_id},
+            Target.room(consultation_id),
+        )
+        return out
+
+    async def remove(
+        self,
+        conn: str,
+        actor: Actor,
+        consultation_id: ConsultationId,
+        target: ParticipantId,
+        reason: str,
+    ) -> Outcome:
+        async with self._presence.lock(consultation_id):
+            room, me = await self._member(conn, consultation_id)
+            out = Outcome()
+            async with self._store.transaction() as tx:
+                await self._check(tx, actor, Permission.REMOVE_PARTICIPANT, consultation_id)
+                other = room.participants.get(target)
+                if other is None:
+                    raise RoomRefused(
+                        "no_such_participant", f"no participant {target} in this room"
+                    )
+                if other.participant_id == me.participant_id:
+                    raise RoomRefused("invalid_target", "use leave to leave the room yourself")
+                await self._append(
+                    tx,
+                    room,
+                    EventKind.REMOVED,
+                    me,
+                    {"participant_id": target, "user_id": other.user_id, "reason": reason},
+                )
+            payload = {"participant": target, "by": me.participant_id, "reason": reason}
+            out.announce("removed", payload, Target.connection(other.connection))
+            await self._close(room, other, CloseReason.KICKED, out, extra={"reason": reason})
+            await self._presence.mark_removed(consultation_id, other.user_id)
+            out.announce("removed", payload, Target.room(consultation_id))
+            out.disconnects.append(other.connection)
+            return out
+
+    async def consent(
+        self,
+        conn: str,
+        actor: Actor,
+        consultation_id: ConsultationId,
+        kind: ConsentKind,
+        granted: bool,
+        on_behalf_of: str | None,
+    ) -> Outcome:
+        room, me = await self._member(conn, consultation_id)
+        async with self._store.transaction() as tx:
+            consultation = await self._check(tx, actor, Permission.CONSENT, consultation_id)
+            subject = _consent_subject(actor, consultation, on_behalf_of)
+            now = self._now()
+            consent = Consent(
+                consultation_id, room.session_id, kind, granted, actor.user_id, subject, now
+            )
+            await tx.add_consent(consent)
+            event = await self._append(
+                tx,
+                room,
+                EventKind.CONSENT,
+                me,
+                {"kind": kind.value, "granted": granted, "on_behalf_of": subject},
+            )
+        out = Outcome()
+        out.announce(
+            "consent_recorded",
+            {
+                "seq": event.seq,
+                "kind": kind.value,
+                "granted": granted,
+                "given_by": actor.user_id,
+                "on_behalf_of": subject,
+                "participant": me.participant_id,
+                "at": event.at.isoformat(),
+            },
+            Target.room(consultation_id),
+        )
+        return out
+
+    async def annotate(
+        self, conn: str, actor: Actor, consultation_id: ConsultationId, stroke: Stroke
+    ) -> Outcome:
+        room, me = await self._member(conn, consultation_id)
+        data: dict[str, Any] = {
+            "target_track": stroke.target_track,
+            "points": [list(p) for p in stroke.points],
+            "colour": stroke.colour,
+            "width": stroke.width,
+            "clear": stroke.clear,
+            "media_time": stroke.media_time,
+        }
+        async with self._store.transaction() as tx:
+            await self._check(tx, actor, Permission.ANNOTATE, consultation_id)
+            event = await self._append(tx, room, EventKind.ANNOTATION, me, data)
+        out = Outcome()
+        out.announce(
+            "annotation",
+            {
+                "seq": event.seq,
+                "participant": me.participant_id,
+                "at": event.at.isoformat(),
+                **data,
+            },
+            Target.room(consultation_id),
+        )
+        return out
+
+    async def pointer(
+        self,
+        conn: str,
+        actor: Actor,
+        consultation_id: ConsultationId,
+        target_track: str,
+        x: float,
+        y: float,
+    ) -> Outcome:
+        """A moving pointer is not part of the record: checked, relayed, not stored."""
+        _, me = await self._member(conn, consultation_id)
+        async with self._store.transaction() as tx:
+            await self._check(tx, actor, Permission.ANNOTATE, consultation_id)
+        out = Outcome()
+        out.announce(
+            "pointer",
+            {"participant": me.participant_id, "target_track": target_track, "x": x, "y": y},
+            Target.room(consultation_id),
+            skip=conn,
+        )
+        return out
+
+    async def end_session(
+        self, conn: str, actor: Actor, consultation_id: ConsultationId
+    ) -> Outcome:
+        async with self._presence.lock(consultation_id):
+            room, _ = await self._member(conn, consultation_id)
+            return await self._end(actor, room, "ended")
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    async def _room_for_join(self, actor: Actor, consultation: Consultation) -> RoomState:
+        """The presence of the consultation's open session, opening one if a clinician comes
+        to a scheduled consultation."""
+        session = await self._consultations.open_session(consultation.id)
+        if session is None:
+            if consultation.status is not ConsultationStatus.SCHEDULED:
+                raise RoomRefused(
+                    "not_joinable",
+                    f"the consultation is {consultation.status.value}; "
+                    "only scheduled or live consultations can be joined",
+                )
+            if actor.role not in CLINICIAN_ROLES:
+                raise RoomRefused(
+                    "session_not_started", "the session has not started; a clinician opens it"
+                )
+            try:
+                session = await self._consultations.start_session(
+                    RequestContext(actor), consultation.id
+                )
+            except IllegalTransition:
+                # Another node opened it first.
+                session = await self._consultations.open_session(consultation.id)
+                if session is None:
+                    raise
+        room = await self._presence.get(consultation.id)
+        if room is None or room.session_id != session.id:
+            room = RoomState(consultation.id, session.id)
+            await self._presence.create(room)
+        return room
+
+    async def _seat(
+        self,
+        tx: RecordRepository,
+        room: RoomState,
+        participant: LiveParticipant,
+        admitted_by: LiveParticipant | None,
+    ) -> LiveParticipant:
+        """Records a participant taking a seat in the session (inside the caller's transaction)."""
+        now = self._now()
+        seated = replace(participant, state=ParticipantState.ADMITTED, joined_at=now)
+        await tx.add_participation(
+            Participation(
+                room.session_id,
+                seated.participant_id,
+                seated.user_id,
+                seated.name,
+                seated.role,
+                seated.device,
+                now,
+                None,
+                None,
+            )
+        )
+        await self._append(
+            tx,
+            room,
+            EventKind.JOINED,
+            seated,
+            {
+                "name": seated.name,
+                "role": seated.role.value,
+                "org": seated.org,
+                "device": seated.device,
+                "admitted_by": admitted_by.participant_id if admitted_by else None,
+            },
+        )
+        return seated
+
+    async def _announce_seated(
+        self, room: RoomState, seated: LiveParticipant, consultation: Consultation, out: Outcome
+    ) -> None:
+        await self._presence.put_participant(room.consultation_id, seated)
+        room.participants[seated.participant_id] = seated
+        cid = room.consultation_id
+        out.enter(seated.connection, Audience.ROOM, cid)
+        if _may_admit(seated, consultation):
+            out.enter(seated.connection, Audience.ADMITTERS, cid)
+        out.announce(
+            "participant_joined", seated.public(), Target.room(cid), skip=seated.connection
+        )
+        out.announce(
+            "joined",
+            await self._snapshot(room, seated, consultation),
+            Target.connection(seated.connection),
+        )
+
+    async def _wait(self, room: RoomState, participant: LiveParticipant, out: Outcome) -> None:
+        async with self._store.transaction() as tx:
+            await self._append(
+                tx,
+                room,
+                EventKind.WAITING,
+                participant,
+                {
+                    "name": participant.name,
+                    "role": participant.role.value,
+                    "device": participant.device,
+                },
+            )
+        await self._presence.put_participant(room.consultation_id, participant)
+        payload = {"participant": participant.public(), "session_id": room.session_id}
+        out.announce("waiting", payload, Target.admitters(room.consultation_id))
+        out.announce("waiting", payload, Target.connection(participant.connection))
+
+    async def _resume(
+        self,
+        conn: str,
+        room: RoomState,
+        seat: LiveParticipant,
+        actor: Actor,
+        out: Outcome,
+    ) -> Outcome:
+        """Back within the grace period: the same seat, no waiting room again."""
+        resumed = replace(seat, connection=conn, disconnected_at=None)
+        await self._presence.put_participant(room.consultation_id, resumed)
+        room.participants[resumed.participant_id] = resumed
+        if resumed.state is ParticipantState.WAITING:
+            payload = {"participant": resumed.public(), "session_id": room.session_id}
+            out.announce("waiting", payload, Target.connection(conn))
+            return out
+        consultation = await self._consultations.get_for_join(actor, room.consultation_id)
+        out.enter(conn, Audience.ROOM, room.consultation_id)
+        if _may_admit(resumed, consultation):
+            out.enter(conn, Audience.ADMITTERS, room.consultation_id)
+        out.announce(
+            "joined", await self._snapshot(room, resumed, consultation), Target.connection(conn)
+        )
+        return out
+
+    async def _close(
+        self,
+        room: RoomState,
+        participant: LiveParticipant,
+        reason: CloseReason,
+        out: Outcome,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Records that a participant left and why, then tells the room."""
+        now = self._now()
+        async with self._store.transaction() as tx:
+            if participant.state is ParticipantState.ADMITTED:
+                await tx.close_participation(
+                    room.session_id, participant.participant_id, now, reason
+                )
+            await self._append(
+                tx, room, EventKind.LEFT, participant, {"reason": reason.value, **(extra or {})}
+            )
+        await self._presence.drop_participant(room.consultation_id, participant.participant_id)
+        room.participants.pop(participant.participant_id, None)
+        cid = room.consultation_id
+        out.leave(participant.connection, Audience.ROOM, cid)
+        out.leave(participant.connection, Audience.ADMITTERS, cid)
+        payload = {"participant": participant.participant_id, "reason": reason.value}
+        target = (
+            Target.room(cid)
+            if participant.state is ParticipantState.ADMITTED
+            else Target.admitters(cid)
+        )
+        out.announce("participant_left", payload, target)
+
+    async def _end(self, actor: Actor | None, room: RoomState, reason: str) -> Outcome:
+        ctx = RequestContext(actor) if actor else None
+        await self._consultations.end_session(ctx, room.consultation_id, room.session_id, reason)
+        out = Outcome()
+        payload = {"session_id": room.session_id, "reason": reason}
+        out.announce("session_ended", payload, Target.room(room.consultation_id))
+        for p in room.waiting():
+            out.announce("session_ended", payload, Target.connection(p.connection))
+        out.disconnects.extend(p.connection for p in room.participants.values())
+        await self._presence.close(room.consultation_id)
+        return out
+
+    async def _snapshot(
+        self, room: RoomState, me: LiveParticipant, consultation: Consultation
+    ) -> dict[str, Any]:
+        async with self._store.transaction() as tx:
+            events = await tx.list_events(room.consultation_id)
+            consents = await tx.list_consents(room.consultation_id)
+        chat = [e for e in events if e.session_id == room.session_id and e.kind is EventKind.CHAT]
+        return {
+            "session_id": room.session_id,
+            "consultation_id": room.consultation_id,
+            "kind": consultation.kind.value,
+            "you": me.public(),
+            "participants": [p.public() for p in room.admitted()],
+            "waiting": [p.public() for p in room.waiting()] if _may_admit(me, consultation) else [],
+            "chat": [_chat_payload(e) for e in chat[-self._limits.chat_history :]],
+            "consents": [
+                {
+                    "kind": c.kind.value,
+                    "granted": c.granted,
+                    "given_by": c.given_by,
+                    "on_behalf_of": c.on_behalf_of,
+                    "at": c.at.isoformat(),
+                }
+                for c in consents
+            ],
+            "trainee_chat": room.trainee_chat,
+        }
+
+    async def _member(
+        self, conn: str, consultation_id: ConsultationId
+    ) -> tuple[RoomState, LiveParticipant]:
+        room = await self._presence.get(consultation_id)
+        me = room.by_connection(conn) if room else None
+        if room is None or me is None or me.state is not ParticipantState.ADMITTED:
+            raise RoomRefused("not_in_room", "join the room (and be admitted) first")
+        return room, me
+
+    @staticmethod
+    def _waiting_target(room: RoomState, target: ParticipantId) -> LiveParticipant:
+        found = room.participants.get(target)
+        if found is None or found.state is not ParticipantState.WAITING:
+            raise RoomRefused("no_such_participant", f"no participant {target} is waiting")
+        return found
+
+    @staticmethod
+    def _admitted_target(room: RoomState, target: ParticipantId) -> LiveParticipant:
+        found = room.participants.get(target)
+        if found is None or found.state is not ParticipantState.ADMITTED:
+            raise RoomRefused("no_such_participant", f"no participant {target} in this room")
+        return found
+
+    async def _check(
+        self,
+        tx: RecordRepository,
+        actor: Actor,
+        permission: Permission,
+        consultation_id: ConsultationId,
+    ) -> Consultation:
+        consultation = await tx.get_consultation(consultation_id)
+        if consultation is None:
+            raise NotFound(f"no consultation {consultation_id}")
+        require(actor, permission, consultation)
+        return consultation
+
+    async def _append(
+        self,
+        tx: RecordRepository,
+        room: RoomState,
+        kind: EventKind,
+        who: LiveParticipant,
+        data: dict[str, Any],
+    ) -> SessionEvent:
+        return await tx.append_event(
+            room.session_id, self._now(), kind, who.user_id, who.participant_id, data
+        )
+
+
+def _chat_payload(event: SessionEvent) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "at": event.at.isoformat(),
+        "participant": event.participant_id,
+        "user_id": event.actor,
+        "name": event.data.get("name"),
+        "role": event.data.get("role"),
+        "text": event.data["text"],
+    }
+
+
+def _may_admit(participant: LiveParticipant, consultation: Consultation) -> bool:
+    # Seated participants are in this consultation, so their scope is it.
+    actor = Actor(
+        participant.user_id, participant.name, participant.role, participant.org, consultation.id
+    )
+    return bool(can(actor, Permission.ADMIT, consultation))
+
+
+def _consent_subject(actor: Actor, consultation: Consultation, on_behalf_of: str | None) -> str:
+    """Consent is always about the resident: given by them, by a guardian, or recorded by the
+    clinician sitting with them."""
+    resident = consultation.resident.pseudonym
+    if on_behalf_of not in (None, resident):
+        raise RoomRefused(
+            "invalid_consent", f"consent in this consultation is given for the resident {resident}"
+        )
+    if actor.role is Role.RESIDENT and actor.user_id != resident:
+        raise RoomRefused("invalid_consent", "a resident consents only for themselves")
+    return resident

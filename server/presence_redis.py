@@ -1,0 +1,99 @@
+"""Room presence in Redis, so every server node sees the same rooms (see rooms/live.py for
+the in-memory twin). Nothing here is durable: the record lives in the database."""
+
+from __future__ import annotations
+
+import json
+
+import redis.asyncio as aioredis
+from redis.asyncio.lock import Lock
+
+from rooms.live import LiveParticipant, RoomState
+from rooms.model import ConsultationId, ParticipantId, SessionId, UserId
+
+_PREFIX = "telemed:room:"
+# A room's keys expire if a node dies mid-session and nobody closes the room.
+_TTL_S = 24 * 3600
+
+
+class RedisPresence:
+    def __init__(self, url: str) -> None:
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+
+    async def stop(self) -> None:
+        await self._redis.aclose()
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    def lock(self, consultation_id: ConsultationId) -> Lock:
+        # Held across nodes for the few milliseconds one room action takes.
+        return self._redis.lock(f"{_PREFIX}{consultation_id}:lock", timeout=10, blocking_timeout=10)
+
+    async def get(self, consultation_id: ConsultationId) -> RoomState | None:
+        meta_key, people_key, removed_key = _keys(consultation_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(meta_key)
+            pipe.hgetall(people_key)
+            pipe.smembers(removed_key)
+            meta, people, removed = await pipe.execute()
+        if not meta:
+            return None
+        participants = {
+            ParticipantId(pid): LiveParticipant.from_dict(json.loads(raw))
+            for pid, raw in people.items()
+        }
+        return RoomState(
+            consultation_id=consultation_id,
+            session_id=SessionId(meta["session_id"]),
+            participants=participants,
+            removed_users={UserId(u) for u in removed},
+            trainee_chat=meta.get("trainee_chat") == "1",
+        )
+
+    async def create(self, room: RoomState) -> None:
+        keys = _keys(room.consultation_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(*keys)
+            pipe.hset(
+                keys[0],
+                mapping={
+                    "session_id": room.session_id,
+                    "trainee_chat": "1" if room.trainee_chat else "0",
+                },
+            )
+            for p in room.participants.values():
+                pipe.hset(keys[1], p.participant_id, json.dumps(p.to_dict()))
+            for key in keys:
+                pipe.expire(key, _TTL_S)
+            await pipe.execute()
+
+    async def put_participant(
+        self, consultation_id: ConsultationId, participant: LiveParticipant
+    ) -> None:
+        _, people_key, _ = _keys(consultation_id)
+        await self._redis.hset(
+            people_key, participant.participant_id, json.dumps(participant.to_dict())
+        )
+        await self._redis.expire(people_key, _TTL_S)
+
+    async def drop_participant(
+        self, consultation_id: ConsultationId, participant_id: ParticipantId
+    ) -> None:
+        await self._redis.hdel(_keys(consultation_id)[1], participant_id)
+
+    async def mark_removed(self, consultation_id: ConsultationId, user_id: UserId) -> None:
+        removed_key = _keys(consultation_id)[2]
+        await self._redis.sadd(removed_key, user_id)
+        await self._redis.expire(removed_key, _TTL_S)
+
+    async def set_trainee_chat(self, consultation_id: ConsultationId, open_: bool) -> None:
+        await self._redis.hset(_keys(consultation_id)[0], "trainee_chat", "1" if open_ else "0")
+
+    async def close(self, consultation_id: ConsultationId) -> None:
+        await self._redis.delete(*_keys(consultation_id))
+
+
+def _keys(consultation_id: ConsultationId) -> tuple[str, str, str]:
+    base = f"{_PREFIX}{consultation_id}"
+    return f"{base}:meta", f"{base}:participants", f"{base}:removed"

@@ -1,0 +1,102 @@
+"""Payloads of the client → server events. Each is validated before anything else happens;
+unknown fields are errors so a client bug shows up at once."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from rooms.model import ConsentKind
+
+Id = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[\w.@:-]+$"),
+]
+_COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+
+class EventBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
+
+
+class Join(EventBody):
+    consultation_id: Id
+    device: Annotated[str, StringConstraints(min_length=1, max_length=40)] = "default"
+
+
+class Empty(EventBody):
+    pass
+
+
+class Admit(EventBody):
+    participant: Id
+
+
+class Deny(EventBody):
+    participant: Id
+    reason: Annotated[str, StringConstraints(max_length=500)] = ""
+
+
+class Chat(EventBody):
+    # The configured chat limit is checked by the namespace; this is the hard ceiling.
+    text: Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
+
+
+class Mute(EventBody):
+    participant: Id
+    kind: Literal["audio", "video"]
+
+
+class Remove(EventBody):
+    participant: Id
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class GiveConsent(EventBody):
+    kind: ConsentKind
+    granted: bool
+    on_behalf_of: Id | None = None
+
+
+Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class Annotate(EventBody):
+    target_track: Id
+    points: list[tuple[Unit, Unit]] = Field(default_factory=list, max_length=10_000)
+    colour: str = "#ffcc00"
+    width: float = Field(default=3.0, ge=0.5, le=20.0, allow_inf_nan=False)
+    clear: bool = False
+    media_time: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
+
+    @field_validator("colour")
+    @classmethod
+    def _colour(cls, value: str) -> str:
+        if not _COLOUR.match(value):
+            raise ValueError("colour must be #rrggbb")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _has_points(self) -> Annotate:
+        if not self.clear and not self.points:
+            raise ValueError("a stroke needs points (or clear: true)")
+        return self
+
+
+class Pointer(EventBody):
+    target_track: Id
+    x: Unit
+    y: Unit
+
+
+class TraineeChat(EventBody):
+    open: bool

@@ -1,0 +1,342 @@
+"""The `/consult` socket.io namespace: authenticates connections, validates every event,
+hands it to the live-room service and delivers what comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import socketio
+from pydantic import BaseModel, ValidationError
+
+from rooms.errors import DomainError, RoomRefused
+from rooms.model import ConsultationId, ParticipantId
+from rooms.outcome import Audience, Outcome
+from rooms.policy import Actor
+from rooms.room_service import LiveRoomService, Stroke
+from server.auth import AuthError, Claims, TokenService, check_not_revoked
+from server.config import SignalingConfig
+from signaling import events as ev
+from signaling.ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "/consult"
+
+
+@dataclass
+class Connection:
+    claims: Claims
+    bucket: TokenBucket
+    consultation_id: ConsultationId | None = None
+
+    @property
+    def actor(self) -> Actor:
+        return self.claims.to_actor()
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    model: type[BaseModel]
+    handler: Callable[[str, Connection, Any], Awaitable[Outcome]]
+    needs_room: bool = True
+
+
+@dataclass
+class _Timers:
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def start(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def cancel_all(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
+    def __init__(
+        self,
+        rooms: LiveRoomService,
+        tokens: TokenService,
+        is_revoked: Callable[[str], Awaitable[bool]],
+        config: SignalingConfig,
+    ) -> None:
+        super().__init__(NAMESPACE)
+        self._rooms = rooms
+        self._tokens = tokens
+        self._is_revoked = is_revoked
+        self._config = config
+        self._connections: dict[str, Connection] = {}
+        self._timers = _Timers()
+        self._events: dict[str, EventSpec] = {
+            "join": EventSpec(ev.Join, self._join, needs_room=False),
+            "leave": EventSpec(ev.Empty, self._leave),
+            "admit": EventSpec(ev.Admit, self._admit),
+            "deny": EventSpec(ev.Deny, self._deny),
+            "chat": EventSpec(ev.Chat, self._chat),
+            "raise_hand": EventSpec(ev.Empty, self._raise_hand),
+            "lower_hand": EventSpec(ev.Empty, self._lower_hand),
+            "mute": EventSpec(ev.Mute, self._mute),
+            "remove": EventSpec(ev.Remove, self._remove),
+            "consent": EventSpec(ev.GiveConsent, self._consent),
+            "annotate": EventSpec(ev.Annotate, self._annotate),
+            "pointer": EventSpec(ev.Pointer, self._pointer),
+            "set_trainee_chat": EventSpec(ev.TraineeChat, self._set_trainee_chat),
+            "end_session": EventSpec(ev.Empty, self._end_session),
+        }
+
+    @property
+    def handled_events(self) -> frozenset[str]:
+        return frozenset(self._events)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def stop(self) -> None:
+        await self._timers.cancel_all()
+
+    # --- dispatch ----------------------------------------------------------------------------
+
+    async def trigger_event(self, event: str, *args: Any) -> Any:
+        if event == "connect":
+            return await self._on_connect(args[0], args[2] if len(args) > 2 else None)
+        if event == "disconnect":
+            return await self._on_disconnect(args[0])
+        sid: str = args[0]
+        data = args[1] if len(args) == 2 else list(args[1:]) if len(args) > 2 else None
+        try:
+            return await self._dispatch(sid, event, data)
+        except Exception:
+            # Nothing a client sends may take the namespace down.
+            log.exception("event %s failed", event)
+            return await self._error(sid, event, "internal", "the server could not handle this")
+
+    async def _dispatch(self, sid: str, event: str, data: Any) -> dict[str, Any]:
+        conn = self._connections.get(sid)
+        if conn is None:
+            return await self._error(sid, event, "not_connected", "connect first")
+        if not conn.bucket.take():
+            return await self._error(sid, event, "rate_limited", "too many events; slow down")
+        spec = self._events.get(event)
+        if spec is None:
+            log.info("unknown event %r from %s", event[:64], sid)
+            return await self._error(sid, event, "unknown_event", f"no event named {event[:64]!r}")
+        if conn.claims.expires_at <= datetime.now(UTC):
+            return await self._error(
+                sid, event, "token_expired", "your token has expired; reconnect"
+            )
+        size = _encoded_size(data)
+        if size > self._config.max_payload_bytes:
+            return await self._error(
+                sid,
+                event,
+                "payload_too_large",
+                f"payload is {size} bytes; the limit is {self._config.max_payload_bytes}",
+            )
+        try:
+            body = spec.model.model_validate({} if data is None else data)
+        except ValidationError as exc:
+            log.info("invalid %s payload from %s", event, sid)
+            return await self._error(sid, event, "invalid_payload", _describe(exc))
+        if spec.needs_room and conn.consultation_id is None:
+            return await self._error(sid, event, "not_in_room", "join a consultation first")
+        try:
+            outcome = await spec.handler(sid, conn, body)
+        except DomainError as exc:
+            return await self._error(sid, event, exc.code, str(exc))
+        await self._apply(outcome)
+        return {"ok": True, **({"result": outcome.reply} if outcome.reply else {})}
+
+    async def _error(self, sid: str, event: str, code: str, message: str) -> dict[str, Any]:
+        error = {"code": code, "message": message, "event": event[:64]}
+        await self.emit("error", error, to=sid)
+        return {"ok": False, "error": error}
+
+    async def _apply(self, outcome: Outcome) -> None:
+        for m in outcome.memberships:
+            room = _room_name(m.audience, m.consultation_id)
+            if m.enter:
+                await self.enter_room(m.connection, room)
+            else:
+                await self.leave_room(m.connection, room)
+        for a in outcome.announcements:
+            to = (
+                a.to.key
+                if a.to.audience is Audience.CONNECTION
+                else _room_name(a.to.audience, a.to.key)
+            )
+            await self.emit(a.event, a.payload, to=to, skip_sid=a.skip_connection)
+        if outcome.disconnects:
+            # In a task of its own, so the ack of the event that caused it goes out first.
+            self._timers.start(self._disconnect(outcome.disconnects))
+
+    async def _disconnect(self, sids: list[str]) -> None:
+        for sid in sids:
+            await self.disconnect(sid)
+
+    # --- connection life cycle ---------------------------------------------------------------
+
+    async def _on_connect(self, sid: str, auth: Any) -> bool:
+        token = auth.get("token") if isinstance(auth, dict) else None
+        if not isinstance(token, str) or not token:
+            raise socketio.exceptions.ConnectionRefusedError("missing token in the auth payload")
+        try:
+            claims = self._tokens.verify(token)
+            await check_not_revoked(claims, self._is_revoked)
+        except AuthError as exc:
+            raise socketio.exceptions.ConnectionRefusedError(exc.message) from None
+        self._connections[sid] = Connection(
+            claims, TokenBucket(self._config.events_per_second, self._config.event_burst)
+        )
+        return True
+
+    async def _on_disconnect(self, sid: str) -> None:
+        conn = self._connections.pop(sid, None)
+        if conn is None or conn.consultation_id is None:
+            return
+        cid = conn.consultation_id
+        seat = await self._rooms.disconnected(sid, cid)
+        if seat is not None:
+            participant, since = seat
+            self._timers.start(self._expire_later(cid, participant, since))
+
+    async def _expire_later(
+        self, cid: ConsultationId, participant: ParticipantId, since: datetime
+    ) -> None:
+        await asyncio.sleep(self._config.reconnect_grace_s)
+        await self._apply(await self._rooms.expire(cid, participant, since))
+        await self._watch_for_empty(cid)
+
+    async def _watch_for_empty(self, cid: ConsultationId) -> None:
+        """When the last clinician has gone, give them a while to come back, then end."""
+        if await self._rooms.clinician_present(cid):
+            return
+        self._timers.start(self._end_if_still_empty(cid))
+
+    async def _end_if_still_empty(self, cid: ConsultationId) -> None:
+        await asyncio.sleep(self._config.empty_room_grace_s)
+        try:
+            await self._apply(await self._rooms.end_abandoned(cid))
+        except DomainError as exc:
+            log.info("session of %s not ended automatically: %s", cid, exc)
+
+    # --- handlers ----------------------------------------------------------------------------
+
+    async def _join(self, sid: str, conn: Connection, body: ev.Join) -> Outcome:
+        if conn.consultation_id is not None:
+            raise _refused("already_joined", "this connection is already in a consultation")
+        cid = ConsultationId(body.consultation_id)
+        outcome = await self._rooms.join(sid, conn.actor, cid, body.device)
+        conn.consultation_id = cid
+        return outcome
+
+    async def _leave(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
+        cid = _room(conn)
+        outcome = await self._rooms.leave(sid, cid)
+        conn.consultation_id = None
+        self._timers.start(self._watch_for_empty(cid))
+        return outcome
+
+    async def _admit(self, sid: str, conn: Connection, body: ev.Admit) -> Outcome:
+        return await self._rooms.admit(
+            sid, conn.actor, _room(conn), ParticipantId(body.participant)
+        )
+
+    async def _deny(self, sid: str, conn: Connection, body: ev.Deny) -> Outcome:
+        return await self._rooms.deny(
+            sid, conn.actor, _room(conn), ParticipantId(body.participant), body.reason
+        )
+
+    async def _chat(self, sid: str, conn: Connection, body: ev.Chat) -> Outcome:
+        if len(body.text) > self._config.chat_max_chars:
+            raise _refused(
+                "chat_too_long",
+                f"chat messages are limited to {self._config.chat_max_chars} characters",
+            )
+        return await self._rooms.chat(sid, conn.actor, _room(conn), body.text)
+
+    async def _raise_hand(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
+        return await self._rooms.hand(sid, conn.actor, _room(conn), raised=True)
+
+    async def _lower_hand(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
+        return await self._rooms.hand(sid, conn.actor, _room(conn), raised=False)
+
+    async def _mute(self, sid: str, conn: Connection, body: ev.Mute) -> Outcome:
+        return await self._rooms.mute(
+            sid, conn.actor, _room(conn), ParticipantId(body.participant), body.kind
+        )
+
+    async def _remove(self, sid: str, conn: Connection, body: ev.Remove) -> Outcome:
+        return await self._rooms.remove(
+            sid, conn.actor, _room(conn), ParticipantId(body.participant), body.reason
+        )
+
+    async def _consent(self, sid: str, conn: Connection, body: ev.GiveConsent) -> Outcome:
+        return await self._rooms.consent(
+            sid, conn.actor, _room(conn), body.kind, body.granted, body.on_behalf_of
+        )
+
+    async def _annotate(self, sid: str, conn: Connection, body: ev.Annotate) -> Outcome:
+        if len(body.points) > self._config.annotation_max_points:
+            raise _refused(
+                "too_many_points",
+                f"a stroke has at most {self._config.annotation_max_points} points; split it",
+            )
+        stroke = Stroke(
+            body.target_track,
+            list(body.points),
+            body.colour,
+            body.width,
+            body.clear,
+            body.media_time,
+        )
+        return await self._rooms.annotate(sid, conn.actor, _room(conn), stroke)
+
+    async def _pointer(self, sid: str, conn: Connection, body: ev.Pointer) -> Outcome:
+        return await self._rooms.pointer(
+            sid, conn.actor, _room(conn), body.target_track, body.x, body.y
+        )
+
+    async def _set_trainee_chat(self, sid: str, conn: Connection, body: ev.TraineeChat) -> Outcome:
+        return await self._rooms.set_trainee_chat(sid, conn.actor, _room(conn), body.open)
+
+    async def _end_session(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
+        return await self._rooms.end_session(sid, conn.actor, _room(conn))
+
+
+def _room(conn: Connection) -> ConsultationId:
+    assert conn.consultation_id is not None  # checked by the dispatcher (needs_room)
+    return conn.consultation_id
+
+
+def _room_name(audience: Audience, consultation_id: str) -> str:
+    return f"{audience.value}:{consultation_id}"
+
+
+def _refused(code: str, message: str) -> DomainError:
+    return RoomRefused(code, message)
+
+
+def _encoded_size(data: Any) -> int:
+    try:
+        return len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
+    except (TypeError, ValueError):
+        return 0  # binary attachments and the like: the model rejects them
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = [
+        f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}"
+        for err in exc.errors(include_url=False)[:5]
+    ]
+    return "invalid payload: " + "; ".join(parts)
