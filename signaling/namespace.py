@@ -19,7 +19,7 @@ from rooms.model import ConsultationId, ParticipantId
 from rooms.outcome import Audience, Outcome
 from rooms.policy import Actor
 from rooms.room_service import LiveRoomService, Stroke
-from server.auth import AuthError, Claims, TokenService, check_not_revoked
+from server.auth import AuthError, Claims, TokenService, check_not_revoked, check_scope
 from server.config import SignalingConfig
 from signaling import events as ev
 from signaling.ratelimit import TokenBucket
@@ -190,9 +190,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         token = auth.get("token") if isinstance(auth, dict) else None
         if not isinstance(token, str) or not token:
             raise socketio.exceptions.ConnectionRefusedError("missing token in the auth payload")
+        wanted = auth.get("consultation_id") if isinstance(auth, dict) else None
         try:
             claims = self._tokens.verify(token)
             await check_not_revoked(claims, self._is_revoked)
+            if isinstance(wanted, str) and claims.consultation is not None:
+                # An invite names its consultation: refuse the wrong one before anything else.
+                check_scope(claims, ConsultationId(wanted))
         except AuthError as exc:
             raise socketio.exceptions.ConnectionRefusedError(exc.message) from None
         self._connections[sid] = Connection(
