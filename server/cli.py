@@ -16,7 +16,7 @@ from rooms.model import ConsultationId, UserId
 from rooms.roles import Role
 from server.app import CONFIG as CONFIG_KEY
 from server.app import SERVICE, TOKENS, create_app
-from server.auth import TokenService
+from server.auth import SigningKeyMissing, TokenService
 from server.config import Config, ConfigError, load_config
 from server.db.migrate import upgrade
 from server.demo import describe, ensure_demo
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--role", required=True, choices=[r.value for r in Role])
     token.add_argument("--org", default="")
     token.add_argument("--consultation", help="scope the token to one consultation")
-    token.add_argument("--ttl", type=int, help="lifetime in seconds")
+    token.add_argument("--ttl", type=_positive_int, help="lifetime in seconds")
     token.set_defaults(run=_token)
     return parser
 
@@ -80,8 +80,8 @@ def _serve(config: Config, _: argparse.Namespace) -> int:
     if config.dev:
         app.cleanup_ctx.append(_print_demo)
     listen = f"http://{config.host}:{config.port}"
-    print(f"telemed listening on {listen} (public URL {config.effective_public_url})")
-    print(f"database: {_redact(config.effective_database_url)}")
+    print(f"telemed listening on {listen} (public URL {config.effective_public_url})", flush=True)
+    print(f"database: {_redact(config.effective_database_url)}", flush=True)
     web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
     return 0
 
@@ -99,9 +99,8 @@ def _db_upgrade(config: Config, _: argparse.Namespace) -> int:
 
 
 def _token(config: Config, args: argparse.Namespace) -> int:
-    tokens = TokenService(config.jwt)
-    print(
-        tokens.mint(
+    try:
+        token = TokenService(config.jwt).mint(
             user_id=UserId(args.user),
             name=args.name,
             role=Role(args.role),
@@ -109,8 +108,18 @@ def _token(config: Config, args: argparse.Namespace) -> int:
             consultation=ConsultationId(args.consultation) if args.consultation else None,
             ttl_s=args.ttl,
         )
-    )
+    except (SigningKeyMissing, ValueError) as exc:
+        print(f"telemed: {exc}", file=sys.stderr)
+        return 2
+    print(token)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value}")
+    return value
 
 
 def _redact(url: str) -> str:

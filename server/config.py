@@ -16,7 +16,8 @@ DEV_JWT_SECRET = "telemed-development-secret-do-not-use-in-production"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Inputs never appear in errors: they may hold the JWT secret or a private key.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class JwtConfig(_Section):
@@ -139,7 +140,7 @@ def load_config(
     if path is not None:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     for name, field_path in _ENV_FIELDS.items():
         value = env.get(f"TELEMED_{name}")

@@ -68,21 +68,31 @@ async def request_id_middleware(
     token = request_id_var.set(request_id)
     started = time.perf_counter()
     try:
-        response = await handler(request)
-        response.headers["X-Request-Id"] = request_id
-        access_log.info(
-            "%s %s %s",
-            request.method,
-            request.path,
-            response.status,
-            extra={
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                "remote": request.remote,
-            },
-        )
+        try:
+            response = await handler(request)
+        except web.HTTPException as raised:  # redirects and the like travel as exceptions
+            _tag(request, raised, request_id, started)
+            raise
+        _tag(request, response, request_id, started)
         return response
     finally:
         request_id_var.reset(token)
+
+
+def _tag(
+    request: web.Request, response: web.StreamResponse, request_id: str, started: float
+) -> None:
+    response.headers["X-Request-Id"] = request_id
+    access_log.info(
+        "%s %s %s",
+        request.method,
+        request.path,
+        response.status,
+        extra={
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "remote": request.remote,
+        },
+    )
