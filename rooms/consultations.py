@@ -190,6 +190,13 @@ class ConsultationService:
                 consultation.scheduled_time = scheduled_time
             consultation.updated_at = self._now()
             await tx.update_consultation_state(consultation)
+            if before is ConsultationStatus.LIVE:
+                # Aborting a live consultation ends its session in the record too.
+                for session in await tx.list_sessions(consultation_id):
+                    if session.ended_at is None:
+                        await _close_session(
+                            tx, session, ctx.actor.user_id, f"aborted: {reason}", self._now()
+                        )
             await self._audit(
                 tx,
                 ctx,
@@ -355,20 +362,7 @@ class ConsultationService:
             now = self._now()
             consultation.updated_at = now
             await tx.update_consultation_state(consultation)
-            await tx.end_session(session_id, now)
-            for p in await tx.list_participations(consultation_id):
-                if p.session_id == session_id and p.left_at is None:
-                    await tx.close_participation(
-                        session_id, p.participant_id, now, CloseReason.SESSION_ENDED
-                    )
-            await tx.append_event(
-                session_id,
-                now,
-                EventKind.SESSION_ENDED,
-                ctx.actor.user_id if ctx else None,
-                None,
-                {"reason": reason},
-            )
+            await _close_session(tx, session, ctx.actor.user_id if ctx else None, reason, now)
         return consultation
 
     async def open_session(self, consultation_id: ConsultationId) -> Session | None:
@@ -574,3 +568,16 @@ def _require_status(
 def _check_team_role(role: Role) -> None:
     if role not in TEAM_ROLES:
         raise InvalidInput(f"a {role.value} joins through an invite, not as a team member")
+
+
+async def _close_session(
+    tx: RecordRepository, session: Session, by: UserId | None, reason: str, now: datetime
+) -> None:
+    """Ends a session in the record: its end time, every open participation, the log entry."""
+    await tx.end_session(session.id, now)
+    for p in await tx.list_participations(session.consultation_id):
+        if p.session_id == session.id and p.left_at is None:
+            await tx.close_participation(
+                session.id, p.participant_id, now, CloseReason.SESSION_ENDED
+            )
+    await tx.append_event(session.id, now, EventKind.SESSION_ENDED, by, None, {"reason": reason})

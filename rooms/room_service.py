@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from rooms.clock import Clock, utc_now
@@ -34,7 +34,6 @@ from rooms.store import RecordRepository, RecordStore
 @dataclass(frozen=True)
 class RoomLimits:
     max_participants: int = 100
-    reconnect_grace: timedelta = timedelta(seconds=30)
     chat_history: int = 200
 
 
@@ -81,13 +80,12 @@ class LiveRoomService:
                 raise RoomRefused("removed", "you were removed from this session")
             out = Outcome()
             existing = room.by_device(actor.user_id, device)
-            if existing is not None and existing.disconnected_at is not None:
-                return await self._resume(conn, room, existing, actor, out)
             if existing is not None:
-                # The same device connected again (a reloaded page): the new connection wins.
-                await self._close(room, existing, CloseReason.DUPLICATE, out)
-                out.disconnects.append(existing.connection)
-                room.participants.pop(existing.participant_id)
+                if existing.disconnected_at is None:
+                    # The same device again before its old connection was seen to drop (a
+                    # reloaded page, a network switch): the new connection takes the seat.
+                    out.disconnects.append(existing.connection)
+                return await self._resume(conn, room, existing, actor, out)
             if len(room.participants) >= self._limits.max_participants:
                 raise RoomRefused(
                     "room_full", f"the room is full ({self._limits.max_participants} participants)"
@@ -316,12 +314,8 @@ class LiveRoomService:
             out = Outcome()
             async with self._store.transaction() as tx:
                 await self._check(tx, actor, Permission.REMOVE_PARTICIPANT, consultation_id)
-                other = room.participants.get(target)
-                if other is None:
-                    raise RoomRefused(
-                        "no_such_participant", f"no participant {target} in this room"
-                    )
-                if other.participant_id == me.participant_id:
+                other = self._admitted_target(room, target)
+                if other.user_id == me.user_id:
                     raise RoomRefused("invalid_target", "use leave to leave the room yourself")
                 await self._append(
                     tx,
@@ -330,12 +324,20 @@ class LiveRoomService:
                     me,
                     {"participant_id": target, "user_id": other.user_id, "reason": reason},
                 )
-            payload = {"participant": target, "by": me.participant_id, "reason": reason}
-            out.announce("removed", payload, Target.connection(other.connection))
-            await self._close(room, other, CloseReason.KICKED, out, extra={"reason": reason})
+            # A person is removed, with every device they are on.
+            for seat in [p for p in room.participants.values() if p.user_id == other.user_id]:
+                payload = {
+                    "participant": seat.participant_id,
+                    "by": me.participant_id,
+                    "reason": reason,
+                }
+                out.announce("removed", payload, Target.connection(seat.connection))
+                await self._close(
+                    room, seat, CloseReason.KICKED, out, extra={"moderator_reason": reason}
+                )
+                out.announce("removed", payload, Target.room(consultation_id))
+                out.disconnects.append(seat.connection)
             await self._presence.mark_removed(consultation_id, other.user_id)
-            out.announce("removed", payload, Target.room(consultation_id))
-            out.disconnects.append(other.connection)
             return out
 
     async def consent(
@@ -512,8 +514,9 @@ class LiveRoomService:
         await self._presence.put_participant(room.consultation_id, seated)
         room.participants[seated.participant_id] = seated
         cid = room.consultation_id
-        out.enter(seated.connection, Audience.ROOM, cid)
-        if _may_admit(seated, consultation):
+        if _may(seated, Permission.SUBSCRIBE, consultation):
+            out.enter(seated.connection, Audience.ROOM, cid)
+        if _may(seated, Permission.ADMIT, consultation):
             out.enter(seated.connection, Audience.ADMITTERS, cid)
         out.announce(
             "participant_joined", seated.public(), Target.room(cid), skip=seated.connection
@@ -559,8 +562,9 @@ class LiveRoomService:
             out.announce("waiting", payload, Target.connection(conn))
             return out
         consultation = await self._consultations.get_for_join(actor, room.consultation_id)
-        out.enter(conn, Audience.ROOM, room.consultation_id)
-        if _may_admit(resumed, consultation):
+        if _may(resumed, Permission.SUBSCRIBE, consultation):
+            out.enter(conn, Audience.ROOM, room.consultation_id)
+        if _may(resumed, Permission.ADMIT, consultation):
             out.enter(conn, Audience.ADMITTERS, room.consultation_id)
         out.announce(
             "joined", await self._snapshot(room, resumed, consultation), Target.connection(conn)
@@ -623,8 +627,17 @@ class LiveRoomService:
             "kind": consultation.kind.value,
             "you": me.public(),
             "participants": [p.public() for p in room.admitted()],
-            "waiting": [p.public() for p in room.waiting()] if _may_admit(me, consultation) else [],
-            "chat": [_chat_payload(e) for e in chat[-self._limits.chat_history :]],
+            "waiting": (
+                [p.public() for p in room.waiting()]
+                if _may(me, Permission.ADMIT, consultation)
+                else []
+            ),
+            # Chat is clinical content: only for those who see and hear the consultation.
+            "chat": (
+                [_chat_payload(e) for e in chat[-self._limits.chat_history :]]
+                if _may(me, Permission.SUBSCRIBE, consultation)
+                else []
+            ),
             "consents": [
                 {
                     "kind": c.kind.value,
@@ -672,6 +685,11 @@ class LiveRoomService:
         if consultation is None:
             raise NotFound(f"no consultation {consultation_id}")
         require(actor, permission, consultation)
+        if consultation.status is not ConsultationStatus.LIVE:
+            # E.g. aborted over the API while people were still in the room.
+            raise RoomRefused(
+                "not_live", f"the consultation is {consultation.status.value}; the session is over"
+            )
         return consultation
 
     async def _append(
@@ -699,17 +717,16 @@ def _chat_payload(event: SessionEvent) -> dict[str, Any]:
     }
 
 
-def _may_admit(participant: LiveParticipant, consultation: Consultation) -> bool:
+def _may(participant: LiveParticipant, permission: Permission, consultation: Consultation) -> bool:
     # Seated participants are in this consultation, so their scope is it.
     actor = Actor(
         participant.user_id, participant.name, participant.role, participant.org, consultation.id
     )
-    return bool(can(actor, Permission.ADMIT, consultation))
+    return bool(can(actor, permission, consultation))
 
 
 def _consent_subject(actor: Actor, consultation: Consultation, on_behalf_of: str | None) -> str:
-    """Consent is always about the resident: given by them, by a guardian, or recorded by the
-    clinician sitting with them."""
+    """Consent is always about the resident: given by them or by their guardian."""
     resident = consultation.resident.pseudonym
     if on_behalf_of not in (None, resident):
         raise RoomRefused(

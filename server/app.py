@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
 from importlib.metadata import version
 
 import socketio
@@ -101,14 +100,10 @@ def _attach_signaling(
         async_mode="aiohttp",
         client_manager=manager,
         max_http_buffer_size=_MAX_FRAME_BYTES,
-        cors_allowed_origins=[],
         logger=False,
         engineio_logger=False,
     )
-    limits = RoomLimits(
-        max_participants=sig.max_participants,
-        reconnect_grace=timedelta(seconds=sig.reconnect_grace_s),
-    )
+    limits = RoomLimits(max_participants=sig.max_participants)
     rooms = LiveRoomService(store, service, presence, limits)
     namespace = ConsultNamespace(rooms, tokens, _is_revoked(store), sig)
     sio.register_namespace(namespace)

@@ -10,6 +10,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     field_validator,
     model_validator,
@@ -63,7 +64,7 @@ class Remove(EventBody):
 
 class GiveConsent(EventBody):
     kind: ConsentKind
-    granted: bool
+    granted: StrictBool
     on_behalf_of: Id | None = None
 
 
@@ -75,7 +76,7 @@ class Annotate(EventBody):
     points: list[tuple[Unit, Unit]] = Field(default_factory=list, max_length=10_000)
     colour: str = "#ffcc00"
     width: float = Field(default=3.0, ge=0.5, le=20.0, allow_inf_nan=False)
-    clear: bool = False
+    clear: StrictBool = False
     media_time: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
 
     @field_validator("colour")
@@ -99,4 +100,4 @@ class Pointer(EventBody):
 
 
 class TraineeChat(EventBody):
-    open: bool
+    open: StrictBool

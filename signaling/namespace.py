@@ -34,6 +34,9 @@ class Connection:
     claims: Claims
     bucket: TokenBucket
     consultation_id: ConsultationId | None = None
+    # socket.io runs each event in a task of its own; this keeps one connection's events in
+    # the order they were sent (asyncio locks are fair).
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def actor(self) -> Actor:
@@ -49,10 +52,12 @@ class EventSpec:
 
 @dataclass
 class _Timers:
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    tasks: set[asyncio.Future[None]] = field(default_factory=set)
 
     def start(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+        self.track(asyncio.ensure_future(coro))
+
+    def track(self, task: asyncio.Future[None]) -> None:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -77,6 +82,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         self._config = config
         self._connections: dict[str, Connection] = {}
         self._timers = _Timers()
+        self._empty_watch: dict[ConsultationId, asyncio.Future[None]] = {}
         self._events: dict[str, EventSpec] = {
             "join": EventSpec(ev.Join, self._join, needs_room=False),
             "leave": EventSpec(ev.Empty, self._leave),
@@ -108,23 +114,26 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     # --- dispatch ----------------------------------------------------------------------------
 
     async def trigger_event(self, event: str, *args: Any) -> Any:
-        if event == "connect":
-            return await self._on_connect(args[0], args[2] if len(args) > 2 else None)
-        if event == "disconnect":
-            return await self._on_disconnect(args[0])
         sid: str = args[0]
+        # socket.io delivers its own connect/disconnect through here too, but a client can also
+        # emit events by those names: only the server's own are life-cycle events.
+        if event == "connect" and sid not in self._connections:
+            return await self._on_connect(sid, args[2] if len(args) > 2 else None)
+        if event == "disconnect" and not self.server.manager.is_connected(sid, self.namespace):
+            return await self._on_disconnect(sid)
         data = args[1] if len(args) == 2 else list(args[1:]) if len(args) > 2 else None
-        try:
-            return await self._dispatch(sid, event, data)
-        except Exception:
-            # Nothing a client sends may take the namespace down.
-            log.exception("event %s failed", event)
-            return await self._error(sid, event, "internal", "the server could not handle this")
-
-    async def _dispatch(self, sid: str, event: str, data: Any) -> dict[str, Any]:
         conn = self._connections.get(sid)
         if conn is None:
             return await self._error(sid, event, "not_connected", "connect first")
+        async with conn.lock:
+            try:
+                return await self._dispatch(sid, conn, event, data)
+            except Exception:
+                # Nothing a client sends may take the namespace down.
+                log.exception("event %s failed", event)
+                return await self._error(sid, event, "internal", "the server could not handle this")
+
+    async def _dispatch(self, sid: str, conn: Connection, event: str, data: Any) -> dict[str, Any]:
         if not conn.bucket.take():
             return await self._error(sid, event, "rate_limited", "too many events; slow down")
         spec = self._events.get(event)
@@ -132,8 +141,10 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             log.info("unknown event %r from %s", event[:64], sid)
             return await self._error(sid, event, "unknown_event", f"no event named {event[:64]!r}")
         if conn.claims.expires_at <= datetime.now(UTC):
+            # An expired token keeps nothing open, not even the broadcasts.
+            self._timers.start(self._disconnect([sid]))
             return await self._error(
-                sid, event, "token_expired", "your token has expired; reconnect"
+                sid, event, "token_expired", "your token has expired; reconnect with a new one"
             )
         size = _encoded_size(data)
         if size > self._config.max_payload_bytes:
@@ -222,13 +233,20 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         await self._watch_for_empty(cid)
 
     async def _watch_for_empty(self, cid: ConsultationId) -> None:
-        """When the last clinician has gone, give them a while to come back, then end."""
+        """When the last clinician has gone, give them a while to come back, then end. Only
+        the newest watch of a room counts: an earlier one must not end the session early."""
         if await self._rooms.clinician_present(cid):
             return
-        self._timers.start(self._end_if_still_empty(cid))
+        previous = self._empty_watch.pop(cid, None)
+        if previous is not None:
+            previous.cancel()
+        task = asyncio.ensure_future(self._end_if_still_empty(cid))
+        self._empty_watch[cid] = task
+        self._timers.track(task)
 
     async def _end_if_still_empty(self, cid: ConsultationId) -> None:
         await asyncio.sleep(self._config.empty_room_grace_s)
+        self._empty_watch.pop(cid, None)
         try:
             await self._apply(await self._rooms.end_abandoned(cid))
         except DomainError as exc:
