@@ -160,7 +160,9 @@ class InMemoryPresence:
         )
 
     async def create(self, room: RoomState) -> None:
-        self._rooms[room.consultation_id] = room
+        self._rooms[room.consultation_id] = replace(
+            room, participants=dict(room.participants), removed_users=set(room.removed_users)
+        )
 
     async def put_participant(
         self, consultation_id: ConsultationId, participant: LiveParticipant

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import version
@@ -115,10 +117,27 @@ def _attach_signaling(
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         yield
         await namespace.stop()
+        await sio.shutdown()
+        if isinstance(manager, socketio.AsyncRedisManager):
+            await _stop_redis_manager(manager)
         if isinstance(presence, RedisPresence):
             await presence.stop()
 
     app.cleanup_ctx.append(lifecycle)
+
+
+async def _stop_redis_manager(manager: socketio.AsyncRedisManager) -> None:
+    """python-socketio has no stop for its Redis listener; without this its task and
+    connections outlive the app."""
+    listener: asyncio.Future[None] | None = getattr(manager, "thread", None)
+    if listener is not None:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+    if manager.pubsub is not None:
+        await manager.pubsub.aclose()
+    if manager.redis is not None:
+        await manager.redis.aclose()
 
 
 async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:

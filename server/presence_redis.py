@@ -64,6 +64,8 @@ class RedisPresence:
             )
             for p in room.participants.values():
                 pipe.hset(keys[1], p.participant_id, json.dumps(p.to_dict()))
+            if room.removed_users:
+                pipe.sadd(keys[2], *room.removed_users)
             for key in keys:
                 pipe.expire(key, _TTL_S)
             await pipe.execute()
@@ -88,7 +90,10 @@ class RedisPresence:
         await self._redis.expire(removed_key, _TTL_S)
 
     async def set_trainee_chat(self, consultation_id: ConsultationId, open_: bool) -> None:
-        await self._redis.hset(_keys(consultation_id)[0], "trainee_chat", "1" if open_ else "0")
+        meta_key = _keys(consultation_id)[0]
+        # Only an existing room: a stray write must not leave a room without a session.
+        if await self._redis.exists(meta_key):
+            await self._redis.hset(meta_key, "trainee_chat", "1" if open_ else "0")
 
     async def close(self, consultation_id: ConsultationId) -> None:
         await self._redis.delete(*_keys(consultation_id))
