@@ -109,6 +109,10 @@ class ConsultationService:
             _check_team_role(m.role)
             team.append(TeamMember(m.user_id, m.name, m.role, m.institution, now))
         resident = new.resident
+        if resident.pseudonym in {t.user_id for t in team}:
+            raise InvalidInput(
+                f"the resident's pseudonym {resident.pseudonym} is also a team member's user id"
+            )
         team.append(
             TeamMember(
                 UserId(resident.pseudonym), resident.display_name, Role.RESIDENT, actor.org, now
@@ -157,9 +161,8 @@ class ConsultationService:
         """Only what the caller may see: their teams, or their institution for coordinators."""
         actor = ctx.actor
         if actor.role is Role.COORDINATOR:
-            if query.institution not in (None, actor.org):
-                return []
-            query = replace(query, institution=actor.org)
+            # The store pages exactly what policy lets a coordinator see.
+            query = replace(query, inviting_institution=actor.org)
         else:
             query = replace(query, member=actor.user_id)
         async with self._store.transaction() as tx:
@@ -293,6 +296,9 @@ class ConsultationService:
     ) -> None:
         async with self._store.transaction() as tx:
             await self._load(tx, ctx.actor, Permission.INVITE, consultation_id)
+            issued = await tx.list_audit(consultation_id, 100_000, 0)
+            if not any(e.action is AuditAction.ISSUE_INVITE and e.target == jti for e in issued):
+                raise NotFound(f"no invite {jti} was issued for consultation {consultation_id}")
             now = self._now()
             # Kept until any token carrying this jti would have expired anyway.
             await tx.revoke_token(jti, now + max_ttl, now)
@@ -323,6 +329,14 @@ class ConsultationService:
                 ctx.actor.user_id,
                 None,
                 {"number": number},
+            )
+            await self._audit(
+                tx,
+                ctx,
+                AuditAction.TRANSITION,
+                consultation_id,
+                target=session.id,
+                detail={"action": Action.START_SESSION.value, "from": before.value, "to": "live"},
             )
         return session
 
@@ -363,6 +377,20 @@ class ConsultationService:
             consultation.updated_at = now
             await tx.update_consultation_state(consultation)
             await _close_session(tx, session, ctx.actor.user_id if ctx else None, reason, now)
+            if ctx is not None:
+                # A session the server ends on its own is in the session log only.
+                await self._audit(
+                    tx,
+                    ctx,
+                    AuditAction.TRANSITION,
+                    consultation_id,
+                    target=session_id,
+                    detail={
+                        "action": Action.END_SESSION.value,
+                        "from": "live",
+                        "to": consultation.status.value,
+                    },
+                )
         return consultation
 
     async def open_session(self, consultation_id: ConsultationId) -> Session | None:

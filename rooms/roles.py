@@ -49,7 +49,10 @@ class Permission(StrEnum):
 
 P = Permission
 
-_PATIENT = frozenset({P.JOIN, P.PUBLISH_AUDIO, P.PUBLISH_VIDEO, P.SUBSCRIBE, P.CHAT, P.CONSENT})
+# Patients read their own record (PIPL gives them that right); consultations.record() filters it.
+_PATIENT = frozenset(
+    {P.JOIN, P.PUBLISH_AUDIO, P.PUBLISH_VIDEO, P.SUBSCRIBE, P.CHAT, P.CONSENT, P.VIEW_RECORD}
+)
 
 _CLINICIAN = frozenset(
     {

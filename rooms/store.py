@@ -41,6 +41,8 @@ class ConsultationFilter:
     role: Role | None = None
     # Consultations that involve this institution (inviting or on the team).
     institution: str | None = None
+    # Consultations requested by this institution.
+    inviting_institution: str | None = None
     limit: int = 100
     offset: int = 0
 

@@ -31,9 +31,25 @@ _CLINICIAN_BASE = {
 
 EXPECTED: dict[Role, set[str]] = {
     # Joins only their own consultation, gives consent, publishes camera/mic once admitted.
-    Role.RESIDENT: {"join", "publish_audio", "publish_video", "subscribe", "chat", "consent"},
+    Role.RESIDENT: {
+        "join",
+        "publish_audio",
+        "publish_video",
+        "subscribe",
+        "chat",
+        "consent",
+        "view_record",
+    },
     # Like the resident; gives consent for minors.
-    Role.GUARDIAN: {"join", "publish_audio", "publish_video", "subscribe", "chat", "consent"},
+    Role.GUARDIAN: {
+        "join",
+        "publish_audio",
+        "publish_video",
+        "subscribe",
+        "chat",
+        "consent",
+        "view_record",
+    },
     # The inviting clinician: creates the request, admits, records (with consent), decides.
     Role.VILLAGE_DOCTOR: _CLINICIAN_BASE
     | {

@@ -25,6 +25,19 @@ _DOMAIN_STATUS: list[tuple[type[DomainError], int]] = [
 ]
 
 
+# The `code` of problems that do not come from a domain error.
+_STATUS_CODE = {
+    400: "invalid_input",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    500: "internal",
+}
+
+
 class BadRequest(Exception):
     """A request that could not be read (bad JSON, wrong query values)."""
 
@@ -34,13 +47,18 @@ class BadRequest(Exception):
 
 
 def problem_response(
-    status: int, detail: str, request: web.Request, errors: list[ProblemField] | None = None
+    status: int,
+    detail: str,
+    request: web.Request,
+    errors: list[ProblemField] | None = None,
+    code: str | None = None,
 ) -> web.Response:
     body = Problem(
         title=HTTPStatus(status).phrase,
         status=status,
         detail=detail,
         instance=request.path,
+        code=code or _STATUS_CODE.get(status, "error"),
         errors=errors,
     )
     return web.Response(
@@ -77,7 +95,7 @@ async def problem_middleware(
         return response
     except DomainError as exc:
         status = next((s for kind, s in _DOMAIN_STATUS if isinstance(exc, kind)), 400)
-        return problem_response(status, str(exc), request)
+        return problem_response(status, str(exc), request, code=exc.code)
     except web.HTTPRequestEntityTooLarge as exc:
         return problem_response(413, f"request body too large: {exc.text}", request)
     except web.HTTPException as exc:

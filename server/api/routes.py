@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ from rooms.model import ConsultationId, OpinionContent, Resident, UserId
 from rooms.roles import Role
 from rooms.store import ConsultationFilter
 from server.api.framework import Api, Authenticate, Call, Endpoint, Handler
+from server.api.problems import BadRequest
 from server.api.schemas import (
     AuditEntryOut,
     AuditList,
@@ -36,6 +38,7 @@ from server.api.schemas import (
 from server.auth import TokenService
 
 PREFIX = "/api/v1"
+_JTI = re.compile(r"[\w-]{1,128}")
 ONE = PREFIX + "/consultations/{consultation_id}"
 
 
@@ -248,8 +251,11 @@ class ConsultationRoutes:
         )
 
     async def revoke(self, call: Call[None, None]) -> None:
+        jti = call.path("jti")
+        if not _JTI.fullmatch(jti):
+            raise BadRequest("jti must be 1-128 letters, digits, '-' or '_'")
         await self._service.revoke_invite(
-            call.ctx, _cid(call), call.path("jti"), timedelta(seconds=self._invite_ttl_s)
+            call.ctx, _cid(call), jti, timedelta(seconds=self._invite_ttl_s)
         )
 
     async def write_opinion(self, call: Call[OpinionIn, None]) -> OpinionOut:

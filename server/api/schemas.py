@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from rooms.model import (
     AuditEntry,
@@ -26,8 +26,27 @@ from rooms.model import (
 )
 from rooms.roles import Role
 
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-LongText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=20_000)]
+_MAX_INT = 2**63 - 1
+
+
+def _no_control_characters(value: str) -> str:
+    # NUL and the like are refused by PostgreSQL and never belong in clinical text.
+    if any(ord(ch) < 32 and ch not in "\n\r\t" for ch in value):
+        raise ValueError("control characters are not allowed")
+    return value
+
+
+_Clean = AfterValidator(_no_control_characters)
+Text = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), _Clean
+]
+LongText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=20_000), _Clean]
+ReasonText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), _Clean
+]
+BigText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000), _Clean
+]
 Identifier = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[\w.@:-]+$"),
@@ -65,8 +84,8 @@ class CreateConsultation(RequestBody):
     kind: ConsultationKind = ConsultationKind.CONSULTATION
     specialty: Text
     resident: ResidentIn
-    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
-    purpose: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+    reason: ReasonText
+    purpose: ReasonText
     case_summary: LongText = ""
     requested_specialty: Text
     requested_title: Text = Field(description="e.g. 主任医师 / chief physician")
@@ -79,7 +98,7 @@ class NoBody(RequestBody):
 
 
 class ReasonBody(RequestBody):
-    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+    reason: ReasonText
 
 
 class ScheduleBody(RequestBody):
@@ -97,10 +116,7 @@ class OpinionIn(RequestBody):
     assessment: LongText
     recommendations: LongText
     referral_advice: LongText = ""
-    amendment_reason: (
-        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
-        | None
-    ) = None
+    amendment_reason: ReasonText | None = None
 
 
 class SignIn(RequestBody):
@@ -108,9 +124,7 @@ class SignIn(RequestBody):
 
 
 class DecisionIn(RequestBody):
-    decision: Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)
-    ]
+    decision: BigText
 
 
 class ConsultationQuery(RequestBody):
@@ -118,13 +132,15 @@ class ConsultationQuery(RequestBody):
     role: Role | None = None
     institution: Text | None = None
     limit: int = Field(default=50, ge=1, le=500)
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=_MAX_INT)
 
 
 class AuditQuery(RequestBody):
     consultation: Identifier | None = None
     limit: int = Field(default=100, ge=1, le=1000)
-    after: int = Field(default=0, ge=0, description="Return entries with seq greater than this")
+    after: int = Field(
+        default=0, ge=0, le=_MAX_INT, description="Return entries with seq greater than this"
+    )
 
 
 # --- responses --------------------------------------------------------------------------
@@ -459,4 +475,6 @@ class Problem(ResponseBody):
     status: int
     detail: str
     instance: str | None = None
+    # An extension member: a stable, machine-readable name of the error.
+    code: str
     errors: list[ProblemField] | None = None

@@ -170,6 +170,8 @@ class SqlRecordRepository(RecordRepository):
                     exists().where(on_team, t.institution == query.institution),
                 )
             )
+        if query.inviting_institution is not None:
+            conditions.append(c.inviting_institution == query.inviting_institution)
         rows = await self._rows(
             select(consultations)
             .where(*conditions)
