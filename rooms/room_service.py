@@ -607,8 +607,8 @@ class LiveRoomService:
         await self._consultations.end_session(ctx, room.consultation_id, room.session_id, reason)
         out = Outcome()
         payload = {"session_id": room.session_id, "reason": reason}
-        out.announce("session_ended", payload, Target.room(room.consultation_id))
-        for p in room.waiting():
+        # To every connection, waiting or seated, whichever audiences it is in.
+        for p in room.participants.values():
             out.announce("session_ended", payload, Target.connection(p.connection))
         out.disconnects.extend(p.connection for p in room.participants.values())
         await self._presence.close(room.consultation_id)

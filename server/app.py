@@ -13,18 +13,19 @@ from aiohttp import web
 
 from rooms.consultations import ConsultationService, RequestContext
 from rooms.live import InMemoryPresence
+from rooms.model import ConsultationId
 from rooms.room_service import LiveRoomService, RoomLimits
 from server.api.openapi import build_openapi
 from server.api.problems import problem_middleware
 from server.api.routes import build_api
 from server.api.schemas import Health
-from server.auth import TokenService, bearer_token, check_not_revoked
+from server.auth import AuthError, TokenService, bearer_token, check_not_revoked, check_scope
 from server.config import Config
 from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.logs import request_id_middleware
 from server.presence_redis import RedisPresence
-from signaling.namespace import ConsultNamespace
+from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", SqlRecordStore)
@@ -107,7 +108,32 @@ def _attach_signaling(
     )
     limits = RoomLimits(max_participants=sig.max_participants)
     rooms = LiveRoomService(store, service, presence, limits)
-    namespace = ConsultNamespace(rooms, tokens, _is_revoked(store), sig)
+    is_revoked = _is_revoked(store)
+
+    async def authenticate(token: str, consultation: ConsultationId | None) -> Identity:
+        try:
+            claims = tokens.verify(token)
+            await check_not_revoked(claims, is_revoked)
+            if consultation is not None and claims.consultation is not None:
+                # An invite names its consultation: refuse the wrong one before anything else.
+                check_scope(claims, consultation)
+        except AuthError as exc:
+            raise Refused(exc.message) from None
+        return Identity(claims.to_actor(), claims.expires_at)
+
+    namespace = ConsultNamespace(
+        rooms,
+        authenticate,
+        Limits(
+            max_payload_bytes=sig.max_payload_bytes,
+            events_per_second=sig.events_per_second,
+            event_burst=sig.event_burst,
+            reconnect_grace_s=sig.reconnect_grace_s,
+            empty_room_grace_s=sig.empty_room_grace_s,
+            chat_max_chars=sig.chat_max_chars,
+            annotation_max_points=sig.annotation_max_points,
+        ),
+    )
     sio.register_namespace(namespace)
     sio.attach(app)
     app[ROOMS] = rooms

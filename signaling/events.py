@@ -7,19 +7,25 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StrictBool,
+    StrictStr,
     StringConstraints,
     field_validator,
     model_validator,
 )
 
 from rooms.model import ConsentKind
+from rooms.text import reject_control_characters
+
+# Every free-text field: no control characters, and never bytes passed off as text.
+Text = Annotated[StrictStr, AfterValidator(reject_control_characters)]
 
 Id = Annotated[
-    str,
+    StrictStr,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[\w.@:-]+$"),
 ]
 _COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
@@ -31,7 +37,7 @@ class EventBody(BaseModel):
 
 class Join(EventBody):
     consultation_id: Id
-    device: Annotated[str, StringConstraints(min_length=1, max_length=40)] = "default"
+    device: Annotated[Text, StringConstraints(min_length=1, max_length=40)] = "default"
 
 
 class Empty(EventBody):
@@ -44,12 +50,12 @@ class Admit(EventBody):
 
 class Deny(EventBody):
     participant: Id
-    reason: Annotated[str, StringConstraints(max_length=500)] = ""
+    reason: Annotated[Text, StringConstraints(max_length=500)] = ""
 
 
 class Chat(EventBody):
     # The configured chat limit is checked by the namespace; this is the hard ceiling.
-    text: Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
+    text: Annotated[Text, StringConstraints(min_length=1, max_length=10_000)]
 
 
 class Mute(EventBody):
@@ -59,7 +65,7 @@ class Mute(EventBody):
 
 class Remove(EventBody):
     participant: Id
-    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    reason: Annotated[Text, StringConstraints(min_length=1, max_length=500)]
 
 
 class GiveConsent(EventBody):
@@ -74,7 +80,7 @@ Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 class Annotate(EventBody):
     target_track: Id
     points: list[tuple[Unit, Unit]] = Field(default_factory=list, max_length=10_000)
-    colour: str = "#ffcc00"
+    colour: StrictStr = "#ffcc00"
     width: float = Field(default=3.0, ge=0.5, le=20.0, allow_inf_nan=False)
     clear: StrictBool = False
     media_time: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)

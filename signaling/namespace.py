@@ -19,8 +19,6 @@ from rooms.model import ConsultationId, ParticipantId
 from rooms.outcome import Audience, Outcome
 from rooms.policy import Actor
 from rooms.room_service import LiveRoomService, Stroke
-from server.auth import AuthError, Claims, TokenService, check_not_revoked, check_scope
-from server.config import SignalingConfig
 from signaling import events as ev
 from signaling.ratelimit import TokenBucket
 
@@ -29,9 +27,36 @@ log = logging.getLogger(__name__)
 NAMESPACE = "/consult"
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who a connection is, as their verified token says, and until when."""
+
+    actor: Actor
+    expires_at: datetime
+
+
+class Refused(Exception):
+    """A connection refused at connect; the message is what the client sees."""
+
+
+# Verifies a token (and, for a scoped token, the consultation the client asks for).
+Authenticate = Callable[[str, ConsultationId | None], Awaitable[Identity]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_payload_bytes: int = 64 * 1024
+    events_per_second: float = 20.0
+    event_burst: int = 40
+    reconnect_grace_s: float = 30.0
+    empty_room_grace_s: float = 120.0
+    chat_max_chars: int = 2000
+    annotation_max_points: int = 500
+
+
 @dataclass
 class Connection:
-    claims: Claims
+    identity: Identity
     bucket: TokenBucket
     consultation_id: ConsultationId | None = None
     # socket.io runs each event in a task of its own; this keeps one connection's events in
@@ -40,7 +65,7 @@ class Connection:
 
     @property
     def actor(self) -> Actor:
-        return self.claims.to_actor()
+        return self.identity.actor
 
 
 @dataclass(frozen=True)
@@ -71,15 +96,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     def __init__(
         self,
         rooms: LiveRoomService,
-        tokens: TokenService,
-        is_revoked: Callable[[str], Awaitable[bool]],
-        config: SignalingConfig,
+        authenticate: Authenticate,
+        limits: Limits,
     ) -> None:
         super().__init__(NAMESPACE)
         self._rooms = rooms
-        self._tokens = tokens
-        self._is_revoked = is_revoked
-        self._config = config
+        self._authenticate = authenticate
+        self._config = limits
         self._connections: dict[str, Connection] = {}
         self._timers = _Timers()
         self._empty_watch: dict[ConsultationId, asyncio.Future[None]] = {}
@@ -140,11 +163,17 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         if spec is None:
             log.info("unknown event %r from %s", event[:64], sid)
             return await self._error(sid, event, "unknown_event", f"no event named {event[:64]!r}")
-        if conn.claims.expires_at <= datetime.now(UTC):
-            # An expired token keeps nothing open, not even the broadcasts.
-            self._timers.start(self._disconnect([sid]))
-            return await self._error(
+        if conn.identity.expires_at <= datetime.now(UTC):
+            refusal = await self._error(
                 sid, event, "token_expired", "your token has expired; reconnect with a new one"
+            )
+            # An expired token keeps nothing open, not even the broadcasts; the refusal and
+            # its ack go out first.
+            self._timers.start(self._disconnect([sid]))
+            return refusal
+        if _has_binary(data):
+            return await self._error(
+                sid, event, "invalid_payload", "binary data is not accepted; send JSON"
             )
         size = _encoded_size(data)
         if size > self._config.max_payload_bytes:
@@ -203,15 +232,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             raise socketio.exceptions.ConnectionRefusedError("missing token in the auth payload")
         wanted = auth.get("consultation_id") if isinstance(auth, dict) else None
         try:
-            claims = self._tokens.verify(token)
-            await check_not_revoked(claims, self._is_revoked)
-            if isinstance(wanted, str) and claims.consultation is not None:
-                # An invite names its consultation: refuse the wrong one before anything else.
-                check_scope(claims, ConsultationId(wanted))
-        except AuthError as exc:
-            raise socketio.exceptions.ConnectionRefusedError(exc.message) from None
+            identity = await self._authenticate(
+                token, ConsultationId(wanted) if isinstance(wanted, str) else None
+            )
+        except Refused as exc:
+            raise socketio.exceptions.ConnectionRefusedError(str(exc)) from None
         self._connections[sid] = Connection(
-            claims, TokenBucket(self._config.events_per_second, self._config.event_burst)
+            identity, TokenBucket(self._config.events_per_second, self._config.event_burst)
         )
         return True
 
@@ -347,6 +374,16 @@ def _room_name(audience: Audience, consultation_id: str) -> str:
 
 def _refused(code: str, message: str) -> DomainError:
     return RoomRefused(code, message)
+
+
+def _has_binary(data: Any) -> bool:
+    if isinstance(data, bytes | bytearray):
+        return True
+    if isinstance(data, dict):
+        return any(_has_binary(v) for v in data.values())
+    if isinstance(data, list | tuple):
+        return any(_has_binary(v) for v in data)
+    return False
 
 
 def _encoded_size(data: Any) -> int:

@@ -25,18 +25,12 @@ from rooms.model import (
     TeamMember,
 )
 from rooms.roles import Role
+from rooms.text import reject_control_characters
 
 _MAX_INT = 2**63 - 1
 
 
-def _no_control_characters(value: str) -> str:
-    # NUL and the like are refused by PostgreSQL and never belong in clinical text.
-    if any(ord(ch) < 32 and ch not in "\n\r\t" for ch in value):
-        raise ValueError("control characters are not allowed")
-    return value
-
-
-_Clean = AfterValidator(_no_control_characters)
+_Clean = AfterValidator(reject_control_characters)
 Text = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), _Clean
 ]
