@@ -77,35 +77,26 @@ _INVITED_PHYSICIAN = _CLINICIAN | {
     P.END_SESSION,
 }
 
+# The inviting side: the clinic that asks for the consultation and answers for the resident.
+_INVITING_CLINICIAN = _CLINICIAN | {
+    P.ADMIT,
+    P.START_RECORDING,
+    P.RECORD_DECISION,
+    P.END_SESSION,
+    P.EXPORT_RECORD,
+    P.MANAGE_CONSULTATION,
+    P.REQUEST_CONSULTATION,
+    P.SCHEDULE,
+    P.INVITE,
+}
+
 # The one table. Scope rules (team membership, the token's consultation) live in policy.py.
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.RESIDENT: _PATIENT,
     Role.GUARDIAN: _PATIENT,
-    Role.VILLAGE_DOCTOR: _CLINICIAN
-    | {
-        P.ADMIT,
-        P.START_RECORDING,
-        P.RECORD_DECISION,
-        P.END_SESSION,
-        P.EXPORT_RECORD,
-        P.MANAGE_CONSULTATION,
-        P.REQUEST_CONSULTATION,
-        P.SCHEDULE,
-        P.INVITE,
-        P.ANNOTATE,
-    },
-    Role.TOWNSHIP_DOCTOR: _CLINICIAN
-    | {
-        P.ADMIT,
-        P.START_RECORDING,
-        P.RECORD_DECISION,
-        P.END_SESSION,
-        P.EXPORT_RECORD,
-        P.MANAGE_CONSULTATION,
-        P.REQUEST_CONSULTATION,
-        P.SCHEDULE,
-        P.INVITE,
-    },
+    # The family doctor sits with the resident and points at what they see.
+    Role.VILLAGE_DOCTOR: _INVITING_CLINICIAN | {P.ANNOTATE},
+    Role.TOWNSHIP_DOCTOR: _INVITING_CLINICIAN,
     Role.COUNTY_PHYSICIAN: _INVITED_PHYSICIAN | {P.ADMIT, P.REQUEST_CONSULTATION, P.INVITE},
     Role.PROVINCIAL_SPECIALIST: _INVITED_PHYSICIAN
     | {
