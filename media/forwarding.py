@@ -1,0 +1,159 @@
+"""The forwarding core: one publication per published track, fanned out to subscriber tracks
+as packed encoded frames. Nothing here decodes or encodes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from aiortc.codecs.vpx import Vp8Encoder
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from media.aiortc_hooks import EncodedFrame, PackedFrame
+
+VIDEO_CLOCK = 90_000
+AUDIO_CLOCK = 48_000
+# A subscriber that falls this many frames behind loses the oldest ones (about 1 s of video).
+MAX_QUEUED_FRAMES = 30
+# Keyframe requests reach the publisher at most this often.
+KEYFRAME_INTERVAL_S = 0.3
+
+
+class Publication:
+    """One published track (a camera, a microphone, a screen) and its subscribers."""
+
+    def __init__(
+        self,
+        kind: str,
+        request_keyframe: Callable[[], Awaitable[None]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kind = kind
+        self._request_keyframe = request_keyframe
+        self._clock = clock
+        self._subscribers: set[ForwardedTrack] = set()
+        self._first_timestamp: int | None = None
+        self._picture_id = 0
+        self._last_keyframe_request = float("-inf")
+        self._keyframe_task: asyncio.Task[None] | None = None
+        self.frames_in = 0
+        self.keyframe_requests = 0
+        self.ended = False
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def subscribe(self) -> ForwardedTrack:
+        track = ForwardedTrack(self)
+        self._subscribers.add(track)
+        if self.kind == "video":
+            # A newcomer can only start decoding at a keyframe.
+            self.want_keyframe()
+        return track
+
+    def unsubscribe(self, track: ForwardedTrack) -> None:
+        self._subscribers.discard(track)
+        track.stop()
+
+    def push(self, frame: EncodedFrame) -> None:
+        """Called for each frame that arrives from the publisher."""
+        self.frames_in += 1
+        if self._first_timestamp is None:
+            self._first_timestamp = frame.timestamp
+        timestamp = frame.timestamp - self._first_timestamp
+        if self.kind == "video":
+            # Packetized once for every subscriber; VP8 payload descriptors carry a picture id
+            # that only has to increase per stream.
+            payloads = Vp8Encoder._packetize(frame.data, self._picture_id)
+            self._picture_id = (self._picture_id + 1) % (1 << 15)
+        else:
+            payloads = [frame.data]
+        packed = PackedFrame(payloads, timestamp)
+        for track in self._subscribers:
+            track.offer(packed, frame.keyframe)
+
+    def want_keyframe(self) -> None:
+        """Asks the publisher for a keyframe, at most every KEYFRAME_INTERVAL_S."""
+        if self.kind != "video" or self.ended:
+            return
+        now = self._clock()
+        if now - self._last_keyframe_request < KEYFRAME_INTERVAL_S:
+            return
+        if self._keyframe_task is not None and not self._keyframe_task.done():
+            return
+        self._last_keyframe_request = now
+        self.keyframe_requests += 1
+        self._keyframe_task = asyncio.ensure_future(self._request_keyframe())
+
+    def end(self) -> None:
+        """The publisher is gone: every subscriber's track ends."""
+        self.ended = True
+        for track in list(self._subscribers):
+            self.unsubscribe(track)
+        if self._keyframe_task is not None:
+            self._keyframe_task.cancel()
+
+
+class ForwardedTrack(MediaStreamTrack):
+    """What a subscriber's sender reads: packed frames of one publication, newest kept when
+    the subscriber falls behind, video starting (and restarting after a drop) at a keyframe."""
+
+    def __init__(self, publication: Publication) -> None:
+        super().__init__()
+        self.kind = publication.kind
+        self._publication = publication
+        self._queue: deque[PackedFrame] = deque()
+        self._ready = asyncio.Event()
+        self._needs_keyframe = publication.kind == "video"
+        self.paused = False
+        self.frames_out = 0
+        self.frames_dropped = 0
+
+    def offer(self, frame: PackedFrame, keyframe: bool) -> None:
+        if self.readyState != "live" or self.paused:
+            return
+        if self._needs_keyframe:
+            if not keyframe:
+                self._publication.want_keyframe()
+                return
+            self._needs_keyframe = False
+        if len(self._queue) >= MAX_QUEUED_FRAMES:
+            # Behind by a second: drop what is queued and start again at a keyframe (video) or
+            # with the newest audio.
+            self.frames_dropped += len(self._queue)
+            self._queue.clear()
+            if self.kind == "video" and not keyframe:
+                self._needs_keyframe = True
+                self._publication.want_keyframe()
+                return
+        self._queue.append(frame)
+        self._ready.set()
+
+    def pause(self, paused: bool) -> None:
+        """A paused track forwards nothing (a forced mute); resuming video waits for a keyframe."""
+        self.paused = paused
+        if paused:
+            self._queue.clear()
+        elif self.kind == "video":
+            self._needs_keyframe = True
+            self._publication.want_keyframe()
+
+    async def recv(self) -> PackedFrame:  # type: ignore[override]
+        while not self._queue:
+            if self.readyState != "live":
+                raise MediaStreamError
+            self._ready.clear()
+            await self._ready.wait()
+        self.frames_out += 1
+        return self._queue.popleft()
+
+    def request_keyframe(self) -> None:
+        """The subscriber's PLI/FIR."""
+        self._publication.want_keyframe()
+
+    def stop(self) -> None:
+        super().stop()
+        self._ready.set()  # wakes a pending recv(), which then ends

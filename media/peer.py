@@ -1,0 +1,213 @@
+"""The two peer connections of a participant: the client publishes on one (the client offers),
+and receives everyone else on the other (the server offers and renegotiates). One connection
+per direction, so offers never collide."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamTrack
+
+from media.aiortc_hooks import (
+    EncodedFrame,
+    offer_host_addresses,
+    prepare_forwarding_sender,
+    request_keyframe,
+    tap_receiver,
+)
+from media.forwarding import ForwardedTrack, Publication
+
+log = logging.getLogger(__name__)
+
+# Every connection speaks the same codecs, so encoded frames pass through unchanged.
+CODEC_OF_KIND = {"video": "video/VP8", "audio": "audio/opus"}
+
+
+@dataclass(frozen=True)
+class IceServer:
+    urls: list[str]
+    username: str | None = None
+    credential: str | None = None
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    # Empty by default: never a public STUN server unless configured.
+    ice_servers: Sequence[IceServer] = ()
+    # Host addresses to offer; None lets aioice choose (every interface but loopback).
+    host_addresses: Sequence[str] | None = None
+
+
+def create_peer_connection(config: PeerConfig) -> RTCPeerConnection:
+    return RTCPeerConnection(
+        RTCConfiguration(
+            iceServers=[
+                RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
+                for s in config.ice_servers
+            ]
+        )
+    )
+
+
+def prefer_codec(transceiver: RTCRtpTransceiver, kind: str) -> None:
+    wanted = CODEC_OF_KIND[kind]
+    capabilities = RTCRtpSender.getCapabilities(kind)
+    assert capabilities is not None
+    codecs = [c for c in capabilities.codecs if c.mimeType == wanted]
+    # Retransmission (rtx) stays available for the chosen video codec.
+    codecs += [c for c in capabilities.codecs if c.mimeType == f"{kind}/rtx"]
+    transceiver.setCodecPreferences(codecs)
+
+
+async def set_local(pc: RTCPeerConnection, config: PeerConfig, offer: bool) -> str:
+    if config.host_addresses is not None:
+        offer_host_addresses(pc, config.host_addresses)
+    description = await (pc.createOffer() if offer else pc.createAnswer())
+    await pc.setLocalDescription(description)
+    return pc.localDescription.sdp
+
+
+@dataclass
+class IncomingTrack:
+    """A track a client publishes, as the publish connection received it."""
+
+    mid: str
+    kind: str
+    publication: Publication
+    receiver: RTCRtpReceiver
+
+
+class PublishConnection:
+    """The connection a participant publishes on. Each received track becomes a Publication."""
+
+    def __init__(
+        self,
+        config: PeerConfig,
+        on_track: Callable[[IncomingTrack], None],
+    ) -> None:
+        self._config = config
+        self._on_track = on_track
+        self.pc = create_peer_connection(config)
+        self.tracks: dict[str, IncomingTrack] = {}
+        self.pc.on("track", self._track)
+
+    def _track(self, track: MediaStreamTrack) -> None:
+        transceiver = next(t for t in self.pc.getTransceivers() if t.receiver.track is track)
+        receiver = transceiver.receiver
+
+        async def ask_for_keyframe() -> None:
+            await request_keyframe(receiver)
+
+        publication = Publication(track.kind, ask_for_keyframe)
+
+        def forward(frame: EncodedFrame) -> None:
+            publication.push(frame)
+
+        tap_receiver(receiver, track.kind, forward)
+        incoming = IncomingTrack(transceiver.mid or "", track.kind, publication, receiver)
+        self.tracks[incoming.mid] = incoming
+        self._on_track(incoming)
+
+    async def answer(self, offer_sdp: str) -> str:
+        await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind in CODEC_OF_KIND:
+                prefer_codec(transceiver, transceiver.kind)
+        return await set_local(self.pc, self._config, offer=False)
+
+    async def close(self) -> None:
+        for incoming in self.tracks.values():
+            incoming.publication.end()
+        await self.pc.close()
+
+
+@dataclass
+class OutgoingTrack:
+    publication: Publication
+    track: ForwardedTrack
+    transceiver: RTCRtpTransceiver
+    remb_bps: int | None = None
+
+
+@dataclass
+class SubscribeConnection:
+    """The connection a participant receives on. The server offers; adding or removing a track
+    renegotiates, one negotiation at a time."""
+
+    config: PeerConfig
+    pc: RTCPeerConnection = field(init=False)
+    tracks: dict[int, OutgoingTrack] = field(default_factory=dict)
+    _negotiating: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.pc = create_peer_connection(self.config)
+
+    def add(self, publication: Publication) -> OutgoingTrack:
+        track = publication.subscribe()
+        transceiver = self._free_transceiver(publication.kind)
+        if transceiver is None:
+            transceiver = self.pc.addTransceiver(publication.kind, direction="sendonly")
+            prefer_codec(transceiver, publication.kind)
+        else:
+            transceiver.direction = "sendonly"
+        outgoing = OutgoingTrack(publication, track, transceiver)
+
+        def remb(bps: int) -> None:
+            outgoing.remb_bps = bps
+
+        prepare_forwarding_sender(transceiver.sender, track.request_keyframe, remb)
+        transceiver.sender.replaceTrack(track)
+        self.tracks[id(publication)] = outgoing
+        return outgoing
+
+    def remove(self, publication: Publication) -> None:
+        outgoing = self.tracks.pop(id(publication), None)
+        if outgoing is None:
+            return
+        publication.unsubscribe(outgoing.track)
+        outgoing.transceiver.sender.replaceTrack(None)
+        outgoing.transceiver.direction = "inactive"
+
+    def _free_transceiver(self, kind: str) -> RTCRtpTransceiver | None:
+        used = {id(o.transceiver) for o in self.tracks.values()}
+        return next(
+            (
+                t
+                for t in self.pc.getTransceivers()
+                if t.kind == kind and t.direction == "inactive" and id(t) not in used
+            ),
+            None,
+        )
+
+    async def offer(self) -> str:
+        await self._negotiating.acquire()
+        try:
+            return await set_local(self.pc, self.config, offer=True)
+        except BaseException:
+            self._negotiating.release()
+            raise
+
+    async def accept_answer(self, answer_sdp: str) -> None:
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
+        finally:
+            if self._negotiating.locked():
+                self._negotiating.release()
+
+    async def close(self) -> None:
+        for outgoing in list(self.tracks.values()):
+            outgoing.publication.unsubscribe(outgoing.track)
+        self.tracks.clear()
+        await self.pc.close()
