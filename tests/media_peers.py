@@ -8,6 +8,7 @@ import asyncio
 import fractions
 import math
 import time
+from collections.abc import Callable
 
 import av
 import numpy as np
@@ -130,9 +131,9 @@ class Collector:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def wait_for(condition: object, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+async def wait_for(condition: Callable[[], bool], what: str, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)

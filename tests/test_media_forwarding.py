@@ -7,10 +7,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
-
-from media.aiortc_hooks import check_internals
-from media.forwarding import Publication
-from media.peer import IncomingTrack, PeerConfig, PublishConnection, SubscribeConnection
 from media_peers import (
     LOOPBACK,
     Collector,
@@ -25,6 +21,9 @@ from media_peers import (
     wait_for,
 )
 
+from media.aiortc_hooks import check_internals
+from media.forwarding import Publication
+from media.peer import IncomingTrack, PeerConfig, PublishConnection, SubscribeConnection
 
 SERVER = PeerConfig(host_addresses=LOOPBACK)
 
