@@ -55,6 +55,16 @@ class CloseReason(StrEnum):
     DENIED = "denied"
 
 
+class TrackSource(StrEnum):
+    """What a published track shows or carries."""
+
+    CAMERA = "camera"
+    MICROPHONE = "microphone"
+    SCREEN = "screen"
+    # A second camera on the operating field (telementoring).
+    FIELD_CAMERA = "field_camera"
+
+
 class ConsentKind(StrEnum):
     CONSULTATION = "consultation"
     RECORDING = "recording"

@@ -52,13 +52,29 @@ class Membership:
     enter: bool
 
 
+@dataclass(frozen=True)
+class Seat:
+    """A participant who took a seat: media starts flowing to (and from) them."""
+
+    consultation_id: ConsultationId
+    participant_id: str
+    connection: str
+    may_subscribe: bool
+
+
 @dataclass
 class Outcome:
-    """Applied by the transport in this order: memberships, announcements, disconnects."""
+    """Applied by the transport in this order: memberships, media, announcements,
+    disconnects."""
 
     memberships: list[Membership] = field(default_factory=list)
     announcements: list[Announcement] = field(default_factory=list)
     disconnects: list[str] = field(default_factory=list)
+    seated: list[Seat] = field(default_factory=list)
+    # Participants whose seat is gone: their media stops everywhere.
+    unseated: list[tuple[ConsultationId, str]] = field(default_factory=list)
+    # Forced mutes: (consultation, participant, "audio" | "video").
+    muted: list[tuple[ConsultationId, str, str]] = field(default_factory=list)
     # A reply to the connection that sent the event (the ack), if any.
     reply: dict[str, Any] | None = None
 

@@ -122,6 +122,14 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.ADMIN: frozenset({P.VIEW_AUDIT, P.MANAGE_RETENTION}),
 }
 
+# What publishing each kind of track takes (keys are rooms.model.TrackSource values).
+SOURCE_PERMISSION: dict[str, Permission] = {
+    "camera": P.PUBLISH_VIDEO,
+    "field_camera": P.PUBLISH_VIDEO,
+    "microphone": P.PUBLISH_AUDIO,
+    "screen": P.PUBLISH_SCREEN,
+}
+
 PATIENT_ROLES = frozenset({Role.RESIDENT, Role.GUARDIAN})
 CLINICIAN_ROLES = frozenset(
     {

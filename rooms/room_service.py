@@ -24,10 +24,11 @@ from rooms.model import (
     ParticipantId,
     Participation,
     SessionEvent,
+    TrackSource,
 )
-from rooms.outcome import Audience, Outcome, Target
+from rooms.outcome import Audience, Outcome, Seat, Target
 from rooms.policy import Actor, can, require
-from rooms.roles import CLINICIAN_ROLES, Permission, Role
+from rooms.roles import CLINICIAN_ROLES, SOURCE_PERMISSION, Permission, Role
 from rooms.store import RecordRepository, RecordStore
 
 
@@ -294,6 +295,7 @@ class LiveRoomService:
             )
             await self._presence.put_participant(consultation_id, muted)
         out = Outcome()
+        out.muted.append((consultation_id, target, kind))
         out.announce(
             "muted",
             {"participant": target, "kind": kind, "by": me.participant_id},
@@ -431,6 +433,21 @@ class LiveRoomService:
         )
         return out
 
+    async def check_publish(
+        self, conn: str, actor: Actor, consultation_id: ConsultationId, sources: list[TrackSource]
+    ) -> LiveParticipant:
+        """Only admitted participants publish, and only the kinds of track their role may."""
+        _, me = await self._member(conn, consultation_id)
+        async with self._store.transaction() as tx:
+            for source in sorted(set(sources)):
+                await self._check(tx, actor, SOURCE_PERMISSION[source.value], consultation_id)
+        return me
+
+    async def seated(self, conn: str, consultation_id: ConsultationId) -> LiveParticipant:
+        """The admitted participant on this connection, for media answers."""
+        _, me = await self._member(conn, consultation_id)
+        return me
+
     async def end_session(
         self, conn: str, actor: Actor, consultation_id: ConsultationId
     ) -> Outcome:
@@ -514,7 +531,9 @@ class LiveRoomService:
         await self._presence.put_participant(room.consultation_id, seated)
         room.participants[seated.participant_id] = seated
         cid = room.consultation_id
-        if _may(seated, Permission.SUBSCRIBE, consultation):
+        may_subscribe = _may(seated, Permission.SUBSCRIBE, consultation)
+        out.seated.append(Seat(cid, seated.participant_id, seated.connection, may_subscribe))
+        if may_subscribe:
             out.enter(seated.connection, Audience.ROOM, cid)
         if _may(seated, Permission.ADMIT, consultation):
             out.enter(seated.connection, Audience.ADMITTERS, cid)
@@ -562,7 +581,11 @@ class LiveRoomService:
             out.announce("waiting", payload, Target.connection(conn))
             return out
         consultation = await self._consultations.get_for_join(actor, room.consultation_id)
-        if _may(resumed, Permission.SUBSCRIBE, consultation):
+        may_subscribe = _may(resumed, Permission.SUBSCRIBE, consultation)
+        # A new connection: its media connections start afresh.
+        out.unseated.append((room.consultation_id, resumed.participant_id))
+        out.seated.append(Seat(room.consultation_id, resumed.participant_id, conn, may_subscribe))
+        if may_subscribe:
             out.enter(conn, Audience.ROOM, room.consultation_id)
         if _may(resumed, Permission.ADMIT, consultation):
             out.enter(conn, Audience.ADMITTERS, room.consultation_id)
@@ -592,6 +615,7 @@ class LiveRoomService:
         await self._presence.drop_participant(room.consultation_id, participant.participant_id)
         room.participants.pop(participant.participant_id, None)
         cid = room.consultation_id
+        out.unseated.append((cid, participant.participant_id))
         out.leave(participant.connection, Audience.ROOM, cid)
         out.leave(participant.connection, Audience.ADMITTERS, cid)
         payload = {"participant": participant.participant_id, "reason": reason.value}
@@ -611,6 +635,7 @@ class LiveRoomService:
         for p in room.participants.values():
             out.announce("session_ended", payload, Target.connection(p.connection))
         out.disconnects.extend(p.connection for p in room.participants.values())
+        out.unseated.extend((room.consultation_id, p) for p in room.participants)
         await self._presence.close(room.consultation_id)
         return out
 

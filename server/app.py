@@ -11,6 +11,7 @@ from importlib.metadata import version
 import socketio
 from aiohttp import web
 
+from media.peer import IceServer, PeerConfig
 from rooms.consultations import ConsultationService, RequestContext
 from rooms.live import InMemoryPresence
 from rooms.model import ConsultationId
@@ -133,6 +134,7 @@ def _attach_signaling(
             chat_max_chars=sig.chat_max_chars,
             annotation_max_points=sig.annotation_max_points,
         ),
+        _peer_config(config),
     )
     sio.register_namespace(namespace)
     sio.attach(app)
@@ -150,6 +152,20 @@ def _attach_signaling(
             await presence.stop()
 
     app.cleanup_ctx.append(lifecycle)
+
+
+def _peer_config(config: Config) -> PeerConfig:
+    return PeerConfig(
+        ice_servers=[
+            IceServer(
+                urls=s.urls,
+                username=s.username,
+                credential=s.credential.get_secret_value() if s.credential else None,
+            )
+            for s in config.ice_servers
+        ],
+        host_addresses=config.media.host_addresses,
+    )
 
 
 async def _stop_redis_manager(manager: socketio.AsyncRedisManager) -> None:

@@ -59,6 +59,11 @@ class SignalingConfig(_Section):
     annotation_max_points: int = Field(default=500, gt=0)
 
 
+class MediaConfig(_Section):
+    # Host addresses the relay offers in ICE; unset, every interface but loopback.
+    host_addresses: list[str] | None = None
+
+
 class Config(_Section):
     dev: bool = False
     host: str = "127.0.0.1"
@@ -73,6 +78,7 @@ class Config(_Section):
     max_body_bytes: int = Field(default=256 * 1024, gt=0)
     jwt: JwtConfig = JwtConfig()
     signaling: SignalingConfig = SignalingConfig()
+    media: MediaConfig = MediaConfig()
     ice_servers: list[IceServer] = []
 
     @property

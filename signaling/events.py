@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from rooms.model import ConsentKind
+from rooms.model import ConsentKind, TrackSource
 from rooms.text import reject_control_characters
 
 # Every free-text field: no control characters, and never bytes passed off as text.
@@ -103,6 +103,19 @@ class Pointer(EventBody):
     target_track: Id
     x: Unit
     y: Unit
+
+
+Sdp = Annotated[StrictStr, StringConstraints(min_length=1, max_length=60_000)]
+
+
+class PublishOffer(EventBody):
+    sdp: Sdp
+    # What each offered media section (by mid) carries.
+    tracks: dict[Id, TrackSource] = Field(default_factory=dict, max_length=8)
+
+
+class SubscribeAnswer(EventBody):
+    sdp: Sdp
 
 
 class TraineeChat(EventBody):

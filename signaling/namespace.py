@@ -14,9 +14,11 @@ from typing import Any
 import socketio
 from pydantic import BaseModel, ValidationError
 
+from media.hub import MediaError, MediaHub, TrackInfo
+from media.peer import PeerConfig
 from rooms.errors import DomainError, RoomRefused
 from rooms.model import ConsultationId, ParticipantId
-from rooms.outcome import Audience, Outcome
+from rooms.outcome import Audience, Outcome, Target
 from rooms.policy import Actor
 from rooms.room_service import LiveRoomService, Stroke
 from signaling import events as ev
@@ -98,9 +100,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         rooms: LiveRoomService,
         authenticate: Authenticate,
         limits: Limits,
+        peer_config: PeerConfig,
     ) -> None:
         super().__init__(NAMESPACE)
         self._rooms = rooms
+        self._media = MediaHub(peer_config, self._send_subscribe_offer)
+        # Which connection holds each seat, to deliver its subscribe offers.
+        self._seats: dict[tuple[str, str], str] = {}
         self._authenticate = authenticate
         self._config = limits
         self._connections: dict[str, Connection] = {}
@@ -121,6 +127,8 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             "pointer": EventSpec(ev.Pointer, self._pointer),
             "set_trainee_chat": EventSpec(ev.TraineeChat, self._set_trainee_chat),
             "end_session": EventSpec(ev.Empty, self._end_session),
+            "publish_offer": EventSpec(ev.PublishOffer, self._publish_offer),
+            "subscribe_answer": EventSpec(ev.SubscribeAnswer, self._subscribe_answer),
         }
 
     @property
@@ -131,8 +139,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     def connection_count(self) -> int:
         return len(self._connections)
 
+    @property
+    def media(self) -> MediaHub:
+        return self._media
+
     async def stop(self) -> None:
         await self._timers.cancel_all()
+        await self._media.stop()
 
     # --- dispatch ----------------------------------------------------------------------------
 
@@ -194,6 +207,8 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             outcome = await spec.handler(sid, conn, body)
         except DomainError as exc:
             return await self._error(sid, event, exc.code, str(exc))
+        except MediaError as exc:
+            return await self._error(sid, event, "media_error", str(exc))
         await self._apply(outcome)
         return {"ok": True, **({"result": outcome.reply} if outcome.reply else {})}
 
@@ -209,6 +224,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 await self.enter_room(m.connection, room)
             else:
                 await self.leave_room(m.connection, room)
+        await self._apply_media(outcome)
         for a in outcome.announcements:
             to = (
                 a.to.key
@@ -219,6 +235,33 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         if outcome.disconnects:
             # In a task of its own, so the ack of the event that caused it goes out first.
             self._timers.start(self._disconnect(outcome.disconnects))
+
+    async def _apply_media(self, outcome: Outcome) -> None:
+        """Media follows seats: a seat gone takes its tracks with it, a new seat receives the
+        room's tracks, a forced mute stops forwarding at once."""
+        for cid, participant in outcome.unseated:
+            self._seats.pop((cid, participant), None)
+            for gone in await self._media.leave(cid, participant):
+                await self.emit(
+                    "track_unpublished", gone.public(), to=_room_name(Audience.ROOM, cid)
+                )
+        for seat in outcome.seated:
+            self._seats[(seat.consultation_id, seat.participant_id)] = seat.connection
+            await self._media.enter(seat.consultation_id, seat.participant_id, seat.may_subscribe)
+        for cid, participant, kind in outcome.muted:
+            if participant in self._media.members(cid):
+                self._media.pause(cid, participant, kind, paused=True)
+
+    async def _send_subscribe_offer(
+        self, room: str, participant: str, sdp: str, tracks: dict[str, TrackInfo]
+    ) -> None:
+        sid = self._seats.get((room, participant))
+        if sid is not None:
+            await self.emit(
+                "subscribe_offer",
+                {"sdp": sdp, "tracks": {mid: info.public() for mid, info in tracks.items()}},
+                to=sid,
+            )
 
     async def _disconnect(self, sids: list[str]) -> None:
         for sid in sids:
@@ -358,6 +401,33 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 
     async def _set_trainee_chat(self, sid: str, conn: Connection, body: ev.TraineeChat) -> Outcome:
         return await self._rooms.set_trainee_chat(sid, conn.actor, _room(conn), body.open)
+
+    async def _publish_offer(self, sid: str, conn: Connection, body: ev.PublishOffer) -> Outcome:
+        cid = _room(conn)
+        me = await self._rooms.check_publish(sid, conn.actor, cid, list(body.tracks.values()))
+        sources = {mid: source.value for mid, source in body.tracks.items()}
+        answer, added = await self._media.publish(cid, me.participant_id, body.sdp, sources)
+        if me.audio_muted:
+            self._media.pause(cid, me.participant_id, "audio", paused=True)
+        if me.video_muted:
+            self._media.pause(cid, me.participant_id, "video", paused=True)
+        out = Outcome()
+        out.announce("publish_answer", {"sdp": answer}, Target.connection(sid))
+        for info in added:
+            out.announce(
+                "track_published",
+                {**info.public(), "name": me.name, "role": me.role.value},
+                Target.room(cid),
+            )
+        return out
+
+    async def _subscribe_answer(
+        self, sid: str, conn: Connection, body: ev.SubscribeAnswer
+    ) -> Outcome:
+        cid = _room(conn)
+        me = await self._rooms.seated(sid, cid)
+        await self._media.accept_answer(cid, me.participant_id, body.sdp)
+        return Outcome()
 
     async def _end_session(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
         return await self._rooms.end_session(sid, conn.actor, _room(conn))

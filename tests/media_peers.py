@@ -36,7 +36,7 @@ class ColourCounterTrack(VideoStreamTrack):
         pts, time_base = await self.next_timestamp()
         image = np.empty((self.height, self.width, 3), dtype=np.uint8)
         image[:, :] = self.colour
-        for bit in range(BITS):
+        for bit in range(counter_bits(self.width)):
             value = 255 if (self.count >> bit) & 1 else 0
             image[0:BLOCK, bit * BLOCK : (bit + 1) * BLOCK] = value
         self.count += 1
@@ -72,10 +72,14 @@ class ToneTrack(AudioStreamTrack):
         return frame
 
 
+def counter_bits(width: int) -> int:
+    return min(BITS, width // BLOCK)
+
+
 def read_counter(frame: av.VideoFrame) -> int:
     image = frame.to_ndarray(format="rgb24")
     count = 0
-    for bit in range(BITS):
+    for bit in range(counter_bits(frame.width)):
         block = image[2 : BLOCK - 2, bit * BLOCK + 2 : (bit + 1) * BLOCK - 2]
         if block.mean() > 127:
             count |= 1 << bit

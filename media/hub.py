@@ -1,0 +1,232 @@
+"""The media side of live rooms: who publishes what, who receives it, and the renegotiation
+that follows. Ids are plain strings; what a participant may do is decided before the hub is
+called (signaling asks rooms/), so the hub only moves media."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from media.forwarding import Publication
+from media.peer import IncomingTrack, PeerConfig, PublishConnection, SubscribeConnection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrackInfo:
+    """A published track as others are told about it."""
+
+    track_id: str
+    participant: str
+    kind: str
+    source: str
+
+    def public(self) -> dict[str, str]:
+        return {
+            "track_id": self.track_id,
+            "participant": self.participant,
+            "kind": self.kind,
+            "source": self.source,
+        }
+
+
+@dataclass
+class _Published:
+    info: TrackInfo
+    publication: Publication
+
+
+@dataclass
+class _Member:
+    participant: str
+    may_subscribe: bool
+    publish: PublishConnection | None = None
+    subscribe: SubscribeConnection | None = None
+    published: dict[str, _Published] = field(default_factory=dict)  # by track id
+    # Tracks the publish connection received during the current negotiation.
+    arrived: list[IncomingTrack] = field(default_factory=list)
+    offer_in_flight: bool = False
+    offer_again: bool = False
+    # Which outgoing transceiver (mid) carries which track, as last offered.
+    mids: dict[str, str] = field(default_factory=dict)
+
+
+# Called with (room, participant, sdp, tracks by mid) when a subscriber must take a new offer.
+OfferSink = Callable[[str, str, str, dict[str, TrackInfo]], Awaitable[None]]
+
+
+class MediaError(Exception):
+    """A media request that cannot be served; the message says why."""
+
+
+class MediaHub:
+    def __init__(self, config: PeerConfig, send_offer: OfferSink) -> None:
+        self._config = config
+        self._send_offer = send_offer
+        self._rooms: dict[str, dict[str, _Member]] = {}
+
+    def members(self, room: str) -> list[str]:
+        return list(self._rooms.get(room, {}))
+
+    def tracks(self, room: str) -> list[TrackInfo]:
+        return [p.info for m in self._rooms.get(room, {}).values() for p in m.published.values()]
+
+    async def enter(self, room: str, participant: str, may_subscribe: bool) -> None:
+        """A participant is seated: they will receive every track of the room (if allowed)."""
+        members = self._rooms.setdefault(room, {})
+        if participant in members:
+            return
+        member = _Member(participant, may_subscribe)
+        members[participant] = member
+        if may_subscribe and self.tracks(room):
+            self._subscribe_all(room, member)
+            await self._negotiate(room, member)
+
+    async def publish(
+        self, room: str, participant: str, offer_sdp: str, sources: dict[str, str]
+    ) -> tuple[str, list[TrackInfo]]:
+        """Answers the participant's publish offer. `sources` names each offered media section
+        (by mid) as camera, microphone, screen or field_camera. Returns the answer and the
+        tracks that are new."""
+        member = self._member(room, participant)
+        if member.publish is None:
+            member.publish = PublishConnection(self._config, member.arrived.append)
+        member.arrived.clear()
+        try:
+            answer = await member.publish.answer(offer_sdp)
+        except Exception as exc:
+            raise MediaError(f"the offer could not be accepted: {exc}") from None
+        added: list[TrackInfo] = []
+        for incoming in member.arrived:
+            source = sources.get(incoming.mid)
+            if source is None:
+                source = "camera" if incoming.kind == "video" else "microphone"
+            info = TrackInfo(f"t_{uuid.uuid4().hex[:12]}", participant, incoming.kind, source)
+            member.published[info.track_id] = _Published(info, incoming.publication)
+            added.append(info)
+        if added:
+            await self._fan_out(room, participant)
+        return answer, added
+
+    async def accept_answer(self, room: str, participant: str, answer_sdp: str) -> None:
+        member = self._member(room, participant)
+        if member.subscribe is None or not member.offer_in_flight:
+            raise MediaError("there is no subscribe offer waiting for an answer")
+        try:
+            await member.subscribe.accept_answer(answer_sdp)
+        except Exception as exc:
+            raise MediaError(f"the answer could not be accepted: {exc}") from None
+        finally:
+            member.offer_in_flight = False
+        if member.offer_again:
+            member.offer_again = False
+            await self._negotiate(room, member)
+
+    def pause(self, room: str, participant: str, kind: str, paused: bool) -> int:
+        """Stops (or resumes) forwarding a participant's tracks of one kind to everyone, at once.
+        Returns how many tracks it touched."""
+        member = self._member(room, participant)
+        touched = 0
+        for published in member.published.values():
+            if published.info.kind == kind:
+                touched += 1
+                for other in self._rooms[room].values():
+                    if other.subscribe is None:
+                        continue
+                    outgoing = other.subscribe.tracks.get(id(published.publication))
+                    if outgoing is not None:
+                        outgoing.track.pause(paused)
+        return touched
+
+    async def leave(
+        self, room: str, participant: str, *, renegotiate: bool = True
+    ) -> list[TrackInfo]:
+        """Closes the participant's connections; their tracks end everywhere. Returns them."""
+        members = self._rooms.get(room, {})
+        member = members.pop(participant, None)
+        if member is None:
+            return []
+        gone = [p.info for p in member.published.values()]
+        for published in member.published.values():
+            for other in members.values():
+                if other.subscribe is not None:
+                    other.subscribe.remove(published.publication)
+        if member.publish is not None:
+            await member.publish.close()
+        if member.subscribe is not None:
+            await member.subscribe.close()
+        if not members:
+            self._rooms.pop(room, None)
+        elif gone and renegotiate:
+            for other in members.values():
+                if other.subscribe is not None:
+                    await self._negotiate(room, other)
+        return gone
+
+    async def close_room(self, room: str) -> None:
+        for participant in list(self._rooms.get(room, {})):
+            await self.leave(room, participant, renegotiate=False)
+
+    async def stop(self) -> None:
+        for room in list(self._rooms):
+            await self.close_room(room)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _member(self, room: str, participant: str) -> _Member:
+        member = self._rooms.get(room, {}).get(participant)
+        if member is None:
+            raise MediaError("join the room before sending media")
+        return member
+
+    async def _fan_out(self, room: str, publisher: str) -> None:
+        for other in self._rooms[room].values():
+            if other.participant != publisher and other.may_subscribe:
+                self._subscribe_all(room, other)
+                await self._negotiate(room, other)
+
+    def _subscribe_all(self, room: str, member: _Member) -> None:
+        if member.subscribe is None:
+            member.subscribe = SubscribeConnection(self._config)
+        for other in self._rooms[room].values():
+            if other.participant == member.participant:
+                continue
+            for published in other.published.values():
+                if id(published.publication) not in member.subscribe.tracks:
+                    member.subscribe.add(published.publication)
+
+    async def _negotiate(self, room: str, member: _Member) -> None:
+        """Offers the subscribe connection's current tracks; one offer at a time, and any
+        change while an offer is out is offered once the answer is in."""
+        if member.subscribe is None or member.subscribe.pc.connectionState == "closed":
+            return
+        if member.offer_in_flight:
+            member.offer_again = True
+            return
+        member.offer_in_flight = True
+        try:
+            sdp = await member.subscribe.offer()
+        except Exception:
+            # The subscriber's connection failed; its seat will go with it.
+            log.warning("offer to %s in %s failed", member.participant, room, exc_info=True)
+            member.offer_in_flight = False
+            return
+        by_mid = self._tracks_by_mid(room, member)
+        member.mids = {mid: info.track_id for mid, info in by_mid.items()}
+        await self._send_offer(room, member.participant, sdp, by_mid)
+
+    def _tracks_by_mid(self, room: str, member: _Member) -> dict[str, TrackInfo]:
+        assert member.subscribe is not None
+        infos = {
+            id(p.publication): p.info
+            for m in self._rooms[room].values()
+            for p in m.published.values()
+        }
+        return {
+            outgoing.transceiver.mid or "": infos[key]
+            for key, outgoing in member.subscribe.tracks.items()
+            if key in infos
+        }

@@ -1,0 +1,116 @@
+"""Media in a live room, end to end: socket.io signaling, real aiortc peers on loopback, the
+relay forwarding between them. Content is checked: colours, frame counters, tones."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from media_client import MediaClient
+from media_peers import (
+    ColourCounterTrack,
+    ToneTrack,
+    close_to,
+    dominant_frequency,
+    mean_colour,
+    read_counter,
+)
+from signaling_fixtures import SignalingServer, eventually, start_signaling_server
+
+from rooms.roles import Role
+from server.config import load_config
+from server.demo import COUNTY, SPECIALIST, VILLAGE
+
+pytest_plugins = ["signaling_fixtures"]
+
+SIZE = {"width": 160, "height": 120}
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[SignalingServer]:
+    config = load_config(
+        env={},
+        overrides={"dev": True, "data_dir": str(tmp_path), "media.host_addresses": ["127.0.0.1"]},
+    )
+    started = await start_signaling_server(config)
+    clients: list[MediaClient] = []
+    started.media_clients = clients  # type: ignore[attr-defined]
+    try:
+        yield started
+    finally:
+        for client in clients:
+            await client.close()
+        await started.close()
+
+
+def media(server: SignalingServer, peer: object) -> MediaClient:
+    client = MediaClient(peer)  # type: ignore[arg-type]
+    server.media_clients.append(client)  # type: ignore[attr-defined]
+    return client
+
+
+async def test_four_parties_each_receive_the_other_three(server: SignalingServer) -> None:
+    cid = (await server.scheduled()).id
+    village = await server.seated(VILLAGE, cid, label="village")
+    token, _ = await server.invite(cid, Role.RESIDENT)
+    resident = await server.admitted(token, cid, village, label="resident")
+    county = await server.seated(COUNTY, cid, label="county")
+    specialist = await server.seated(SPECIALIST, cid, label="specialist")
+
+    looks = {
+        "village": ((220, 40, 40), 300.0),
+        "resident": ((40, 200, 40), 500.0),
+        "county": ((40, 40, 220), 700.0),
+        "specialist": ((220, 220, 40), 900.0),
+    }
+    # Every client listens for subscribe offers before anyone publishes, as a browser would.
+    clients = {
+        label: media(server, peer)
+        for label, peer in (
+            ("village", village),
+            ("resident", resident),
+            ("county", county),
+            ("specialist", specialist),
+        )
+    }
+    for label, client in clients.items():
+        colour, tone = looks[label]
+        ack = await client.publish(
+            [(ColourCounterTrack(colour, **SIZE), "camera"), (ToneTrack(tone), "microphone")]
+        )
+        assert ack == {"ok": True}, ack
+
+    pids = {label: c.peer.participant_id for label, c in clients.items()}
+    for label, client in clients.items():
+        for other, pid in pids.items():
+            if other == label:
+                continue
+            await eventually(
+                lambda c=client, p=pid: (
+                    len(c.tracks_from(p, "video")) == 1
+                    and len(c.tracks_from(p, "video")[0].frames) >= 20
+                    and len(c.tracks_from(p, "audio")) == 1
+                    and len(c.tracks_from(p, "audio")[0].frames) >= 40
+                ),
+                f"{label} receives {other}'s video and audio",
+                within=20,
+            )
+    for label, client in clients.items():
+        for other, pid in pids.items():
+            if other == label:
+                continue
+            colour, tone = looks[other]
+            frames = client.tracks_from(pid, "video")[0].frames
+            counters = [read_counter(f) for f in frames]  # type: ignore[arg-type]
+            assert counters == sorted(counters), (label, other, counters)
+            assert counters[-1] > counters[0]
+            assert all(close_to(mean_colour(f), colour) for f in frames[-5:]), (label, other)  # type: ignore[arg-type]
+            sound = client.tracks_from(pid, "audio")[0].frames[-40:]
+            assert abs(dominant_frequency(sound) - tone) < 20, (label, other)  # type: ignore[arg-type]
+    # Every track was announced to the room with its source and owner.
+    published = village.events("track_published")
+    assert {(t["participant"], t["kind"], t["source"]) for t in published} >= {
+        (pids["specialist"], "video", "camera"),
+        (pids["specialist"], "audio", "microphone"),
+    }
