@@ -236,6 +236,8 @@ class PackedFrame:
     payloads: list[bytes]
     # In the codec's clock (90 kHz video, 48 kHz Opus), relative to the publication's start.
     timestamp: int
+    # Encoded bytes (without RTP payload descriptors), for bitrate figures.
+    size: int
 
 
 class _PassThroughEncoder:

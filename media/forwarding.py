@@ -39,6 +39,7 @@ class Publication:
         self._last_keyframe_request = float("-inf")
         self._keyframe_task: asyncio.Task[None] | None = None
         self.frames_in = 0
+        self.bytes_in = 0
         self.keyframe_requests = 0
         self.ended = False
 
@@ -61,6 +62,7 @@ class Publication:
     def push(self, frame: EncodedFrame) -> None:
         """Called for each frame that arrives from the publisher."""
         self.frames_in += 1
+        self.bytes_in += len(frame.data)
         if self._first_timestamp is None:
             self._first_timestamp = frame.timestamp
         timestamp = frame.timestamp - self._first_timestamp
@@ -71,7 +73,7 @@ class Publication:
             self._picture_id = (self._picture_id + 1) % (1 << 15)
         else:
             payloads = [frame.data]
-        packed = PackedFrame(payloads, timestamp)
+        packed = PackedFrame(payloads, timestamp, len(frame.data))
         for track in self._subscribers:
             track.offer(packed, frame.keyframe)
 
@@ -110,6 +112,7 @@ class ForwardedTrack(MediaStreamTrack):
         self._needs_keyframe = publication.kind == "video"
         self.paused = False
         self.frames_out = 0
+        self.bytes_out = 0
         self.frames_dropped = 0
 
     def offer(self, frame: PackedFrame, keyframe: bool) -> None:
@@ -147,8 +150,10 @@ class ForwardedTrack(MediaStreamTrack):
                 raise MediaStreamError
             self._ready.clear()
             await self._ready.wait()
+        frame = self._queue.popleft()
         self.frames_out += 1
-        return self._queue.popleft()
+        self.bytes_out += frame.size
+        return frame
 
     def request_keyframe(self) -> None:
         """The subscriber's PLI/FIR."""

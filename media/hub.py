@@ -4,13 +4,18 @@ called (signaling asks rooms/), so the hub only moves media."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import RTCRtpSender
 
 from media.forwarding import Publication
 from media.peer import IncomingTrack, PeerConfig, PublishConnection, SubscribeConnection
+from media.stats import RateBook
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,11 @@ class TrackInfo:
 @dataclass
 class _Published:
     info: TrackInfo
-    publication: Publication
+    incoming: IncomingTrack
+
+    @property
+    def publication(self) -> Publication:
+        return self.incoming.publication
 
 
 @dataclass
@@ -67,6 +76,8 @@ class MediaHub:
         self._config = config
         self._send_offer = send_offer
         self._rooms: dict[str, dict[str, _Member]] = {}
+        self._rates = RateBook()
+        self._sampler: asyncio.Task[None] | None = None
 
     def members(self, room: str) -> list[str]:
         return list(self._rooms.get(room, {}))
@@ -76,6 +87,8 @@ class MediaHub:
 
     async def enter(self, room: str, participant: str, may_subscribe: bool) -> None:
         """A participant is seated: they will receive every track of the room (if allowed)."""
+        if self._sampler is None:
+            self._sampler = asyncio.ensure_future(self._sample_every_second())
         members = self._rooms.setdefault(room, {})
         if participant in members:
             return
@@ -105,7 +118,7 @@ class MediaHub:
             if source is None:
                 source = "camera" if incoming.kind == "video" else "microphone"
             info = TrackInfo(f"t_{uuid.uuid4().hex[:12]}", participant, incoming.kind, source)
-            member.published[info.track_id] = _Published(info, incoming.publication)
+            member.published[info.track_id] = _Published(info, incoming)
             added.append(info)
         if added:
             await self._fan_out(room, participant)
@@ -171,8 +184,93 @@ class MediaHub:
             await self.leave(room, participant, renegotiate=False)
 
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+            self._sampler = None
         for room in list(self._rooms):
             await self.close_room(room)
+
+    # --- statistics --------------------------------------------------------------------------
+
+    def totals(self) -> dict[str, int]:
+        """Process-wide counts, for /metrics."""
+        members = [m for room in self._rooms.values() for m in room.values()]
+        publications = [p for m in members for p in m.published.values()]
+        subscriptions = [o for m in members if m.subscribe for o in m.subscribe.tracks.values()]
+        return {
+            "rooms": len(self._rooms),
+            "participants": len(members),
+            "publications": len(publications),
+            "subscriptions": len(subscriptions),
+            "frames_received": sum(p.publication.frames_in for p in publications),
+            "frames_forwarded": sum(o.track.frames_out for o in subscriptions),
+            "frames_dropped": sum(o.track.frames_dropped for o in subscriptions),
+            "keyframe_requests": sum(p.publication.keyframe_requests for p in publications),
+        }
+
+    async def stats(self, room: str) -> dict[str, Any]:
+        """Per track and per participant: rates, loss, jitter, round-trip time, layer."""
+        members = self._rooms.get(room, {})
+        tracks: list[dict[str, Any]] = []
+        participants: dict[str, dict[str, Any]] = {
+            m.participant: {"participant": m.participant, "sent_bps": 0.0, "received_bps": 0.0}
+            for m in members.values()
+        }
+        for member in members.values():
+            for published in member.published.values():
+                pub = published.publication
+                rate = self._rates.rate(id(pub))
+                inbound = await _inbound(published.incoming)
+                participants[member.participant]["sent_bps"] += rate.bitrate_bps
+                subscribers = []
+                for other in members.values():
+                    outgoing = other.subscribe.tracks.get(id(pub)) if other.subscribe else None
+                    if outgoing is None:
+                        continue
+                    out_rate = self._rates.rate(id(outgoing.track))
+                    participants[other.participant]["received_bps"] += out_rate.bitrate_bps
+                    subscribers.append(
+                        {
+                            "participant": other.participant,
+                            "layer": "paused" if outgoing.track.paused else "full",
+                            "fps": round(out_rate.fps, 1),
+                            "bitrate_bps": round(out_rate.bitrate_bps),
+                            "frames": outgoing.track.frames_out,
+                            "frames_dropped": outgoing.track.frames_dropped,
+                            "remb_bps": outgoing.remb_bps,
+                            **await _outbound(outgoing.transceiver.sender),
+                        }
+                    )
+                tracks.append(
+                    {
+                        **published.info.public(),
+                        "fps": round(rate.fps, 1),
+                        "bitrate_bps": round(rate.bitrate_bps),
+                        "frames": pub.frames_in,
+                        "keyframe_requests": pub.keyframe_requests,
+                        **inbound,
+                        "subscribers": subscribers,
+                    }
+                )
+        return {"tracks": tracks, "participants": list(participants.values())}
+
+    async def _sample_every_second(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            keys: set[int] = set()
+            for members in self._rooms.values():
+                for member in members.values():
+                    for published in member.published.values():
+                        pub = published.publication
+                        keys.add(id(pub))
+                        self._rates.sample(id(pub), pub.frames_in, pub.bytes_in)
+                    if member.subscribe is not None:
+                        for outgoing in member.subscribe.tracks.values():
+                            track = outgoing.track
+                            keys.add(id(track))
+                            self._rates.sample(id(track), track.frames_out, track.bytes_out)
+            self._rates.keep_only(keys)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -230,3 +328,23 @@ class MediaHub:
             for key, outgoing in member.subscribe.tracks.items()
             if key in infos
         }
+
+
+async def _inbound(incoming: IncomingTrack) -> dict[str, Any]:
+    """Loss and jitter of what the publisher sends us, from aiortc's receiver statistics."""
+    clock = 90_000 if incoming.kind == "video" else 48_000
+    for stat in (await incoming.receiver.getStats()).values():
+        if stat.type == "inbound-rtp":
+            return {
+                "packets_lost": stat.packetsLost,
+                "jitter_s": round(stat.jitter / clock, 4),
+            }
+    return {"packets_lost": None, "jitter_s": None}
+
+
+async def _outbound(sender: RTCRtpSender) -> dict[str, Any]:
+    """Round-trip time and loss towards one subscriber, from its receiver reports."""
+    for stat in (await sender.getStats()).values():
+        if stat.type == "remote-inbound-rtp":
+            return {"rtt_s": stat.roundTripTime, "fraction_lost": stat.fractionLost}
+    return {"rtt_s": None, "fraction_lost": None}

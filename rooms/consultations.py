@@ -149,6 +149,14 @@ class ConsultationService:
             await self._audit(tx, ctx, AuditAction.VIEW_CONSULTATION, consultation_id)
         return consultation
 
+    async def authorize(
+        self, ctx: RequestContext, consultation_id: ConsultationId, permission: Permission
+    ) -> Consultation:
+        """The consultation, if the caller may do `permission` in it; not audited (for
+        operational reads such as media statistics, which hold no clinical content)."""
+        async with self._store.transaction() as tx:
+            return await self._load(tx, ctx.actor, permission, consultation_id)
+
     async def get_for_join(self, actor: Actor, consultation_id: ConsultationId) -> Consultation:
         """The consultation, if the actor may join it; joining is recorded in the session log,
         not the audit log."""

@@ -25,6 +25,7 @@ from server.config import Config
 from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.logs import request_id_middleware
+from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
 from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
 
@@ -58,7 +59,7 @@ def create_app(config: Config) -> web.Application:
         return RequestContext(claims.to_actor(), request.remote)
 
     _attach_signaling(app, config, store, service, tokens)
-    api = build_api(service, tokens, config.jwt.invite_ttl_s, authenticate)
+    api = build_api(service, tokens, config.jwt.invite_ttl_s, authenticate, app[NAMESPACE].media)
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))
 
@@ -78,6 +79,7 @@ def create_app(config: Config) -> web.Application:
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler(app[NAMESPACE], app[NAMESPACE].media))
     app.router.add_get("/api/v1/openapi.json", get_openapi)
     app.cleanup_ctx.append(_store_lifecycle)
     return app

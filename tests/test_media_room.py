@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from media_client import MediaClient
 from media_peers import (
@@ -108,9 +110,43 @@ async def test_four_parties_each_receive_the_other_three(server: SignalingServer
             assert all(close_to(mean_colour(f), colour) for f in frames[-5:]), (label, other)  # type: ignore[arg-type]
             sound = client.tracks_from(pid, "audio")[0].frames[-40:]
             assert abs(dominant_frequency(sound) - tone) < 20, (label, other)  # type: ignore[arg-type]
+    await check_statistics(server, cid, pids)
+
     # Every track was announced to the room with its source and owner.
     published = village.events("track_published")
     assert {(t["participant"], t["kind"], t["source"]) for t in published} >= {
         (pids["specialist"], "video", "camera"),
         (pids["specialist"], "audio", "microphone"),
     }
+
+
+async def check_statistics(server: SignalingServer, cid: str, pids: dict[str, str]) -> None:
+    """The room's media statistics over REST, and the node's counters at /metrics."""
+    headers = {"Authorization": f"Bearer {server.token(VILLAGE)}"}
+    async with aiohttp.ClientSession() as http:
+
+        async def stats() -> dict[str, Any] | None:
+            async with http.get(
+                f"{server.url}/api/v1/consultations/{cid}/media", headers=headers
+            ) as r:
+                assert r.status == 200, await r.text()
+                body: dict[str, Any] = await r.json()
+            # Rates need two samples of the once-a-second sampler.
+            video = [t for t in body["tracks"] if t["kind"] == "video"]
+            moving = video and all(t["fps"] > 5 for t in video)
+            return body if moving else None
+
+        body = await eventually(stats, "video rates in the media statistics", within=10)
+        assert len(body["tracks"]) == 8
+        assert {t["participant"] for t in body["tracks"]} == set(pids.values())
+        for track in body["tracks"]:
+            assert len(track["subscribers"]) == 3
+            assert {s["layer"] for s in track["subscribers"]} == {"full"}
+            assert track["bitrate_bps"] > 0
+        assert all(p["received_bps"] > 0 for p in body["participants"])
+        async with http.get(f"{server.url}/metrics") as r:
+            assert r.status == 200
+            text = await r.text()
+        assert "telemed_media_publications 8.0" in text
+        assert "telemed_media_subscriptions 24.0" in text
+        assert "telemed_signaling_connections 4.0" in text

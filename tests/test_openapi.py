@@ -40,7 +40,7 @@ from rooms.model import (
 )
 from rooms.roles import Role
 from server.api.routes import build_api
-from server.app import CONFIG, SERVICE, STORE, TOKENS
+from server.app import CONFIG, NAMESPACE, SERVICE, STORE, TOKENS
 
 DOC = "/api/v1/openapi.json"
 # Served but not documented: the document does not describe itself. (HEAD, which aiohttp adds
@@ -100,7 +100,9 @@ async def test_every_api_operation_is_described_completely(api: Api, doc: dict[s
     async def no_auth(_: Any) -> RequestContext:
         raise AssertionError("not called")
 
-    endpoints = build_api(api.app[SERVICE], api.app[TOKENS], 60, no_auth).endpoints
+    endpoints = build_api(
+        api.app[SERVICE], api.app[TOKENS], 60, no_auth, api.app[NAMESPACE].media
+    ).endpoints
     assert {(e.method, e.path) for e in endpoints} == {
         (m, p) for m, p, _ in operations(doc) if p.startswith("/api/v1")
     }

@@ -6,12 +6,14 @@ import re
 from datetime import timedelta
 from typing import Any
 
+from media.hub import MediaHub
 from rooms.consultations import ConsultationService, NewConsultation, NewTeamMember
 from rooms.lifecycle import Action
 from rooms.model import ConsultationId, OpinionContent, Resident, UserId
 from rooms.roles import Role
 from rooms.store import ConsultationFilter
 from server.api.framework import Api, Authenticate, Call, Endpoint, Handler
+from server.api.media_routes import MediaRoutes
 from server.api.problems import BadRequest
 from server.api.schemas import (
     AuditEntryOut,
@@ -295,8 +297,12 @@ def build_api(
     tokens: TokenService,
     invite_ttl_s: int,
     authenticate: Authenticate,
+    hub: MediaHub,
 ) -> Api:
     api = Api(authenticate)
-    for endpoint in ConsultationRoutes(service, tokens, invite_ttl_s).endpoints():
+    for endpoint in [
+        *ConsultationRoutes(service, tokens, invite_ttl_s).endpoints(),
+        *MediaRoutes(service, hub).endpoints(),
+    ]:
         api.add(endpoint)
     return api
