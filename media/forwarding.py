@@ -38,10 +38,12 @@ class Publication:
         self._picture_id = 0
         self._last_keyframe_request = float("-inf")
         self._keyframe_task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[EncodedFrame], None]] = []
         self.frames_in = 0
         self.bytes_in = 0
         self.keyframe_requests = 0
         self.ended = False
+        self.muted = False
 
     @property
     def subscriber_count(self) -> int:
@@ -59,8 +61,35 @@ class Publication:
         self._subscribers.discard(track)
         track.stop()
 
+    def detach(self, track: ForwardedTrack) -> None:
+        """Stops feeding `track` without ending it (it is being handed over)."""
+        self._subscribers.discard(track)
+
+    def share_clock(self, other: Publication) -> None:
+        """Timestamps relative to the same origin as `other` (a layer of the same picture)."""
+        self._first_timestamp = other._first_timestamp
+
+    def add_listener(self, listener: Callable[[EncodedFrame], None]) -> None:
+        """Something besides subscribers that needs every frame (the low layer, a recorder)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[EncodedFrame], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def set_muted(self, muted: bool) -> None:
+        """A forced mute: nothing of this track is forwarded to anyone until it is lifted."""
+        self.muted = muted
+        if not muted:
+            for track in self._subscribers:
+                track.restart()
+
     def push(self, frame: EncodedFrame) -> None:
         """Called for each frame that arrives from the publisher."""
+        if self.muted:
+            return
+        for listener in self._listeners:
+            listener(frame)
         self.frames_in += 1
         self.bytes_in += len(frame.data)
         if self._first_timestamp is None:
@@ -110,6 +139,7 @@ class ForwardedTrack(MediaStreamTrack):
         self._queue: deque[PackedFrame] = deque()
         self._ready = asyncio.Event()
         self._needs_keyframe = publication.kind == "video"
+        self._successor: ForwardedTrack | None = None
         self.paused = False
         self.frames_out = 0
         self.bytes_out = 0
@@ -136,16 +166,34 @@ class ForwardedTrack(MediaStreamTrack):
         self._ready.set()
 
     def pause(self, paused: bool) -> None:
-        """A paused track forwards nothing (a forced mute); resuming video waits for a keyframe."""
+        """A paused track forwards nothing (this subscriber gets audio only)."""
         self.paused = paused
         if paused:
             self._queue.clear()
-        elif self.kind == "video":
+        else:
+            self.restart()
+
+    def restart(self) -> None:
+        """After a gap, video resumes at a keyframe."""
+        if self.kind == "video":
             self._needs_keyframe = True
             self._publication.want_keyframe()
 
+    @property
+    def publication(self) -> Publication:
+        return self._publication
+
+    def hand_over(self, successor: ForwardedTrack) -> None:
+        """The sender reading this track moves on to `successor` (another layer): a recv()
+        already waiting here continues there, so the sender never sees this track end."""
+        self._publication.detach(self)
+        self._successor = successor
+        self._ready.set()
+
     async def recv(self) -> PackedFrame:  # type: ignore[override]
         while not self._queue:
+            if self._successor is not None:
+                return await self._successor.recv()
             if self.readyState != "live":
                 raise MediaStreamError
             self._ready.clear()

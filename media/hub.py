@@ -14,7 +14,15 @@ from typing import Any
 from aiortc import RTCRtpSender
 
 from media.forwarding import Publication
-from media.peer import IncomingTrack, PeerConfig, PublishConnection, SubscribeConnection
+from media.layers import LOW_BPS, Layer, video_budget
+from media.low_layer import LowLayer
+from media.peer import (
+    IncomingTrack,
+    OutgoingTrack,
+    PeerConfig,
+    PublishConnection,
+    SubscribeConnection,
+)
 from media.stats import RateBook
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,8 @@ class _Member:
 
 # Called with (room, participant, sdp, tracks by mid) when a subscriber must take a new offer.
 OfferSink = Callable[[str, str, str, dict[str, TrackInfo]], Awaitable[None]]
+# Called with (room, subscriber, track info, layer) when a subscriber's layer of a track changes.
+LayerSink = Callable[[str, str, TrackInfo, Layer], Awaitable[None]]
 
 
 class MediaError(Exception):
@@ -72,12 +82,15 @@ class MediaError(Exception):
 
 
 class MediaHub:
-    def __init__(self, config: PeerConfig, send_offer: OfferSink) -> None:
+    def __init__(self, config: PeerConfig, send_offer: OfferSink, tell_layer: LayerSink) -> None:
         self._config = config
         self._send_offer = send_offer
+        self._tell_layer = tell_layer
         self._rooms: dict[str, dict[str, _Member]] = {}
         self._rates = RateBook()
         self._sampler: asyncio.Task[None] | None = None
+        # Low layers by id of their source publication; each exists while someone receives it.
+        self._low: dict[int, LowLayer] = {}
 
     def members(self, room: str) -> list[str]:
         return list(self._rooms.get(room, {}))
@@ -142,17 +155,10 @@ class MediaHub:
         """Stops (or resumes) forwarding a participant's tracks of one kind to everyone, at once.
         Returns how many tracks it touched."""
         member = self._member(room, participant)
-        touched = 0
-        for published in member.published.values():
-            if published.info.kind == kind:
-                touched += 1
-                for other in self._rooms[room].values():
-                    if other.subscribe is None:
-                        continue
-                    outgoing = other.subscribe.tracks.get(id(published.publication))
-                    if outgoing is not None:
-                        outgoing.track.pause(paused)
-        return touched
+        touched = [p for p in member.published.values() if p.info.kind == kind]
+        for published in touched:
+            published.publication.set_muted(paused)
+        return len(touched)
 
     async def leave(
         self, room: str, participant: str, *, renegotiate: bool = True
@@ -167,10 +173,14 @@ class MediaHub:
             for other in members.values():
                 if other.subscribe is not None:
                     other.subscribe.remove(published.publication)
+            low = self._low.pop(id(published.publication), None)
+            if low is not None:
+                low.close()
         if member.publish is not None:
             await member.publish.close()
         if member.subscribe is not None:
             await member.subscribe.close()
+        self._release_unused_low_layers()
         if not members:
             self._rooms.pop(room, None)
         elif gone and renegotiate:
@@ -190,6 +200,106 @@ class MediaHub:
             self._sampler = None
         for room in list(self._rooms):
             await self.close_room(room)
+
+    # --- layers ------------------------------------------------------------------------------
+
+    def set_layer(
+        self, room: str, participant: str, track_id: str | None, layer: Layer | None
+    ) -> int:
+        """The subscriber's own choice for one video track (or all of them); None hands the
+        choice back to the bandwidth estimate. Returns how many tracks it applies to."""
+        member = self._member(room, participant)
+        if member.subscribe is None:
+            if track_id is not None:
+                raise MediaError(f"you receive no video track {track_id}")
+            return 0
+        ids = {
+            id(p.publication): p.info
+            for m in self._rooms[room].values()
+            for p in m.published.values()
+        }
+        chosen = [
+            o
+            for key, o in member.subscribe.tracks.items()
+            if o.publication.kind == "video"
+            and key in ids
+            and (track_id is None or ids[key].track_id == track_id)
+        ]
+        if track_id is not None and not chosen:
+            raise MediaError(f"you receive no video track {track_id}")
+        for outgoing in chosen:
+            outgoing.fixed_layer = layer
+            self._apply_layer(outgoing, layer or outgoing.chooser.current)
+        return len(chosen)
+
+    def _info(self, room: str, publication: Publication) -> TrackInfo | None:
+        return next(
+            (
+                p.info
+                for m in self._rooms.get(room, {}).values()
+                for p in m.published.values()
+                if p.publication is publication
+            ),
+            None,
+        )
+
+    def _apply_layer(self, outgoing: OutgoingTrack, layer: Layer) -> None:
+        if outgoing.publication.kind != "video" or layer is outgoing.layer:
+            return
+        if layer is Layer.LOW:
+            outgoing.feed_from(self._low_layer(outgoing.publication).publication)
+            outgoing.track.pause(False)
+        else:
+            # Audio only keeps the full layer's track, paused: nothing is transcoded for it.
+            outgoing.feed_from(outgoing.publication)
+            outgoing.track.pause(layer is Layer.AUDIO_ONLY)
+        outgoing.layer = layer
+        self._release_unused_low_layers()
+
+    def _low_layer(self, source: Publication) -> LowLayer:
+        low = self._low.get(id(source))
+        if low is None:
+            low = LowLayer(source)
+            self._low[id(source)] = low
+        return low
+
+    def _release_unused_low_layers(self) -> None:
+        for key, low in list(self._low.items()):
+            if low.publication.subscriber_count == 0:
+                del self._low[key]
+                low.close()
+
+    async def _choose_layers(self, room: str, member: _Member) -> None:
+        """Once a second: each video track's layer from the subscriber's REMB and loss."""
+        if member.subscribe is None:
+            return
+        outgoing = list(member.subscribe.tracks.values())
+        videos = [o for o in outgoing if o.publication.kind == "video"]
+        estimates = [o.remb_bps for o in outgoing if o.remb_bps is not None]
+        if not videos:
+            return
+        budget = None
+        if estimates:
+            audio_bps = sum(
+                self._rates.rate(id(o.track)).bitrate_bps
+                for o in outgoing
+                if o.publication.kind == "audio"
+            )
+            budget = video_budget(max(estimates), audio_bps, len(videos))
+        for o in videos:
+            before = o.layer
+            full_bps = self._rates.rate(id(o.publication)).bitrate_bps or LOW_BPS
+            needs = {
+                Layer.FULL: full_bps,
+                Layer.LOW: min(LOW_BPS, full_bps),
+                Layer.AUDIO_ONLY: 0.0,
+            }
+            lost = (await _outbound(o.transceiver.sender))["fraction_lost"]
+            wanted = o.chooser.update(budget, lost, needs)
+            self._apply_layer(o, o.fixed_layer or wanted)
+            info = self._info(room, o.publication)
+            if o.layer is not before and info is not None:
+                await self._tell_layer(room, member.participant, info, o.layer)
 
     # --- statistics --------------------------------------------------------------------------
 
@@ -233,7 +343,7 @@ class MediaHub:
                     subscribers.append(
                         {
                             "participant": other.participant,
-                            "layer": "paused" if outgoing.track.paused else "full",
+                            "layer": outgoing.layer,
                             "fps": round(out_rate.fps, 1),
                             "bitrate_bps": round(out_rate.bitrate_bps),
                             "frames": outgoing.track.frames_out,
@@ -248,6 +358,7 @@ class MediaHub:
                         "fps": round(rate.fps, 1),
                         "bitrate_bps": round(rate.bitrate_bps),
                         "frames": pub.frames_in,
+                        "muted": pub.muted,
                         "keyframe_requests": pub.keyframe_requests,
                         **inbound,
                         "subscribers": subscribers,
@@ -258,19 +369,28 @@ class MediaHub:
     async def _sample_every_second(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            keys: set[int] = set()
-            for members in self._rooms.values():
-                for member in members.values():
-                    for published in member.published.values():
-                        pub = published.publication
-                        keys.add(id(pub))
-                        self._rates.sample(id(pub), pub.frames_in, pub.bytes_in)
-                    if member.subscribe is not None:
-                        for outgoing in member.subscribe.tracks.values():
-                            track = outgoing.track
-                            keys.add(id(track))
-                            self._rates.sample(id(track), track.frames_out, track.bytes_out)
-            self._rates.keep_only(keys)
+            try:
+                await self._sample()
+            except Exception:
+                log.exception("media statistics sampling failed")
+
+    async def _sample(self) -> None:
+        keys: set[int] = set()
+        members = [(room, m) for room, ms in self._rooms.items() for m in ms.values()]
+        for _, member in members:
+            for published in member.published.values():
+                pub = published.publication
+                keys.add(id(pub))
+                self._rates.sample(id(pub), pub.frames_in, pub.bytes_in)
+            if member.subscribe is not None:
+                for outgoing in member.subscribe.tracks.values():
+                    track = outgoing.track
+                    keys.add(id(track))
+                    self._rates.sample(id(track), track.frames_out, track.bytes_out)
+        self._rates.keep_only(keys)
+        # Layer choices await statistics: the rooms may change meanwhile.
+        for room, member in members:
+            await self._choose_layers(room, member)
 
     # --- helpers -----------------------------------------------------------------------------
 

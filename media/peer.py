@@ -28,6 +28,7 @@ from media.aiortc_hooks import (
     tap_receiver,
 )
 from media.forwarding import ForwardedTrack, Publication
+from media.layers import Layer, LayerChooser
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,28 @@ class PublishConnection:
 
 @dataclass
 class OutgoingTrack:
+    # The published track this is (its full layer), and the track the sender reads now.
     publication: Publication
     track: ForwardedTrack
     transceiver: RTCRtpTransceiver
     remb_bps: int | None = None
+    layer: Layer = Layer.FULL
+    chooser: LayerChooser = field(default_factory=LayerChooser)
+    # Set by the subscriber; None lets the chooser decide.
+    fixed_layer: Layer | None = None
+
+    def _remb(self, bps: int) -> None:
+        self.remb_bps = bps
+
+    def feed_from(self, source: Publication) -> None:
+        """Switches the sender to another layer of the same picture, without renegotiating."""
+        if self.track.publication is source:
+            return
+        successor = source.subscribe()
+        prepare_forwarding_sender(self.transceiver.sender, successor.request_keyframe, self._remb)
+        self.track.hand_over(successor)
+        self.transceiver.sender.replaceTrack(successor)
+        self.track = successor
 
 
 @dataclass
@@ -156,40 +175,23 @@ class SubscribeConnection:
 
     def add(self, publication: Publication) -> OutgoingTrack:
         track = publication.subscribe()
-        transceiver = self._free_transceiver(publication.kind)
-        if transceiver is None:
-            transceiver = self.pc.addTransceiver(publication.kind, direction="sendonly")
-            prefer_codec(transceiver, publication.kind)
-        else:
-            transceiver.direction = "sendonly"
+        # A fresh transceiver each time: aiortc ends a sender whose track ended, so a used one
+        # cannot carry another track.
+        transceiver = self.pc.addTransceiver(publication.kind, direction="sendonly")
+        prefer_codec(transceiver, publication.kind)
         outgoing = OutgoingTrack(publication, track, transceiver)
-
-        def remb(bps: int) -> None:
-            outgoing.remb_bps = bps
-
-        prepare_forwarding_sender(transceiver.sender, track.request_keyframe, remb)
+        prepare_forwarding_sender(transceiver.sender, track.request_keyframe, outgoing._remb)
         transceiver.sender.replaceTrack(track)
         self.tracks[id(publication)] = outgoing
         return outgoing
 
-    def remove(self, publication: Publication) -> None:
+    def remove(self, publication: Publication) -> OutgoingTrack | None:
         outgoing = self.tracks.pop(id(publication), None)
         if outgoing is None:
-            return
-        publication.unsubscribe(outgoing.track)
-        outgoing.transceiver.sender.replaceTrack(None)
+            return None
+        outgoing.track.publication.unsubscribe(outgoing.track)
         outgoing.transceiver.direction = "inactive"
-
-    def _free_transceiver(self, kind: str) -> RTCRtpTransceiver | None:
-        used = {id(o.transceiver) for o in self.tracks.values()}
-        return next(
-            (
-                t
-                for t in self.pc.getTransceivers()
-                if t.kind == kind and t.direction == "inactive" and id(t) not in used
-            ),
-            None,
-        )
+        return outgoing
 
     async def offer(self) -> str:
         await self._negotiating.acquire()
@@ -208,6 +210,6 @@ class SubscribeConnection:
 
     async def close(self) -> None:
         for outgoing in list(self.tracks.values()):
-            outgoing.publication.unsubscribe(outgoing.track)
+            outgoing.track.publication.unsubscribe(outgoing.track)
         self.tracks.clear()
         await self.pc.close()

@@ -118,5 +118,11 @@ class SubscribeAnswer(EventBody):
     sdp: Sdp
 
 
+class SetLayer(EventBody):
+    # One video track, or every video track received when left out.
+    track_id: Id | None = None
+    layer: Literal["auto", "full", "low", "audio_only"]
+
+
 class TraineeChat(EventBody):
     open: StrictBool

@@ -15,6 +15,7 @@ import socketio
 from pydantic import BaseModel, ValidationError
 
 from media.hub import MediaError, MediaHub, TrackInfo
+from media.layers import Layer
 from media.peer import PeerConfig
 from rooms.errors import DomainError, RoomRefused
 from rooms.model import ConsultationId, ParticipantId
@@ -104,7 +105,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     ) -> None:
         super().__init__(NAMESPACE)
         self._rooms = rooms
-        self._media = MediaHub(peer_config, self._send_subscribe_offer)
+        self._media = MediaHub(peer_config, self._send_subscribe_offer, self._send_layer)
         # Which connection holds each seat, to deliver its subscribe offers.
         self._seats: dict[tuple[str, str], str] = {}
         self._authenticate = authenticate
@@ -129,6 +130,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             "end_session": EventSpec(ev.Empty, self._end_session),
             "publish_offer": EventSpec(ev.PublishOffer, self._publish_offer),
             "subscribe_answer": EventSpec(ev.SubscribeAnswer, self._subscribe_answer),
+            "set_layer": EventSpec(ev.SetLayer, self._set_layer),
         }
 
     @property
@@ -262,6 +264,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 {"sdp": sdp, "tracks": {mid: info.public() for mid, info in tracks.items()}},
                 to=sid,
             )
+
+    async def _send_layer(
+        self, room: str, participant: str, track: TrackInfo, layer: Layer
+    ) -> None:
+        sid = self._seats.get((room, participant))
+        if sid is not None:
+            await self.emit("layer_changed", {**track.public(), "layer": layer.value}, to=sid)
 
     async def _disconnect(self, sids: list[str]) -> None:
         for sid in sids:
@@ -428,6 +437,15 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         me = await self._rooms.seated(sid, cid)
         await self._media.accept_answer(cid, me.participant_id, body.sdp)
         return Outcome()
+
+    async def _set_layer(self, sid: str, conn: Connection, body: ev.SetLayer) -> Outcome:
+        cid = _room(conn)
+        me = await self._rooms.seated(sid, cid)
+        layer = None if body.layer == "auto" else Layer(body.layer)
+        count = self._media.set_layer(cid, me.participant_id, body.track_id, layer)
+        out = Outcome()
+        out.reply = {"tracks": count}
+        return out
 
     async def _end_session(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
         return await self._rooms.end_session(sid, conn.actor, _room(conn))

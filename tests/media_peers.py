@@ -25,9 +25,19 @@ BLOCK = 16
 class ColourCounterTrack(VideoStreamTrack):
     """Solid `colour` frames; frame n carries n in a row of black/white blocks at the top."""
 
-    def __init__(self, colour: tuple[int, int, int], width: int = 320, height: int = 240) -> None:
+    def __init__(
+        self,
+        colour: tuple[int, int, int],
+        width: int = 320,
+        height: int = 240,
+        *,
+        noise: bool = False,
+    ) -> None:
         super().__init__()
         self.colour = colour
+        # Random pixels in the bottom quarter make the picture expensive to encode, like a real
+        # camera, so the encoder runs at its target bitrate.
+        self.noise = noise
         self.width = width
         self.height = height
         self.count = 0
@@ -36,6 +46,9 @@ class ColourCounterTrack(VideoStreamTrack):
         pts, time_base = await self.next_timestamp()
         image = np.empty((self.height, self.width, 3), dtype=np.uint8)
         image[:, :] = self.colour
+        if self.noise:
+            rows = slice(3 * self.height // 4, self.height)
+            image[rows] = np.random.randint(0, 256, image[rows].shape, dtype=np.uint8)
         for bit in range(counter_bits(self.width)):
             value = 255 if (self.count >> bit) & 1 else 0
             image[0:BLOCK, bit * BLOCK : (bit + 1) * BLOCK] = value

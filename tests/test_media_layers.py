@@ -1,0 +1,127 @@
+"""The low-bandwidth layers: a subscriber whose bandwidth estimate (REMB) is capped gets the
+publisher's picture at low resolution; a subscriber can ask for audio only, and back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, pack_remb_fci
+from media_client import MediaClient
+from media_peers import Collector, ColourCounterTrack, ToneTrack, close_to, mean_colour
+from signaling_fixtures import SignalingServer, eventually, start_signaling_server
+
+from media.low_layer import MAX_HEIGHT, MAX_WIDTH
+from server.config import load_config
+from server.demo import COUNTY, VILLAGE
+
+pytest_plugins = ["signaling_fixtures"]
+
+COLOUR = (30, 160, 220)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[SignalingServer]:
+    config = load_config(
+        env={},
+        overrides={"dev": True, "data_dir": str(tmp_path), "media.host_addresses": ["127.0.0.1"]},
+    )
+    started = await start_signaling_server(config)
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+async def send_capped_remb(client: MediaClient, bps: int) -> None:
+    """What a browser on a thin link says about its bandwidth, every 300 ms."""
+    while True:
+        for transceiver in client.subscriber.getTransceivers():
+            receiver = transceiver.receiver
+            ssrcs = [s.source for s in receiver.getSynchronizationSources()]
+            rtcp_ssrc = receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+            if ssrcs and rtcp_ssrc is not None:
+                packet = RtcpPsfbPacket(
+                    fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(bps, ssrcs)
+                )
+                await receiver._send_rtcp(packet)
+        await asyncio.sleep(0.3)
+
+
+def video_of(client: MediaClient) -> Collector:
+    (collector,) = [c for tid, c in client.received.items() if client.info[tid]["kind"] == "video"]
+    return collector
+
+
+async def test_a_capped_subscriber_gets_the_low_layer_and_can_choose(
+    server: SignalingServer,
+) -> None:
+    cid = (await server.scheduled()).id
+    village = await server.seated(VILLAGE, cid, label="village")
+    county = await server.seated(COUNTY, cid, label="county")
+    publisher = MediaClient(village)
+    viewer = MediaClient(county)
+    capping = asyncio.ensure_future(send_capped_remb(viewer, 300_000))
+    try:
+        ack = await publisher.publish(
+            [
+                (ColourCounterTrack(COLOUR, 640, 480, noise=True), "camera"),
+                (ToneTrack(440.0), "microphone"),
+            ]
+        )
+        assert ack == {"ok": True}
+        await eventually(lambda: len(viewer.received) == 2, "the viewer receives both tracks")
+        video = video_of(viewer)
+        await eventually(lambda: len(video.frames) > 5, "full-size frames")
+        assert video.frames[0].width == 640
+
+        change = await county.wait_for("layer_changed", within=15)
+        assert (change["kind"], change["layer"]) == ("video", "low")
+        switched_at = len(video.frames)
+        await eventually(
+            lambda: len(video.frames) > switched_at + 30 and video.frames[-1].width <= MAX_WIDTH,
+            "low-layer frames",
+            within=10,
+        )
+        small = [f for f in video.frames[switched_at:] if f.width <= MAX_WIDTH]
+        assert small[-1].height <= MAX_HEIGHT
+        # The publisher's picture, smaller: same colour, the counter still advancing.
+        assert all(close_to(mean_colour(f), COLOUR) for f in small[-10:])  # type: ignore[arg-type]
+        stats = await server.namespace.media.stats(cid)
+        (video_stats,) = [t for t in stats["tracks"] if t["kind"] == "video"]
+        assert [s["layer"] for s in video_stats["subscribers"]] == ["low"]
+
+        # The viewer asks for audio only: video stops, audio goes on.
+        capping.cancel()
+        assert (await county.ok("set_layer", {"layer": "audio_only"}))["result"] == {"tracks": 1}
+        (audio,) = [c for tid, c in viewer.received.items() if viewer.info[tid]["kind"] == "audio"]
+        await asyncio.sleep(0.3)  # frames already on the wire may still arrive
+        frozen, sounding = len(video.frames), len(audio.frames)
+        await eventually(lambda: len(audio.frames) > sounding + 40, "audio keeps coming")
+        assert len(video.frames) == frozen
+
+        # And back to the full picture.
+        await county.ok("set_layer", {"layer": "full"})
+        await eventually(
+            lambda: len(video.frames) > frozen + 10 and video.frames[-1].width == 640,
+            "full-size frames again",
+            within=10,
+        )
+    finally:
+        capping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await capping
+        await publisher.close()
+        await viewer.close()
+
+
+async def test_set_layer_names_an_unknown_track(server: SignalingServer) -> None:
+    cid = (await server.scheduled()).id
+    county = await server.seated(COUNTY, cid, label="county")
+    error = await county.refused("set_layer", {"track_id": "t_nothing", "layer": "low"})
+    assert error["code"] == "media_error"
+    error = await county.refused("set_layer", {"layer": "medium"})
+    assert error["code"] == "invalid_payload"
