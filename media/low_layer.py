@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 MAX_WIDTH, MAX_HEIGHT = 320, 240
 BITRATE = 150_000
 # Source frames waiting for the codec thread; past this the layer skips to the next keyframe.
-QUEUE_FRAMES = 8
+QUEUE_FRAMES = 30
 
 
 class LowLayer:
@@ -77,6 +77,10 @@ class LowLayer:
             try:
                 for picture in decoder.decode(av.Packet(frame.data)):
                     assert isinstance(picture, VideoFrame)
+                    if self._frames.qsize() > 1 and not self._force_keyframe.is_set():
+                        # Behind: every frame must be decoded (the next ones refer to it), but
+                        # encoding can skip a picture; the low layer's frame rate gives way.
+                        continue
                     if encoder is None:
                         encoder = _create_encoder(picture.width, picture.height)
                     small = picture.reformat(

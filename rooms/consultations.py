@@ -154,13 +154,13 @@ class ConsultationService:
     ) -> Consultation:
         """The consultation, if the caller may do `permission` in it; not audited (for
         operational reads such as media statistics, which hold no clinical content)."""
-        async with self._store.transaction() as tx:
+        async with self._store.reading() as tx:
             return await self._load(tx, ctx.actor, permission, consultation_id)
 
     async def get_for_join(self, actor: Actor, consultation_id: ConsultationId) -> Consultation:
         """The consultation, if the actor may join it; joining is recorded in the session log,
         not the audit log."""
-        async with self._store.transaction() as tx:
+        async with self._store.reading() as tx:
             return await self._load(tx, actor, Permission.JOIN, consultation_id)
 
     async def list_visible(
@@ -173,7 +173,7 @@ class ConsultationService:
             query = replace(query, inviting_institution=actor.org)
         else:
             query = replace(query, member=actor.user_id)
-        async with self._store.transaction() as tx:
+        async with self._store.reading() as tx:
             found = await tx.list_consultations(query)
         return [c for c in found if can(actor, Permission.JOIN, c)]
 
@@ -402,7 +402,7 @@ class ConsultationService:
         return consultation
 
     async def open_session(self, consultation_id: ConsultationId) -> Session | None:
-        async with self._store.transaction() as tx:
+        async with self._store.reading() as tx:
             sessions = await tx.list_sessions(consultation_id)
         return next((s for s in sessions if s.ended_at is None), None)
 

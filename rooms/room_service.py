@@ -4,6 +4,7 @@ and only then returned as announcements for the transport to deliver."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -30,6 +31,9 @@ from rooms.outcome import Audience, Outcome, Seat, Target
 from rooms.policy import Actor, can, require
 from rooms.roles import CLINICIAN_ROLES, SOURCE_PERMISSION, Permission, Role
 from rooms.store import RecordRepository, RecordStore
+
+# How long a room trusts its copy of the consultation (team, status) for permission checks.
+CONSULTATION_TTL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class LiveRoomService:
         self._presence = presence
         self._limits = limits
         self._now = clock
+        self._monotonic = time.monotonic
+        self._consultations_seen: dict[ConsultationId, tuple[Consultation, float]] = {}
 
     @property
     def limits(self) -> RoomLimits:
@@ -173,8 +179,8 @@ class LiveRoomService:
         async with self._presence.lock(consultation_id):
             room, me = await self._member(conn, consultation_id)
             out = Outcome()
+            consultation = await self._check(actor, Permission.ADMIT, consultation_id)
             async with self._store.transaction() as tx:
-                consultation = await self._check(tx, actor, Permission.ADMIT, consultation_id)
                 waiting = self._waiting_target(room, target)
                 await self._append(
                     tx,
@@ -202,8 +208,8 @@ class LiveRoomService:
     ) -> Outcome:
         async with self._presence.lock(consultation_id):
             room, me = await self._member(conn, consultation_id)
+            await self._check(actor, Permission.ADMIT, consultation_id)
             async with self._store.transaction() as tx:
-                await self._check(tx, actor, Permission.ADMIT, consultation_id)
                 waiting = self._waiting_target(room, target)
                 await self._append(
                     tx,
@@ -228,8 +234,8 @@ class LiveRoomService:
         room, me = await self._member(conn, consultation_id)
         if actor.role is Role.TRAINEE and not room.trainee_chat:
             raise RoomRefused("chat_closed", "chat is closed to trainees in this session")
+        await self._check(actor, Permission.CHAT, consultation_id)
         async with self._store.transaction() as tx:
-            await self._check(tx, actor, Permission.CHAT, consultation_id)
             event = await self._append(
                 tx, room, EventKind.CHAT, me, {"text": text, "name": me.name, "role": me.role.value}
             )
@@ -242,8 +248,8 @@ class LiveRoomService:
     ) -> Outcome:
         async with self._presence.lock(consultation_id):
             room, me = await self._member(conn, consultation_id)
+            await self._check(actor, Permission.ADMIT, consultation_id)
             async with self._store.transaction() as tx:
-                await self._check(tx, actor, Permission.ADMIT, consultation_id)
                 await self._append(tx, room, EventKind.CHAT_SETTINGS, me, {"trainee_chat": open_})
             await self._presence.set_trainee_chat(consultation_id, open_)
         out = Outcome()
@@ -264,8 +270,8 @@ class LiveRoomService:
                     "no_change", f"your hand is already {'raised' if raised else 'down'}"
                 )
             kind = EventKind.HAND_RAISED if raised else EventKind.HAND_LOWERED
+            await self._check(actor, Permission.JOIN, consultation_id)
             async with self._store.transaction() as tx:
-                await self._check(tx, actor, Permission.JOIN, consultation_id)
                 await self._append(tx, room, kind, me, {})
             await self._presence.put_participant(consultation_id, replace(me, hand_raised=raised))
         out = Outcome()
@@ -282,8 +288,8 @@ class LiveRoomService:
     ) -> Outcome:
         async with self._presence.lock(consultation_id):
             room, me = await self._member(conn, consultation_id)
+            await self._check(actor, Permission.MUTE_OTHERS, consultation_id)
             async with self._store.transaction() as tx:
-                await self._check(tx, actor, Permission.MUTE_OTHERS, consultation_id)
                 other = self._admitted_target(room, target)
                 await self._append(
                     tx, room, EventKind.MUTED, me, {"participant_id": target, "kind": kind}
@@ -314,8 +320,8 @@ class LiveRoomService:
         async with self._presence.lock(consultation_id):
             room, me = await self._member(conn, consultation_id)
             out = Outcome()
+            await self._check(actor, Permission.REMOVE_PARTICIPANT, consultation_id)
             async with self._store.transaction() as tx:
-                await self._check(tx, actor, Permission.REMOVE_PARTICIPANT, consultation_id)
                 other = self._admitted_target(room, target)
                 if other.user_id == me.user_id:
                     raise RoomRefused("invalid_target", "use leave to leave the room yourself")
@@ -352,8 +358,8 @@ class LiveRoomService:
         on_behalf_of: str | None,
     ) -> Outcome:
         room, me = await self._member(conn, consultation_id)
+        consultation = await self._check(actor, Permission.CONSENT, consultation_id)
         async with self._store.transaction() as tx:
-            consultation = await self._check(tx, actor, Permission.CONSENT, consultation_id)
             subject = _consent_subject(actor, consultation, on_behalf_of)
             now = self._now()
             consent = Consent(
@@ -395,8 +401,8 @@ class LiveRoomService:
             "clear": stroke.clear,
             "media_time": stroke.media_time,
         }
+        await self._check(actor, Permission.ANNOTATE, consultation_id)
         async with self._store.transaction() as tx:
-            await self._check(tx, actor, Permission.ANNOTATE, consultation_id)
             event = await self._append(tx, room, EventKind.ANNOTATION, me, data)
         out = Outcome()
         out.announce(
@@ -422,8 +428,7 @@ class LiveRoomService:
     ) -> Outcome:
         """A moving pointer is not part of the record: checked, relayed, not stored."""
         _, me = await self._member(conn, consultation_id)
-        async with self._store.transaction() as tx:
-            await self._check(tx, actor, Permission.ANNOTATE, consultation_id)
+        await self._check(actor, Permission.ANNOTATE, consultation_id)
         out = Outcome()
         out.announce(
             "pointer",
@@ -438,9 +443,8 @@ class LiveRoomService:
     ) -> LiveParticipant:
         """Only admitted participants publish, and only the kinds of track their role may."""
         _, me = await self._member(conn, consultation_id)
-        async with self._store.transaction() as tx:
-            for source in sorted(set(sources)):
-                await self._check(tx, actor, SOURCE_PERMISSION[source.value], consultation_id)
+        for source in sorted(set(sources)):
+            await self._check(actor, SOURCE_PERMISSION[source.value], consultation_id)
         return me
 
     async def seated(self, conn: str, consultation_id: ConsultationId) -> LiveParticipant:
@@ -460,6 +464,9 @@ class LiveRoomService:
     async def _room_for_join(self, actor: Actor, consultation: Consultation) -> RoomState:
         """The presence of the consultation's open session, opening one if a clinician comes
         to a scheduled consultation."""
+        room = await self._presence.get(consultation.id)
+        if room is not None and consultation.status is ConsultationStatus.LIVE:
+            return room  # the common case: the session is open and people are in it
         session = await self._consultations.open_session(consultation.id)
         if session is None:
             if consultation.status is not ConsultationStatus.SCHEDULED:
@@ -476,12 +483,12 @@ class LiveRoomService:
                 session = await self._consultations.start_session(
                     RequestContext(actor), consultation.id
                 )
+                self._forget(consultation.id)
             except IllegalTransition:
                 # Another node opened it first.
                 session = await self._consultations.open_session(consultation.id)
                 if session is None:
                     raise
-        room = await self._presence.get(consultation.id)
         if room is None or room.session_id != session.id:
             room = RoomState(consultation.id, session.id)
             await self._presence.create(room)
@@ -629,6 +636,7 @@ class LiveRoomService:
     async def _end(self, actor: Actor | None, room: RoomState, reason: str) -> Outcome:
         ctx = RequestContext(actor) if actor else None
         await self._consultations.end_session(ctx, room.consultation_id, room.session_id, reason)
+        self._forget(room.consultation_id)
         out = Outcome()
         payload = {"session_id": room.session_id, "reason": reason}
         # To every connection, waiting or seated, whichever audiences it is in.
@@ -642,10 +650,11 @@ class LiveRoomService:
     async def _snapshot(
         self, room: RoomState, me: LiveParticipant, consultation: Consultation
     ) -> dict[str, Any]:
-        async with self._store.transaction() as tx:
-            events = await tx.list_events(room.consultation_id)
+        async with self._store.reading() as tx:
+            chat = await tx.list_session_events(
+                room.session_id, EventKind.CHAT, self._limits.chat_history
+            )
             consents = await tx.list_consents(room.consultation_id)
-        chat = [e for e in events if e.session_id == room.session_id and e.kind is EventKind.CHAT]
         return {
             "session_id": room.session_id,
             "consultation_id": room.consultation_id,
@@ -659,7 +668,7 @@ class LiveRoomService:
             ),
             # Chat is clinical content: only for those who see and hear the consultation.
             "chat": (
-                [_chat_payload(e) for e in chat[-self._limits.chat_history :]]
+                [_chat_payload(e) for e in chat]
                 if _may(me, Permission.SUBSCRIBE, consultation)
                 else []
             ),
@@ -700,15 +709,9 @@ class LiveRoomService:
         return found
 
     async def _check(
-        self,
-        tx: RecordRepository,
-        actor: Actor,
-        permission: Permission,
-        consultation_id: ConsultationId,
+        self, actor: Actor, permission: Permission, consultation_id: ConsultationId
     ) -> Consultation:
-        consultation = await tx.get_consultation(consultation_id)
-        if consultation is None:
-            raise NotFound(f"no consultation {consultation_id}")
+        consultation = await self._consultation(consultation_id)
         require(actor, permission, consultation)
         if consultation.status is not ConsultationStatus.LIVE:
             # E.g. aborted over the API while people were still in the room.
@@ -716,6 +719,24 @@ class LiveRoomService:
                 "not_live", f"the consultation is {consultation.status.value}; the session is over"
             )
         return consultation
+
+    async def _consultation(self, consultation_id: ConsultationId) -> Consultation:
+        """The consultation as the policy needs it, read at most every CONSULTATION_TTL_S:
+        a chat message need not re-read the team. Changes to the team or the status over the
+        API reach the room within that time; the room's own session changes drop it at once."""
+        now = self._monotonic()
+        cached = self._consultations_seen.get(consultation_id)
+        if cached is not None and now - cached[1] < CONSULTATION_TTL_S:
+            return cached[0]
+        async with self._store.reading() as tx:
+            consultation = await tx.get_consultation(consultation_id)
+        if consultation is None:
+            raise NotFound(f"no consultation {consultation_id}")
+        self._consultations_seen[consultation_id] = (consultation, now)
+        return consultation
+
+    def _forget(self, consultation_id: ConsultationId) -> None:
+        self._consultations_seen.pop(consultation_id, None)
 
     async def _append(
         self,

@@ -109,6 +109,12 @@ class RecordRepository(Protocol):
 
     async def list_events(self, consultation_id: ConsultationId) -> list[SessionEvent]: ...
 
+    async def list_session_events(
+        self, session_id: SessionId, kind: EventKind, limit: int
+    ) -> list[SessionEvent]:
+        """The newest `limit` events of one kind in one session, oldest first."""
+        ...
+
     async def add_consent(self, consent: Consent) -> None: ...
 
     async def list_consents(self, consultation_id: ConsultationId) -> list[Consent]: ...
@@ -145,6 +151,10 @@ class RecordRepository(Protocol):
 class RecordStore(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[RecordRepository]:
         """Everything done through the repository commits together or not at all."""
+        ...
+
+    def reading(self) -> AbstractAsyncContextManager[RecordRepository]:
+        """A read-only transaction: never waits for writers (use it for nothing but reads)."""
         ...
 
     async def ping(self) -> None:

@@ -194,7 +194,7 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 def _is_revoked(store: SqlRecordStore) -> Callable[[str], Awaitable[bool]]:
     async def is_revoked(jti: str) -> bool:
-        async with store.transaction() as tx:
+        async with store.reading() as tx:
             revoked: bool = await tx.is_token_revoked(jti)
         return revoked
 

@@ -694,3 +694,39 @@ def test_upgrade_sync_for_the_cli(tmp_path: Path) -> None:
     upgrade_sync(url)
     upgrade_sync(url)
     assert asyncio.run(current_revision(url)) == "0001"
+
+
+async def test_session_events_of_one_kind_newest_last_through_a_read(
+    sql_store: SqlRecordStore,
+) -> None:
+    async with sql_store.transaction() as repo:
+        await repo.add_consultation(consultation("c1"))
+        await repo.add_session(session("s1"))
+        await repo.add_session(session("s2", number=2))
+        for n in range(5):
+            for sid in ("s1", "s2"):
+                await repo.append_event(
+                    SessionId(sid), at(n), EventKind.CHAT, UserId("u-c1"), None, {"n": n}
+                )
+            await repo.append_event(
+                SessionId("s1"), at(n), EventKind.HAND_RAISED, UserId("u-c1"), None, {}
+            )
+    # A read-only transaction sees what was committed.
+    async with sql_store.reading() as repo:
+        newest = await repo.list_session_events(SessionId("s1"), EventKind.CHAT, 3)
+        none = await repo.list_session_events(SessionId("s2"), EventKind.ANNOTATION, 3)
+    assert [(e.session_id, e.data["n"]) for e in newest] == [("s1", 2), ("s1", 3), ("s1", 4)]
+    assert [e.seq for e in newest] == sorted(e.seq for e in newest)
+    assert none == []
+
+
+async def test_a_read_does_not_wait_for_a_writer(sql_store: SqlRecordStore) -> None:
+    """While a write transaction is open, reads go on (SQLite: WAL snapshot, no lock)."""
+    async with sql_store.transaction() as writer:
+        await writer.add_consultation(consultation("c1"))
+        async with sql_store.reading() as reader:
+            # The uncommitted consultation is not visible; the read does not block.
+            assert await reader.get_consultation(ConsultationId("c1")) is None
+    async with sql_store.reading() as reader:
+        found = await reader.get_consultation(ConsultationId("c1"))
+    assert found is not None and found.id == "c1"

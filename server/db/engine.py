@@ -11,6 +11,9 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 _SQLITE_PRAGMAS = ("foreign_keys=ON", "journal_mode=WAL", "busy_timeout=5000")
+# Execution option marking a read-only transaction (SQLite then begins it DEFERRED: with WAL
+# it reads a snapshot and never waits for the writer).
+READ_ONLY = "telemed_read_only"
 
 
 def make_engine(database_url: str, *, connect_args: Mapping[str, Any] | None = None) -> AsyncEngine:
@@ -46,8 +49,11 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 def _sqlite_begin(connection: Connection) -> None:
     # IMMEDIATE takes the write lock up front: read-modify-write transactions queue behind
     # each other (busy_timeout) instead of failing with SQLITE_BUSY when they start writing.
-    # This is SQLite's stand-in for SELECT ... FOR UPDATE.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # This is SQLite's stand-in for SELECT ... FOR UPDATE. Reads need no lock.
+    if connection.get_execution_options().get(READ_ONLY):
+        connection.exec_driver_sql("BEGIN DEFERRED")
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def sqlite_path(database_url: str) -> Path | None:

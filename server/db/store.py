@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -37,7 +38,7 @@ from rooms.model import (
 )
 from rooms.store import ConsultationFilter, NewAuditEntry, RecordRepository, RecordStore
 from server.db import mapping as m
-from server.db.engine import make_engine
+from server.db.engine import READ_ONLY, make_engine, sqlite_path
 from server.db.tables import (
     audit_log,
     consents,
@@ -65,6 +66,9 @@ class SqlRecordStore(RecordStore):
         self._url = database_url
         self._connect_args = connect_args
         self._engine: AsyncEngine | None = None
+        # SQLite has one writer at a time: writers queue here, in order, instead of polling
+        # the file lock (its busy handler sleeps up to 100 ms between tries).
+        self._sqlite_writer = asyncio.Lock() if sqlite_path(database_url) is not None else None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -87,8 +91,19 @@ class SqlRecordStore(RecordStore):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqlRecordRepository]:
-        async with self.engine.begin() as conn:
+        if self._sqlite_writer is None:
+            async with self.engine.begin() as conn:
+                yield SqlRecordRepository(conn)
+            return
+        async with self._sqlite_writer, self.engine.begin() as conn:
             yield SqlRecordRepository(conn)
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[SqlRecordRepository]:
+        async with self.engine.connect() as plain:
+            conn = await plain.execution_options(**{READ_ONLY: True})
+            async with conn.begin():
+                yield SqlRecordRepository(conn)
 
 
 class SqlRecordRepository(RecordRepository):
@@ -302,6 +317,18 @@ class SqlRecordRepository(RecordRepository):
             participant_id=participant_id,
             data=data,
         )
+
+    async def list_session_events(
+        self, session_id: SessionId, kind: EventKind, limit: int
+    ) -> list[SessionEvent]:
+        e = session_events.c
+        rows = await self._rows(
+            select(session_events)
+            .where(e.session_id == session_id, e.kind == kind.value)
+            .order_by(e.id.desc())
+            .limit(limit)
+        )
+        return [m.event_from_row(row) for row in reversed(rows)]
 
     async def list_events(self, consultation_id: ConsultationId) -> list[SessionEvent]:
         e = session_events.c
