@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -96,6 +97,16 @@ class ConsultationService:
     def __init__(self, store: RecordStore, clock: Clock = utc_now) -> None:
         self._store = store
         self._now = clock
+        self._watchers: list[Callable[[ConsultationId], None]] = []
+
+    def watch(self, on_change: Callable[[ConsultationId], None]) -> None:
+        """`on_change` hears of every committed change to a consultation's status or team (the
+        live room keeps a copy of both)."""
+        self._watchers.append(on_change)
+
+    def _changed(self, consultation_id: ConsultationId) -> None:
+        for on_change in self._watchers:
+            on_change(consultation_id)
 
     async def create(self, ctx: RequestContext, new: NewConsultation) -> Consultation:
         actor = ctx.actor
@@ -157,12 +168,6 @@ class ConsultationService:
         async with self._store.reading() as tx:
             return await self._load(tx, ctx.actor, permission, consultation_id)
 
-    async def get_for_join(self, actor: Actor, consultation_id: ConsultationId) -> Consultation:
-        """The consultation, if the actor may join it; joining is recorded in the session log,
-        not the audit log."""
-        async with self._store.reading() as tx:
-            return await self._load(tx, actor, Permission.JOIN, consultation_id)
-
     async def list_visible(
         self, ctx: RequestContext, query: ConsultationFilter
     ) -> list[Consultation]:
@@ -219,6 +224,7 @@ class ConsultationService:
                     "to": consultation.status.value,
                 },
             )
+        self._changed(consultation_id)
         return consultation
 
     async def add_member(
@@ -239,6 +245,7 @@ class ConsultationService:
             await self._audit(
                 tx, ctx, AuditAction.ADD_TEAM_MEMBER, consultation_id, target=new.user_id
             )
+        self._changed(consultation_id)
         return consultation
 
     async def prepare_invite(
@@ -399,6 +406,7 @@ class ConsultationService:
                         "to": consultation.status.value,
                     },
                 )
+        self._changed(consultation_id)
         return consultation
 
     async def open_session(self, consultation_id: ConsultationId) -> Session | None:

@@ -70,6 +70,7 @@ class LiveRoomService:
         self._now = clock
         self._monotonic = time.monotonic
         self._consultations_seen: dict[ConsultationId, tuple[Consultation, float]] = {}
+        consultations.watch(self._forget)
 
     @property
     def limits(self) -> RoomLimits:
@@ -80,7 +81,7 @@ class LiveRoomService:
     async def join(
         self, conn: str, actor: Actor, consultation_id: ConsultationId, device: str
     ) -> Outcome:
-        consultation = await self._consultations.get_for_join(actor, consultation_id)
+        consultation = await self._joinable(actor, consultation_id)
         async with self._presence.lock(consultation_id):
             room = await self._room_for_join(actor, consultation)
             if actor.user_id in room.removed_users:
@@ -587,7 +588,7 @@ class LiveRoomService:
             payload = {"participant": resumed.public(), "session_id": room.session_id}
             out.announce("waiting", payload, Target.connection(conn))
             return out
-        consultation = await self._consultations.get_for_join(actor, room.consultation_id)
+        consultation = await self._joinable(actor, room.consultation_id)
         may_subscribe = _may(resumed, Permission.SUBSCRIBE, consultation)
         # A new connection: its media connections start afresh.
         out.unseated.append((room.consultation_id, resumed.participant_id))
@@ -722,8 +723,8 @@ class LiveRoomService:
 
     async def _consultation(self, consultation_id: ConsultationId) -> Consultation:
         """The consultation as the policy needs it, read at most every CONSULTATION_TTL_S:
-        a chat message need not re-read the team. Changes to the team or the status over the
-        API reach the room within that time; the room's own session changes drop it at once."""
+        a chat message need not re-read the team. Changes made through this node's service
+        drop the copy at once; changes made on another node reach the room within the TTL."""
         now = self._monotonic()
         cached = self._consultations_seen.get(consultation_id)
         if cached is not None and now - cached[1] < CONSULTATION_TTL_S:
@@ -733,6 +734,16 @@ class LiveRoomService:
         if consultation is None:
             raise NotFound(f"no consultation {consultation_id}")
         self._consultations_seen[consultation_id] = (consultation, now)
+        return consultation
+
+    async def _joinable(self, actor: Actor, consultation_id: ConsultationId) -> Consultation:
+        """The consultation, if the actor may join it (the room's copy while it is live)."""
+        consultation = await self._consultation(consultation_id)
+        if consultation.status is not ConsultationStatus.LIVE:
+            # Opening or refusing a session goes by the stored state, not a copy.
+            self._forget(consultation_id)
+            consultation = await self._consultation(consultation_id)
+        require(actor, Permission.JOIN, consultation)
         return consultation
 
     def _forget(self, consultation_id: ConsultationId) -> None:

@@ -29,7 +29,8 @@ class RedisPresence:
         self._redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
 
     async def stop(self) -> None:
-        await self._redis.aclose()
+        # The pool was handed in, so closing the client alone would leave its sockets open.
+        await self._redis.aclose(close_connection_pool=True)
 
     async def ping(self) -> None:
         await self._redis.ping()

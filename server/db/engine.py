@@ -10,7 +10,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-_SQLITE_PRAGMAS = ("foreign_keys=ON", "journal_mode=WAL", "busy_timeout=5000")
+# WAL with synchronous=NORMAL: a commit survives the server process dying (kill -9) and is
+# only at risk from a power cut of the machine itself; FULL would fsync every chat message and
+# cap a node at a few hundred writes a second. Deployments that need more run PostgreSQL.
+_SQLITE_PRAGMAS = ("foreign_keys=ON", "journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000")
 # Execution option marking a read-only transaction (SQLite then begins it DEFERRED: with WAL
 # it reads a snapshot and never waits for the writer).
 READ_ONLY = "telemed_read_only"
