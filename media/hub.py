@@ -18,10 +18,12 @@ from media.layers import LOW_BPS, Layer, video_budget
 from media.low_layer import LowLayer
 from media.peer import (
     IncomingTrack,
+    OfferRefused,
     OutgoingTrack,
     PeerConfig,
     PublishConnection,
     SubscribeConnection,
+    offered_mids,
 )
 from media.stats import RateBook
 
@@ -118,11 +120,19 @@ class MediaHub:
         (by mid) as camera, microphone, screen or field_camera. Returns the answer and the
         tracks that are new."""
         member = self._member(room, participant)
+        try:
+            unknown = set(sources) - offered_mids(offer_sdp)
+        except Exception:
+            unknown = set()
+        if unknown:
+            raise MediaError(f"tracks names sections the offer does not have: {sorted(unknown)}")
         if member.publish is None:
             member.publish = PublishConnection(self._config, member.arrived.append)
         member.arrived.clear()
         try:
             answer = await member.publish.answer(offer_sdp)
+        except OfferRefused as exc:
+            raise MediaError(str(exc)) from None
         except Exception as exc:
             raise MediaError(f"the offer could not be accepted: {exc}") from None
         added: list[TrackInfo] = []

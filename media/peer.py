@@ -19,6 +19,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamTrack
+from aiortc.sdp import SessionDescription
 
 from media.aiortc_hooks import (
     EncodedFrame,
@@ -72,6 +73,44 @@ def prefer_codec(transceiver: RTCRtpTransceiver, kind: str) -> None:
     transceiver.setCodecPreferences(codecs)
 
 
+class OfferRefused(ValueError):
+    """An offer the relay cannot take; the message says why."""
+
+
+def only_relay_codecs(offer_sdp: str) -> str:
+    """The offer with every media section narrowed to the one codec the relay forwards (VP8,
+    Opus, plus VP8's retransmission): the answer can then only pick those, whatever order the
+    client preferred. Refuses text that is not SDP and sections without such a codec."""
+    if not offer_sdp.lstrip().startswith("v=0"):
+        raise OfferRefused("the offer is not SDP (it must start with v=0)")
+    description = SessionDescription.parse(offer_sdp)
+    media = [m for m in description.media if m.kind in CODEC_OF_KIND]
+    if not media:
+        raise OfferRefused("the offer has no audio or video section")
+    for section in media:
+        wanted = CODEC_OF_KIND[section.kind].lower()
+        kept = [c for c in section.rtp.codecs if c.mimeType.lower() == wanted]
+        if not kept:
+            raise OfferRefused(
+                f"section {section.rtp.muxId or '?'} offers no {CODEC_OF_KIND[section.kind]}"
+            )
+        chosen = {c.payloadType for c in kept}
+        kept += [
+            c
+            for c in section.rtp.codecs
+            if c.mimeType.lower() == f"{section.kind}/rtx" and c.parameters.get("apt") in chosen
+        ]
+        section.rtp.codecs = kept
+        section.fmt = [c.payloadType for c in kept]
+    return str(description)
+
+
+def offered_mids(offer_sdp: str) -> set[str]:
+    return {
+        m.rtp.muxId for m in SessionDescription.parse(offer_sdp).media if m.rtp.muxId is not None
+    }
+
+
 async def set_local(pc: RTCPeerConnection, config: PeerConfig, offer: bool) -> str:
     if config.host_addresses is not None:
         offer_host_addresses(pc, config.host_addresses)
@@ -122,10 +161,9 @@ class PublishConnection:
         self._on_track(incoming)
 
     async def answer(self, offer_sdp: str) -> str:
-        await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
-        for transceiver in self.pc.getTransceivers():
-            if transceiver.kind in CODEC_OF_KIND:
-                prefer_codec(transceiver, transceiver.kind)
+        await self.pc.setRemoteDescription(
+            RTCSessionDescription(only_relay_codecs(offer_sdp), "offer")
+        )
         return await set_local(self.pc, self._config, offer=False)
 
     async def close(self) -> None:

@@ -108,8 +108,8 @@ class TrackingMediaClient(MediaClient):
     and which received track carries a track id now (aiortc reuses a transceiver, and fires no
     new `track` event, when a renegotiation puts another track on a mid it had before)."""
 
-    def __init__(self, peer: Peer) -> None:
-        super().__init__(peer)
+    def __init__(self, peer: Peer, *, send_remb: bool = False) -> None:
+        super().__init__(peer, send_remb=send_remb)
         self.offers: list[dict[str, dict[str, Any]]] = []
         # time.monotonic() when each subscribe_answer was acknowledged by the server.
         self.answered_at: list[float] = []
