@@ -206,6 +206,8 @@ class SubscribeConnection:
     config: PeerConfig
     pc: RTCPeerConnection = field(init=False)
     tracks: dict[int, OutgoingTrack] = field(default_factory=dict)
+    # Sections whose track went, waiting to carry the next track of their kind.
+    _idle: list[OutgoingTrack] = field(default_factory=list)
     _negotiating: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
@@ -213,10 +215,17 @@ class SubscribeConnection:
 
     def add(self, publication: Publication) -> OutgoingTrack:
         track = publication.subscribe()
-        # A fresh transceiver each time: aiortc ends a sender whose track ended, so a used one
-        # cannot carry another track.
-        transceiver = self.pc.addTransceiver(publication.kind, direction="sendonly")
-        prefer_codec(transceiver, publication.kind)
+        idle = next((o for o in self._idle if o.transceiver.kind == publication.kind), None)
+        if idle is not None:
+            # A section freed by a track that went: the sender's pending read moves on to the
+            # new track, so the session description does not grow with every visitor.
+            self._idle.remove(idle)
+            transceiver = idle.transceiver
+            idle.track.hand_over(track)
+            transceiver.direction = "sendonly"
+        else:
+            transceiver = self.pc.addTransceiver(publication.kind, direction="sendonly")
+            prefer_codec(transceiver, publication.kind)
         outgoing = OutgoingTrack(publication, track, transceiver)
         prepare_forwarding_sender(transceiver.sender, track.request_keyframe, outgoing._remb)
         transceiver.sender.replaceTrack(track)
@@ -227,8 +236,11 @@ class SubscribeConnection:
         outgoing = self.tracks.pop(id(publication), None)
         if outgoing is None:
             return None
-        outgoing.track.publication.unsubscribe(outgoing.track)
+        # Not ended: aiortc stops a sender for good when its track ends, and this section is
+        # to carry the next track of its kind.
+        outgoing.track.publication.detach(outgoing.track)
         outgoing.transceiver.direction = "inactive"
+        self._idle.append(outgoing)
         return outgoing
 
     async def offer(self) -> str:
@@ -247,7 +259,8 @@ class SubscribeConnection:
                 self._negotiating.release()
 
     async def close(self) -> None:
-        for outgoing in list(self.tracks.values()):
+        for outgoing in [*self.tracks.values(), *self._idle]:
             outgoing.track.publication.unsubscribe(outgoing.track)
         self.tracks.clear()
+        self._idle.clear()
         await self.pc.close()

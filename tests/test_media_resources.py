@@ -207,16 +207,6 @@ async def test_fifty_join_publish_leave_cycles_leave_nothing_behind(room: MediaR
 STEADY_VISITS = 30
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: media/peer.py SubscribeConnection.add makes a fresh transceiver for every track "
-        "and remove() only sets the old one inactive, so a participant who stays while others "
-        "come and go gets one more m-section per track ever seen; after ~25 visitors (video + "
-        "audio) its subscribe_answer exceeds the 60,000-character sdp limit "
-        "(signaling/events.py) and is refused with invalid_payload: it receives nothing new"
-    ),
-)
 async def test_a_participant_who_stays_keeps_receiving_through_many_visitors(
     room: MediaRoom,
 ) -> None:
