@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages the test suite needs: binary name -> package name.
-TEST_TOOLS := redis-server:redis-server
+# Debian packages the test suite needs: binary name (or file) -> package name.
+TEST_TOOLS := redis-server:redis-server chromium:chromium \
+	/usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei
 
 .PHONY: run test lint typecheck pytest venv dev-venv system-deps clean
 
@@ -30,7 +31,7 @@ run: venv
 system-deps:
 	@missing=""; for pair in $(TEST_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
-	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	  command -v $$tool >/dev/null 2>&1 || test -e $$tool || missing="$$missing $$pkg"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
