@@ -618,7 +618,7 @@ async def _close_session(
     tx: RecordRepository, session: Session, by: UserId | None, reason: str, now: datetime
 ) -> None:
     """Ends a session in the record: its end time, every open participation, the log entry."""
-    await tx.end_session(session.id, now)
+    await tx.end_session(session.id, now, reason)
     for p in await tx.list_participations(session.consultation_id):
         if p.session_id == session.id and p.left_at is None:
             await tx.close_participation(

@@ -163,6 +163,9 @@ class Session:
     number: int
     started_at: datetime
     ended_at: datetime | None
+    # Why it ended: "ended" (by a clinician), "abandoned" (no clinician left), "aborted" (the
+    # server stopped during the session; set at restart).
+    end_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -246,8 +249,23 @@ class FinalDecision:
     at: datetime
 
 
+class RecordingKind(StrEnum):
+    TRACK = "track"  # one published track's forwarded packets, as they came
+    COMPOSITE = "composite"  # the session rendered into one playable video
+
+
+class RecordingState(StrEnum):
+    RECORDING = "recording"  # being written
+    COMPLETE = "complete"
+    INTERRUPTED = "interrupted"  # left open by a crash; closed and hashed at restart
+    RENDERING = "rendering"  # a composite being made
+    FAILED = "failed"  # a composite that could not be made
+
+
 @dataclass(frozen=True)
 class Recording:
+    """A recorded file: one segment of one track, or a session's composite."""
+
     id: RecordingId
     session_id: SessionId
     track: str
@@ -259,6 +277,14 @@ class Recording:
     state: str
     started_at: datetime
     ended_at: datetime | None
+    # Whose track it is (the composite's labels) and where it starts on the session clock.
+    participant_id: str | None = None
+    name: str | None = None
+    role: str | None = None
+    source: str | None = None
+    offset_s: float | None = None
+    # How far a composite's rendering got (0..1).
+    progress: float | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from rooms.model import (
     ParticipantId,
     Participation,
     Recording,
+    RecordingId,
     Session,
     SessionEvent,
     SessionId,
@@ -81,7 +82,13 @@ class RecordRepository(Protocol):
 
     async def add_session(self, session: Session) -> None: ...
 
-    async def end_session(self, session_id: SessionId, ended_at: datetime) -> None: ...
+    async def end_session(self, session_id: SessionId, ended_at: datetime, reason: str) -> None:
+        """Sets the end once; ending an ended session keeps the first end."""
+        ...
+
+    async def list_open_sessions(self) -> list[Session]:
+        """Sessions of any consultation that have not ended (crash recovery)."""
+        ...
 
     async def list_sessions(self, consultation_id: ConsultationId) -> list[Session]: ...
 
@@ -133,9 +140,26 @@ class RecordRepository(Protocol):
 
     async def list_decisions(self, consultation_id: ConsultationId) -> list[FinalDecision]: ...
 
-    async def add_recording(self, recording: Recording) -> None: ...
+    async def add_recording(self, recording: Recording, path: str | None = None) -> None:
+        """`path` (relative to the data directory) is where the file is; never shown."""
+        ...
+
+    async def update_recording(self, recording: Recording) -> None:
+        """Writes what changes as a recording goes on: state, hash, duration, size, end,
+        progress."""
+        ...
+
+    async def get_recording(
+        self, recording_id: RecordingId
+    ) -> tuple[Recording, ConsultationId, str | None] | None:
+        """The recording, its consultation and its file's path."""
+        ...
 
     async def list_recordings(self, consultation_id: ConsultationId) -> list[Recording]: ...
+
+    async def list_recordings_in_state(
+        self, state: str
+    ) -> list[tuple[Recording, ConsultationId, str | None]]: ...
 
     async def revoke_token(self, jti: str, expires_at: datetime, revoked_at: datetime) -> None: ...
 

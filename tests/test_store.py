@@ -294,8 +294,9 @@ async def test_sessions_and_participations(sql_store: SqlRecordStore) -> None:
         await repo.add_participation(participation("sx", "p9", "u-c1", minutes=11))
 
     async with sql_store.transaction() as repo:
-        await repo.end_session(SessionId("s1"), at(90))
-        await repo.end_session(SessionId("s1"), at(95))  # already ended: first end time stays
+        await repo.end_session(SessionId("s1"), at(90), "ended")
+        # Already ended: the first end stays.
+        await repo.end_session(SessionId("s1"), at(95), "aborted")
         await repo.close_participation(
             SessionId("s1"), ParticipantId("p1"), at(40), CloseReason.NETWORK_LOST
         )
@@ -303,7 +304,7 @@ async def test_sessions_and_participations(sql_store: SqlRecordStore) -> None:
             SessionId("s1"), ParticipantId("p1"), at(90), CloseReason.SESSION_ENDED
         )
         with pytest.raises(NotFound, match="session s404 does not exist"):
-            await repo.end_session(SessionId("s404"), at(90))
+            await repo.end_session(SessionId("s404"), at(90), "ended")
         with pytest.raises(NotFound, match="participant p404 is not in session s1"):
             await repo.close_participation(
                 SessionId("s1"), ParticipantId("p404"), at(90), CloseReason.LEFT
@@ -312,11 +313,13 @@ async def test_sessions_and_participations(sql_store: SqlRecordStore) -> None:
     async with sql_store.transaction() as repo:
         sessions = await repo.list_sessions(ConsultationId("c1"))
         people = await repo.list_participations(ConsultationId("c1"))
+        still_open = await repo.list_open_sessions()
 
     assert sessions == [
-        Session(SessionId("s1"), ConsultationId("c1"), 1, at(10), at(90)),
+        Session(SessionId("s1"), ConsultationId("c1"), 1, at(10), at(90), "ended"),
         Session(SessionId("s2"), ConsultationId("c1"), 2, at(500), None),
     ]
+    assert sorted(s.id for s in still_open) == ["s2", "sx"]
     assert [(p.session_id, p.participant_id) for p in people] == [
         ("s1", "p1"),
         ("s1", "p2"),
@@ -439,6 +442,11 @@ async def test_decisions_and_recordings_round_trip(sql_store: SqlRecordStore) ->
         state="complete",
         started_at=at(11),
         ended_at=at(41),
+        participant_id="p_1",
+        name="王医生",
+        role="county_physician",
+        source="camera",
+        offset_s=1.25,
     )
     running = replace(
         finished,
@@ -458,11 +466,35 @@ async def test_decisions_and_recordings_round_trip(sql_store: SqlRecordStore) ->
         for decision in reversed(decisions):
             await repo.add_decision(decision)
         for recording in (running, elsewhere, finished):
-            await repo.add_recording(recording)
+            await repo.add_recording(recording, path=f"recordings/{recording.id}.webm")
     async with sql_store.transaction() as repo:
         assert await repo.list_decisions(ConsultationId("c1")) == decisions
         assert await repo.list_recordings(ConsultationId("c1")) == [finished, running]
         assert await repo.list_recordings(ConsultationId("other")) == [elsewhere]
+        assert await repo.get_recording(RecordingId("r2")) == (
+            running,
+            ConsultationId("c1"),
+            "recordings/r2.webm",
+        )
+        assert await repo.get_recording(RecordingId("r404")) is None
+        assert [r.id for r, _, _ in await repo.list_recordings_in_state("recording")] == [
+            "r2",
+            "rx",
+        ]
+    # A segment closes: what changes is written, the rest stays.
+    closed = replace(
+        running, state="complete", sha256="cd" * 32, duration_s=3.5, size_bytes=9, ended_at=at(13)
+    )
+    async with sql_store.transaction() as repo:
+        await repo.update_recording(replace(closed, track="ignored"))
+        with pytest.raises(NotFound, match="recording r404 does not exist"):
+            await repo.update_recording(replace(closed, id=RecordingId("r404")))
+    async with sql_store.reading() as repo:
+        assert await repo.get_recording(RecordingId("r2")) == (
+            closed,
+            ConsultationId("c1"),
+            "recordings/r2.webm",
+        )
 
 
 # -- tokens and audit ----------------------------------------------------------------------------
@@ -661,8 +693,11 @@ async def test_upgrade_is_idempotent_and_keeps_data(
 ) -> None:
     await add_with_session(sql_store)
     await upgrade(migrated_db.url, connect_args=migrated_db.connect_args)
-    assert head_revision() == "0001"
-    assert await current_revision(migrated_db.url, connect_args=migrated_db.connect_args) == "0001"
+    # Revisions are numbered files, each revising the one before.
+    versions = Path(server.db.__file__).parent.parent / "migrations" / "versions"
+    newest = max(p.name.split("_")[0] for p in versions.glob("[0-9]*_*.py"))
+    assert head_revision() == newest
+    assert await current_revision(migrated_db.url, connect_args=migrated_db.connect_args) == newest
     assert await _table_names(migrated_db) == ALL_TABLES | {"alembic_version"}
     async with sql_store.transaction() as repo:
         assert [s.id for s in await repo.list_sessions(ConsultationId("c1"))] == ["s1"]
@@ -677,7 +712,7 @@ async def test_downgrade_to_base_and_back(empty_db: TestDatabase) -> None:
     assert await _table_names(empty_db) == {"alembic_version"}
     assert await current_revision(url, connect_args=args) is None
     await upgrade(url, connect_args=args)
-    assert await current_revision(url, connect_args=args) == "0001"
+    assert await current_revision(url, connect_args=args) == head_revision()
     assert await _schema_diffs(empty_db, metadata) == []
 
 
@@ -686,14 +721,14 @@ async def test_upgrade_creates_sqlite_parent_directory(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{path}"
     await upgrade(url)
     assert path.is_file()
-    assert await current_revision(url) == "0001"
+    assert await current_revision(url) == head_revision()
 
 
 def test_upgrade_sync_for_the_cli(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
     upgrade_sync(url)
     upgrade_sync(url)
-    assert asyncio.run(current_revision(url)) == "0001"
+    assert asyncio.run(current_revision(url)) == head_revision()
 
 
 async def test_session_events_of_one_kind_newest_last_through_a_read(

@@ -123,6 +123,7 @@ def session_values(s: Session) -> Values:
         "number": s.number,
         "started_at": s.started_at,
         "ended_at": s.ended_at,
+        "end_reason": s.end_reason,
     }
 
 
@@ -133,6 +134,7 @@ def session_from_row(row: RowMapping) -> Session:
         number=row["number"],
         started_at=row["started_at"],
         ended_at=row["ended_at"],
+        end_reason=row["end_reason"],
     )
 
 
@@ -291,6 +293,12 @@ def recording_values(r: Recording) -> Values:
         "state": r.state,
         "started_at": r.started_at,
         "ended_at": r.ended_at,
+        "participant_id": r.participant_id,
+        "name": r.name,
+        "role": r.role,
+        "source": r.source,
+        "offset_s": r.offset_s,
+        "progress": r.progress,
     }
 
 
@@ -307,6 +315,12 @@ def recording_from_row(row: RowMapping) -> Recording:
         state=row["state"],
         started_at=row["started_at"],
         ended_at=row["ended_at"],
+        participant_id=row["participant_id"],
+        name=row["name"],
+        role=row["role"],
+        source=row["source"],
+        offset_s=row["offset_s"],
+        progress=row["progress"],
     )
 
 

@@ -29,6 +29,7 @@ from rooms.model import (
     ParticipantId,
     Participation,
     Recording,
+    RecordingId,
     Session,
     SessionEvent,
     SessionId,
@@ -228,15 +229,20 @@ class SqlRecordRepository(RecordRepository):
             f"{session.consultation_id}) already exists",
         )
 
-    async def end_session(self, session_id: SessionId, ended_at: datetime) -> None:
-        """Sets ended_at once; ending an ended session keeps the first end time."""
+    async def end_session(self, session_id: SessionId, ended_at: datetime, reason: str) -> None:
         result = await self._conn.execute(
             update(sessions)
             .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
-            .values(ended_at=ended_at)
+            .values(ended_at=ended_at, end_reason=reason)
         )
         if result.rowcount == 0 and not await self._exists(sessions.c.id == session_id):
             raise NotFound(f"session {session_id} does not exist")
+
+    async def list_open_sessions(self) -> list[Session]:
+        rows = await self._rows(
+            select(sessions).where(sessions.c.ended_at.is_(None)).order_by(sessions.c.started_at)
+        )
+        return [m.session_from_row(row) for row in rows]
 
     async def list_sessions(self, consultation_id: ConsultationId) -> list[Session]:
         rows = await self._rows(
@@ -401,12 +407,50 @@ class SqlRecordRepository(RecordRepository):
         )
         return [m.decision_from_row(row) for row in rows]
 
-    async def add_recording(self, recording: Recording) -> None:
+    async def add_recording(self, recording: Recording, path: str | None = None) -> None:
         await self._insert(
             recordings,
-            m.recording_values(recording),
+            {**m.recording_values(recording), "path": path},
             duplicate=f"recording {recording.id} already exists",
         )
+
+    async def update_recording(self, recording: Recording) -> None:
+        values = m.recording_values(recording)
+        changing = ("state", "sha256", "duration_s", "size_bytes", "ended_at", "progress")
+        result = await self._conn.execute(
+            update(recordings)
+            .where(recordings.c.id == recording.id)
+            .values({k: values[k] for k in changing})
+        )
+        if result.rowcount == 0:
+            raise NotFound(f"recording {recording.id} does not exist")
+
+    async def get_recording(
+        self, recording_id: RecordingId
+    ) -> tuple[Recording, ConsultationId, str | None] | None:
+        rows = await self._rows(
+            select(recordings, sessions.c.consultation_id)
+            .join(sessions, sessions.c.id == recordings.c.session_id)
+            .where(recordings.c.id == recording_id)
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return m.recording_from_row(row), ConsultationId(row["consultation_id"]), row["path"]
+
+    async def list_recordings_in_state(
+        self, state: str
+    ) -> list[tuple[Recording, ConsultationId, str | None]]:
+        rows = await self._rows(
+            select(recordings, sessions.c.consultation_id)
+            .join(sessions, sessions.c.id == recordings.c.session_id)
+            .where(recordings.c.state == state)
+            .order_by(recordings.c.started_at, recordings.c.id)
+        )
+        return [
+            (m.recording_from_row(row), ConsultationId(row["consultation_id"]), row["path"])
+            for row in rows
+        ]
 
     async def list_recordings(self, consultation_id: ConsultationId) -> list[Recording]:
         r = recordings.c

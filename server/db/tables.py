@@ -135,6 +135,7 @@ sessions = Table(
     Column("number", Integer, nullable=False),
     Column("started_at", UtcDateTime, nullable=False),
     Column("ended_at", UtcDateTime, nullable=True),
+    Column("end_reason", String(ENUM), nullable=True),
     UniqueConstraint("consultation_id", "number"),
 )
 
@@ -244,9 +245,16 @@ recordings = Table(
     Column("state", String(ENUM), nullable=False),
     Column("started_at", UtcDateTime, nullable=False),
     Column("ended_at", UtcDateTime, nullable=True),
-    # Where the media file lives; not part of the domain entity yet.
+    # Where the media file lives, relative to the data directory; never shown to clients.
     Column("path", Text, nullable=True),
+    Column("participant_id", String(ID), nullable=True),
+    Column("name", String(NAME), nullable=True),
+    Column("role", String(ENUM), nullable=True),
+    Column("source", String(ENUM), nullable=True),
+    Column("offset_s", Double, nullable=True),
+    Column("progress", Double, nullable=True),
     Index(None, "session_id"),
+    Index(None, "state"),
 )
 
 revoked_tokens = Table(
