@@ -20,7 +20,7 @@ depends_on: str | Sequence[str] | None = None
 ID = sa.String(64)
 NAME = sa.String(200)
 ENUM = sa.String(32)
-DOUBLE = sa.Double()
+DOUBLE: sa.Double[float] = sa.Double()
 
 
 def upgrade() -> None:
