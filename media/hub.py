@@ -77,6 +77,10 @@ class _Member:
 OfferSink = Callable[[str, str, str, dict[str, TrackInfo]], Awaitable[None]]
 # Called with (room, subscriber, track info, layer) when a subscriber's layer of a track changes.
 LayerSink = Callable[[str, str, TrackInfo, Layer], Awaitable[None]]
+# A room's watcher (a recorder) hears of each track published (with what carries its frames)
+# and each track that ends.
+TrackPublished = Callable[[TrackInfo, Publication], None]
+TrackUnpublished = Callable[[TrackInfo], None]
 
 
 class MediaError(Exception):
@@ -93,6 +97,7 @@ class MediaHub:
         self._sampler: asyncio.Task[None] | None = None
         # Low layers by id of their source publication; each exists while someone receives it.
         self._low: dict[int, LowLayer] = {}
+        self._watchers: dict[str, tuple[TrackPublished, TrackUnpublished]] = {}
 
     def members(self, room: str) -> list[str]:
         return list(self._rooms.get(room, {}))
@@ -143,6 +148,7 @@ class MediaHub:
             info = TrackInfo(f"t_{uuid.uuid4().hex[:12]}", participant, incoming.kind, source)
             member.published[info.track_id] = _Published(info, incoming)
             added.append(info)
+            self._tell_watcher(room, info, incoming.publication)
         if added:
             await self._fan_out(room, participant)
         return answer, added
@@ -179,6 +185,8 @@ class MediaHub:
         if member is None:
             return []
         gone = [p.info for p in member.published.values()]
+        for info in gone:
+            self._tell_watcher(room, info, None)
         for published in member.published.values():
             for other in members.values():
                 if other.subscribe is not None:
@@ -210,6 +218,39 @@ class MediaHub:
             self._sampler = None
         for room in list(self._rooms):
             await self.close_room(room)
+
+    # --- watching a room's tracks (recording) ----------------------------------------------
+
+    def watch_tracks(
+        self, room: str, on_published: TrackPublished, on_unpublished: TrackUnpublished
+    ) -> None:
+        """`on_published` is called at once for each track the room has, then for each track
+        published until `unwatch_tracks(room)`; `on_unpublished` for each that ends. One
+        watcher per room; both are called synchronously and must not block."""
+        if room in self._watchers:
+            raise MediaError("the room's tracks are already watched")
+        self._watchers[room] = (on_published, on_unpublished)
+        for member in list(self._rooms.get(room, {}).values()):
+            for published in list(member.published.values()):
+                self._tell_watcher(room, published.info, published.publication)
+
+    def unwatch_tracks(self, room: str) -> None:
+        self._watchers.pop(room, None)
+
+    def _tell_watcher(self, room: str, info: TrackInfo, publication: Publication | None) -> None:
+        """Tells the room's watcher that `info` was published (with its publication) or, with
+        None, that it ended."""
+        watcher = self._watchers.get(room)
+        if watcher is None:
+            return
+        try:
+            if publication is not None:
+                watcher[0](info, publication)
+            else:
+                watcher[1](info)
+        except Exception:
+            # A watcher's fault must not break publishing or leaving.
+            log.exception("track watcher of %s failed", room)
 
     # --- layers ------------------------------------------------------------------------------
 

@@ -1,0 +1,558 @@
+"""The composite of a recorded session: one MP4 (H.264 + AAC, `faststart`) with a grid of
+the video tiles, each labelled, placed on the session clock, the audio tracks mixed, and
+optionally annotation strokes burnt in (the teaching copy).
+
+Rendering decodes and encodes, so it never runs in the server's process: `run_composite`
+starts `python -m media.composite JOB.json` and reads its progress; `render_composite` is the
+same work in the calling process (the worker, or a CLI). The output is written to a temporary
+file beside it and renamed over it at the end, so a rerun replaces it whole and a failed run
+leaves the previous one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont
+
+from media.recording import SegmentInfo, file_sha256
+
+CJK_FONT = Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc")
+AUDIO_RATE = 48_000
+AAC_FRAME = 1024
+# Audio placed within this many samples of where the previous frame ended continues it
+# (Matroska stores times in whole milliseconds); further away it is a real gap or overlap.
+_SNAP_SAMPLES = AUDIO_RATE // 100
+
+Progress = Callable[[float], None]
+Image8 = NDArray[np.uint8]
+Samples = NDArray[np.float32]
+
+
+# --- the job --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentRef:
+    """A segment file and where it sits on the session clock."""
+
+    path: str
+    start_s: float
+    duration_s: float
+    track_id: str = ""
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One picture in the grid: a label and the video segments shown in it, in time order
+    (a participant's camera across reconnects is one tile)."""
+
+    label: str
+    segments: tuple[SegmentRef, ...]
+
+
+@dataclass(frozen=True)
+class Stroke:
+    """An annotation: drawn on the tile showing `track_id` from `at_s` (session clock) for the
+    job's `stroke_s`. Points are (x, y) in 0..1 of the picture; colour is "#rrggbb"."""
+
+    track_id: str
+    at_s: float
+    points: tuple[tuple[float, float], ...]
+    colour: str = "#ff0000"
+    width: int = 4
+
+
+@dataclass(frozen=True)
+class CompositeJob:
+    output: str
+    tiles: tuple[Tile, ...]
+    audio: tuple[SegmentRef, ...] = ()
+    strokes: tuple[Stroke, ...] = ()
+    width: int = 1280
+    height: int = 720
+    fps: int = 15
+    stroke_s: float = 4.0
+    crf: int = 26
+    preset: str = "veryfast"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> CompositeJob:
+        raw = json.loads(text)
+
+        def ref(r: dict[str, Any]) -> SegmentRef:
+            return SegmentRef(**r)
+
+        return cls(
+            **{
+                **raw,
+                "tiles": tuple(
+                    Tile(t["label"], tuple(ref(s) for s in t["segments"])) for t in raw["tiles"]
+                ),
+                "audio": tuple(ref(s) for s in raw["audio"]),
+                "strokes": tuple(
+                    Stroke(**{**s, "points": tuple(tuple(p) for p in s["points"])})
+                    for s in raw["strokes"]
+                ),
+            }
+        )
+
+
+def job_from_segments(
+    segments: Sequence[SegmentInfo],
+    output: Path,
+    *,
+    strokes: Sequence[Stroke] = (),
+    **options: Any,
+) -> CompositeJob:
+    """A job from a recording's segments: one tile per participant and video source (in the
+    order they first appear), labelled with its first segment's label, and every audio
+    segment mixed. Segments without a file (FAILED with nothing written) are left out."""
+    usable = sorted(
+        (s for s in segments if s.duration_s > 0 and s.path.exists()), key=lambda s: s.start_s
+    )
+    tiles: dict[tuple[str, str], list[SegmentInfo]] = {}
+    for s in usable:
+        if s.kind == "video":
+            tiles.setdefault((s.participant or s.track_id, s.source), []).append(s)
+
+    def ref(s: SegmentInfo) -> SegmentRef:
+        return SegmentRef(str(s.path), s.start_s, s.duration_s, s.track_id)
+
+    return CompositeJob(
+        output=str(output),
+        tiles=tuple(Tile(group[0].label, tuple(ref(s) for s in group)) for group in tiles.values()),
+        audio=tuple(ref(s) for s in usable if s.kind == "audio"),
+        strokes=tuple(strokes),
+        **options,
+    )
+
+
+@dataclass(frozen=True)
+class CompositeResult:
+    output: str
+    duration_s: float
+    frames: int
+    size_bytes: int
+    sha256: str
+    render_s: float
+
+    @property
+    def speed(self) -> float:
+        """Multiple of real time."""
+        return self.duration_s / self.render_s if self.render_s > 0 else math.inf
+
+
+class CompositeError(Exception):
+    pass
+
+
+# --- layout ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rect:
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+def grid(count: int, width: int, height: int) -> list[Rect]:
+    """Tile rectangles: 1, 2 side by side, 2×2, 3×2, 3×3, ... filled row by row."""
+    if count <= 0:
+        return []
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    tw, th = width // cols // 2 * 2, height // rows // 2 * 2
+    return [Rect((i % cols) * tw, (i // cols) * th, tw, th) for i in range(count)]
+
+
+def _fit(src_w: int, src_h: int, box: Rect) -> Rect:
+    """The largest rectangle of the source's shape centred in `box` (even sizes)."""
+    scale = min(box.width / src_w, box.height / src_h)
+    w = max(2, int(src_w * scale) // 2 * 2)
+    h = max(2, int(src_h * scale) // 2 * 2)
+    return Rect((box.width - w) // 2, (box.height - h) // 2, w, h)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    if CJK_FONT.exists():
+        return ImageFont.truetype(str(CJK_FONT), size)
+    return ImageFont.load_default(size)
+
+
+@dataclass
+class _Overlay:
+    """An RGBA picture blended onto part of a tile: premultiplied colour and alpha."""
+
+    x: int
+    y: int
+    colour: NDArray[np.float32]
+    keep: NDArray[np.float32]
+
+    @classmethod
+    def from_image(cls, image: Image.Image, x: int, y: int) -> _Overlay:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        alpha = rgba[:, :, 3:4]
+        colour = (rgba[:, :, :3] * alpha * 255.0).astype(np.float32)
+        return cls(x, y, colour, (1.0 - alpha).astype(np.float32))
+
+    def blend(self, tile: Image8) -> None:
+        h, w = self.keep.shape[:2]
+        region = tile[self.y : self.y + h, self.x : self.x + w]
+        region[:] = (region * self.keep[: region.shape[0], : region.shape[1]]) + self.colour[
+            : region.shape[0], : region.shape[1]
+        ]
+
+
+def _label(text: str, box: Rect) -> _Overlay | None:
+    if not text:
+        return None
+    size = max(12, box.height // 16)
+    font = _font(size)
+    pad = size // 3
+    probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+    left, top, right, bottom = (int(v) for v in probe.textbbox((0, 0), text, font=font))
+    w = min(box.width, right - left + 2 * pad)
+    h = bottom - top + 2 * pad
+    image = Image.new("RGBA", (w, h), (0, 0, 0, 160))
+    ImageDraw.Draw(image).text((pad - left, pad - top), text, font=font, fill=(255, 255, 255, 255))
+    return _Overlay.from_image(image, 0, box.height - h)
+
+
+def _placeholder(box: Rect) -> Image8:
+    """A tile with no picture: black with a dash."""
+    image = Image.new("RGB", (box.width, box.height), (0, 0, 0))
+    font = _font(max(16, box.height // 6))
+    ImageDraw.Draw(image).text(
+        (box.width // 2, box.height // 2), "—", font=font, fill=(90, 90, 90), anchor="mm"
+    )
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+# --- video ----------------------------------------------------------------------------------
+
+
+def _video_frames(ref: SegmentRef) -> Iterator[tuple[float, av.VideoFrame]]:
+    """Decoded frames of one segment with their session-clock times."""
+    with av.open(ref.path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        first: float | None = None
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None or frame.time is None:
+                    continue
+                if first is None:
+                    first = frame.time
+                yield ref.start_s + frame.time - first, frame
+        except av.FFmpegError:
+            return  # a torn end (an interrupted segment): what came before is shown
+
+
+class _TileSource:
+    """What one tile shows at each output time: the newest frame at or before it (within half
+    an output frame) while a segment is running, else the placeholder."""
+
+    def __init__(self, tile: Tile, box: Rect, half_frame_s: float) -> None:
+        self.box = box
+        self.segments = sorted(tile.segments, key=lambda s: s.start_s)
+        self.half = half_frame_s
+        self.track_ids = {s.track_id for s in self.segments}
+        self.label = _label(tile.label, box)
+        self.placeholder = _placeholder(box)
+        self._frames = self._all_frames()
+        self._next: tuple[float, int, av.VideoFrame] | None = next(self._frames, None)
+        self._current: tuple[float, int, av.VideoFrame] | None = None
+        self._picture: Image8 | None = None
+        self.fit: Rect | None = None
+
+    def _all_frames(self) -> Iterator[tuple[float, int, av.VideoFrame]]:
+        for index, ref in enumerate(self.segments):
+            for t, frame in _video_frames(ref):
+                yield t, index, frame
+
+    def picture(self, t: float) -> Image8:
+        """The tile at output time `t` (a fresh array the caller may draw on)."""
+        changed = False
+        while self._next is not None and self._next[0] <= t + self.half:
+            self._current = self._next
+            self._next = next(self._frames, None)
+            changed = True
+        current = self._current
+        if current is None:
+            return self.placeholder.copy()
+        segment = self.segments[current[1]]
+        if not (segment.start_s - self.half <= t <= segment.start_s + segment.duration_s):
+            return self.placeholder.copy()
+        if changed or self._picture is None:
+            self._picture = self._render(current[2])
+        return self._picture.copy()
+
+    def _render(self, frame: av.VideoFrame) -> Image8:
+        fit = _fit(frame.width, frame.height, self.box)
+        self.fit = fit
+        scaled = frame.reformat(width=fit.width, height=fit.height, format="rgb24")
+        tile = np.zeros((self.box.height, self.box.width, 3), dtype=np.uint8)
+        tile[fit.y : fit.y + fit.height, fit.x : fit.x + fit.width] = scaled.to_ndarray()
+        return tile
+
+
+def _draw_strokes(tile: Image8, strokes: list[Stroke], fit: Rect) -> Image8:
+    image = Image.fromarray(tile)
+    draw = ImageDraw.Draw(image)
+    for stroke in strokes:
+        points = [(fit.x + x * fit.width, fit.y + y * fit.height) for x, y in stroke.points]
+        if len(points) == 1:
+            (x, y), r = points[0], stroke.width
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=stroke.colour)
+        else:
+            draw.line(points, fill=stroke.colour, width=stroke.width, joint="curve")
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+# --- audio ----------------------------------------------------------------------------------
+
+
+class _AudioSource:
+    """One audio segment decoded to stereo float samples, positioned on the session clock."""
+
+    def __init__(self, ref: SegmentRef) -> None:
+        self.ref = ref
+        self._chunks: deque[tuple[int, Samples]] = deque()
+        self._decoded = self._decode()
+        self._done = False
+        self.end = round((ref.start_s + ref.duration_s) * AUDIO_RATE)
+
+    def _decode(self) -> Iterator[tuple[int, Samples]]:
+        base = round(self.ref.start_s * AUDIO_RATE)
+        resampler = av.AudioResampler(format="flt", layout="stereo", rate=AUDIO_RATE)
+        with av.open(self.ref.path) as container:
+            stream = container.streams.audio[0]
+            first: int | None = None
+            position: int | None = None
+            try:
+                for frame in container.decode(stream):
+                    if frame.pts is None or frame.time is None:
+                        continue
+                    at = round(frame.time * AUDIO_RATE)
+                    first = at if first is None else first
+                    placed = base + at - first
+                    if position is not None and abs(placed - position) <= _SNAP_SAMPLES:
+                        placed = position
+                    for out in resampler.resample(frame):
+                        samples = out.to_ndarray().reshape(-1, 2).astype(np.float32)
+                        yield placed, samples
+                        placed += len(samples)
+                    position = placed
+            except av.FFmpegError:
+                return  # a torn end: keep what decoded
+
+    def add_to(self, mix: Samples, start: int) -> None:
+        """Adds this source's samples for [start, start + len(mix)) into `mix`."""
+        stop = start + len(mix)
+        while not self._done and (not self._chunks or self._chunk_end() < stop):
+            chunk = next(self._decoded, None)
+            if chunk is None:
+                self._done = True
+            else:
+                self._chunks.append(chunk)
+        while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= start:
+            self._chunks.popleft()
+        for at, samples in self._chunks:
+            lo, hi = max(at, start), min(at + len(samples), stop)
+            if lo < hi:
+                mix[lo - start : hi - start] += samples[lo - at : hi - at]
+
+    def _chunk_end(self) -> int:
+        at, samples = self._chunks[-1]
+        return at + len(samples)
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def render_composite(job: CompositeJob, progress: Progress | None = None) -> CompositeResult:
+    """Renders the job into `job.output` (replaced atomically), calling `progress` with
+    0..1 as it goes and 1.0 at the end. Blocking and CPU-heavy: run it in a worker process
+    (see `run_composite`)."""
+    began = time.monotonic()
+    ends = [s.start_s + s.duration_s for t in job.tiles for s in t.segments]
+    ends += [s.start_s + s.duration_s for s in job.audio]
+    if not ends:
+        raise CompositeError("the job has no segments")
+    duration = max(ends)
+    frames = max(1, math.ceil(duration * job.fps))
+    output = Path(job.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    temp = Path(temp_name)
+    try:
+        _render(job, temp, duration, frames, progress)
+        os.replace(temp, output)
+    finally:
+        temp.unlink(missing_ok=True)
+    digest, size = file_sha256(output)
+    if progress is not None:
+        progress(1.0)
+    return CompositeResult(
+        str(output), frames / job.fps, frames, size, digest, time.monotonic() - began
+    )
+
+
+def _render(
+    job: CompositeJob, path: Path, duration: float, frames: int, progress: Progress | None
+) -> None:
+    half = 0.5 / job.fps
+    boxes = grid(len(job.tiles), job.width, job.height)
+    tiles = [_TileSource(tile, box, half) for tile, box in zip(job.tiles, boxes, strict=True)]
+    audio = [_AudioSource(ref) for ref in job.audio]
+    strokes = sorted(job.strokes, key=lambda s: s.at_s)
+    canvas = np.zeros((job.height, job.width, 3), dtype=np.uint8)
+    with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
+        video = out.add_stream("libx264", rate=job.fps)
+        video.width, video.height, video.pix_fmt = job.width, job.height, "yuv420p"
+        video.options = {"preset": job.preset, "crf": str(job.crf)}
+        video.codec_context.gop_size = job.fps * 2
+        sound = out.add_stream("aac", rate=AUDIO_RATE, layout="stereo") if audio else None
+        if sound is not None:
+            sound.bit_rate = 96_000
+        audio_at = 0
+        total_samples = round(duration * AUDIO_RATE)
+        reported = -1
+        for n in range(frames):
+            t = n / job.fps
+            active = [s for s in strokes if s.at_s <= t < s.at_s + job.stroke_s]
+            for source in tiles:
+                picture = source.picture(t)
+                mine = [s for s in active if s.track_id in source.track_ids]
+                if mine and source.fit is not None:
+                    picture = _draw_strokes(picture, mine, source.fit)
+                if source.label is not None:
+                    source.label.blend(picture)
+                b = source.box
+                canvas[b.y : b.y + b.height, b.x : b.x + b.width] = picture
+            frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
+            frame.pts = n
+            frame.time_base = Fraction(1, job.fps)
+            out.mux(video.encode(frame))
+            if sound is not None:
+                # Audio up to the end of this video frame, so the two stay interleaved.
+                until = min(total_samples, round((n + 1) / job.fps * AUDIO_RATE))
+                while audio_at < until:
+                    out.mux(sound.encode(_mixed(audio, audio_at)))
+                    audio_at += AAC_FRAME
+            if progress is not None and (percent := 100 * n // frames) != reported:
+                reported = percent
+                progress(n / frames)
+        out.mux(video.encode(None))
+        if sound is not None:
+            out.mux(sound.encode(None))
+
+
+def _mixed(sources: list[_AudioSource], start: int) -> av.AudioFrame:
+    mix = np.zeros((AAC_FRAME, 2), dtype=np.float32)
+    for source in sources:
+        source.add_to(mix, start)
+    np.clip(mix, -1.0, 1.0, out=mix)
+    frame = av.AudioFrame.from_ndarray(mix.reshape(1, -1), format="flt", layout="stereo")
+    frame.sample_rate = AUDIO_RATE
+    frame.pts = start
+    frame.time_base = Fraction(1, AUDIO_RATE)
+    return frame
+
+
+# --- the worker process ---------------------------------------------------------------------
+
+
+async def run_composite(
+    job: CompositeJob, on_progress: Progress | None = None, *, python: str = sys.executable
+) -> CompositeResult:
+    """Renders `job` in a child process (`python -m media.composite`), calling `on_progress`
+    on the event loop as it reports. Raises CompositeError if the render fails; cancelling
+    kills the child."""
+    job_path = await asyncio.to_thread(_write_job, job)
+    result: CompositeResult | None = None
+    try:
+        child = await asyncio.create_subprocess_exec(
+            python,
+            "-m",
+            "media.composite",
+            str(job_path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert child.stdout is not None and child.stderr is not None
+        errors = asyncio.ensure_future(child.stderr.read())
+        try:
+            async for line in child.stdout:
+                message = json.loads(line)
+                if "progress" in message and on_progress is not None:
+                    on_progress(float(message["progress"]))
+                elif "result" in message:
+                    result = CompositeResult(**message["result"])
+            code = await child.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            await child.wait()
+            errors.cancel()
+            raise
+        stderr = (await errors).decode(errors="replace")
+    finally:
+        await asyncio.to_thread(job_path.unlink, True)
+    if code != 0 or result is None:
+        raise CompositeError(f"the composite render failed ({code}): {stderr[-2000:]}")
+    return result
+
+
+def _write_job(job: CompositeJob) -> Path:
+    output = Path(job.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", suffix=".json", prefix=f".{output.name}.job.", dir=output.parent, delete=False
+    ) as f:
+        f.write(job.to_json())
+    return Path(f.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m media.composite JOB.json`: renders, printing JSON lines
+    {"progress": f} and finally {"result": {...}}."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m media.composite JOB.json", file=sys.stderr)
+        return 2
+    job = CompositeJob.from_json(Path(args[0]).read_text(encoding="utf-8"))
+
+    def report(fraction: float) -> None:
+        print(json.dumps({"progress": round(fraction, 4)}), flush=True)
+
+    result = render_composite(job, report)
+    print(json.dumps({"result": dataclasses.asdict(result)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
