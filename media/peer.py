@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiortc import (
+    RTCBundlePolicy,
     RTCConfiguration,
     RTCIceServer,
     RTCPeerConnection,
@@ -58,7 +59,13 @@ def create_peer_connection(config: PeerConfig) -> RTCPeerConnection:
             iceServers=[
                 RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
                 for s in config.ice_servers
-            ]
+            ],
+            # Every section on one transport from the start. aiortc's default (balanced) puts
+            # each kind's first section on a transport of its own and later sections of that
+            # kind on the same one; when the BUNDLE group then moves the first onto the main
+            # transport, the later ones stay on the transport it stops. A subscribe offer with
+            # two audio (or two video) sections at once lost the second.
+            bundlePolicy=RTCBundlePolicy.MAX_BUNDLE,
         )
     )
 

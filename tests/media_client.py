@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from media_peers import Collector, answer_offer, local_description
 from signaling_fixtures import DemoIdentity, Peer, SignalingServer, start_signaling_server
@@ -20,12 +20,19 @@ from media.hub import MediaHub
 from server.config import Config, load_config
 
 
+def client_peer_connection() -> RTCPeerConnection:
+    """As docs/protocol.md asks of clients: every section on one transport (max-bundle). With
+    aiortc's default (balanced), an answer to an offer holding two sections of a kind other
+    than the first section's leaves the second on a transport that BUNDLE then stops."""
+    return RTCPeerConnection(RTCConfiguration(bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
+
+
 class MediaClient:
     def __init__(self, peer: Peer, *, send_remb: bool = False) -> None:
         self.peer = peer
         self.send_remb = send_remb
-        self.publisher = RTCPeerConnection()
-        self.subscriber = RTCPeerConnection()
+        self.publisher = client_peer_connection()
+        self.subscriber = client_peer_connection()
         # What arrived, by track id, with the track info the offer named it with.
         self.received: dict[str, Collector] = {}
         self.info: dict[str, dict[str, Any]] = {}
