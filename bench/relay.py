@@ -1,41 +1,63 @@
 """Media relay benchmark: a telemed server forwarding VP8 + Opus between aiortc clients on
 loopback, with the server, the publishers and the subscribers in separate processes.
 
+    python bench/relay.py direct --runs 3
     python bench/relay.py consult --runs 3
     python bench/relay.py teaching --viewers 10,50,100 --runs 3
-    python bench/relay.py direct --runs 3
-    python bench/relay.py --quick                  # smoke run of all three, under a minute
-    python bench/relay.py teaching --viewers 50 --py-spy /tmp/relay-pyspy/bin/py-spy
+    python bench/relay.py teaching --viewers 200 --runs 1
+    python bench/relay.py --quick                  # smoke run of all three, about a minute
+    python bench/relay.py teaching --viewers 50 --runs 1 --py-spy /tmp/relay-pyspy/bin/py-spy
+    python bench/relay_report.py runs.jsonl        # tables from `--json --out runs.jsonl`
 
 Scenarios:
-- `consult`: four clinicians of one consultation's team (no waiting room), each publishing
-  audio and 640x480 30 fps video and receiving the other three (12 video + 12 audio streams
-  forwarded); one client process per party.
+- `consult`: the four clinicians of one consultation's team (no waiting room) each publish
+  audio and 640x480 30 fps video and receive the other three (12 video + 12 audio streams
+  forwarded); one client process per party. Everyone joins first, then they publish in turn
+  (`--consult-publish on-join`: each publishes as soon as it is in, so the later ones' first
+  subscribe offers hold several sections of each kind; before the relay bundled every section
+  on one transport, see media/peer.py, that lost the second of a kind).
 - `teaching --viewers K`: one presenter (the inviting village doctor) publishes audio and
-  video; K trainees, invited through the REST API, join a teaching consultation, wait, and
-  the presenter admits each (the `admit` event) as the protocol has it; trainees only
-  receive. The presenter has a process of its own; the trainees share `--viewer-procs`.
-- `direct`: one aiortc peer sends the same media straight to another (no server): the
-  baseline the relay's added latency is measured against.
+  video; K trainees, invited through the REST API, join a teaching consultation, wait in the
+  waiting room and are admitted by the presenter (the `admit` event), as the protocol has
+  it; trainees only receive. Processes: the presenter; the `--decoded` sampled trainees; the
+  other trainees, about 40 per process (`--viewer-procs`).
+- `direct`: one aiortc peer sends the same media straight to another (no server). Beside
+  every consult/teaching run such a pair also runs in the same window (`--no-baseline` to
+  leave it out): `added_latency_*` is the room's latency less the pair's, in the same run.
+
+Media: a clip encoded once and cached (bench/relay_media.py): 640x480, 30 fps, ~1 Mbit/s VP8
+with a keyframe every 5 s, the frame counter in the pixels; 1 s of Opus looped. Publishers
+replay it as `av.Packet`s (aiortc packs them without encoding), at 30 fps, and answer a
+keyframe request at once. Subscribers tap their receivers with the project's
+`media.aiortc_hooks.tap_receiver` (encoded frames as soon as complete, no decoding) and pin
+the full layer (`set_layer`, `--layers auto` leaves the server's REMB-driven choice on).
+Trainees that are not sampled are lean once they have decoded their first keyframe: they
+read RTP headers straight off their socket (relay_client.LeanReceive), so that a hundred
+client peers fit on the same two cores as the server.
 
 Each run starts a fresh server (`telemed --config FILE serve`, temporary data directory,
-random JWT secret; the config sets `media.host_addresses = ["127.0.0.1"]` and raises the
-signaling rate limit for the presenter's admits) and kills everything it started in `finally`.
+random JWT secret, niced to `--server-nice` so the clients do not starve it; the config sets
+`media.host_addresses = ["127.0.0.1"]` and raises the signaling rate limit for the
+presenter's admits) and kills everything it started in `finally`. The machine is shared:
+a run first waits (up to `--quiet-wait` s) for the machine to be nearly idle, and is repeated
+(up to `--retries` times) when others used more than `--noisy-above` cores in its window.
 After every participant receives what it should, `--warmup` s pass unmeasured, then the
 window of `--duration` s is measured:
 
 - server CPU: utime+stime of the server process from /proc/PID/stat at the window's edges;
 - forwarded packets: what the server sent to subscribers in the window, from the RTP sequence
   numbers each subscriber saw (first to last; received packets are reported too);
-- per-subscriber fps: video frames re-assembled at the subscriber in the window / duration;
+- per-subscriber fps: video frames complete at the subscriber in the window / duration;
 - frames lost: frames the publisher sent in the window that never reached a subscriber
-  (whole, by 2 s after the window), by RTP timestamp;
-- latency: publisher hands frame n to its sender -> the frame is complete at the subscriber.
-  `latency_ms_*`: from the counter decoded out of the pixels, in the sampled subscribers
-  (`--decoded`; they decode every frame as a browser would); `latency_all_ms_*`: every
+  whole (by 2 s after the window), by RTP timestamp;
+- latency: the publisher hands frame n to its sender -> the frame is complete at the
+  subscriber. `latency_ms_*`: from the counter decoded out of the pixels, in the sampled
+  subscribers (they decode every frame, as a browser would); `latency_all_ms_*`: every
   subscriber, the frame number from RTP timestamps, anchored by a decoded keyframe (the
   sampled subscribers check every decoded counter against it: `counter_mismatches`).
   All processes read the same CLOCK_MONOTONIC.
+- the server's responsiveness: GET /healthz every 0.5 s (`server_http_ms_*`); connections
+  that failed or closed, and when (`connection_losses`).
 
 Per packet vs per frame: `cpu_us_per_forwarded_packet` divides by RTP packets sent (video
 ~4 per frame at 1 Mbit/s, audio 1 per 20 ms frame); `cpu_us_per_forwarded_frame` by the
@@ -308,6 +330,20 @@ class Run:
                         found[match[1]] = float(match[2])
         return found
 
+    async def _probe_server(self, until: float) -> list[float]:
+        times: list[float] = []
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < until - 0.5:
+                began = time.monotonic()
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    async with http.get(
+                        self.url + "/healthz", timeout=aiohttp.ClientTimeout(total=10)
+                    ) as r:
+                        await r.read()
+                        times.append(1000 * (time.monotonic() - began))
+                await asyncio.sleep(max(0.0, began + 0.5 - time.monotonic()))
+        return times
+
     async def _room_stats(self) -> dict[str, Any]:
         """From the room's media statistics (GET .../media) after the window: how many video
         subscriptions get each layer, and what the server lost of its publishers' packets."""
@@ -434,8 +470,7 @@ class Run:
             ]
         limit = 120.0 + self.viewers
         # The session's opener first (the village doctor); in a consultation everyone joins
-        # before anyone publishes, and the publishers take turns: a subscribe connection whose
-        # first offer holds two tracks of one kind loses the second (see the report).
+        # before anyone publishes, and the publishers take turns.
         # --consult-publish on-join: each party publishes as soon as it is in, so the later
         # ones' first subscribe offers hold two or three tracks of each kind.
         on_join = self.scenario == "teaching" or args.consult_publish == "on-join"
@@ -506,8 +541,10 @@ class Run:
         await asyncio.sleep(max(0.0, start - time.monotonic()))
         before = self._sample()
         spy = self._start_py_spy()
+        probe = asyncio.ensure_future(self._probe_server(end)) if self.server else None
         await asyncio.sleep(max(0.0, end - time.monotonic()))
         after = self._sample()
+        probe_ms = sorted(await probe) if probe is not None else []
         rss = rss_bytes(self.server.pid) if self.server else 0
         metrics_after = await self._metrics() if self.server else {}
         replies = [await self._answer(pipe, 60 + DRAIN_S) for pipe in self.pipes]
@@ -556,6 +593,10 @@ class Run:
             "run": self.index,
             "duration_s": args.duration,
             "setup_s": round(setup_s, 1),
+            # GET /healthz every 0.5 s in the window: how long the server's one event loop
+            # (which also forwards all media) took to answer.
+            "server_http_ms_p50": percentile(probe_ms, 50),
+            "server_http_ms_max": probe_ms[-1] if probe_ms else None,
             "errors": errors[:10],
             "notes": self.notes,
             "layers_requested": args.layers,
@@ -883,7 +924,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="after-join",
         help="consult: everyone joins, then each publishes in turn; or each publishes as "
         "soon as it has joined (late joiners' first offers then hold several tracks of a "
-        "kind, which the server mishandles: see bench/results/relay.md)",
+        "kind: tests/test_media_joiner.py)",
     )
     parser.add_argument("--join-rate", type=float, default=20.0, help="teaching joins per s")
     parser.add_argument("--join-concurrency", type=int, default=4)
@@ -917,8 +958,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.scenarios = args.scenarios or ["consult", "teaching", "direct"]
         args.viewers = "10"
         args.runs = 1
-        args.duration = 6.0
-        args.warmup = 2.0
+        args.duration = 5.0
+        args.warmup = 1.5
         args.clip_frames = 150
         args.gop = 75
         args.quiet_wait = 0.0

@@ -10,8 +10,8 @@ are complete (no jitter-buffer wait, no decoder thread). Per received stream a w
 over the measurement window, the RTP packets that reached the receiver (and the sequence
 number span: what the server sent), the frames, and when each video frame arrived with its RTP
 timestamp. Video streams chosen for sampling are decoded in full and their counters read; the
-other video streams decode only keyframes before the window (to anchor their timestamps to the
-publisher's frame numbers).
+others decode their first keyframe only (the anchor of their frame numbers), and a lean
+subscriber then counts from RTP headers alone (LeanReceive).
 
 The orchestrator (bench/relay.py) drives a worker through a pipe: `start`, then `window`, then
 `close`; `offer` / `answer` for the direct pair.
