@@ -3,9 +3,9 @@ into a WebM (Matroska) file, one file per *segment* (a track from its first fram
 removed or ends). Muxing, disk writes and hashing run in one writer thread fed by a bounded
 queue; the event loop only checks and enqueues, and when the queue is full it drops and counts.
 
-Crash safety (facts in docs/media.md): Matroska with clusters of at most a second and every
-packet flushed keeps all but about the last second after a `kill -9`; `recover_segment` reads
-such a file back without rewriting it.
+Crash safety (facts in docs/media.md): Matroska with short clusters and every packet flushed
+keeps all but the open cluster (here at most half a second) after a `kill -9`;
+`recover_segment` reads such a file back without rewriting it.
 
 Timestamps: each segment's first frame is placed on the recording's *session clock* (seconds
 since the recording started) at its arrival time; later frames follow by their RTP timestamp
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 CLOCK_RATE = {"video": 90_000, "audio": 48_000}
 CODEC = {"video": "vp8", "audio": "opus"}
 MUXER_OPTIONS = {
-    # A cluster is closed (and so is safe on disk) at least every second ...
-    "cluster_time_limit": "1000",
+    # The muxer holds a cluster in memory until it closes it: a kill loses the open one, so
+    # clusters close every half second ...
+    "cluster_time_limit": "500",
     # ... and every packet goes to the file at once instead of sitting in an I/O buffer.
     "flush_packets": "1",
     # A silent track must not make the muxer hold packets back (microseconds).

@@ -522,31 +522,22 @@ class ConsultationService:
 
     async def record(self, ctx: RequestContext, consultation_id: ConsultationId) -> SessionRecord:
         """The whole record, filtered by what the caller may see; the read itself is audited."""
-        actor = ctx.actor
         async with self._store.transaction() as tx:
-            consultation = await self._load(tx, actor, Permission.VIEW_RECORD, consultation_id)
+            consultation = await self._load(tx, ctx.actor, Permission.VIEW_RECORD, consultation_id)
             await self._audit(tx, ctx, AuditAction.VIEW_RECORD, consultation_id)
-            opinions = await tx.list_opinion_versions(consultation_id)
-            if actor.role in PATIENT_ROLES:
-                # Drafts are the physicians' working notes; the resident sees what was signed.
-                opinions = [v for v in opinions if v.locked]
-            # The patient (whose data it is) and the inviting clinician (who answers for it)
-            # see who accessed the record.
-            sees_audit = (
-                actor.role in PATIENT_ROLES or actor.user_id == consultation.inviting_clinician
+            return await _filtered_record(tx, ctx.actor, consultation)
+
+    async def export_record(
+        self, ctx: RequestContext, consultation_id: ConsultationId
+    ) -> SessionRecord:
+        """The record as record() filters it for the caller, for an export (FHIR): needs
+        export_record and is audited as an export."""
+        async with self._store.transaction() as tx:
+            consultation = await self._load(
+                tx, ctx.actor, Permission.EXPORT_RECORD, consultation_id
             )
-            audit = await tx.list_audit(consultation_id, 10_000, 0) if sees_audit else []
-            return SessionRecord(
-                consultation=consultation,
-                sessions=await tx.list_sessions(consultation_id),
-                participations=await tx.list_participations(consultation_id),
-                events=await tx.list_events(consultation_id),
-                consents=await tx.list_consents(consultation_id),
-                opinions=opinions,
-                decisions=await tx.list_decisions(consultation_id),
-                recordings=await tx.list_recordings(consultation_id),
-                audit=audit,
-            )
+            await self._audit(tx, ctx, AuditAction.EXPORT_RECORD, consultation_id)
+            return await _filtered_record(tx, ctx.actor, consultation)
 
     async def audit_log(
         self,
@@ -600,6 +591,32 @@ class ConsultationService:
                 detail=detail or {},
             )
         )
+
+
+async def _filtered_record(
+    tx: RecordRepository, actor: Actor, consultation: Consultation
+) -> SessionRecord:
+    """The whole record of `consultation` as `actor` may see it (record() and exports)."""
+    consultation_id = consultation.id
+    opinions = await tx.list_opinion_versions(consultation_id)
+    if actor.role in PATIENT_ROLES:
+        # Drafts are the physicians' working notes; the resident sees what was signed.
+        opinions = [v for v in opinions if v.locked]
+    # The patient (whose data it is) and the inviting clinician (who answers for it)
+    # see who accessed the record.
+    sees_audit = actor.role in PATIENT_ROLES or actor.user_id == consultation.inviting_clinician
+    audit = await tx.list_audit(consultation_id, 10_000, 0) if sees_audit else []
+    return SessionRecord(
+        consultation=consultation,
+        sessions=await tx.list_sessions(consultation_id),
+        participations=await tx.list_participations(consultation_id),
+        events=await tx.list_events(consultation_id),
+        consents=await tx.list_consents(consultation_id),
+        opinions=opinions,
+        decisions=await tx.list_decisions(consultation_id),
+        recordings=await tx.list_recordings(consultation_id),
+        audit=audit,
+    )
 
 
 def _require_status(

@@ -49,9 +49,19 @@ class Permission(StrEnum):
 
 P = Permission
 
-# Patients read their own record (PIPL gives them that right); consultations.record() filters it.
+# Patients read their own record and take a copy of it (PIPL art. 45: access, copy, transfer);
+# consultations.record() filters both the same way.
 _PATIENT = frozenset(
-    {P.JOIN, P.PUBLISH_AUDIO, P.PUBLISH_VIDEO, P.SUBSCRIBE, P.CHAT, P.CONSENT, P.VIEW_RECORD}
+    {
+        P.JOIN,
+        P.PUBLISH_AUDIO,
+        P.PUBLISH_VIDEO,
+        P.SUBSCRIBE,
+        P.CHAT,
+        P.CONSENT,
+        P.VIEW_RECORD,
+        P.EXPORT_RECORD,
+    }
 )
 
 _CLINICIAN = frozenset(

@@ -59,7 +59,14 @@ def create_app(config: Config) -> web.Application:
         return RequestContext(claims.to_actor(), request.remote)
 
     _attach_signaling(app, config, store, service, tokens)
-    api = build_api(service, tokens, config.jwt.invite_ttl_s, authenticate, app[NAMESPACE].media)
+    api = build_api(
+        service,
+        tokens,
+        config.jwt.invite_ttl_s,
+        authenticate,
+        app[NAMESPACE].media,
+        public_url=config.effective_public_url,
+    )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))
 

@@ -235,6 +235,8 @@ async def test_real_replies_validate_against_the_document(api: Api, doc: dict[st
     assert record.status == 200
     for part in ("sessions", "participations", "events", "consents", "recordings", "audit"):
         assert record.body[part], part  # every part of the record was validated non-empty
+    fhir = await http.get(f"{one}/fhir", VILLAGE)
+    assert (fhir.status, fhir.content_type) == (200, "application/fhir+json")
     assert (await http.get("/api/v1/audit", ADMIN, params={"consultation": cid})).status == 200
     for path in ("/healthz", "/readyz"):
         assert (await http.get(path, None)).status == 200

@@ -39,6 +39,7 @@ EXPECTED: dict[Role, set[str]] = {
         "chat",
         "consent",
         "view_record",
+        "export_record",
     },
     # Like the resident; gives consent for minors.
     Role.GUARDIAN: {
@@ -49,6 +50,7 @@ EXPECTED: dict[Role, set[str]] = {
         "chat",
         "consent",
         "view_record",
+        "export_record",
     },
     # The inviting clinician: creates the request, admits, records (with consent), decides.
     Role.VILLAGE_DOCTOR: _CLINICIAN_BASE

@@ -46,6 +46,8 @@ class Endpoint:
     status: int = 200
     tags: tuple[str, ...] = ()
     errors: tuple[int, ...] = (400, 401, 403, 404)
+    # The response's media type (a FHIR export is application/fhir+json).
+    content_type: str = "application/json"
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Api:
             return web.Response(
                 status=endpoint.status,
                 body=result.model_dump_json(),
-                content_type="application/json",
+                content_type=endpoint.content_type,
             )
 
         return handle

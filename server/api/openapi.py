@@ -56,7 +56,7 @@ def build_openapi(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
             }
         ok: dict[str, Any] = {"description": "OK" if e.status != 201 else "Created"}
         if e.response is not None:
-            ok["content"] = {"application/json": {"schema": ref(e.response, "serialization")}}
+            ok["content"] = {e.content_type: {"schema": ref(e.response, "serialization")}}
         else:
             ok["description"] = "No content"
         op["responses"][str(e.status)] = ok

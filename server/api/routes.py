@@ -12,6 +12,7 @@ from rooms.lifecycle import Action
 from rooms.model import ConsultationId, OpinionContent, Resident, UserId
 from rooms.roles import Role
 from rooms.store import ConsultationFilter
+from server.api.fhir_routes import FhirRoutes
 from server.api.framework import Api, Authenticate, Call, Endpoint, Handler
 from server.api.media_routes import MediaRoutes
 from server.api.problems import BadRequest
@@ -298,11 +299,15 @@ def build_api(
     invite_ttl_s: int,
     authenticate: Authenticate,
     hub: MediaHub,
+    *,
+    public_url: str = "",
 ) -> Api:
+    """`public_url` is the base of links in exports; empty, the request's own origin."""
     api = Api(authenticate)
     for endpoint in [
         *ConsultationRoutes(service, tokens, invite_ttl_s).endpoints(),
         *MediaRoutes(service, hub).endpoints(),
+        *FhirRoutes(service, public_url).endpoints(),
     ]:
         api.add(endpoint)
     return api

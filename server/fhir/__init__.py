@@ -1,0 +1,1 @@
+"""FHIR R4B views of the consultation record."""
