@@ -26,6 +26,8 @@ from rooms.model import (
     FinalDecision,
     OpinionContent,
     OpinionVersion,
+    Recording,
+    RecordingId,
     Resident,
     Session,
     SessionId,
@@ -538,6 +540,27 @@ class ConsultationService:
             )
             await self._audit(tx, ctx, AuditAction.EXPORT_RECORD, consultation_id)
             return await _filtered_record(tx, ctx.actor, consultation)
+
+    async def open_recording(
+        self, ctx: RequestContext, recording_id: RecordingId, detail: dict[str, Any]
+    ) -> tuple[Recording, str | None]:
+        """A recording and its file's path, if the caller may download recordings of its
+        consultation; every access is audited (with `detail`, e.g. the byte range)."""
+        async with self._store.transaction() as tx:
+            found = await tx.get_recording(recording_id)
+            if found is None:
+                raise NotFound(f"no recording {recording_id}")
+            recording, consultation_id, path = found
+            await self._load(tx, ctx.actor, Permission.DOWNLOAD_RECORDING, consultation_id)
+            await self._audit(
+                tx,
+                ctx,
+                AuditAction.DOWNLOAD_RECORDING,
+                consultation_id,
+                target=recording_id,
+                detail=detail,
+            )
+            return recording, path
 
     async def audit_log(
         self,

@@ -83,6 +83,21 @@ class LiveParticipant:
         )
 
 
+@dataclass(frozen=True)
+class RecordingOn:
+    """The room is being recorded: since when, and who started it."""
+
+    by: ParticipantId
+    at: datetime
+
+    def to_dict(self) -> dict[str, str]:
+        return {"by": self.by, "at": self.at.isoformat()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> RecordingOn:
+        return cls(ParticipantId(data["by"]), datetime.fromisoformat(data["at"]))
+
+
 @dataclass
 class RoomState:
     consultation_id: ConsultationId
@@ -92,6 +107,7 @@ class RoomState:
     removed_users: set[UserId] = field(default_factory=set)
     # Whether trainees may chat (teaching sessions start with it closed).
     trainee_chat: bool = False
+    recording: RecordingOn | None = None
 
     def admitted(self) -> list[LiveParticipant]:
         return sorted(
@@ -137,6 +153,10 @@ class PresenceStore(Protocol):
 
     async def set_trainee_chat(self, consultation_id: ConsultationId, open_: bool) -> None: ...
 
+    async def set_recording(
+        self, consultation_id: ConsultationId, recording: RecordingOn | None
+    ) -> None: ...
+
     async def close(self, consultation_id: ConsultationId) -> None: ...
 
 
@@ -181,6 +201,11 @@ class InMemoryPresence:
 
     async def set_trainee_chat(self, consultation_id: ConsultationId, open_: bool) -> None:
         self._rooms[consultation_id].trainee_chat = open_
+
+    async def set_recording(
+        self, consultation_id: ConsultationId, recording: RecordingOn | None
+    ) -> None:
+        self._rooms[consultation_id].recording = recording
 
     async def close(self, consultation_id: ConsultationId) -> None:
         self._rooms.pop(consultation_id, None)

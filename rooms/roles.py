@@ -61,6 +61,8 @@ _PATIENT = frozenset(
         P.CONSENT,
         P.VIEW_RECORD,
         P.EXPORT_RECORD,
+        # Their own consultation's recordings (policy scopes a patient to it).
+        P.DOWNLOAD_RECORDING,
     }
 )
 

@@ -13,7 +13,13 @@ from typing import Any
 from rooms.clock import Clock, utc_now
 from rooms.consultations import ConsultationService, RequestContext
 from rooms.errors import IllegalTransition, NotFound, RoomRefused
-from rooms.live import LiveParticipant, ParticipantState, PresenceStore, RoomState
+from rooms.live import (
+    LiveParticipant,
+    ParticipantState,
+    PresenceStore,
+    RecordingOn,
+    RoomState,
+)
 from rooms.model import (
     CloseReason,
     Consent,
@@ -27,8 +33,14 @@ from rooms.model import (
     SessionEvent,
     TrackSource,
 )
-from rooms.outcome import Audience, Outcome, Seat, Target
+from rooms.outcome import Audience, Outcome, RecorderOrder, Seat, Target
 from rooms.policy import Actor, can, require
+from rooms.recording_rules import (
+    RECORDER_ID,
+    consents_needed,
+    missing_consent,
+    recorder_participant,
+)
 from rooms.roles import CLINICIAN_ROLES, SOURCE_PERMISSION, Permission, Role
 from rooms.store import RecordRepository, RecordStore
 
@@ -358,6 +370,18 @@ class LiveRoomService:
         granted: bool,
         on_behalf_of: str | None,
     ) -> Outcome:
+        async with self._presence.lock(consultation_id):
+            return await self._consent(conn, actor, consultation_id, kind, granted, on_behalf_of)
+
+    async def _consent(
+        self,
+        conn: str,
+        actor: Actor,
+        consultation_id: ConsultationId,
+        kind: ConsentKind,
+        granted: bool,
+        on_behalf_of: str | None,
+    ) -> Outcome:
         room, me = await self._member(conn, consultation_id)
         consultation = await self._check(actor, Permission.CONSENT, consultation_id)
         async with self._store.transaction() as tx:
@@ -388,6 +412,9 @@ class LiveRoomService:
             },
             Target.room(consultation_id),
         )
+        if not granted and room.recording is not None and kind in consents_needed(consultation):
+            # Withdrawing consent stops the recording at once.
+            await self._stop_recording(room, me, "consent_withdrawn", out)
         return out
 
     async def annotate(
@@ -453,6 +480,49 @@ class LiveRoomService:
         _, me = await self._member(conn, consultation_id)
         return me
 
+    async def start_recording(
+        self, conn: str, actor: Actor, consultation_id: ConsultationId
+    ) -> Outcome:
+        async with self._presence.lock(consultation_id):
+            room, me = await self._member(conn, consultation_id)
+            consultation = await self._check(actor, Permission.START_RECORDING, consultation_id)
+            if room.recording is not None:
+                raise RoomRefused("already_recording", "the session is already being recorded")
+            async with self._store.transaction() as tx:
+                missing = missing_consent(consultation, await tx.list_consents(consultation_id))
+                if missing is not None:
+                    raise RoomRefused(
+                        "consent_missing",
+                        f"the resident has not given (or has withdrawn) the {missing.value} "
+                        "consent this recording needs",
+                    )
+                event = await self._append(tx, room, EventKind.RECORDING_STARTED, me, {})
+            recording = RecordingOn(me.participant_id, event.at)
+            await self._presence.set_recording(consultation_id, recording)
+        out = Outcome()
+        out.recorder.append(RecorderOrder(consultation_id, room.session_id, "start", "started"))
+        out.announce(
+            "participant_joined", recorder_participant(recording), Target.room(room.consultation_id)
+        )
+        out.announce(
+            "recording_started",
+            {"seq": event.seq, "by": me.participant_id, "at": event.at.isoformat()},
+            Target.room(consultation_id),
+        )
+        return out
+
+    async def stop_recording(
+        self, conn: str, actor: Actor, consultation_id: ConsultationId
+    ) -> Outcome:
+        async with self._presence.lock(consultation_id):
+            room, me = await self._member(conn, consultation_id)
+            await self._check(actor, Permission.START_RECORDING, consultation_id)
+            if room.recording is None:
+                raise RoomRefused("not_recording", "the session is not being recorded")
+            out = Outcome()
+            await self._stop_recording(room, me, "stopped", out)
+            return out
+
     async def end_session(
         self, conn: str, actor: Actor, consultation_id: ConsultationId
     ) -> Outcome:
@@ -461,6 +531,37 @@ class LiveRoomService:
             return await self._end(actor, room, "ended")
 
     # --- helpers -----------------------------------------------------------------------------
+
+    async def _stop_recording(
+        self, room: RoomState, by: LiveParticipant | None, reason: str, out: Outcome
+    ) -> None:
+        """Records that the recording stopped and why, and tells the room (under its lock)."""
+        cid = room.consultation_id
+        async with self._store.transaction() as tx:
+            event = await tx.append_event(
+                room.session_id,
+                self._now(),
+                EventKind.RECORDING_STOPPED,
+                by.user_id if by else None,
+                by.participant_id if by else None,
+                {"reason": reason},
+            )
+        await self._presence.set_recording(cid, None)
+        room.recording = None
+        out.recorder.append(RecorderOrder(cid, room.session_id, "stop", reason))
+        out.announce(
+            "recording_stopped",
+            {
+                "seq": event.seq,
+                "reason": reason,
+                "by": by.participant_id if by else None,
+                "at": event.at.isoformat(),
+            },
+            Target.room(cid),
+        )
+        out.announce(
+            "participant_left", {"participant": RECORDER_ID, "reason": "left"}, Target.room(cid)
+        )
 
     async def _room_for_join(self, actor: Actor, consultation: Consultation) -> RoomState:
         """The presence of the consultation's open session, opening one if a clinician comes
@@ -635,10 +736,19 @@ class LiveRoomService:
         out.announce("participant_left", payload, target)
 
     async def _end(self, actor: Actor | None, room: RoomState, reason: str) -> Outcome:
+        out = Outcome()
+        if room.recording is not None:
+            by = next(
+                (p for p in room.participants.values() if actor and p.user_id == actor.user_id),
+                None,
+            )
+            await self._stop_recording(room, by, "session_ended", out)
         ctx = RequestContext(actor) if actor else None
         await self._consultations.end_session(ctx, room.consultation_id, room.session_id, reason)
         self._forget(room.consultation_id)
-        out = Outcome()
+        out.recorder.append(
+            RecorderOrder(room.consultation_id, room.session_id, "session_ended", reason)
+        )
         payload = {"session_id": room.session_id, "reason": reason}
         # To every connection, waiting or seated, whichever audiences it is in.
         for p in room.participants.values():
@@ -661,7 +771,10 @@ class LiveRoomService:
             "consultation_id": room.consultation_id,
             "kind": consultation.kind.value,
             "you": me.public(),
-            "participants": [p.public() for p in room.admitted()],
+            "participants": [
+                *(p.public() for p in room.admitted()),
+                *([recorder_participant(room.recording)] if room.recording else []),
+            ],
             "waiting": (
                 [p.public() for p in room.waiting()]
                 if _may(me, Permission.ADMIT, consultation)
@@ -684,6 +797,7 @@ class LiveRoomService:
                 for c in consents
             ],
             "trainee_chat": room.trainee_chat,
+            "recording": room.recording.to_dict() if room.recording else None,
         }
 
     async def _member(

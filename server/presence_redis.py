@@ -11,7 +11,7 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from rooms.errors import RoomRefused
-from rooms.live import LiveParticipant, RoomState
+from rooms.live import LiveParticipant, RecordingOn, RoomState
 from rooms.model import ConsultationId, ParticipantId, SessionId, UserId
 
 _PREFIX = "telemed:room:"
@@ -63,6 +63,11 @@ class RedisPresence:
             participants=participants,
             removed_users={UserId(u) for u in removed},
             trainee_chat=meta.get("trainee_chat") == "1",
+            recording=(
+                RecordingOn.from_dict(json.loads(meta["recording"]))
+                if meta.get("recording")
+                else None
+            ),
         )
 
     async def create(self, room: RoomState) -> None:
@@ -74,6 +79,7 @@ class RedisPresence:
                 mapping={
                     "session_id": room.session_id,
                     "trainee_chat": "1" if room.trainee_chat else "0",
+                    "recording": json.dumps(room.recording.to_dict()) if room.recording else "",
                 },
             )
             for p in room.participants.values():
@@ -108,6 +114,14 @@ class RedisPresence:
         # Only an existing room: a stray write must not leave a room without a session.
         if await self._redis.exists(meta_key):
             await self._redis.hset(meta_key, "trainee_chat", "1" if open_ else "0")
+
+    async def set_recording(
+        self, consultation_id: ConsultationId, recording: RecordingOn | None
+    ) -> None:
+        meta_key = _keys(consultation_id)[0]
+        if await self._redis.exists(meta_key):
+            value = json.dumps(recording.to_dict()) if recording else ""
+            await self._redis.hset(meta_key, "recording", value)
 
     async def close(self, consultation_id: ConsultationId) -> None:
         await self._redis.delete(*_keys(consultation_id))

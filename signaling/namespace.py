@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import socketio
 from pydantic import BaseModel, ValidationError
@@ -19,7 +19,7 @@ from media.layers import Layer
 from media.peer import PeerConfig
 from rooms.errors import DomainError, RoomRefused
 from rooms.model import ConsultationId, ParticipantId
-from rooms.outcome import Audience, Outcome, Target
+from rooms.outcome import Audience, Outcome, RecorderOrder, Target
 from rooms.policy import Actor
 from rooms.room_service import LiveRoomService, Stroke
 from signaling import events as ev
@@ -55,6 +55,12 @@ class Limits:
     empty_room_grace_s: float = 120.0
     chat_max_chars: int = 2000
     annotation_max_points: int = 500
+
+
+class Recorders(Protocol):
+    """Carries out the room service's recording orders (the server's session recorders)."""
+
+    async def carry_out(self, order: RecorderOrder) -> None: ...
 
 
 @dataclass
@@ -106,6 +112,8 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         super().__init__(NAMESPACE)
         self._rooms = rooms
         self._media = MediaHub(peer_config, self._send_subscribe_offer, self._send_layer)
+        # Set by the app once its recorders (which follow this namespace's media) exist.
+        self._recorders: Recorders | None = None
         # Which connection holds each seat, to deliver its subscribe offers.
         self._seats: dict[tuple[str, str], str] = {}
         self._authenticate = authenticate
@@ -128,6 +136,8 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             "pointer": EventSpec(ev.Pointer, self._pointer),
             "set_trainee_chat": EventSpec(ev.TraineeChat, self._set_trainee_chat),
             "end_session": EventSpec(ev.Empty, self._end_session),
+            "start_recording": EventSpec(ev.Empty, self._start_recording),
+            "stop_recording": EventSpec(ev.Empty, self._stop_recording),
             "publish_offer": EventSpec(ev.PublishOffer, self._publish_offer),
             "subscribe_answer": EventSpec(ev.SubscribeAnswer, self._subscribe_answer),
             "set_layer": EventSpec(ev.SetLayer, self._set_layer),
@@ -144,6 +154,9 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     @property
     def media(self) -> MediaHub:
         return self._media
+
+    def use_recorders(self, recorders: Recorders) -> None:
+        self._recorders = recorders
 
     async def stop(self) -> None:
         await self._timers.cancel_all()
@@ -253,6 +266,9 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         for cid, participant, kind in outcome.muted:
             if participant in self._media.members(cid):
                 self._media.pause(cid, participant, kind, paused=True)
+        if self._recorders is not None:
+            for order in outcome.recorder:
+                await self._recorders.carry_out(order)
 
     async def _send_subscribe_offer(
         self, room: str, participant: str, sdp: str, tracks: dict[str, TrackInfo]
@@ -407,6 +423,14 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         return await self._rooms.pointer(
             sid, conn.actor, _room(conn), body.target_track, body.x, body.y
         )
+
+    async def _start_recording(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
+        if self._recorders is None:
+            raise RoomRefused("recording_unavailable", "this server does not record")
+        return await self._rooms.start_recording(sid, conn.actor, _room(conn))
+
+    async def _stop_recording(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
+        return await self._rooms.stop_recording(sid, conn.actor, _room(conn))
 
     async def _set_trainee_chat(self, sid: str, conn: Connection, body: ev.TraineeChat) -> Outcome:
         return await self._rooms.set_trainee_chat(sid, conn.actor, _room(conn), body.open)

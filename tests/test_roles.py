@@ -40,6 +40,7 @@ EXPECTED: dict[Role, set[str]] = {
         "consent",
         "view_record",
         "export_record",
+        "download_recording",
     },
     # Like the resident; gives consent for minors.
     Role.GUARDIAN: {
@@ -51,6 +52,7 @@ EXPECTED: dict[Role, set[str]] = {
         "consent",
         "view_record",
         "export_record",
+        "download_recording",
     },
     # The inviting clinician: creates the request, admits, records (with consent), decides.
     Role.VILLAGE_DOCTOR: _CLINICIAN_BASE

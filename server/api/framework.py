@@ -31,7 +31,9 @@ class Call(Generic[BodyT, QueryT]):
         return self.request.match_info[name]
 
 
-Handler = Callable[[Call[Any, Any]], Awaitable[BaseModel | None]]
+# A handler answers with a model (serialised as JSON), nothing, or a response of its own (a
+# file, with ranges).
+Handler = Callable[[Call[Any, Any]], Awaitable[BaseModel | web.StreamResponse | None]]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,10 @@ class Endpoint:
     errors: tuple[int, ...] = (400, 401, 403, 404)
     # The response's media type (a FHIR export is application/fhir+json).
     content_type: str = "application/json"
+    # Instead of the API's bearer authentication (a playback link carries its own grant).
+    authenticate: Authenticate | None = None
+    # A binary response (a recording file): its media types, for the document.
+    binary: tuple[str, ...] = ()
 
 
 @dataclass
@@ -64,10 +70,12 @@ class Api:
 
     def _wrap(self, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
-            ctx = await self.authenticate(request)
+            ctx = await (endpoint.authenticate or self.authenticate)(request)
             body = await _read_body(request, endpoint.body)
             query = _read_query(request, endpoint.query)
             result = await endpoint.handler(Call(request, ctx, body, query))
+            if isinstance(result, web.StreamResponse):
+                return result
             if result is None:
                 return web.Response(status=endpoint.status)
             return web.Response(

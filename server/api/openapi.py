@@ -57,6 +57,14 @@ def build_openapi(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
         ok: dict[str, Any] = {"description": "OK" if e.status != 201 else "Created"}
         if e.response is not None:
             ok["content"] = {e.content_type: {"schema": ref(e.response, "serialization")}}
+        elif e.binary:
+            binary = {"type": "string", "format": "binary"}
+            ok["content"] = {t: {"schema": binary} for t in e.binary}
+            # Range requests: a part of the file, or a range that does not fit it.
+            op["responses"]["206"] = {
+                "description": "Partial content (the requested byte range)",
+                "content": {t: {"schema": binary} for t in e.binary},
+            }
         else:
             ok["description"] = "No content"
         op["responses"][str(e.status)] = ok
@@ -83,6 +91,7 @@ _ERROR_TEXT = {
     404: "No such consultation",
     409: "Conflicts with the current state (e.g. an illegal transition)",
     413: "Request body too large",
+    416: "The requested range is not within the file",
 }
 
 

@@ -1,0 +1,239 @@
+"""The session recorders: one media.recorder.RoomRecorder per recorded room, its segments kept
+in the record as they open and close, and crash recovery at startup.
+
+The room service decides when recording starts and stops (consent, permission) and says so
+in `Outcome.recorder`; this carries those orders out. Files live under
+`{data_dir}/recordings/{session_id}/`; the record keeps their path relative to `data_dir`,
+and clients only ever see recording ids."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+from media.hub import MediaHub
+from media.recorder import RoomRecorder
+from media.recording import SegmentInfo, SegmentState, recover_segment
+from rooms.clock import Clock, utc_now
+from rooms.live import PresenceStore
+from rooms.model import (
+    ConsultationId,
+    EventKind,
+    ParticipantId,
+    Recording,
+    RecordingId,
+    RecordingKind,
+    RecordingState,
+    SessionId,
+)
+from rooms.outcome import RecorderOrder
+from rooms.store import RecordStore
+
+log = logging.getLogger(__name__)
+
+# Called with a session whose recording ended, to make its composite.
+SessionEnded = Callable[[ConsultationId, SessionId], Awaitable[None]]
+
+_STATE_OF_SEGMENT = {
+    SegmentState.RECORDING: RecordingState.RECORDING,
+    SegmentState.COMPLETE: RecordingState.COMPLETE,
+    SegmentState.INTERRUPTED: RecordingState.INTERRUPTED,
+    SegmentState.FAILED: RecordingState.FAILED,
+}
+
+
+def media_type_of(kind: str) -> str:
+    return "video/webm" if kind == "video" else "audio/webm"
+
+
+@dataclass
+class _Running:
+    consultation_id: ConsultationId
+    session_id: SessionId
+    recorder: RoomRecorder
+    # Seconds from the session's start to the recorder's clock zero.
+    offset_s: float
+    # Segment rows by file path, to complete them when the segment closes.
+    rows: dict[Path, Recording] = field(default_factory=dict)
+
+
+class SessionRecordings:
+    def __init__(
+        self,
+        store: RecordStore,
+        hub: MediaHub,
+        presence: PresenceStore,
+        data_dir: Path,
+        on_session_ended: SessionEnded | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._presence = presence
+        self._data_dir = data_dir
+        self._on_session_ended = on_session_ended
+        self._now = clock
+        self._running: dict[ConsultationId, _Running] = {}
+
+    @property
+    def recording(self) -> list[ConsultationId]:
+        return list(self._running)
+
+    async def stop(self) -> None:
+        """Server shutdown: every open segment is closed and hashed (complete, not
+        interrupted); the sessions themselves stay as they are."""
+        for consultation_id in list(self._running):
+            await self._stop(consultation_id)
+
+    async def carry_out(self, order: RecorderOrder) -> None:
+        if order.action == "start":
+            await self._start(order.consultation_id, order.session_id)
+        elif order.action == "stop":
+            await self._stop(order.consultation_id)
+        else:
+            await self._stop(order.consultation_id)
+            if self._on_session_ended is not None:
+                await self._on_session_ended(order.consultation_id, order.session_id)
+
+    async def _start(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
+        if consultation_id in self._running:
+            return
+        async with self._store.reading() as tx:
+            sessions = await tx.list_sessions(consultation_id)
+        session = next(s for s in sessions if s.id == session_id)
+        recording_id = f"r{uuid.uuid4().hex[:12]}"
+        directory = self._data_dir / "recordings" / session_id
+        running: _Running
+
+        async def opened(info: SegmentInfo) -> None:
+            await self._segment_opened(running, info)
+
+        async def closed(info: SegmentInfo) -> None:
+            await self._segment_closed(running, info)
+
+        recorder = RoomRecorder(
+            directory, recording_id, on_segment_opened=opened, on_segment_closed=closed
+        )
+        await recorder.start()
+        assert recorder.started_at is not None  # set by start()
+        running = _Running(
+            consultation_id,
+            session_id,
+            recorder,
+            offset_s=recorder.started_at - session.started_at.timestamp(),
+        )
+        self._running[consultation_id] = running
+        # Tile labels come from the record (name, role) when the composite is made.
+        recorder.follow(self._hub, consultation_id)
+
+    async def _stop(self, consultation_id: ConsultationId) -> None:
+        running = self._running.pop(consultation_id, None)
+        if running is not None:
+            await running.recorder.stop()
+
+    async def _segment_opened(self, running: _Running, info: SegmentInfo) -> None:
+        room = await self._presence.get(running.consultation_id)
+        who = room.participants.get(ParticipantId(info.participant)) if room else None
+        row = Recording(
+            id=RecordingId(f"rec_{uuid.uuid4().hex[:16]}"),
+            session_id=running.session_id,
+            track=info.track_id,
+            kind=RecordingKind.TRACK.value,
+            media_type=media_type_of(info.kind),
+            sha256=None,
+            duration_s=None,
+            size_bytes=None,
+            state=RecordingState.RECORDING.value,
+            started_at=self._now(),
+            ended_at=None,
+            participant_id=info.participant,
+            name=who.name if who else None,
+            role=who.role.value if who else None,
+            source=info.source,
+            offset_s=round(running.offset_s + info.start_s, 3),
+        )
+        async with self._store.transaction() as tx:
+            await tx.add_recording(row, path=self._relative(info.path))
+        running.rows[info.path] = row
+
+    async def _segment_closed(self, running: _Running, info: SegmentInfo) -> None:
+        row = running.rows.pop(info.path, None)
+        if row is None:
+            return
+        async with self._store.transaction() as tx:
+            await tx.update_recording(_closed(row, info, self._now()))
+
+    def _relative(self, path: Path) -> str:
+        return str(path.relative_to(self._data_dir))
+
+    # --- crash recovery -----------------------------------------------------------------
+
+    async def recover(
+        self, end_session: Callable[[ConsultationId, SessionId], Awaitable[None]]
+    ) -> list[tuple[ConsultationId, SessionId]]:
+        """After a crash: every segment the record still shows as being written is closed,
+        hashed and marked interrupted (its file is read, never rewritten), the stop is written
+        to its session's log, and the session is ended as aborted (`end_session`). Returns the
+        sessions so aborted, with their consultations."""
+        async with self._store.reading() as tx:
+            open_rows = await tx.list_recordings_in_state(RecordingState.RECORDING.value)
+        sessions: dict[SessionId, ConsultationId] = {}
+        for row, consultation_id, path in open_rows:
+            if row.kind != RecordingKind.TRACK.value:
+                continue
+            sessions[row.session_id] = consultation_id
+            recovered = await _recover_row(row, self._data_dir / path if path else None)
+            async with self._store.transaction() as tx:
+                await tx.update_recording(replace(recovered, ended_at=self._now()))
+        async with self._store.reading() as tx:
+            still_open = {s.id for s in await tx.list_open_sessions()}
+        aborted: list[tuple[ConsultationId, SessionId]] = []
+        for session_id, consultation_id in sessions.items():
+            if session_id not in still_open:
+                continue
+            async with self._store.transaction() as tx:
+                await tx.append_event(
+                    session_id,
+                    self._now(),
+                    EventKind.RECORDING_STOPPED,
+                    None,
+                    None,
+                    {"reason": "interrupted"},
+                )
+            await end_session(consultation_id, session_id)
+            aborted.append((consultation_id, session_id))
+        return aborted
+
+
+async def _recover_row(row: Recording, path: Path | None) -> Recording:
+    if path is None or not await asyncio.to_thread(path.exists):
+        log.warning("recording %s: its file is gone", row.id)
+        return replace(row, state=RecordingState.FAILED.value, size_bytes=0)
+    try:
+        info = await asyncio.to_thread(recover_segment, path)
+    except Exception:
+        log.exception("recording %s could not be recovered", row.id)
+        return replace(row, state=RecordingState.FAILED.value)
+    return replace(
+        row,
+        state=RecordingState.INTERRUPTED.value,
+        sha256=info.sha256,
+        duration_s=round(info.duration_s, 3),
+        size_bytes=info.size_bytes,
+    )
+
+
+def _closed(row: Recording, info: SegmentInfo, now: datetime) -> Recording:
+    return replace(
+        row,
+        state=_STATE_OF_SEGMENT[info.state].value,
+        sha256=info.sha256,
+        duration_s=round(info.duration_s, 3),
+        size_bytes=info.size_bytes,
+        ended_at=now,
+    )
