@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import version
 
@@ -13,21 +14,26 @@ from aiohttp import web
 
 from media.peer import IceServer, PeerConfig
 from rooms.consultations import ConsultationService, RequestContext
+from rooms.errors import DomainError
 from rooms.live import InMemoryPresence
-from rooms.model import ConsultationId
+from rooms.model import ConsultationId, SessionId
 from rooms.room_service import LiveRoomService, RoomLimits
 from server.api.openapi import build_openapi
 from server.api.problems import problem_middleware
 from server.api.routes import build_api
 from server.api.schemas import Health
 from server.auth import AuthError, TokenService, bearer_token, check_not_revoked, check_scope
+from server.composites import Composites
 from server.config import Config
 from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.logs import request_id_middleware
 from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
+from server.recording import SessionRecordings
 from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
+
+log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", SqlRecordStore)
@@ -36,6 +42,8 @@ TOKENS = web.AppKey("tokens", TokenService)
 ROOMS = web.AppKey("rooms", LiveRoomService)
 SIO = web.AppKey("sio", socketio.AsyncServer)
 NAMESPACE = web.AppKey("namespace", ConsultNamespace)
+RECORDINGS = web.AppKey("recordings", SessionRecordings)
+COMPOSITES = web.AppKey("composites", Composites)
 # The engine.io frame limit guards the transport; per-event limits are the namespace's.
 _MAX_FRAME_BYTES = 1024 * 1024
 
@@ -66,6 +74,7 @@ def create_app(config: Config) -> web.Application:
         authenticate,
         app[NAMESPACE].media,
         public_url=config.effective_public_url,
+        data_dir=config.data_dir,
     )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))
@@ -89,6 +98,8 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/metrics", metrics_handler(app[NAMESPACE], app[NAMESPACE].media))
     app.router.add_get("/api/v1/openapi.json", get_openapi)
     app.cleanup_ctx.append(_store_lifecycle)
+    # After the store (it needs it at startup), before signaling stops (its media).
+    app.cleanup_ctx.append(_recording_lifecycle)
     return app
 
 
@@ -145,6 +156,17 @@ def _attach_signaling(
         ),
         _peer_config(config),
     )
+    composites = Composites(store, config.data_dir)
+    recordings = SessionRecordings(
+        store,
+        namespace.media,
+        presence,
+        config.data_dir,
+        on_session_ended=composites.render_later,
+    )
+    namespace.use_recorders(recordings)
+    app[RECORDINGS] = recordings
+    app[COMPOSITES] = composites
     sio.register_namespace(namespace)
     sio.attach(app)
     app[ROOMS] = rooms
@@ -197,6 +219,25 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await store.start()
     yield
     await store.stop()
+
+
+async def _recording_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    recordings, composites = app[RECORDINGS], app[COMPOSITES]
+    if not app[CONFIG].redis_url:
+        # Alone, this node knows that no recording it left open is still being written.
+        service = app[SERVICE]
+
+        async def abort(consultation_id: ConsultationId, session_id: SessionId) -> None:
+            try:
+                await service.end_session(None, consultation_id, session_id, "aborted")
+            except DomainError as exc:
+                log.warning("session %s left as it is: %s", session_id, exc)
+
+        for consultation_id, session_id in await recordings.recover(abort):
+            await composites.render_later(consultation_id, session_id)
+    yield
+    await recordings.stop()
+    await composites.stop()
 
 
 def _is_revoked(store: SqlRecordStore) -> Callable[[str], Awaitable[bool]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from media.hub import MediaHub
@@ -16,6 +17,7 @@ from server.api.fhir_routes import FhirRoutes
 from server.api.framework import Api, Authenticate, Call, Endpoint, Handler
 from server.api.media_routes import MediaRoutes
 from server.api.problems import BadRequest
+from server.api.recording_routes import RecordingRoutes
 from server.api.schemas import (
     AuditEntryOut,
     AuditList,
@@ -301,10 +303,13 @@ def build_api(
     hub: MediaHub,
     *,
     public_url: str = "",
+    data_dir: Path = Path("data"),
 ) -> Api:
-    """`public_url` is the base of links in exports; empty, the request's own origin."""
+    """`public_url` is the base of links in exports; empty, the request's own origin.
+    `data_dir` holds the recordings."""
     api = Api(authenticate)
     for endpoint in [
+        *RecordingRoutes(service, data_dir, authenticate).endpoints(),
         *ConsultationRoutes(service, tokens, invite_ttl_s).endpoints(),
         *MediaRoutes(service, hub).endpoints(),
         *FhirRoutes(service, public_url).endpoints(),
