@@ -1,4 +1,4 @@
-"""The `telemed` command: serve, db upgrade, token."""
+"""The `telemed` command: serve, db upgrade, token, render."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ from typing import Any
 
 from aiohttp import web
 
-from rooms.model import ConsultationId, UserId
+from rooms.model import ConsultationId, SessionId, UserId
 from rooms.roles import Role
 from server.app import CONFIG as CONFIG_KEY
 from server.app import SERVICE, TOKENS, create_app
 from server.auth import SigningKeyMissing, TokenService
+from server.composites import Composites
 from server.config import Config, ConfigError, load_config
 from server.db.migrate import upgrade
+from server.db.store import SqlRecordStore
 from server.demo import describe, ensure_demo
 from server.logs import configure_logging
 
@@ -71,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--consultation", help="scope the token to one consultation")
     token.add_argument("--ttl", type=_positive_int, help="lifetime in seconds")
     token.set_defaults(run=_token)
+
+    render = commands.add_parser(
+        "render", help="(re)make the composite recording of a consultation's sessions"
+    )
+    render.add_argument("consultation", help="consultation id")
+    render.add_argument("--session", help="only this session (default: every recorded one)")
+    render.set_defaults(run=_render)
     return parser
 
 
@@ -113,6 +122,47 @@ def _token(config: Config, args: argparse.Namespace) -> int:
         return 2
     print(token)
     return 0
+
+
+def _render(config: Config, args: argparse.Namespace) -> int:
+    return asyncio.run(_render_sessions(config, ConsultationId(args.consultation), args.session))
+
+
+async def _render_sessions(
+    config: Config, consultation_id: ConsultationId, only: str | None
+) -> int:
+    await upgrade(config.effective_database_url)
+    store = SqlRecordStore(config.effective_database_url)
+    await store.start()
+    try:
+        async with store.reading() as tx:
+            sessions = [s.id for s in await tx.list_sessions(consultation_id)]
+        if only is not None:
+            if only not in sessions:
+                print(f"telemed: no session {only} in {consultation_id}", file=sys.stderr)
+                return 2
+            sessions = [SessionId(only)]
+        composites = Composites(store, config.data_dir)
+        made = 0
+        for session_id in sessions:
+            print(f"session {session_id}", file=sys.stderr)
+            done = await composites.render(consultation_id, session_id, _progress_bar)
+            print(file=sys.stderr)
+            if done is None:
+                print(f"  nothing recorded in {session_id}", file=sys.stderr)
+                continue
+            made += 1
+            print(f"  {done.state}: {done.id} ({done.duration_s} s, sha256 {done.sha256})")
+            if done.state != "complete":
+                return 1
+        return 0 if made or only is None else 1
+    finally:
+        await store.stop()
+
+
+def _progress_bar(fraction: float) -> None:
+    filled = int(fraction * 30)
+    print(f"\r  [{'#' * filled}{'-' * (30 - filled)}] {fraction:4.0%}", end="", file=sys.stderr)
 
 
 def _positive_int(text: str) -> int:
