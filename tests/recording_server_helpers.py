@@ -1,0 +1,177 @@
+"""PYTEST_DONT_REWRITE
+Helpers for the server-side recording tests: reading recording rows and their files from a
+running app's store, checking decoded content, and the real server as a child process that a
+test can `kill -9`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import av
+import numpy as np
+from recording_helpers import Decoded, decode, has_tone
+
+from rooms.model import ConsultationId, Recording, RecordingId
+from server.app import CONFIG, STORE
+
+Colour = tuple[int, int, int]
+
+
+async def recordings_of(app: Any, cid: str) -> list[tuple[Recording, Path | None]]:
+    """Every recording row of the consultation with its file's absolute path (the store keeps
+    it relative to data_dir)."""
+    store = app[STORE]
+    data_dir: Path = app[CONFIG].data_dir
+    async with store.reading() as tx:
+        rows = await tx.list_recordings(ConsultationId(cid))
+        found = [await tx.get_recording(RecordingId(r.id)) for r in rows]
+    out: list[tuple[Recording, Path | None]] = []
+    for row, hit in zip(rows, found, strict=True):
+        path = hit[2] if hit else None
+        out.append((row, data_dir / path if path else None))
+    return out
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def decoded(path: Path) -> Decoded:
+    return decode(path)
+
+
+def colour_fraction(image: np.ndarray, colour: Colour, tolerance: int = 40) -> float:
+    """How much of an RGB image is within `tolerance` of `colour` in every channel."""
+    diff = np.abs(image.astype(np.int16) - np.array(colour, dtype=np.int16))
+    return float(np.all(diff <= tolerance, axis=-1).mean())
+
+
+@dataclass
+class CompositeContent:
+    video_frames: int
+    duration_s: float
+    middle: np.ndarray  # RGB picture from the middle of the video
+    audio: np.ndarray  # mono float samples
+    rate: int
+    video_codec: str
+    audio_codec: str
+
+
+def read_composite(path: Path) -> CompositeContent:
+    with av.open(str(path)) as container:
+        vstream = container.streams.video[0]
+        video_codec = vstream.codec_context.name
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(vstream)]
+    with av.open(str(path)) as container:
+        astream = container.streams.audio[0]
+        audio_codec = astream.codec_context.name
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
+        chunks = [
+            out.to_ndarray().reshape(-1).astype(np.float64)
+            for f in container.decode(astream)
+            for out in resampler.resample(f)
+        ]
+        duration = float(container.duration or 0) / av.time_base
+    return CompositeContent(
+        len(frames),
+        duration,
+        frames[len(frames) // 2],
+        np.concatenate(chunks),
+        48_000,
+        video_codec,
+        audio_codec,
+    )
+
+
+def tones_present(signal: np.ndarray, rate: int, tones: list[float]) -> dict[float, bool]:
+    return {f: has_tone(signal, rate, f) for f in tones}
+
+
+# --- the server as a child process ---------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def write_config(path: Path, data_dir: Path) -> None:
+    path.write_text(
+        "\n".join(
+            [
+                'log_level = "WARNING"',
+                f'data_dir = "{data_dir}"',
+                "[signaling]",
+                "reconnect_grace_s = 3600",
+                "empty_room_grace_s = 3600",
+                "[media]",
+                'host_addresses = ["127.0.0.1"]',
+                "",
+            ]
+        ),
+        encoding="utf-8",
+    )
+
+
+def telemed_command() -> list[str]:
+    script = Path(sys.executable).parent / "telemed"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())"]
+
+
+class ServerProcess:
+    """`telemed --config FILE serve` on a free port, its output in a log file."""
+
+    def __init__(self, config: Path, secret: str, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
+        env["TELEMED_JWT_SECRET"] = secret
+        argv = [*telemed_command(), "--config", str(config), "serve"]
+        argv += ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.log_path = log_path
+        self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - closed in kill()
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    async def ready(self, within: float = 120.0) -> None:
+        deadline = time.monotonic() + within
+        async with aiohttp.ClientSession() as http:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"the server exited early:\n{self.tail()}")
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with http.get(
+                        self.url + "/readyz", timeout=aiohttp.ClientTimeout(total=5)
+                    ) as r:
+                        if r.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the server is not ready:\n{self.tail()}")
+                await asyncio.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind runs in the server."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
