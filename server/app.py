@@ -31,6 +31,7 @@ from server.logs import request_id_middleware
 from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
 from server.recording import SessionRecordings
+from server.web_routes import register_web
 from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler(app[NAMESPACE], app[NAMESPACE].media))
     app.router.add_get("/api/v1/openapi.json", get_openapi)
+    register_web(app, config, service, tokens)
     app.cleanup_ctx.append(_store_lifecycle)
     # After the store (it needs it at startup), before signaling stops (its media).
     app.cleanup_ctx.append(_recording_lifecycle)

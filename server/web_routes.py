@@ -1,0 +1,75 @@
+"""The web client: static files under /web/, the role table it reads, and (development mode
+only) the demo identities to sign in with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from rooms.consultations import ConsultationService
+from rooms.roles import ROLE_PERMISSIONS
+from server.auth import TokenService
+from server.config import Config
+from server.dev_routes import register_dev
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
+# The page loads nothing from elsewhere; media elements play blob/MediaStream sources and the
+# recording's short-lived link on this origin.
+_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob:; "
+        "img-src 'self' data: blob:; style-src 'self'; object-src 'none'; "
+        "base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+def register_web(
+    app: web.Application, config: Config, service: ConsultationService, tokens: TokenService
+) -> None:
+    async def index(_: web.Request) -> web.StreamResponse:
+        return _file(WEB_DIR / "index.html")
+
+    async def root(_: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("/web/")
+
+    async def static(request: web.Request) -> web.StreamResponse:
+        relative = request.match_info["path"]
+        path = (WEB_DIR / relative).resolve()
+        if not path.is_relative_to(WEB_DIR) or not path.is_file() or path.suffix not in _TYPES:
+            raise web.HTTPNotFound()
+        return _file(path)
+
+    permissions = {
+        role.value: sorted(p.value for p in perms) for role, perms in ROLE_PERMISSIONS.items()
+    }
+
+    async def roles(_: web.Request) -> web.Response:
+        # The client shows only the controls a role may use; the server still decides.
+        return web.json_response(permissions, headers={"Cache-Control": "no-cache"})
+
+    app.router.add_get("/", root)
+    app.router.add_get("/web/", index)
+    app.router.add_get("/web/roles.json", roles)
+    app.router.add_get("/web/{path:.+}", static)
+    if config.dev:
+        register_dev(app, service, tokens)
+
+
+def _file(path: Path) -> web.FileResponse:
+    response = web.FileResponse(path, headers=_HEADERS)
+    response.content_type = _TYPES[path.suffix]
+    return response

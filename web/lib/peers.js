@@ -1,0 +1,157 @@
+// The two peer connections of docs/protocol.md's Media section: the client offers its tracks on
+// the publish connection; the server offers everyone else's on the subscribe connection.
+// Non-trickle ICE on both: every offer and answer carries all candidates.
+
+/**
+ * @typedef {"camera" | "microphone" | "screen" | "field_camera"} Source
+ * @typedef {{track_id: string, participant: string, kind: "audio" | "video", source: Source}} TrackInfo
+ * @typedef {{mid: string, info: TrackInfo, track: MediaStreamTrack}} Received
+ * @typedef {import("./signaling.js").Signaling} Signaling
+ */
+
+/** @param {RTCPeerConnection} pc */
+function gathered(pc) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const check = () => {
+      if (pc.iceGatheringState === "complete") {
+        pc.removeEventListener("icegatheringstatechange", check);
+        resolve(undefined);
+      }
+    };
+    pc.addEventListener("icegatheringstatechange", check);
+  });
+}
+
+/** Runs async steps one after another: one offer at a time per connection. */
+class Queue {
+  constructor() { /** @type {Promise<unknown>} */ this.tail = Promise.resolve(); }
+  /** @template T @param {() => Promise<T>} step @returns {Promise<T>} */
+  run(step) {
+    const result = this.tail.then(step);
+    this.tail = result.catch(() => undefined);
+    return result;
+  }
+}
+
+/** The relay forwards VP8 and Opus unchanged: put them first so nothing else is chosen. */
+function preferCodecs(/** @type {RTCRtpTransceiver} */ transceiver, /** @type {string} */ kind) {
+  const caps = RTCRtpSender.getCapabilities?.(kind);
+  if (!caps || !transceiver.setCodecPreferences) return;
+  const wanted = kind === "video" ? "video/vp8" : "audio/opus";
+  const codecs = caps.codecs.filter((c) => c.mimeType.toLowerCase() === wanted);
+  if (codecs.length) transceiver.setCodecPreferences(codecs);
+}
+
+/** @param {string} sdp */
+function fingerprint(sdp) {
+  return /a=fingerprint:\S+ (\S+)/.exec(sdp)?.[1] ?? "";
+}
+
+export class Publisher {
+  /** @param {Signaling} signaling @param {RTCIceServer[]} [iceServers] */
+  constructor(signaling, iceServers = []) {
+    this.signaling = signaling;
+    this.pc = new RTCPeerConnection({ iceServers });
+    /** @type {Map<Source, RTCRtpTransceiver>} */
+    this.bySource = new Map();
+    this.queue = new Queue();
+  }
+
+  /**
+   * Sends `track` as `source`. A source sent before reuses its section (no renegotiation);
+   * a new one adds a section and offers again, as the protocol says.
+   * @param {Source} source @param {MediaStreamTrack | null} track
+   */
+  async send(source, track) {
+    const existing = this.bySource.get(source);
+    if (existing) {
+      await existing.sender.replaceTrack(track);
+      return;
+    }
+    if (!track) return;
+    const transceiver = this.pc.addTransceiver(track, { direction: "sendonly" });
+    preferCodecs(transceiver, track.kind);
+    this.bySource.set(source, transceiver);
+    await this.negotiate();
+  }
+
+  /** Sends several new sources in one offer (the first publish). @param {[Source, MediaStreamTrack][]} pairs */
+  async sendAll(pairs) {
+    for (const [source, track] of pairs) {
+      const transceiver = this.pc.addTransceiver(track, { direction: "sendonly" });
+      preferCodecs(transceiver, track.kind);
+      this.bySource.set(source, transceiver);
+    }
+    if (pairs.length) await this.negotiate();
+  }
+
+  negotiate() {
+    return this.queue.run(async () => {
+      await this.pc.setLocalDescription(await this.pc.createOffer());
+      await gathered(this.pc);
+      /** @type {Record<string, Source>} */
+      const tracks = {};
+      for (const [source, t] of this.bySource) if (t.mid !== null) tracks[t.mid] = source;
+      const answer = this.signaling.next("publish_answer");
+      const sdp = /** @type {RTCSessionDescription} */ (this.pc.localDescription).sdp;
+      await this.signaling.request("publish_offer", { sdp, tracks });
+      const { sdp: answerSdp } = /** @type {{sdp: string}} */ (await answer);
+      await this.pc.setRemoteDescription({ type: "answer", sdp: answerSdp });
+    });
+  }
+
+  close() { this.pc.close(); }
+}
+
+export class Subscriber extends EventTarget {
+  /** @param {Signaling} signaling @param {RTCIceServer[]} [iceServers] */
+  constructor(signaling, iceServers = []) {
+    super();
+    this.signaling = signaling;
+    this.iceServers = iceServers;
+    this.pc = this.newConnection();
+    this.queue = new Queue();
+    /** @type {Record<string, TrackInfo>} mid -> what the newest offer put there */
+    this.offered = {};
+    this.off = signaling.on("subscribe_offer", (offer) => {
+      this.queue.run(() => this.answer(offer)).catch((err) => console.error("subscribe answer failed", err));
+    });
+  }
+
+  newConnection() {
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    pc.addEventListener("connectionstatechange", () => this.dispatchEvent(new Event("connectionstatechange")));
+    return pc;
+  }
+
+  /** @param {{sdp: string, tracks: Record<string, TrackInfo>}} offer */
+  async answer(offer) {
+    const current = this.pc.remoteDescription?.sdp;
+    if (current && fingerprint(current) !== fingerprint(offer.sdp)) {
+      // A new seat (after a reconnect grace ran out) brings a new server connection.
+      this.pc.close();
+      this.pc = this.newConnection();
+    }
+    await this.pc.setRemoteDescription({ type: "offer", sdp: offer.sdp });
+    await this.pc.setLocalDescription(await this.pc.createAnswer());
+    await gathered(this.pc);
+    this.offered = offer.tracks;
+    const sdp = /** @type {RTCSessionDescription} */ (this.pc.localDescription).sdp;
+    await this.signaling.request("subscribe_answer", { sdp });
+    this.dispatchEvent(new CustomEvent("tracks", { detail: this.received() }));
+  }
+
+  /** What arrives now: the server reuses sections, so the mapping is read from the newest offer. @returns {Received[]} */
+  received() {
+    /** @type {Received[]} */
+    const out = [];
+    for (const t of this.pc.getTransceivers()) {
+      const info = t.mid !== null ? this.offered[t.mid] : undefined;
+      if (info && t.receiver.track) out.push({ mid: /** @type {string} */ (t.mid), info, track: t.receiver.track });
+    }
+    return out;
+  }
+
+  close() { this.off(); this.pc.close(); }
+}

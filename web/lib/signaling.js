@@ -1,0 +1,122 @@
+// The /consult namespace: requests with acknowledgements, announcements as events, and the
+// reconnect rule of docs/protocol.md (same user + device label gets its seat back).
+
+/**
+ * @typedef {{code: string, message: string, event?: string}} ProtocolError
+ * @typedef {{ok: true, result?: Record<string, unknown>} | {ok: false, error: ProtocolError}} Ack
+ */
+
+/** A refused request: `code` is one of the protocol's error codes. */
+export class SignalError extends Error {
+  /** @param {string} code @param {string} message */
+  constructor(code, message) {
+    super(message);
+    this.code = code;
+  }
+}
+
+/** Connect refusals that come from the token (docs/protocol.md, Authentication). */
+export function isAuthRefusal(/** @type {string} */ message) {
+  return /token|invite|role|claim|auth payload/i.test(message);
+}
+
+export class Signaling {
+  /**
+   * @param {{token: string, consultationId: string, device: string, url?: string}} options
+   */
+  constructor({ token, consultationId, device, url = "" }) {
+    this.consultationId = consultationId;
+    this.device = device;
+    /** @type {Map<string, Set<(data: any) => void>>} */
+    this.handlers = new Map();
+    /** Set once joined; a reconnect then joins again with the same device label. */
+    this.joined = false;
+    // @ts-ignore: the vendored socket.io client defines the global `io`.
+    this.socket = /** @type {any} */ (globalThis.io)(`${url}/consult`, {
+      auth: { token, consultation_id: consultationId },
+      autoConnect: false,
+      reconnectionDelay: 500,
+      reconnectionDelayMax: 3000,
+    });
+    this.socket.onAny((/** @type {string} */ event, /** @type {any} */ data) => this.fire(event, data));
+    this.socket.on("connect", () => {
+      this.fire("_connected", { reconnect: this.joined });
+      if (this.joined) this.rejoin();
+    });
+    this.socket.on("disconnect", (/** @type {string} */ reason) => {
+      // "io server disconnect": the server ended it (session ended, removed, denied, replaced):
+      // socket.io does not retry, and neither do we.
+      this.fire("_disconnected", { reason, willRetry: reason !== "io server disconnect" && reason !== "io client disconnect" });
+    });
+    this.socket.on("connect_error", (/** @type {Error} */ err) => {
+      this.fire("_connect_error", { message: err.message, willRetry: this.socket.active });
+    });
+  }
+
+  /** Resolves on the first connection; rejects with the server's refusal reason. */
+  connect() {
+    return new Promise((resolve, reject) => {
+      const ok = () => { this.socket.off("connect_error", bad); resolve(undefined); };
+      const bad = (/** @type {Error} */ err) => {
+        if (!this.socket.active) { this.socket.off("connect", ok); reject(new SignalError("refused", err.message)); }
+      };
+      this.socket.once("connect", ok);
+      this.socket.on("connect_error", bad);
+      this.socket.connect();
+    });
+  }
+
+  /** @param {string} event @param {(data: any) => void} handler */
+  on(event, handler) {
+    if (!this.handlers.has(event)) this.handlers.set(event, new Set());
+    this.handlers.get(event)?.add(handler);
+    return () => this.handlers.get(event)?.delete(handler);
+  }
+
+  /** @param {string} event @param {any} data */
+  fire(event, data) {
+    for (const handler of this.handlers.get(event) ?? []) {
+      try { handler(data); } catch (err) { console.error(`handler of ${event} failed`, err); }
+    }
+  }
+
+  /** Resolves with the next `event` (registered before the request that causes it is sent). */
+  next(/** @type {string} */ event) {
+    return new Promise((resolve) => { const off = this.on(event, (d) => { off(); resolve(d); }); });
+  }
+
+  /**
+   * Sends a request and waits for its acknowledgement.
+   * @param {string} event @param {Record<string, unknown>} [payload]
+   * @returns {Promise<Record<string, unknown>>} the ack's result ({} when none)
+   */
+  async request(event, payload = {}, timeoutMs = 15000) {
+    /** @type {Ack} */
+    let ack;
+    try {
+      ack = await this.socket.timeout(timeoutMs).emitWithAck(event, payload);
+    } catch {
+      throw new SignalError("timeout", `no answer to ${event}`);
+    }
+    if (!ack.ok) throw new SignalError(ack.error.code, ack.error.message);
+    return ack.result ?? {};
+  }
+
+  async join() {
+    await this.request("join", { consultation_id: this.consultationId, device: this.device });
+    this.joined = true;
+  }
+
+  async rejoin() {
+    try {
+      await this.request("join", { consultation_id: this.consultationId, device: this.device });
+    } catch (err) {
+      this.fire("_rejoin_failed", err);
+    }
+  }
+
+  close() {
+    this.joined = false;
+    this.socket.disconnect();
+  }
+}
