@@ -90,7 +90,7 @@ class CompositeJob:
     fps: int = 15
     stroke_s: float = 4.0
     crf: int = 26
-    preset: str = "veryfast"
+    preset: str = "superfast"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
@@ -188,11 +188,12 @@ def grid(count: int, width: int, height: int) -> list[Rect]:
 
 
 def _fit(src_w: int, src_h: int, box: Rect) -> Rect:
-    """The largest rectangle of the source's shape centred in `box` (even sizes)."""
+    """The largest rectangle of the source's shape centred in `box` (even sizes and offsets,
+    as 4:2:0 chroma needs)."""
     scale = min(box.width / src_w, box.height / src_h)
     w = max(2, int(src_w * scale) // 2 * 2)
     h = max(2, int(src_h * scale) // 2 * 2)
-    return Rect((box.width - w) // 2, (box.height - h) // 2, w, h)
+    return Rect((box.width - w) // 4 * 2, (box.height - h) // 4 * 2, w, h)
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -201,28 +202,75 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size)
 
 
+# Pictures are composed as YUV 4:2:0 planes (Y, U, V), what the decoder gives and the encoder
+# takes: no colour conversion of whole frames, only scaling.
+Planes = tuple[Image8, Image8, Image8]
+
+
+def _planes(frame: av.VideoFrame) -> Planes:
+    """The planes of a yuv420p frame, as arrays."""
+    w, h = frame.width, frame.height
+    flat = np.asarray(frame.to_ndarray(), dtype=np.uint8).reshape(-1)
+    return (
+        flat[: w * h].reshape(h, w),
+        flat[w * h : w * h * 5 // 4].reshape(h // 2, w // 2),
+        flat[w * h * 5 // 4 :].reshape(h // 2, w // 2),
+    )
+
+
+def _rgb_planes(rgb: Image8) -> Planes:
+    return _planes(av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p"))
+
+
+def _planes_rgb(planes: Planes) -> Image8:
+    flat = np.concatenate([p.reshape(-1) for p in planes])
+    h, w = planes[0].shape
+    frame = av.VideoFrame.from_ndarray(flat.reshape(h * 3 // 2, w), format="yuv420p")
+    return np.asarray(frame.to_ndarray(format="rgb24"), dtype=np.uint8)
+
+
+def _paste(canvas: Planes, planes: Planes, x: int, y: int) -> None:
+    for i, plane in enumerate(planes):
+        d = 1 if i == 0 else 2
+        h, w = plane.shape
+        canvas[i][y // d : y // d + h, x // d : x // d + w] = plane
+
+
 @dataclass
 class _Overlay:
-    """An RGBA picture blended onto part of a tile: premultiplied colour and alpha."""
+    """An RGBA picture blended onto the canvas: per plane, premultiplied colour and the
+    share of the picture below that shows through."""
 
     x: int
     y: int
-    colour: NDArray[np.float32]
-    keep: NDArray[np.float32]
+    colour: tuple[NDArray[np.float32], ...]
+    keep: tuple[NDArray[np.float32], ...]
 
     @classmethod
     def from_image(cls, image: Image.Image, x: int, y: int) -> _Overlay:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        alpha = rgba[:, :, 3:4]
-        colour = (rgba[:, :, :3] * alpha * 255.0).astype(np.float32)
-        return cls(x, y, colour, (1.0 - alpha).astype(np.float32))
+        rgba = np.asarray(image.convert("RGBA"))
+        h, w = rgba.shape[0] // 2 * 2, rgba.shape[1] // 2 * 2
+        rgba = rgba[:h, :w]
+        alpha = rgba[:, :, 3].astype(np.float32) / 255.0
+        half = alpha.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+        alphas = (alpha, half, half)
+        planes = _rgb_planes(np.ascontiguousarray(rgba[:, :, :3]))
+        return cls(
+            x,
+            y,
+            tuple((p * a).astype(np.float32) for p, a in zip(planes, alphas, strict=True)),
+            tuple((1.0 - a).astype(np.float32) for a in alphas),
+        )
 
-    def blend(self, tile: Image8) -> None:
-        h, w = self.keep.shape[:2]
-        region = tile[self.y : self.y + h, self.x : self.x + w]
-        region[:] = (region * self.keep[: region.shape[0], : region.shape[1]]) + self.colour[
-            : region.shape[0], : region.shape[1]
-        ]
+    def blend(self, canvas: Planes, x: int, y: int) -> None:
+        """Blends onto `canvas` with the overlay's corner at (x + self.x, y + self.y)."""
+        for i, plane in enumerate(canvas):
+            d = 1 if i == 0 else 2
+            h, w = self.keep[i].shape
+            top, left = (y + self.y) // d, (x + self.x) // d
+            region = plane[top : top + h, left : left + w]
+            rh, rw = region.shape
+            region[:] = region * self.keep[i][:rh, :rw] + self.colour[i][:rh, :rw]
 
 
 def _label(text: str, box: Rect) -> _Overlay | None:
@@ -233,21 +281,21 @@ def _label(text: str, box: Rect) -> _Overlay | None:
     pad = size // 3
     probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
     left, top, right, bottom = (int(v) for v in probe.textbbox((0, 0), text, font=font))
-    w = min(box.width, right - left + 2 * pad)
-    h = bottom - top + 2 * pad
+    w = min(box.width, right - left + 2 * pad) // 2 * 2
+    h = (bottom - top + 2 * pad + 1) // 2 * 2
     image = Image.new("RGBA", (w, h), (0, 0, 0, 160))
     ImageDraw.Draw(image).text((pad - left, pad - top), text, font=font, fill=(255, 255, 255, 255))
     return _Overlay.from_image(image, 0, box.height - h)
 
 
-def _placeholder(box: Rect) -> Image8:
+def _placeholder(box: Rect) -> Planes:
     """A tile with no picture: black with a dash."""
     image = Image.new("RGB", (box.width, box.height), (0, 0, 0))
     font = _font(max(16, box.height // 6))
     ImageDraw.Draw(image).text(
         (box.width // 2, box.height // 2), "—", font=font, fill=(90, 90, 90), anchor="mm"
     )
-    return np.asarray(image, dtype=np.uint8).copy()
+    return _rgb_planes(np.asarray(image, dtype=np.uint8))
 
 
 # --- video ----------------------------------------------------------------------------------
@@ -284,7 +332,7 @@ class _TileSource:
         self._frames = self._all_frames()
         self._next: tuple[float, int, av.VideoFrame] | None = next(self._frames, None)
         self._current: tuple[float, int, av.VideoFrame] | None = None
-        self._picture: Image8 | None = None
+        self._picture: Planes | None = None
         self.fit: Rect | None = None
 
     def _all_frames(self) -> Iterator[tuple[float, int, av.VideoFrame]]:
@@ -292,8 +340,17 @@ class _TileSource:
             for t, frame in _video_frames(ref):
                 yield t, index, frame
 
-    def picture(self, t: float) -> Image8:
-        """The tile at output time `t` (a fresh array the caller may draw on)."""
+    def draw(self, canvas: Planes, t: float, strokes: list[Stroke]) -> None:
+        """Paints the tile as it is at output time `t` onto `canvas`, with `strokes` and the
+        label over it."""
+        picture = self._at(t)
+        if strokes and self.fit is not None and picture is not self.placeholder:
+            picture = _rgb_planes(_draw_strokes(_planes_rgb(picture), strokes, self.fit))
+        _paste(canvas, picture, self.box.x, self.box.y)
+        if self.label is not None:
+            self.label.blend(canvas, self.box.x, self.box.y)
+
+    def _at(self, t: float) -> Planes:
         changed = False
         while self._next is not None and self._next[0] <= t + self.half:
             self._current = self._next
@@ -301,20 +358,29 @@ class _TileSource:
             changed = True
         current = self._current
         if current is None:
-            return self.placeholder.copy()
+            return self.placeholder
         segment = self.segments[current[1]]
         if not (segment.start_s - self.half <= t <= segment.start_s + segment.duration_s):
-            return self.placeholder.copy()
+            return self.placeholder
         if changed or self._picture is None:
-            self._picture = self._render(current[2])
-        return self._picture.copy()
+            # Only frames that are shown are scaled; the decoder still sees every one.
+            self._picture = self._scaled(current[2])
+        return self._picture
 
-    def _render(self, frame: av.VideoFrame) -> Image8:
+    def _scaled(self, frame: av.VideoFrame) -> Planes:
         fit = _fit(frame.width, frame.height, self.box)
         self.fit = fit
-        scaled = frame.reformat(width=fit.width, height=fit.height, format="rgb24")
-        tile = np.zeros((self.box.height, self.box.width, 3), dtype=np.uint8)
-        tile[fit.y : fit.y + fit.height, fit.x : fit.x + fit.width] = scaled.to_ndarray()
+        scaled = frame.reformat(
+            width=fit.width, height=fit.height, format="yuv420p", interpolation="FAST_BILINEAR"
+        )
+        if (fit.width, fit.height) == (self.box.width, self.box.height):
+            return _planes(scaled)
+        tile = (
+            np.full((self.box.height, self.box.width), 16, dtype=np.uint8),
+            np.full((self.box.height // 2, self.box.width // 2), 128, dtype=np.uint8),
+            np.full((self.box.height // 2, self.box.width // 2), 128, dtype=np.uint8),
+        )
+        _paste(tile, _planes(scaled), fit.x, fit.y)
         return tile
 
 
@@ -328,7 +394,7 @@ def _draw_strokes(tile: Image8, strokes: list[Stroke], fit: Rect) -> Image8:
             draw.ellipse((x - r, y - r, x + r, y + r), fill=stroke.colour)
         else:
             draw.line(points, fill=stroke.colour, width=stroke.width, joint="curve")
-    return np.asarray(image, dtype=np.uint8).copy()
+    return np.asarray(image, dtype=np.uint8)
 
 
 # --- audio ----------------------------------------------------------------------------------
@@ -429,7 +495,13 @@ def _render(
     tiles = [_TileSource(tile, box, half) for tile, box in zip(job.tiles, boxes, strict=True)]
     audio = [_AudioSource(ref) for ref in job.audio]
     strokes = sorted(job.strokes, key=lambda s: s.at_s)
-    canvas = np.zeros((job.height, job.width, 3), dtype=np.uint8)
+    buffer = np.zeros(job.width * job.height * 3 // 2, dtype=np.uint8)
+    area = job.width * job.height
+    canvas: Planes = (
+        buffer[:area].reshape(job.height, job.width),
+        buffer[area : area * 5 // 4].reshape(job.height // 2, job.width // 2),
+        buffer[area * 5 // 4 :].reshape(job.height // 2, job.width // 2),
+    )
     with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
         video = out.add_stream("libx264", rate=job.fps)
         video.width, video.height, video.pix_fmt = job.width, job.height, "yuv420p"
@@ -445,15 +517,10 @@ def _render(
             t = n / job.fps
             active = [s for s in strokes if s.at_s <= t < s.at_s + job.stroke_s]
             for source in tiles:
-                picture = source.picture(t)
-                mine = [s for s in active if s.track_id in source.track_ids]
-                if mine and source.fit is not None:
-                    picture = _draw_strokes(picture, mine, source.fit)
-                if source.label is not None:
-                    source.label.blend(picture)
-                b = source.box
-                canvas[b.y : b.y + b.height, b.x : b.x + b.width] = picture
-            frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
+                source.draw(canvas, t, [s for s in active if s.track_id in source.track_ids])
+            frame = av.VideoFrame.from_ndarray(
+                buffer.reshape(job.height * 3 // 2, job.width), format="yuv420p"
+            )
             frame.pts = n
             frame.time_base = Fraction(1, job.fps)
             out.mux(video.encode(frame))
