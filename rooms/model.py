@@ -163,7 +163,7 @@ class Session:
     number: int
     started_at: datetime
     ended_at: datetime | None
-    # Why it ended: "ended" (by a clinician), "abandoned" (no clinician left), "aborted" (the
+    # Why it ended: "ended" (by a clinician), "no clinician left", "aborted" (the
     # server stopped during the session; set at restart).
     end_reason: str | None = None
 

@@ -235,6 +235,7 @@ async def _recording_lifecycle(app: web.Application) -> AsyncIterator[None]:
             except DomainError as exc:
                 log.warning("session %s left as it is: %s", session_id, exc)
 
+        await composites.resume()
         for consultation_id, session_id in await recordings.recover(abort):
             await composites.render_later(consultation_id, session_id)
     yield

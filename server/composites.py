@@ -59,6 +59,13 @@ class Composites:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def resume(self) -> None:
+        """After a crash: renders that were under way start again."""
+        async with self._store.reading() as tx:
+            stale = await tx.list_recordings_in_state(RecordingState.RENDERING.value)
+        for row, consultation_id, _ in stale:
+            await self.render_later(consultation_id, row.session_id)
+
     async def wait(self) -> None:
         """Until the background renders are done (tests, shutdown)."""
         while self._tasks:

@@ -618,11 +618,6 @@ async def check_recovered(
     assert [c.state for c, _ in composites] == [RecordingState.COMPLETE.value], composites
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GET …/record has no end_reason on its sessions (SessionOut in server/api/"
-    "schemas.py): an aborted session looks like any ended one over HTTP",
-)
 async def test_the_record_over_http_says_why_a_session_ended(api: Api) -> None:
     from rooms.model import ConsultationId
     from server.app import SERVICE

@@ -291,10 +291,18 @@ class SessionOut(ResponseBody):
     number: int
     started_at: datetime
     ended_at: datetime | None
+    # "ended", "no clinician left", or "aborted" (the server stopped during the session).
+    end_reason: str | None
 
     @classmethod
     def of(cls, s: Session) -> SessionOut:
-        return cls(id=s.id, number=s.number, started_at=s.started_at, ended_at=s.ended_at)
+        return cls(
+            id=s.id,
+            number=s.number,
+            started_at=s.started_at,
+            ended_at=s.ended_at,
+            end_reason=s.end_reason,
+        )
 
 
 class ParticipationOut(ResponseBody):
@@ -377,6 +385,14 @@ class RecordingOut(ResponseBody):
     state: str
     started_at: datetime
     ended_at: datetime | None
+    participant_id: str | None
+    name: str | None
+    role: str | None
+    source: str | None
+    # Where the recording starts, in seconds from the session's start.
+    offset_s: float | None
+    # A composite's rendering, 0..1.
+    progress: float | None
 
     @classmethod
     def of(cls, r: Recording) -> RecordingOut:
@@ -392,6 +408,12 @@ class RecordingOut(ResponseBody):
             state=r.state,
             started_at=r.started_at,
             ended_at=r.ended_at,
+            participant_id=r.participant_id,
+            name=r.name,
+            role=r.role,
+            source=r.source,
+            offset_s=r.offset_s,
+            progress=r.progress,
         )
 
 
