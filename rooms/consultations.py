@@ -37,6 +37,7 @@ from rooms.model import (
     UserId,
 )
 from rooms.policy import Actor, can, require
+from rooms.retention import LegalHold
 from rooms.roles import CLINICIAN_ROLES, PATIENT_ROLES, Permission, Role
 from rooms.store import ConsultationFilter, NewAuditEntry, RecordRepository, RecordStore
 
@@ -576,6 +577,66 @@ class ConsultationService:
                 tx, ctx, AuditAction.VIEW_AUDIT, consultation_id, detail={"after": after_seq}
             )
         return entries
+
+    async def legal_hold(
+        self, ctx: RequestContext, consultation_id: ConsultationId
+    ) -> LegalHold | None:
+        require(ctx.actor, Permission.MANAGE_RETENTION)
+        async with self._store.reading() as tx:
+            await self._existing(tx, consultation_id)
+            return await tx.get_legal_hold(consultation_id)
+
+    async def place_legal_hold(
+        self, ctx: RequestContext, consultation_id: ConsultationId, reason: str
+    ) -> LegalHold:
+        """Puts the consultation on hold (or replaces the reason of the hold in force): nothing
+        of its record is destroyed while it lasts. The consultation's row is locked so that a
+        retention run deciding on it waits for this, and sees the hold."""
+        require(ctx.actor, Permission.MANAGE_RETENTION)
+        async with self._store.transaction() as tx:
+            await self._existing(tx, consultation_id, for_update=True)
+            now = self._now()
+            current = await tx.get_legal_hold(consultation_id)
+            if current is not None:
+                await tx.release_legal_hold(
+                    consultation_id, ctx.actor.user_id, now, f"replaced: {reason}"
+                )
+            hold = LegalHold(consultation_id, reason, ctx.actor.user_id, now)
+            await tx.place_legal_hold(hold)
+            detail: dict[str, Any] = {"reason": reason}
+            if current is not None:
+                detail["replaces"] = current.reason
+            await self._audit(tx, ctx, AuditAction.PLACE_LEGAL_HOLD, consultation_id, detail=detail)
+        return hold
+
+    async def release_legal_hold(
+        self, ctx: RequestContext, consultation_id: ConsultationId, reason: str
+    ) -> LegalHold:
+        """Ends the hold in force (Conflict if there is none); returns the hold that ended."""
+        require(ctx.actor, Permission.MANAGE_RETENTION)
+        async with self._store.transaction() as tx:
+            await self._existing(tx, consultation_id, for_update=True)
+            current = await tx.get_legal_hold(consultation_id)
+            if current is None:
+                raise Conflict(f"consultation {consultation_id} is not on legal hold")
+            await tx.release_legal_hold(consultation_id, ctx.actor.user_id, self._now(), reason)
+            await self._audit(
+                tx,
+                ctx,
+                AuditAction.RELEASE_LEGAL_HOLD,
+                consultation_id,
+                detail={"reason": reason, "held_for": current.reason},
+            )
+        return current
+
+    async def _existing(
+        self, tx: RecordRepository, consultation_id: ConsultationId, *, for_update: bool = False
+    ) -> Consultation:
+        """For operators' rights (not on any team): the consultation, or NotFound."""
+        consultation = await tx.get_consultation(consultation_id, for_update=for_update)
+        if consultation is None:
+            raise NotFound(f"no consultation {consultation_id}")
+        return consultation
 
     async def _load(
         self,

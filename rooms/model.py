@@ -108,6 +108,8 @@ class AuditAction(StrEnum):
     SIGN_OPINION = "sign_opinion"
     RECORD_DECISION = "record_decision"
     DESTROY = "destroy"
+    PLACE_LEGAL_HOLD = "place_legal_hold"
+    RELEASE_LEGAL_HOLD = "release_legal_hold"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from rooms.model import (
     TeamMember,
     UserId,
 )
+from rooms.retention import LegalHold
 from rooms.roles import Role
 
 
@@ -164,6 +165,22 @@ class RecordRepository(Protocol):
     async def revoke_token(self, jti: str, expires_at: datetime, revoked_at: datetime) -> None: ...
 
     async def is_token_revoked(self, jti: str) -> bool: ...
+
+    async def get_legal_hold(self, consultation_id: ConsultationId) -> LegalHold | None:
+        """The hold in force on a consultation, if any."""
+        ...
+
+    async def place_legal_hold(self, hold: LegalHold) -> None: ...
+
+    async def release_legal_hold(
+        self,
+        consultation_id: ConsultationId,
+        released_by: UserId,
+        released_at: datetime,
+        reason: str,
+    ) -> None:
+        """Ends the hold in force; it stays in the history of holds."""
+        ...
 
     async def append_audit(self, entry: NewAuditEntry) -> AuditEntry: ...
 

@@ -1,4 +1,4 @@
-"""The `telemed` command: serve, db upgrade, token, render."""
+"""The `telemed` command: serve, db upgrade, token, render, retention run."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.demo import describe, ensure_demo
 from server.logs import configure_logging
+from server.retention import RetentionError, RetentionReport, run_retention
 
 log = logging.getLogger("telemed")
 
@@ -80,6 +82,17 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("consultation", help="consultation id")
     render.add_argument("--session", help="only this session (default: every recorded one)")
     render.set_defaults(run=_render)
+
+    retention = commands.add_parser("retention", help="retention of records, recordings, logs")
+    retention_commands = retention.add_subparsers(dest="retention_command", required=True)
+    run = retention_commands.add_parser(
+        "run", help="destroy what has expired and is not on legal hold, and log each destruction"
+    )
+    run.add_argument("--dry-run", action="store_true", help="report only; change nothing")
+    run.add_argument(
+        "--now", type=_aware_time, help="count periods back from this ISO time (default: now)"
+    )
+    run.set_defaults(run=_retention_run)
     return parser
 
 
@@ -163,6 +176,44 @@ async def _render_sessions(
 def _progress_bar(fraction: float) -> None:
     filled = int(fraction * 30)
     print(f"\r  [{'#' * filled}{'-' * (30 - filled)}] {fraction:4.0%}", end="", file=sys.stderr)
+
+
+def _retention_run(config: Config, args: argparse.Namespace) -> int:
+    now: datetime = args.now or datetime.now(UTC)
+    try:
+        report = asyncio.run(_retention(config, now, args.dry_run))
+    except RetentionError as exc:
+        print(f"telemed: {exc}", file=sys.stderr)
+        return 1
+    verb = "would destroy" if report.dry_run else "destroyed"
+    for name, cutoff in report.cutoffs.items():
+        print(f"{name}: expired if before {cutoff.isoformat()}")
+    for destruction in report.destroyed:
+        print(f"{verb} {destruction.describe()}")
+    print(f"{len(report.destroyed)} {'to destroy' if report.dry_run else 'destroyed'}")
+    return 0
+
+
+async def _retention(config: Config, now: datetime, dry_run: bool) -> RetentionReport:
+    await upgrade(config.effective_database_url)
+    store = SqlRecordStore(config.effective_database_url)
+    await store.start()
+    try:
+        return await run_retention(
+            store, config.retention.periods, config.data_dir, now, dry_run=dry_run
+        )
+    finally:
+        await store.stop()
+
+
+def _aware_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a time zone (e.g. {text}+08:00 or {text}Z)")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -9,7 +9,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from rooms.retention import LEGAL_MINIMUM, Period, RetentionPeriods
 
 # The secret a fresh checkout runs with in development mode; refused anywhere else.
 DEV_JWT_SECRET = "telemed-development-secret-do-not-use-in-production"
@@ -64,6 +75,35 @@ class MediaConfig(_Section):
     host_addresses: list[str] | None = None
 
 
+class RetentionConfig(_Section):
+    """How long each kind of artifact is kept: "15y", "6mo", "180d", "1y 6mo". Shorter than
+    the legal minimum is refused, so a typo cannot destroy records early."""
+
+    records: str = "15y"
+    recordings: str = "3y"
+    access_logs: str = "6mo"
+
+    @field_validator("records", "recordings", "access_logs")
+    @classmethod
+    def _a_lawful_period(cls, value: str, info: ValidationInfo) -> str:
+        period = Period.parse(value)
+        minimum: Period = getattr(LEGAL_MINIMUM, info.field_name or "")
+        if not period.at_least(minimum):
+            raise ValueError(
+                f"{value!r} is shorter than the legal minimum of {minimum} for "
+                f"{(info.field_name or '').replace('_', ' ')}"
+            )
+        return value
+
+    @property
+    def periods(self) -> RetentionPeriods:
+        return RetentionPeriods(
+            records=Period.parse(self.records),
+            recordings=Period.parse(self.recordings),
+            access_logs=Period.parse(self.access_logs),
+        )
+
+
 class Config(_Section):
     dev: bool = False
     host: str = "127.0.0.1"
@@ -79,6 +119,7 @@ class Config(_Section):
     jwt: JwtConfig = JwtConfig()
     signaling: SignalingConfig = SignalingConfig()
     media: MediaConfig = MediaConfig()
+    retention: RetentionConfig = RetentionConfig()
     ice_servers: list[IceServer] = []
 
     @property
@@ -131,6 +172,9 @@ _ENV_FIELDS: dict[str, tuple[str, ...]] = {
     "RECONNECT_GRACE_S": ("signaling", "reconnect_grace_s"),
     "EMPTY_ROOM_GRACE_S": ("signaling", "empty_room_grace_s"),
     "MAX_PARTICIPANTS": ("signaling", "max_participants"),
+    "RETENTION_RECORDS": ("retention", "records"),
+    "RETENTION_RECORDINGS": ("retention", "recordings"),
+    "RETENTION_ACCESS_LOGS": ("retention", "access_logs"),
 }
 
 

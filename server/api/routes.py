@@ -18,6 +18,7 @@ from server.api.framework import Api, Authenticate, Call, Endpoint, Handler
 from server.api.media_routes import MediaRoutes
 from server.api.problems import BadRequest
 from server.api.recording_routes import RecordingRoutes
+from server.api.retention_routes import LegalHoldRoutes
 from server.api.schemas import (
     AuditEntryOut,
     AuditList,
@@ -313,6 +314,7 @@ def build_api(
         *ConsultationRoutes(service, tokens, invite_ttl_s).endpoints(),
         *MediaRoutes(service, hub).endpoints(),
         *FhirRoutes(service, public_url).endpoints(),
+        *LegalHoldRoutes(service).endpoints(),
     ]:
         api.add(endpoint)
     return api

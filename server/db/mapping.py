@@ -36,6 +36,7 @@ from rooms.model import (
     TeamMember,
     UserId,
 )
+from rooms.retention import LegalHold
 from rooms.roles import Role
 from rooms.store import NewAuditEntry
 
@@ -349,4 +350,22 @@ def audit_from_row(row: RowMapping) -> AuditEntry:
         target=row["target"],
         remote_addr=row["remote_addr"],
         detail=row["detail"],
+    )
+
+
+def legal_hold_values(h: LegalHold) -> Values:
+    return {
+        "consultation_id": h.consultation_id,
+        "reason": h.reason,
+        "placed_by": h.placed_by,
+        "placed_at": h.placed_at,
+    }
+
+
+def legal_hold_from_row(row: RowMapping) -> LegalHold:
+    return LegalHold(
+        consultation_id=ConsultationId(row["consultation_id"]),
+        reason=row["reason"],
+        placed_by=UserId(row["placed_by"]),
+        placed_at=row["placed_at"],
     )

@@ -37,6 +37,7 @@ from rooms.model import (
     TeamMember,
     UserId,
 )
+from rooms.retention import LegalHold
 from rooms.store import ConsultationFilter, NewAuditEntry, RecordRepository, RecordStore
 from server.db import mapping as m
 from server.db.engine import READ_ONLY, make_engine, sqlite_path
@@ -45,6 +46,7 @@ from server.db.tables import (
     consents,
     consultations,
     final_decisions,
+    legal_holds,
     opinion_signatures,
     opinion_versions,
     participations,
@@ -114,6 +116,11 @@ class SqlRecordRepository(RecordRepository):
 
     def __init__(self, conn: AsyncConnection) -> None:
         self._conn = conn
+
+    @property
+    def connection(self) -> AsyncConnection:
+        """The transaction's connection, for server/db/retention.py's deletes."""
+        return self._conn
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -477,6 +484,43 @@ class SqlRecordRepository(RecordRepository):
 
     async def is_token_revoked(self, jti: str) -> bool:
         return await self._exists(revoked_tokens.c.jti == jti)
+
+    # -- legal holds -------------------------------------------------------------------------
+
+    async def get_legal_hold(self, consultation_id: ConsultationId) -> LegalHold | None:
+        h = legal_holds.c
+        row = (
+            (
+                await self._conn.execute(
+                    select(legal_holds)
+                    .where(h.consultation_id == consultation_id, h.released_at.is_(None))
+                    .order_by(h.id.desc())
+                    .limit(1)
+                )
+            )
+            .mappings()
+            .one_or_none()
+        )
+        return m.legal_hold_from_row(row) if row is not None else None
+
+    async def place_legal_hold(self, hold: LegalHold) -> None:
+        await self._insert(legal_holds, m.legal_hold_values(hold), duplicate="duplicate hold")
+
+    async def release_legal_hold(
+        self,
+        consultation_id: ConsultationId,
+        released_by: UserId,
+        released_at: datetime,
+        reason: str,
+    ) -> None:
+        h = legal_holds.c
+        result = await self._conn.execute(
+            update(legal_holds)
+            .where(h.consultation_id == consultation_id, h.released_at.is_(None))
+            .values(released_by=released_by, released_at=released_at, release_reason=reason)
+        )
+        if result.rowcount == 0:
+            raise NotFound(f"consultation {consultation_id} is not on legal hold")
 
     # -- the audit log (append-only) ---------------------------------------------------------
 

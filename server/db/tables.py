@@ -284,3 +284,19 @@ audit_log = Table(
     Index(None, "consultation_id"),
     sqlite_autoincrement=True,
 )
+
+# Legal holds, placed and released; a released hold stays as history (released_* set). No
+# foreign key, like the audit log: the history of holds outlives a record destroyed later.
+legal_holds = Table(
+    "legal_holds",
+    metadata,
+    _id_pk(),
+    Column("consultation_id", String(ID), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("placed_by", String(USER), nullable=False),
+    Column("placed_at", UtcDateTime, nullable=False),
+    Column("released_by", String(USER), nullable=True),
+    Column("released_at", UtcDateTime, nullable=True),
+    Column("release_reason", Text, nullable=True),
+    Index(None, "consultation_id"),
+)
