@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from media.hub import MediaHub
@@ -137,6 +137,9 @@ class SessionRecordings:
             await running.recorder.stop()
 
     async def _segment_opened(self, running: _Running, info: SegmentInfo) -> None:
+        # When its first frame arrived, not when this callback got its turn.
+        origin = running.recorder.started_at or 0.0
+        first_frame_at = datetime.fromtimestamp(origin + info.start_s, UTC)
         room = await self._presence.get(running.consultation_id)
         who = room.participants.get(ParticipantId(info.participant)) if room else None
         row = Recording(
@@ -149,7 +152,7 @@ class SessionRecordings:
             duration_s=None,
             size_bytes=None,
             state=RecordingState.RECORDING.value,
-            started_at=self._now(),
+            started_at=first_frame_at,
             ended_at=None,
             participant_id=info.participant,
             name=who.name if who else None,
