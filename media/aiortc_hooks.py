@@ -13,23 +13,48 @@ What aiortc lacks and this module adds:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
+import os
+import re
+import socket
+import struct
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
+import aioice
 import aiortc
+import pylibsrtp
 from aioice import Candidate
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcdtlstransport import State as DtlsState
+from aiortc.rtcicetransport import RTCIceTransport
 from aiortc.rtcpeerconnection import RTCPeerConnection
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtcrtpreceiver import RTCRtpReceiver, decoder_worker
-from aiortc.rtcrtpsender import RTCRtpSender
-from aiortc.rtp import RtpPacket
+from aiortc.rtcrtpsender import RTCRtpSender, random_sequence_number
+from aiortc.rtp import RTP_HISTORY_SIZE, HeaderExtensionsMap, RtpPacket, wrap_rtx
+from aiortc.utils import random32
 
 PINNED_AIORTC = "1.16.0"
 
 _RECEIVER_ATTRS = ("_RTCRtpReceiver__decoder_queue", "_RTCRtpReceiver__jitter_buffer")
-_SENDER_ATTRS = ("_RTCRtpSender__encoder",)
+_SENDER_ATTRS = (
+    "_RTCRtpSender__encoder",
+    "_RTCRtpSender__mid",
+    "_RTCRtpSender__rtp_header_extensions_map",
+    "_RTCRtpSender__rtp_started",
+    "_RTCRtpSender__rtp_exited",
+    "_RTCRtpSender__rtx_payload_type",
+    "_RTCRtpSender__ntp_timestamp",
+    "_RTCRtpSender__rtp_timestamp",
+    "_RTCRtpSender__octet_count",
+    "_RTCRtpSender__packet_count",
+)
 
 
 class AiortcInternalsChanged(RuntimeError):
@@ -68,6 +93,43 @@ def check_internals() -> None:
     ):
         if needle not in handle_rtcp:
             problems.append(f"missing: {where}")
+    sender_init = inspect.getsource(RTCRtpSender.__init__)
+    for name in _SENDER_ATTRS:
+        if not re.search(rf"self\.__{name.removeprefix('_RTCRtpSender__')}\b", sender_init):
+            problems.append(f"missing: RTCRtpSender.{name}")
+    receiver_init = inspect.getsource(RTCRtpReceiver.__init__)
+    for name in _RECEIVER_ATTRS:
+        if not re.search(rf"self\.__{name.removeprefix('_RTCRtpReceiver__')}\b", receiver_init):
+            problems.append(f"missing: RTCRtpReceiver.{name}")
+    send_src = inspect.getsource(RTCRtpSender.send)
+    for needle, where in (
+        ("self._run_rtp(parameters.codecs[0])", "RTCRtpSender.send starts _run_rtp(codec)"),
+        ("self.__rtp_header_extensions_map.configure", "the sender's extension ids"),
+    ):
+        if needle not in send_src:
+            problems.append(f"missing: {where}")
+    for needle, where in (
+        ("self.__rtp_history.get(", "RTCRtpSender._retransmit reads its history"),
+        ("self.__rtp_exited.wait()", "RTCRtpSender.stop waits for the RTP task"),
+    ):
+        if needle not in inspect.getsource(RTCRtpSender._retransmit) + inspect.getsource(
+            RTCRtpSender.stop
+        ):
+            problems.append(f"missing: {where}")
+    if "await self._retransmit(seq)" not in handle_rtcp:
+        problems.append("missing: RTCRtpSender routes NACK to _retransmit")
+    if "self.__ids = HeaderExtensions()" not in inspect.getsource(HeaderExtensionsMap):
+        problems.append("missing: HeaderExtensionsMap.__ids")
+    dtls_src = inspect.getsource(RTCDtlsTransport)
+    for needle in ("self._tx_srtp", "self.__tx_bytes", "self.__tx_packets"):
+        if needle not in dtls_src:
+            problems.append(f"missing: RTCDtlsTransport {needle}")
+    if "self._connection" not in inspect.getsource(RTCIceTransport.__init__):
+        problems.append("missing: RTCIceTransport._connection")
+    if "active_pair = self._nominated.get(component)" not in inspect.getsource(
+        aioice.Connection.sendto
+    ):
+        problems.append("missing: aioice Connection._nominated")
     if "self.__encoder.pack(data)" not in inspect.getsource(RTCRtpSender._next_encoded_frame):
         problems.append("missing: RTCRtpSender packs non-frame data with its encoder")
     if not hasattr(RTCRtpReceiver, "_send_rtcp_pli"):
@@ -238,6 +300,25 @@ class PackedFrame:
     timestamp: int
     # Encoded bytes (without RTP payload descriptors), for bitrate figures.
     size: int
+    # Bytes of all payloads (with descriptors), for the RTCP sender report's octet count.
+    payload_bytes: int
+
+
+# A frame the sender could not send now (not connected yet, or the socket's queue is full):
+# the caller drops it (and video resumes at a keyframe).
+FrameSend = Callable[[PackedFrame], bool]
+
+# More unsent bytes than this queued at a subscriber's socket (asyncio buffers what the kernel
+# does not take at once): frames for it are dropped instead of queued without bound.
+MAX_UNSENT_BYTES = 256 * 1024
+_NTP_UNIX_OFFSET = 2_208_988_800  # seconds from 1900 to 1970
+_RTP_HEAD = struct.Struct("!BH")  # second byte (marker, payload type), sequence number
+_RTP_TIMESTAMP = struct.Struct("!I")
+# pylibsrtp's cffi binding (ffi, lib), which its module imports but does not export.
+_SRTP: Any = pylibsrtp
+_SOL_UDP = 17
+_UDP_SEGMENT = 103  # linux/udp.h
+_SEGMENT_SIZE = struct.Struct("=H")
 
 
 class _PassThroughEncoder:
@@ -261,15 +342,248 @@ class _PassThroughEncoder:
         self._on_remb(bitrate)
 
 
+class _Route:
+    """The UDP socket and address of a sender's ICE pair, and its SRTP session. Sends on a
+    duplicate of the ICE socket's descriptor, so that a frame's packets can go in one system
+    call: with UDP segmentation offload (Linux 4.18+), when all but the last have one size,
+    as a frame's VP8 packets do; otherwise one sendto per packet."""
+
+    def __init__(self, pair: Any, session: Any) -> None:
+        self.pair = pair
+        self.session = session
+        self.address: tuple[str, int] = pair.remote_addr
+        self._transport = pair.protocol.transport
+        sock = self._transport.get_extra_info("socket")
+        self._sock = socket.socket(fileno=os.dup(sock.fileno()))
+        self._sock.setblocking(False)
+        self._segmentation = True
+        # pylibsrtp's Session.protect, without its per-call allocation and checks.
+        self._srtp = session._srtp[0]
+        self._cdata = session._cdata
+        self._buffer = session._buffer
+        self._length = _SRTP.ffi.new("int *")
+        self._limit = len(self._cdata) - pylibsrtp.SRTP_MAX_TRAILER_LEN
+
+    def protect(self, plain: bytes) -> bytes:
+        size = len(plain)
+        if size > self._limit:
+            raise ValueError("packet is too long")
+        self._length[0] = size
+        self._buffer[0:size] = plain
+        if _SRTP.lib.srtp_protect(self._srtp, self._cdata, self._length) != 0:
+            raise ValueError("SRTP protection failed")
+        protected: bytes = self._buffer[0 : self._length[0]]
+        return protected
+
+    def backed_up(self) -> bool:
+        """aiortc's own sends (RTCP) wait in asyncio's buffer: the socket is full."""
+        return bool(self._transport.get_write_buffer_size() > MAX_UNSENT_BYTES)
+
+    def send(self, packets: list[bytes]) -> bool:
+        """False if the socket would block (the frame is dropped)."""
+        try:
+            if len(packets) > 1 and self._segmentation:
+                size = len(packets[0])
+                if len(packets[-1]) <= size and all(len(p) == size for p in packets[1:-1]):
+                    try:
+                        self._sock.sendmsg(
+                            packets,
+                            [(_SOL_UDP, _UDP_SEGMENT, _SEGMENT_SIZE.pack(size))],
+                            0,
+                            self.address,
+                        )
+                        return True
+                    except BlockingIOError:
+                        raise
+                    except OSError:
+                        self._segmentation = False  # not offered by this kernel or route
+            for packet in packets:
+                self._sock.sendto(packet, self.address)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _FrameSender:
+    """Sends the frames the relay pushes for one sender, at once, in the caller's turn of the
+    event loop: what aiortc's sending task does per packet (an RtpPacket object, header
+    extensions packed from scratch, a chain of coroutines down to the socket, two clock reads
+    through datetime) is done here with one RTP header per sender, patched in place. The
+    sender's RTCP reports, statistics and retransmissions (NACK, over RTX) keep working."""
+
+    def __init__(self, sender: RTCRtpSender, codec: RTCRtpCodecParameters) -> None:
+        anysender: Any = sender
+        self._sender = anysender
+        if codec.payloadType is None:
+            raise ValueError(f"{codec.mimeType} has no payload type")
+        self._payload_type: int = codec.payloadType
+        self._seq = random_sequence_number()
+        self._timestamp_origin = random32()
+        self._rtx_seq = random_sequence_number()
+        self._ext_map: HeaderExtensionsMap = anysender._RTCRtpSender__rtp_header_extensions_map
+        # The unprotected packets last sent, by sequence number modulo the history size.
+        self._history: list[bytes | None] = [None] * RTP_HISTORY_SIZE
+        self._header, self._abs_send_time_at = self._template(sender._ssrc)
+        self._current: _Route | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+
+    def _template(self, ssrc: int) -> tuple[bytearray, int | None]:
+        """The RTP header with the extensions aiortc sends (mid, abs-send-time), one-byte form
+        (RFC 8285); where the 3 bytes of abs-send-time go."""
+        anymap: Any = self._ext_map
+        ids = anymap._HeaderExtensionsMap__ids
+        mid: str | None = self._sender._RTCRtpSender__mid
+        if max(ids.mid or 0, ids.abs_send_time or 0) > 14 or len(mid or "") > 16:
+            # The relay offers these ids and mids itself; aiortc's are 1-3 and short.
+            raise ValueError(f"extension ids or mid {mid!r} too large for one-byte headers")
+        elements = b""
+        if ids.mid and mid:
+            encoded = mid.encode()
+            elements += bytes([(ids.mid << 4) | (len(encoded) - 1)]) + encoded
+        at = None
+        if ids.abs_send_time:
+            at = 12 + 4 + len(elements) + 1
+            elements += bytes([(ids.abs_send_time << 4) | 2]) + b"\0\0\0"
+        elements += b"\0" * (-len(elements) % 4)
+        first = 0x90 if elements else 0x80  # version 2, extension bit
+        header = struct.pack("!BBHII", first, self._payload_type, 0, 0, ssrc)
+        if elements:
+            header += struct.pack("!HH", 0xBEDE, len(elements) // 4) + elements
+        return bytearray(header), at
+
+    def _route(self, dtls: Any) -> _Route | None:
+        """Where this sender's packets go now (None while not connected); rebuilt when the
+        ICE pair or the SRTP session changes."""
+        if dtls._state is not DtlsState.CONNECTED:
+            return None
+        pair = dtls.transport._connection._nominated.get(1)
+        if pair is None or pair.protocol.transport is None:
+            return None
+        route = self._current
+        if route is not None and route.pair is pair and route.session is dtls._tx_srtp:
+            return route
+        if route is not None:
+            route.close()
+        self._current = route = _Route(pair, dtls._tx_srtp)
+        return route
+
+    def send(self, frame: PackedFrame) -> bool:
+        if self.closed:
+            return False
+        sender = self._sender
+        dtls = sender.transport
+        route = self._route(dtls)
+        if route is None or route.backed_up():
+            return False
+        protect = route.protect
+        header = self._header
+        ntp = int((time.time() + _NTP_UNIX_OFFSET) * (1 << 32))
+        if self._abs_send_time_at is not None:
+            at = self._abs_send_time_at
+            header[at : at + 3] = ((ntp >> 14) & 0xFFFFFF).to_bytes(3, "big")
+        timestamp = (self._timestamp_origin + frame.timestamp) & 0xFFFFFFFF
+        _RTP_TIMESTAMP.pack_into(header, 4, timestamp)
+        payload_type = self._payload_type
+        history = self._history
+        seq = self._seq
+        last = len(frame.payloads) - 1
+        packets = []
+        for i, payload in enumerate(frame.payloads):
+            _RTP_HEAD.pack_into(header, 1, payload_type | 0x80 if i == last else payload_type, seq)
+            plain = b"".join((header, payload))
+            history[seq % RTP_HISTORY_SIZE] = plain
+            packets.append(protect(plain))
+            seq = (seq + 1) & 0xFFFF
+        self._seq = seq
+        # What RTCP sender reports and getStats() read. Counted even if the socket refuses the
+        # frame below: those sequence numbers are gone, and the subscriber may ask for them.
+        sender._RTCRtpSender__ntp_timestamp = ntp
+        sender._RTCRtpSender__rtp_timestamp = timestamp
+        sender._RTCRtpSender__octet_count += frame.payload_bytes
+        sender._RTCRtpSender__packet_count += last + 1
+        if not route.send(packets):
+            return False
+        dtls._RTCDtlsTransport__tx_bytes += sum(len(p) for p in packets)
+        dtls._RTCDtlsTransport__tx_packets += last + 1
+        return True
+
+    async def retransmit(self, sequence_number: int) -> None:
+        """A packet the subscriber reported lost (NACK), again, over RTX when negotiated."""
+        plain = self._history[sequence_number % RTP_HISTORY_SIZE]
+        if plain is None or self.closed:
+            return
+        packet = RtpPacket.parse(plain, self._ext_map)
+        if packet.sequence_number != sequence_number:
+            return
+        sender = self._sender
+        rtx_payload_type: int | None = sender._RTCRtpSender__rtx_payload_type
+        if rtx_payload_type is not None:
+            packet = wrap_rtx(packet, rtx_payload_type, self._rtx_seq, sender._rtx_ssrc)
+            self._rtx_seq = (self._rtx_seq + 1) & 0xFFFF
+        with contextlib.suppress(ConnectionError):
+            await sender.transport._send_rtp(packet.serialize(self._ext_map))
+
+
+@dataclass
+class _Forwarding:
+    """What prepare_forwarding_sender set for a sender; the newest call wins."""
+
+    on_start: Callable[[FrameSend], None]
+    frame_sender: _FrameSender | None = None
+
+
 def prepare_forwarding_sender(
     sender: RTCRtpSender,
     on_keyframe_request: Callable[[], None],
     on_remb: Callable[[int], None],
+    on_start: Callable[[FrameSend], None],
 ) -> None:
-    """The sender sends `PackedFrame`s from its track; its subscriber's PLI/FIR and REMB reach
-    the callbacks."""
-    sender._RTCRtpSender__encoder = _PassThroughEncoder(on_remb)  # type: ignore[attr-defined]
-    sender._send_keyframe = on_keyframe_request  # type: ignore[method-assign]
+    """The sender forwards `PackedFrame`s that the relay pushes: once the sender starts (the
+    connection is up), `on_start` gets the function to push them to, which sends at once and
+    returns False for a frame it could not send. The subscriber's PLI/FIR and REMB reach the
+    callbacks. Calling this again on a running sender only changes the callbacks."""
+    anysender: Any = sender
+    anysender._RTCRtpSender__encoder = _PassThroughEncoder(on_remb)
+    anysender._send_keyframe = on_keyframe_request
+    forwarding: _Forwarding | None = getattr(sender, "_telemed_forwarding", None)
+    if forwarding is not None:
+        forwarding.on_start = on_start
+        return
+    forwarding = _Forwarding(on_start)
+    anysender._telemed_forwarding = forwarding
+
+    # Replaces, for this sender only, the task aiortc runs to pull frames from the track and
+    # send them packet by packet: the relay pushes frames instead.
+    async def run_rtp(codec: RTCRtpCodecParameters) -> None:
+        frame_sender = _FrameSender(sender, codec)
+        forwarding.frame_sender = frame_sender
+        anysender._retransmit = frame_sender.retransmit
+        anysender._RTCRtpSender__rtp_started.set()
+        try:
+            forwarding.on_start(frame_sender.send)
+            await asyncio.Future()  # until the sender stops (cancelled)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            frame_sender.close()
+            track = sender.track
+            if track is not None:
+                track.stop()
+            anysender._RTCRtpSender__encoder = None
+            anysender._RTCRtpSender__rtp_exited.set()
+
+    anysender._run_rtp = run_rtp
 
 
 # --- ICE host addresses -------------------------------------------------------------------

@@ -4,6 +4,7 @@ as packed encoded frames. Nothing here decodes or encodes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -11,7 +12,9 @@ from collections.abc import Awaitable, Callable
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from media.aiortc_hooks import EncodedFrame, PackedFrame
+from media.aiortc_hooks import EncodedFrame, FrameSend, PackedFrame
+
+log = logging.getLogger(__name__)
 
 VIDEO_CLOCK = 90_000
 AUDIO_CLOCK = 48_000
@@ -102,7 +105,7 @@ class Publication:
             self._picture_id = (self._picture_id + 1) % (1 << 15)
         else:
             payloads = [frame.data]
-        packed = PackedFrame(payloads, timestamp, len(frame.data))
+        packed = PackedFrame(payloads, timestamp, len(frame.data), sum(len(p) for p in payloads))
         for track in self._subscribers:
             track.offer(packed, frame.keyframe)
 
@@ -129,8 +132,10 @@ class Publication:
 
 
 class ForwardedTrack(MediaStreamTrack):
-    """What a subscriber's sender reads: packed frames of one publication, newest kept when
-    the subscriber falls behind, video starting (and restarting after a drop) at a keyframe."""
+    """What a subscriber's sender forwards: packed frames of one publication, video starting
+    (and restarting after a drop) at a keyframe. Once the sender has attached (`attach`), each
+    frame goes to it as it arrives; before, or for a sender that reads with recv(), frames
+    queue, the newest kept when the reader falls behind."""
 
     def __init__(self, publication: Publication) -> None:
         super().__init__()
@@ -140,6 +145,7 @@ class ForwardedTrack(MediaStreamTrack):
         self._ready = asyncio.Event()
         self._needs_keyframe = publication.kind == "video"
         self._successor: ForwardedTrack | None = None
+        self._send: FrameSend | None = None
         self.paused = False
         self.frames_out = 0
         self.bytes_out = 0
@@ -153,6 +159,9 @@ class ForwardedTrack(MediaStreamTrack):
                 self._publication.want_keyframe()
                 return
             self._needs_keyframe = False
+        if self._send is not None:
+            self._push(frame)
+            return
         if len(self._queue) >= MAX_QUEUED_FRAMES:
             # Behind by a second: drop what is queued and start again at a keyframe (video) or
             # with the newest audio.
@@ -164,6 +173,32 @@ class ForwardedTrack(MediaStreamTrack):
                 return
         self._queue.append(frame)
         self._ready.set()
+
+    def attach(self, send: FrameSend) -> None:
+        """From now on every frame goes straight to `send` (the subscriber's sender), in the
+        publisher's turn of the event loop: no queue, no task to wake per subscriber."""
+        self._send = send
+        while self._queue:
+            self._push(self._queue.popleft())
+
+    def _push(self, frame: PackedFrame) -> None:
+        assert self._send is not None
+        try:
+            sent = self._send(frame)
+        except Exception:
+            log.exception("forwarding a frame failed; this subscriber's track stops")
+            self._send = None
+            self.stop()
+            return
+        if sent:
+            self.frames_out += 1
+            self.bytes_out += frame.size
+            return
+        # Not sent (not connected, or the subscriber's socket is backed up): video resumes at
+        # a keyframe.
+        self.frames_dropped += 1
+        if self.kind == "video" and not self._needs_keyframe:
+            self._needs_keyframe = True
 
     def pause(self, paused: bool) -> None:
         """A paused track forwards nothing (this subscriber gets audio only)."""
@@ -188,6 +223,9 @@ class ForwardedTrack(MediaStreamTrack):
         already waiting here continues there, so the sender never sees this track end."""
         self._publication.detach(self)
         self._successor = successor
+        if self._send is not None:
+            successor.attach(self._send)
+            self._send = None
         self._ready.set()
 
     async def recv(self) -> PackedFrame:  # type: ignore[override]

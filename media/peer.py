@@ -24,6 +24,7 @@ from aiortc.sdp import SessionDescription
 
 from media.aiortc_hooks import (
     EncodedFrame,
+    FrameSend,
     offer_host_addresses,
     prepare_forwarding_sender,
     request_keyframe,
@@ -194,12 +195,18 @@ class OutgoingTrack:
     def _remb(self, bps: int) -> None:
         self.remb_bps = bps
 
+    def _started(self, send: FrameSend) -> None:
+        # The sender is up: the track it carries now pushes its frames to it.
+        self.track.attach(send)
+
     def feed_from(self, source: Publication) -> None:
         """Switches the sender to another layer of the same picture, without renegotiating."""
         if self.track.publication is source:
             return
         successor = source.subscribe()
-        prepare_forwarding_sender(self.transceiver.sender, successor.request_keyframe, self._remb)
+        prepare_forwarding_sender(
+            self.transceiver.sender, successor.request_keyframe, self._remb, self._started
+        )
         self.track.hand_over(successor)
         self.transceiver.sender.replaceTrack(successor)
         self.track = successor
@@ -234,7 +241,9 @@ class SubscribeConnection:
             transceiver = self.pc.addTransceiver(publication.kind, direction="sendonly")
             prefer_codec(transceiver, publication.kind)
         outgoing = OutgoingTrack(publication, track, transceiver)
-        prepare_forwarding_sender(transceiver.sender, track.request_keyframe, outgoing._remb)
+        prepare_forwarding_sender(
+            transceiver.sender, track.request_keyframe, outgoing._remb, outgoing._started
+        )
         transceiver.sender.replaceTrack(track)
         self.tracks[id(publication)] = outgoing
         return outgoing
