@@ -13,7 +13,10 @@ directory) and not recording; each run measures, after `--warmup` s, over `--dur
 - CPU: utime+stime of the whole process (all threads, from /proc/self/stat); recording cost
   per track = (CPU with recording - CPU without) / window / (2N tracks), medians over runs;
 - event-loop stall: a ticker wakes every millisecond and notes how late it woke; the longest
-  and the 99th percentile lateness, with and without recording.
+  and the 99th percentile lateness, with and without recording. On a busy shared machine
+  this is mostly the OS running other processes, so the bench also times, in event-loop
+  thread CPU time (`time.thread_time`, blind to preemption), each hand-over of a frame to
+  the publications (where the recorder's listener runs): recording's share of any stall.
 
 Composite: the recorded segments of N participants (`--composite-s` s each) rendered with
 `media.composite.render_composite` at 1280x720 and 640x480, 15 fps; speed = content seconds
@@ -73,6 +76,19 @@ class Feeder:
                 info = TrackInfo(f"t_{n}_{kind}", f"p{n}", kind, kind)
                 self.tracks.append((info, Publication(kind, _no_keyframe)))
         self.pushed = 0
+        # Event-loop thread CPU time (time.thread_time: not counting time the OS gave to other
+        # processes) of each frame handed to the publications, in seconds; recording's share
+        # of a stall is what it adds here.
+        self.push_cpu: list[float] = []
+        self.measure = False
+
+    def _push(self, kind: str, frame: EncodedFrame) -> None:
+        began = time.thread_time()
+        for info, pub in self.tracks:
+            if info.kind == kind:
+                pub.push(frame)
+        if self.measure:
+            self.push_cpu.append(time.thread_time() - began)
 
     async def run(self, stop: asyncio.Event) -> None:
         origin = time.monotonic()
@@ -87,16 +103,12 @@ class Feeder:
             if next_video <= next_audio:
                 i = video_n % self.clip.frames
                 frame = EncodedFrame(self.clip.video[i], 1000 + video_n * 3000, self.keyframe[i])
-                for info, pub in self.tracks:
-                    if info.kind == "video":
-                        pub.push(frame)
+                self._push("video", frame)
                 video_n += 1
             else:
                 data = self.clip.audio[audio_n % len(self.clip.audio)]
                 frame = EncodedFrame(data, 500 + audio_n * 960, True)
-                for info, pub in self.tracks:
-                    if info.kind == "audio":
-                        pub.push(frame)
+                self._push("audio", frame)
                 audio_n += 1
             self.pushed += 1
 
@@ -124,6 +136,7 @@ async def one_run(
     feeding = asyncio.ensure_future(feeder.run(stop))
     await asyncio.sleep(warmup)
     ticking = asyncio.ensure_future(ticker(stop, lateness))
+    feeder.measure = True
     pid = os.getpid()
     cpu0, busy0, t0 = cpu_seconds(pid), machine_busy_seconds(), time.monotonic()
     await asyncio.sleep(duration)
@@ -133,6 +146,7 @@ async def one_run(
     segments = await recorder.stop() if recorder is not None else []
     window = t1 - t0
     lateness.sort()
+    push = sorted(feeder.push_cpu)
     result = {
         "record": record,
         "participants": participants,
@@ -140,6 +154,9 @@ async def one_run(
         "others_cores": max(0.0, (busy1 - busy0 - (cpu1 - cpu0)) / window),
         "stall_max_ms": 1000 * lateness[-1],
         "stall_p99_ms": 1000 * lateness[int(0.99 * (len(lateness) - 1))],
+        "push_cpu_max_ms": 1000 * push[-1],
+        "push_cpu_p99_ms": 1000 * push[int(0.99 * (len(push) - 1))],
+        "push_cpu_mean_us": 1e6 * sum(push) / len(push),
         "dropped": sum(s.dropped for s in segments),
         "segments": len(segments),
     }
@@ -180,6 +197,12 @@ async def main_async(args: argparse.Namespace, emit: Callable[[dict[str, Any]], 
             "stall_max_ms_not_recording": median(r["stall_max_ms"] for r in without),
             "stall_p99_ms_recording": median(r["stall_p99_ms"] for r in with_rec),
             "stall_p99_ms_not_recording": median(r["stall_p99_ms"] for r in without),
+            "push_cpu_max_ms_recording": median(r["push_cpu_max_ms"] for r in with_rec),
+            "push_cpu_max_ms_not_recording": median(r["push_cpu_max_ms"] for r in without),
+            "push_cpu_p99_ms_recording": median(r["push_cpu_p99_ms"] for r in with_rec),
+            "push_cpu_p99_ms_not_recording": median(r["push_cpu_p99_ms"] for r in without),
+            "push_cpu_mean_us_recording": median(r["push_cpu_mean_us"] for r in with_rec),
+            "push_cpu_mean_us_not_recording": median(r["push_cpu_mean_us"] for r in without),
             "others_cores": median(r["others_cores"] for r in with_rec + without),
             "dropped": sum(r["dropped"] for r in with_rec),
         }
