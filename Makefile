@@ -46,8 +46,12 @@ lint: dev-venv
 typecheck: dev-venv
 	$(BIN)/mypy
 
+# Browser tests run on their own, in a network namespace with only loopback (root, or an
+# unprivileged user namespace), so Chromium offers no other interface's addresses.
 pytest: dev-venv system-deps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not browser"
+	if [ "$$(id -u)" = 0 ]; then ns="unshare --net"; else ns="unshare -rn"; fi; \
+	$$ns sh -c 'ip link set lo up && exec $(BIN)/pytest -q -m browser tests/browser'
 
 test: lint typecheck pytest
 

@@ -43,9 +43,15 @@ function preferCodecs(/** @type {RTCRtpTransceiver} */ transceiver, /** @type {s
   if (codecs.length) transceiver.setCodecPreferences(codecs);
 }
 
-/** @param {string} sdp */
-function fingerprint(sdp) {
-  return /a=fingerprint:\S+ (\S+)/.exec(sdp)?.[1] ?? "";
+/** The certificate fingerprints of an SDP ("alg value"; a browser keeps only one of several). @param {string} sdp */
+function fingerprints(sdp) {
+  return new Set([...sdp.matchAll(/a=fingerprint:(\S+) (\S+)/gi)].map((m) => `${m[1].toLowerCase()} ${m[2].toUpperCase()}`));
+}
+
+/** Whether two descriptions come from the same certificate. @param {string} a @param {string} b */
+function sameCertificate(a, b) {
+  const theirs = fingerprints(b);
+  return [...fingerprints(a)].some((f) => theirs.has(f));
 }
 
 export class Publisher {
@@ -128,7 +134,7 @@ export class Subscriber extends EventTarget {
   /** @param {{sdp: string, tracks: Record<string, TrackInfo>}} offer */
   async answer(offer) {
     const current = this.pc.remoteDescription?.sdp;
-    if (current && fingerprint(current) !== fingerprint(offer.sdp)) {
+    if (current && !sameCertificate(current, offer.sdp)) {
       // A new seat (after a reconnect grace ran out) brings a new server connection.
       this.pc.close();
       this.pc = this.newConnection();

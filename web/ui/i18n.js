@@ -7,9 +7,9 @@ export const LANGS = [["zh-CN", "中文"], ["en", "English"]];
 const ROLES = {
   en: { resident: "Resident", guardian: "Guardian", village_doctor: "Village doctor", township_doctor: "Township doctor",
     county_physician: "County physician", provincial_specialist: "Provincial specialist", trainee: "Trainee",
-    coordinator: "Coordinator", admin: "Administrator" },
+    coordinator: "Coordinator", admin: "Administrator", recorder: "Recorder" },
   zh: { resident: "居民", guardian: "监护人", village_doctor: "村医", township_doctor: "乡镇医生", county_physician: "县医院医生",
-    provincial_specialist: "省级专家", trainee: "学员", coordinator: "协调员", admin: "管理员" },
+    provincial_specialist: "省级专家", trainee: "学员", coordinator: "协调员", admin: "管理员", recorder: "录制" },
 };
 
 /** @type {Record<string, Record<string, string>>} */
@@ -184,7 +184,7 @@ const FAMILIES = {
       already_recording: "Already recording.", not_recording: "Not recording.", rate_limited: "Too fast; try again in a moment.",
       removed: "You were removed from this session.", room_full: "The room is full.", not_joinable: "This consultation cannot be joined now.",
       not_live: "The session is over.", chat_closed: "Chat is closed to trainees.", chat_too_long: "The message is too long.",
-      token_expired: "Your link has expired.", not_found: "No such consultation.", timeout: "The server did not answer." },
+      recording_unavailable: "This server cannot record.", token_expired: "Your link has expired.", not_found: "No such consultation.", timeout: "The server did not answer." },
   },
   "zh-CN": {
     status: { requested: "已申请", accepted: "已接受", declined: "已拒绝", scheduled: "已排期", live: "进行中",
@@ -203,7 +203,7 @@ const FAMILIES = {
       already_recording: "已在录制。", not_recording: "当前未录制。", rate_limited: "操作过快，请稍后再试。",
       removed: "您已被移出本次会诊。", room_full: "会诊室已满。", not_joinable: "此会诊现在无法加入。",
       not_live: "会诊已结束。", chat_closed: "学员聊天已关闭。", chat_too_long: "消息过长。",
-      token_expired: "您的链接已过期。", not_found: "没有该会诊。", timeout: "服务器没有响应。" },
+      recording_unavailable: "此服务器无法录制。", token_expired: "您的链接已过期。", not_found: "没有该会诊。", timeout: "服务器没有响应。" },
   },
 };
 

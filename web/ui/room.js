@@ -637,11 +637,11 @@ function renderPeople() {
     const flags = [p.hand_raised ? "✋" : "", p.audio_muted ? t("people.audioMuted") : "", p.video_muted ? t("people.videoMuted") : "", p.connected ? "" : t("people.away")].filter(Boolean).join(" ");
     const actions = [];
     const mine = p.participant_id === state.me?.participant_id;
-    if (!mine && can("mute_others")) {
+    if (!mine && p.role !== "recorder" && can("mute_others")) {
       if (!p.audio_muted) actions.push(h("button", { text: t("people.muteAudio"), "aria-label": t("people.muteAudioWho", { name: p.name }), onclick: () => act("mute", { participant: p.participant_id, kind: "audio" }) }));
       if (!p.video_muted) actions.push(h("button", { text: t("people.muteVideo"), "aria-label": t("people.muteVideoWho", { name: p.name }), onclick: () => act("mute", { participant: p.participant_id, kind: "video" }) }));
     }
-    if (!mine && can("remove_participant") && p.user_id !== who?.sub) {
+    if (!mine && p.role !== "recorder" && can("remove_participant") && p.user_id !== who?.sub) {
       actions.push(h("button", { class: "danger", text: t("people.remove"), "aria-label": t("people.removeWho", { name: p.name }),
         onclick: () => reasonDialog(t("people.removeWho", { name: p.name }), true, (reason) => act("remove", { participant: p.participant_id, reason })) }));
     }
@@ -674,8 +674,12 @@ function renderChat() {
     e.preventDefault();
     const text = /** @type {HTMLInputElement} */ (input).value.trim();
     if (!text) return;
-    if (await act("chat", { text })) /** @type {HTMLInputElement} */ (input).value = "";
-    /** @type {HTMLInputElement} */ (document.getElementById("chat-input"))?.focus();
+    // Cleared first: the message's own announcement redraws the chat before the ack comes.
+    /** @type {HTMLInputElement} */ (input).value = "";
+    const sent = await act("chat", { text });
+    const current = /** @type {HTMLInputElement | null} */ (document.getElementById("chat-input"));
+    if (!sent && current && !current.value) current.value = text;
+    current?.focus();
   } }, h("label", { for: "chat-input", class: "sr-only", text: t("chat.message") }), input,
     h("button", { type: "submit", text: t("chat.send"), disabled: closed || !can("chat") }));
   const items = [h("h2", { id: "chat-title", text: t("chat.title") }), log];
@@ -730,7 +734,7 @@ function tileFor(/** @type {string} */ pid, /** @type {string} */ source) {
 }
 
 function mayHaveCamera(/** @type {Participant} */ p) {
-  return p.role !== "trainee" && p.role !== "coordinator";
+  return !["trainee", "coordinator", "recorder"].includes(p.role);
 }
 
 /** Tiles and audio elements follow the participants and what the subscribe connection carries. */
@@ -921,6 +925,12 @@ function stopMedia() {
   participantId: () => state.me?.participant_id ?? null,
   phase: () => state.phase,
   inbound: async () => (subscriber ? [...(await inbound(subscriber)).values()] : []),
+  outbound: async () => {
+    /** @type {any[]} */
+    const out = [];
+    (await publisher?.pc.getStats())?.forEach((/** @type {any} */ s) => { if (s.type === "outbound-rtp") out.push({ kind: s.kind, framesEncoded: s.framesEncoded, packetsSent: s.packetsSent, bytesSent: s.bytesSent, qualityLimitationReason: s.qualityLimitationReason }); });
+    return out;
+  },
   publishing: () => (publisher ? publisher.pc.getSenders().filter((s) => s.track).map((s) => s.track?.kind) : []),
 };
 

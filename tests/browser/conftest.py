@@ -1,0 +1,328 @@
+"""Real-browser tests: the server as a subprocess (`telemed serve --dev`) on a free loopback port,
+Debian's Chromium driven by Playwright, one browser per party (a fake camera file is a launch
+flag), media files made here. Run inside a network namespace with only loopback (see the
+Makefile's `pytest` target and ../shared/docs/browser-tests.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+from playwright.async_api import Browser, BrowserContext, Page, Playwright, async_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--autoplay-policy=no-user-gesture-required",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+]
+# Generous: the machine is shared and has two cores; every wait is for a condition.
+WAIT_S = 90.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "browser: real-browser test (run in a loopback netns)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    async def api(
+        self, method: str, path: str, token: str, body: dict[str, Any] | None = None
+    ) -> Any:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(
+                method,
+                f"{self.url}/api/v1{path}",
+                json=body,
+                headers={"Authorization": f"Bearer {token}"},
+            ) as response,
+        ):
+            data = await response.json(content_type=None)
+            assert response.status < 300, (response.status, data)
+            return data
+
+    async def demo(self) -> dict[str, Any]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{self.url}/dev/identities") as response,
+        ):
+            assert response.status == 200
+            data: dict[str, Any] = await response.json()
+            return data
+
+
+async def start_server(tmp: Path, **signaling: float) -> Server:
+    port = free_port()
+    config = tmp / "telemed.toml"
+    lines = [
+        f'data_dir = "{tmp}"',
+        "[media]",
+        'host_addresses = ["127.0.0.1"]',
+        "[signaling]",
+        *(f"{k} = {v}" for k, v in signaling.items()),
+    ]
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
+    log = tmp / "server.log"
+    with log.open("wb") as out:
+        command = [str(Path(sys.executable).parent / "telemed"), "--config", str(config)]
+        process = subprocess.Popen(  # noqa: ASYNC220 - started once, before any awaiting
+            [*command, "serve", "--dev", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    server = Server(f"http://127.0.0.1:{port}", port, process, log)
+    async with aiohttp.ClientSession() as http:
+        for _ in range(600):
+            assert process.poll() is None, log.read_text()
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"{server.url}/readyz") as r:
+                    if r.status == 200:
+                        return server
+            await asyncio.sleep(0.1)
+    raise AssertionError("server did not start: " + log.read_text())
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    s = await start_server(tmp_path, reconnect_grace_s=60)
+    yield s
+    s.process.terminate()
+    try:
+        s.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        s.process.kill()
+        s.process.wait()
+
+
+def write_camera(path: Path, colour: tuple[int, int, int], frames: int = 30) -> None:
+    """A y4m clip (320x240, 15 fps): a solid colour with a white square that moves, so every
+    frame differs and the encoder keeps sending."""
+    with av.open(str(path), "w", format="yuv4mpegpipe") as out:
+        stream = out.add_stream("rawvideo", rate=15)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for i in range(frames):
+            image = np.empty((240, 320, 3), dtype=np.uint8)
+            image[:, :] = colour
+            x = 10 + (i * 9) % 260
+            image[100:140, x : x + 40] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def write_tone(path: Path, frequency: float, seconds: float = 2.0) -> None:
+    rate = 48_000
+    with av.open(str(path), "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
+        t = np.arange(int(rate * seconds)) / rate
+        wave = (0.3 * 32767 * np.sin(2 * math.pi * frequency * t)).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(wave.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = rate
+        frame.pts = 0
+        frame.time_base = fractions.Fraction(1, rate)
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@dataclass
+class Party:
+    name: str
+    browser: Browser
+    context: BrowserContext
+    page: Page
+    console: list[str] = field(default_factory=list)
+
+    async def debug(self, expression: str) -> Any:
+        return await self.page.evaluate(f"window.telemedDebug.{expression}")
+
+    async def participant_id(self) -> str:
+        pid: str = await self.debug("participantId()")
+        return pid
+
+
+class Browsers:
+    """Launches one Chromium per party, with its own fake camera and microphone."""
+
+    def __init__(self, playwright: Playwright, tmp: Path) -> None:
+        self.playwright = playwright
+        self.tmp = tmp
+        self.parties: list[Party] = []
+
+    async def party(
+        self,
+        name: str,
+        colour: tuple[int, int, int] = (40, 40, 40),
+        tone: float = 440.0,
+        *,
+        locale: str = "en-US",
+        viewport: tuple[int, int] = (1280, 800),
+    ) -> Party:
+        camera = self.tmp / f"cam-{name}.y4m"
+        mic = self.tmp / f"mic-{name}.wav"
+        write_camera(camera, colour)
+        write_tone(mic, tone)
+        browser = await self.playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                *FLAGS,
+                f"--use-file-for-fake-video-capture={camera}",
+                f"--use-file-for-fake-audio-capture={mic}",
+            ],
+        )
+        context = await browser.new_context(
+            locale=locale,
+            viewport={"width": viewport[0], "height": viewport[1]},
+            permissions=["camera", "microphone"],
+        )
+        page = await context.new_page()
+        party = Party(name, browser, context, page)
+        page.on("console", lambda m: party.console.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: party.console.append(f"pageerror: {e}"))
+        self.parties.append(party)
+        return party
+
+    async def close(self) -> None:
+        for party in self.parties:
+            with contextlib.suppress(Exception):
+                await party.browser.close()
+
+
+@pytest.fixture
+async def browsers(tmp_path: Path) -> AsyncIterator[Browsers]:
+    async with async_playwright() as playwright:
+        b = Browsers(playwright, tmp_path)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]],
+    what: str,
+    diagnose: Callable[[], Awaitable[str]] | None = None,
+    limit_s: float = WAIT_S,
+) -> None:
+    """Waits for a condition; on failure says what was waited for, with diagnostics."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while asyncio.get_running_loop().time() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.5)
+    detail = await diagnose() if diagnose else ""
+    raise AssertionError(f"timed out waiting for {what}\n{detail}")
+
+
+async def frames_by_participant(party: Party) -> dict[str, int]:
+    stats = await party.debug("inbound()")
+    out: dict[str, int] = {}
+    for s in stats:
+        if s["info"]["kind"] == "video" and s["info"]["source"] == "camera":
+            out[s["info"]["participant"]] = s["framesDecoded"]
+    return out
+
+
+async def audio_by_participant(party: Party) -> dict[str, float]:
+    stats = await party.debug("inbound()")
+    return {
+        s["info"]["participant"]: s["totalAudioEnergy"]
+        for s in stats
+        if s["info"]["kind"] == "audio"
+    }
+
+
+async def assert_video_flows(receivers: list[Party], senders: dict[str, str]) -> None:
+    """Every receiver decodes every sender's camera (not itself), and the count keeps rising."""
+
+    async def diagnose() -> str:
+        parts = []
+        for p in receivers:
+            parts.append(f"{p.name}: {json.dumps(await p.debug('inbound()'), indent=None)}")
+            parts.append("  console: " + " | ".join(p.console[-15:]))
+        return "\n".join(parts)
+
+    for receiver in receivers:
+        mine = await receiver.participant_id()
+        wanted = {pid: name for pid, name in senders.items() if pid != mine}
+        first: dict[str, int] = {}
+
+        async def started(receiver: Party = receiver, wanted: dict[str, str] = wanted) -> bool:
+            nonlocal first
+            first = await frames_by_participant(receiver)
+            return all(first.get(pid, 0) > 0 for pid in wanted)
+
+        await eventually(started, f"{receiver.name} to decode {sorted(wanted.values())}", diagnose)
+
+        async def rising(
+            receiver: Party = receiver,
+            wanted: dict[str, str] = wanted,
+            base: dict[str, int] = first,
+        ) -> bool:
+            now = await frames_by_participant(receiver)
+            return all(now.get(pid, 0) > base[pid] + 10 for pid in wanted)
+
+        await eventually(rising, f"{receiver.name}'s decoded frames to keep rising", diagnose)
+
+
+async def screenshot(party: Party, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    await party.page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def no_missing_strings(*parties: Party) -> None:
+    missing = [m for p in parties for m in p.console if "missing string" in m]
+    assert not missing, missing
+
+
+async def sign_in_as(party: Party, server: Server, role: str) -> None:
+    """Development sign-in through the page: pick the demo identity of `role`."""
+    await party.page.goto(f"{server.url}/web/")
+    await party.page.locator(f'button[data-role="{role}"]').click()
