@@ -14,7 +14,7 @@ from typing import Any
 from aiortc import RTCRtpSender
 
 from media.forwarding import Publication
-from media.layers import LOW_BPS, Layer, video_budget
+from media.layers import LOW_BPS, Layer, congested, video_budget
 from media.low_layer import LowLayer
 from media.peer import (
     IncomingTrack,
@@ -330,13 +330,16 @@ class MediaHub:
         if not videos:
             return
         budget = None
+        is_congested = False
         if estimates:
             audio_bps = sum(
                 self._rates.rate(id(o.track)).bitrate_bps
                 for o in outgoing
                 if o.publication.kind == "audio"
             )
+            sent_bps = sum(self._rates.rate(id(o.track)).bitrate_bps for o in outgoing)
             budget = video_budget(max(estimates), audio_bps, len(videos))
+            is_congested = congested(max(estimates), sent_bps)
         for o in videos:
             before = o.layer
             full_bps = self._rates.rate(id(o.publication)).bitrate_bps or LOW_BPS
@@ -346,7 +349,7 @@ class MediaHub:
                 Layer.AUDIO_ONLY: 0.0,
             }
             lost = (await _outbound(o.transceiver.sender))["fraction_lost"]
-            wanted = o.chooser.update(budget, lost, needs)
+            wanted = o.chooser.update(budget, lost, needs, is_congested)
             self._apply_layer(o, o.fixed_layer or wanted)
             info = self._info(room, o.publication)
             if o.layer is not before and info is not None:
