@@ -42,7 +42,11 @@ from aiortc.utils import random32
 
 PINNED_AIORTC = "1.16.0"
 
-_RECEIVER_ATTRS = ("_RTCRtpReceiver__decoder_queue", "_RTCRtpReceiver__jitter_buffer")
+_RECEIVER_ATTRS = (
+    "_RTCRtpReceiver__decoder_queue",
+    "_RTCRtpReceiver__jitter_buffer",
+    "_RTCRtpReceiver__remote_bitrate_estimator",
+)
 _SENDER_ATTRS = (
     "_RTCRtpSender__encoder",
     "_RTCRtpSender__mid",
@@ -272,9 +276,42 @@ def tap_receiver(receiver: RTCRtpReceiver, kind: str, on_frame: FrameSink) -> Fr
     """Turns a receiver into a source of encoded frames. Call it from the peer connection's
     `track` event, before the receiver starts (aiortc starts it once DTLS is up)."""
     assembler = FrameAssembler(kind, on_frame)
-    receiver._RTCRtpReceiver__jitter_buffer = assembler  # type: ignore[attr-defined]
-    receiver._RTCRtpReceiver__decoder_queue = _NoDecoding()  # type: ignore[attr-defined]
+    anyreceiver: Any = receiver
+    anyreceiver._RTCRtpReceiver__jitter_buffer = assembler
+    anyreceiver._RTCRtpReceiver__decoder_queue = _NoDecoding()
+    estimator = anyreceiver._RTCRtpReceiver__remote_bitrate_estimator
+    if estimator is not None:  # video only
+        anyreceiver._RTCRtpReceiver__remote_bitrate_estimator = _ThrottledEstimator(estimator)
     return assembler
+
+
+class _ThrottledEstimator:
+    """aiortc's receive-side bandwidth estimator, with its REMB reports at most every
+    REMB_INTERVAL_MS: while it detects overuse it reports on every packet (on a busy machine,
+    arrival jitter alone makes that happen), and each report is an RTCP packet to build,
+    protect and send. libwebrtc also spaces them (200 ms)."""
+
+    REMB_INTERVAL_MS = 200
+
+    def __init__(self, estimator: Any) -> None:
+        self._estimator = estimator
+        self._last_ms: int | None = None
+
+    def add(
+        self, arrival_time_ms: int, abs_send_time: int, payload_size: int, ssrc: int
+    ) -> tuple[int, list[int]] | None:
+        remb: tuple[int, list[int]] | None = self._estimator.add(
+            arrival_time_ms=arrival_time_ms,
+            abs_send_time=abs_send_time,
+            payload_size=payload_size,
+            ssrc=ssrc,
+        )
+        if remb is None:
+            return None
+        if self._last_ms is not None and arrival_time_ms - self._last_ms < self.REMB_INTERVAL_MS:
+            return None
+        self._last_ms = arrival_time_ms
+        return remb
 
 
 def media_ssrcs(receiver: RTCRtpReceiver) -> list[int]:
@@ -302,6 +339,9 @@ class PackedFrame:
     size: int
     # Bytes of all payloads (with descriptors), for the RTCP sender report's octet count.
     payload_bytes: int
+    # Several payloads, all but the last of one size and the last no larger: the packets can
+    # go out in one segmented send.
+    uniform: bool
 
 
 # A frame the sender could not send now (not connected yet, or the socket's queue is full):
@@ -379,29 +419,23 @@ class _Route:
         """aiortc's own sends (RTCP) wait in asyncio's buffer: the socket is full."""
         return bool(self._transport.get_write_buffer_size() > MAX_UNSENT_BYTES)
 
-    def send(self, packets: list[bytes]) -> bool:
+    def send(self, packets: list[bytes], uniform: bool) -> bool:
         """False if the socket would block (the frame is dropped)."""
         try:
-            if len(packets) > 1 and self._segmentation:
-                size = len(packets[0])
-                if len(packets[-1]) <= size and all(len(p) == size for p in packets[1:-1]):
-                    try:
-                        self._sock.sendmsg(
-                            packets,
-                            [(_SOL_UDP, _UDP_SEGMENT, _SEGMENT_SIZE.pack(size))],
-                            0,
-                            self.address,
-                        )
-                        return True
-                    except BlockingIOError:
-                        raise
-                    except OSError:
-                        self._segmentation = False  # not offered by this kernel or route
+            if uniform and self._segmentation:
+                segment = _SEGMENT_SIZE.pack(len(packets[0]))
+                try:
+                    self._sock.sendmsg(
+                        packets, [(_SOL_UDP, _UDP_SEGMENT, segment)], 0, self.address
+                    )
+                    return True
+                except BlockingIOError:
+                    raise
+                except OSError:
+                    self._segmentation = False  # not offered by this kernel or route
             for packet in packets:
                 self._sock.sendto(packet, self.address)
-        except BlockingIOError:
-            return False
-        except OSError:
+        except OSError:  # BlockingIOError included: the socket is full
             return False
         return True
 
@@ -497,10 +531,14 @@ class _FrameSender:
         payload_type = self._payload_type
         history = self._history
         seq = self._seq
-        last = len(frame.payloads) - 1
+        payloads = frame.payloads
+        count = len(payloads)
+        marked = count - 1
         packets = []
-        for i, payload in enumerate(frame.payloads):
-            _RTP_HEAD.pack_into(header, 1, payload_type | 0x80 if i == last else payload_type, seq)
+        for i, payload in enumerate(payloads):
+            _RTP_HEAD.pack_into(
+                header, 1, payload_type | 0x80 if i == marked else payload_type, seq
+            )
             plain = b"".join((header, payload))
             history[seq % RTP_HISTORY_SIZE] = plain
             packets.append(protect(plain))
@@ -511,11 +549,13 @@ class _FrameSender:
         sender._RTCRtpSender__ntp_timestamp = ntp
         sender._RTCRtpSender__rtp_timestamp = timestamp
         sender._RTCRtpSender__octet_count += frame.payload_bytes
-        sender._RTCRtpSender__packet_count += last + 1
-        if not route.send(packets):
+        sender._RTCRtpSender__packet_count += count
+        if not route.send(packets, frame.uniform):
             return False
-        dtls._RTCDtlsTransport__tx_bytes += sum(len(p) for p in packets)
-        dtls._RTCDtlsTransport__tx_packets += last + 1
+        dtls._RTCDtlsTransport__tx_bytes += frame.payload_bytes + count * (
+            len(packets[0]) - len(payloads[0])
+        )
+        dtls._RTCDtlsTransport__tx_packets += count
         return True
 
     async def retransmit(self, sequence_number: int) -> None:

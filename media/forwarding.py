@@ -105,7 +105,9 @@ class Publication:
             self._picture_id = (self._picture_id + 1) % (1 << 15)
         else:
             payloads = [frame.data]
-        packed = PackedFrame(payloads, timestamp, len(frame.data), sum(len(p) for p in payloads))
+        sizes = [len(p) for p in payloads]
+        uniform = len(sizes) > 1 and sizes[-1] <= sizes[0] and min(sizes[:-1]) == max(sizes[:-1])
+        packed = PackedFrame(payloads, timestamp, len(frame.data), sum(sizes), uniform)
         for track in self._subscribers:
             track.offer(packed, frame.keyframe)
 
