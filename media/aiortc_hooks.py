@@ -130,6 +130,11 @@ def check_internals() -> None:
             problems.append(f"missing: RTCDtlsTransport {needle}")
     if "self._connection" not in inspect.getsource(RTCIceTransport.__init__):
         problems.append("missing: RTCIceTransport._connection")
+    stun_protocol = inspect.getsource(aioice.ice.StunProtocol.datagram_received)
+    if "self.receiver.data_received(data, self.local_candidate.component)" not in stun_protocol:
+        problems.append("missing: aioice StunProtocol hands non-STUN data to its receiver")
+    if "self._protocols" not in inspect.getsource(aioice.Connection.__init__):
+        problems.append("missing: aioice Connection._protocols")
     if "active_pair = self._nominated.get(component)" not in inspect.getsource(
         aioice.Connection.sendto
     ):
@@ -640,6 +645,32 @@ def offer_host_addresses(pc: RTCPeerConnection, addresses: Iterable[str]) -> Non
             continue
         connection._telemed_addresses = wanted
         connection.gather_candidates = _gather_from(connection, wanted)
+
+
+def demux_media_first(pc: RTCPeerConnection) -> None:
+    """Each UDP socket of `pc`'s ICE hands RTP/RTCP datagrams (first byte 128-191, RFC 7983)
+    straight to the connection: aioice first tries to parse every datagram as STUN, and a
+    media packet fails that parse by an exception. Call after each setLocalDescription."""
+    transports: Iterable[Any] = pc._RTCPeerConnection__iceTransports  # type: ignore[attr-defined]
+    for transport in transports:
+        connection = transport._connection
+        for protocol in connection._protocols:
+            if getattr(protocol, "_telemed_demux", False):
+                continue
+            protocol._telemed_demux = True
+            protocol.datagram_received = _media_first(protocol)
+
+
+def _media_first(protocol: Any) -> Callable[[bytes, tuple[Any, ...]], None]:
+    stun_path = protocol.datagram_received
+
+    def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
+        if 127 < data[0] < 192:
+            protocol.receiver.data_received(data, protocol.local_candidate.component)
+        else:
+            stun_path(data, addr)
+
+    return datagram_received
 
 
 def _gather_from(connection: Any, addresses: list[str]) -> Callable[[], Any]:

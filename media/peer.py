@@ -25,6 +25,7 @@ from aiortc.sdp import SessionDescription
 from media.aiortc_hooks import (
     EncodedFrame,
     FrameSend,
+    demux_media_first,
     offer_host_addresses,
     prepare_forwarding_sender,
     request_keyframe,
@@ -124,6 +125,7 @@ async def set_local(pc: RTCPeerConnection, config: PeerConfig, offer: bool) -> s
         offer_host_addresses(pc, config.host_addresses)
     description = await (pc.createOffer() if offer else pc.createAnswer())
     await pc.setLocalDescription(description)
+    demux_media_first(pc)
     return pc.localDescription.sdp
 
 
