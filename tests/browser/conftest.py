@@ -11,6 +11,7 @@ import fractions
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -227,6 +228,19 @@ class Browsers:
         self.parties.append(party)
         return party
 
+    async def watcher(self, name: str, host: Party, *, locale: str = "en-US") -> Party:
+        """A party without camera or microphone (a trainee): a new context in `host`'s browser,
+        which is cheaper than another browser."""
+        context = await host.browser.new_context(
+            locale=locale, viewport={"width": 1024, "height": 700}
+        )
+        page = await context.new_page()
+        party = Party(name, host.browser, context, page)
+        page.on("console", lambda m: party.console.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: party.console.append(f"pageerror: {e}"))
+        self.parties.append(party)
+        return party
+
     async def close(self) -> None:
         for party in self.parties:
             with contextlib.suppress(Exception):
@@ -326,3 +340,86 @@ async def sign_in_as(party: Party, server: Server, role: str) -> None:
     """Development sign-in through the page: pick the demo identity of `role`."""
     await party.page.goto(f"{server.url}/web/")
     await party.page.locator(f'button[data-role="{role}"]').click()
+
+
+class LoopbackCut:
+    """Drops every loopback packet to or from the given ports (a page's ICE ports and its TCP
+    connections): tc on lo's ingress redirects them to a veth that is down. Needs CAP_NET_ADMIN
+    in the test's own network namespace (the Makefile's `unshare`); iptables and tc's drop
+    action are not available here."""
+
+    SINK = "telemed-sink"
+
+    @staticmethod
+    async def _tc(*args: str, check: bool = True) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        out, _ = await process.communicate()
+        if check and process.returncode:
+            raise AssertionError(f"{' '.join(args)}: {out.decode(errors='replace')}")
+
+    async def cut(self, udp: list[int], tcp: list[int]) -> None:
+        await self._tc("ip", "link", "del", self.SINK, check=False)
+        await self._tc("ip", "link", "add", self.SINK, "type", "veth", "peer", "name", "tm-sink1")
+        await self._tc("tc", "qdisc", "del", "dev", "lo", "ingress", check=False)
+        await self._tc("tc", "qdisc", "add", "dev", "lo", "handle", "ffff:", "ingress")
+        for protocol, ports in (("17", udp), ("6", tcp)):
+            for port in ports:
+                for side in ("sport", "dport"):
+                    await self._tc(
+                        *("tc", "filter", "add", "dev", "lo", "parent", "ffff:", "protocol"),
+                        *("ip", "prio", "1", "u32", "match", "ip", "protocol", protocol, "0xff"),
+                        *("match", "ip", side, str(port), "0xffff"),
+                        *("action", "mirred", "egress", "redirect", "dev", self.SINK),
+                    )
+
+    async def restore(self) -> None:
+        await self._tc("tc", "qdisc", "del", "dev", "lo", "ingress", check=False)
+        await self._tc("ip", "link", "del", self.SINK, check=False)
+
+
+def _browser_pids(marker: str) -> set[int]:
+    """The processes of the Chromium whose command line holds `marker`, and their descendants
+    (the network service, which owns the sockets, is a child)."""
+    parents: dict[int, int] = {}
+    roots: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                roots.add(int(entry.name))
+    found = set(roots)
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                grew = True
+    return found
+
+
+async def browser_tcp_ports(party: Party, server: Server) -> list[int]:
+    """Local ports of `party`'s browser's TCP connections to the server (its socket.io
+    websocket and any HTTP keep-alive connection), from `ss`."""
+    pids = _browser_pids(f"cam-{party.name}.y4m")
+    process = await asyncio.create_subprocess_exec(
+        "ss",
+        "-Htnp",
+        "state",
+        "established",
+        "dst",
+        f"127.0.0.1:{server.port}",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    ports = []
+    for line in out.decode().splitlines():
+        owners = {int(m) for m in re.findall(r"pid=(\d+)", line)}
+        if owners & pids:
+            ports.append(int(line.split()[2].rsplit(":", 1)[1]))
+    return ports

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -77,9 +78,13 @@ async def test_four_party_consultation(server: Server, browsers: Browsers) -> No
     ids: dict[str, str] = room["ids"]
     everyone = list(parties.values())
 
-    # The resident is asked for consent on entering; consultation and recording are given.
+    # The resident is asked for consent on entering. Until recording is consented, the record
+    # button is refused with a message saying why.
     dialog = resident.page.locator("dialog[open]")
     await dialog.wait_for()
+    await village.page.locator("#record").click()
+    await village.page.locator("#toast", has_text="not consented to recording").wait_for()
+    assert await village.page.locator("#rec-indicator").is_hidden()
     await resident.page.locator("#consent-consultation").check()
     await resident.page.locator("#consent-recording").check()
     await resident.page.locator("#dialog-ok").click()
@@ -99,6 +104,12 @@ async def test_four_party_consultation(server: Server, browsers: Browsers) -> No
             return all(now.get(pid, 0) > base.get(pid, 0) for pid in others)
 
         await eventually(hears, f"{receiver.name} to receive audio energy from everyone")
+
+    # Now the village doctor records: every page shows the indicator and the recorder.
+    await village.page.locator("#record").click()
+    for p in everyone:
+        await p.page.locator("#rec-indicator:not([hidden])").wait_for()
+        await p.page.locator('#people li[data-participant="recorder"]').wait_for()
 
     # Labels: name, role and institution on every tile.
     res_pid = next(pid for pid, name in ids.items() if name == "resident")
@@ -155,9 +166,64 @@ async def test_four_party_consultation(server: Server, browsers: Browsers) -> No
         cells = await row.locator("td").all_inner_texts()
         assert cells[3] != "—" and cells[4] != "—", cells
     await village.page.locator("#record-chat", has_text="hello from the village").wait_for()
+    await village.page.locator("#timeline", has_text="Recording started").wait_for()
     await village.page.locator("#timeline", has_text="Annotation").wait_for()
+
+    # The composite is rendered after the session ended; the page follows it until it is ready.
+    play = village.page.locator('#recordings li[data-state="complete"] button.play')
+    await play.wait_for(timeout=RENDER_WAIT_S * 1000)
+    await play.click()
+    await assert_plays_and_seeks(village)
     await screenshot(village, "record-village")
     no_missing_strings(*everyone)
+
+
+# Rendering four tracks takes a core for a while on a shared two-core machine.
+RENDER_WAIT_S = 600
+
+
+async def assert_plays_and_seeks(party: Party) -> None:
+    """The record page's player: time advances from the start, and after a seek from there."""
+    video = party.page.locator("#playback")
+
+    async def position() -> float:
+        at: float = await video.evaluate("v => v.currentTime")
+        return at
+
+    async def diagnose() -> str:
+        state = await video.evaluate(
+            """v => ({t: v.currentTime, d: v.duration, paused: v.paused, ready: v.readyState,
+                      error: v.error && v.error.message, src: v.currentSrc.split('?')[0]})"""
+        )
+        return f"{state}\n" + " | ".join(party.console[-15:])
+
+    await eventually(lambda: _past(position, 1.0), "the recording to play", diagnose)
+    duration: float = await video.evaluate("v => v.duration")
+    assert duration > 4, duration
+    # The composite spans the whole session; the recorded pictures are in its last seconds.
+    target = round(duration - 2.5, 1)
+    # Seeking ahead of what has played needs the server's byte ranges.
+    landed: float = await video.evaluate(
+        """(v, target) => new Promise(resolve => {
+               v.addEventListener('seeked', () => resolve(v.currentTime), {once: true});
+               v.currentTime = target; })""",
+        target,
+    )
+    assert abs(landed - target) < 0.5, (landed, target)
+    await eventually(lambda: _past(position, landed + 1.0), "playing on from the seek", diagnose)
+    # What plays there is the cameras' colours, not the black of a session not yet recorded.
+    brightness: float = await video.evaluate(
+        """v => { const c = document.createElement('canvas'); c.width = 64; c.height = 36;
+                  const g = c.getContext('2d'); g.drawImage(v, 0, 0, 64, 36);
+                  const d = g.getImageData(0, 0, 64, 36).data; let s = 0;
+                  for (let i = 0; i < d.length; i += 4) s += d[i] + d[i + 1] + d[i + 2];
+                  return s / (d.length / 4) / 3; }"""
+    )
+    assert brightness > 30, brightness
+
+
+async def _past(position: Callable[[], Awaitable[float]], seconds: float) -> bool:
+    return await position() > seconds
 
 
 async def _has_stroke(tile: Any) -> bool:

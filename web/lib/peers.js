@@ -125,6 +125,15 @@ export class Subscriber extends EventTarget {
     });
   }
 
+  /** The ICE servers `joined` names; set before the first offer is answered. @param {RTCIceServer[]} iceServers */
+  setIceServers(iceServers) {
+    if (JSON.stringify(iceServers) === JSON.stringify(this.iceServers)) return;
+    this.iceServers = iceServers;
+    // Only the ICE servers change (other settings, e.g. certificates, may not be changed).
+    const { certificates, ...rest } = this.pc.getConfiguration();
+    this.pc.setConfiguration({ ...rest, iceServers });
+  }
+
   newConnection() {
     const pc = new RTCPeerConnection({ iceServers: this.iceServers });
     pc.addEventListener("connectionstatechange", () => this.dispatchEvent(new Event("connectionstatechange")));

@@ -91,6 +91,9 @@ export class Signaling {
    * @returns {Promise<Record<string, unknown>>} the ack's result ({} when none)
    */
   async request(event, payload = {}, timeoutMs = 15000) {
+    // socket.io would buffer it until the next connection, where a reconnect's own `join`
+    // may overtake it: refuse at once instead.
+    if (!this.socket.connected) throw new SignalError("disconnected", `not connected: ${event}`);
     /** @type {Ack} */
     let ack;
     try {
@@ -107,12 +110,26 @@ export class Signaling {
     this.joined = true;
   }
 
+  /** Leaves the room; a reconnect no longer joins again by itself. */
+  async leave() {
+    await this.request("leave");
+    this.joined = false;
+  }
+
   async rejoin() {
     try {
       await this.request("join", { consultation_id: this.consultationId, device: this.device });
     } catch (err) {
       this.fire("_rejoin_failed", err);
     }
+  }
+
+  /**
+   * Drops the transport so socket.io reconnects now: after a network loss the heartbeat alone
+   * would notice only after ping interval + timeout (45 s by default).
+   */
+  reconnectNow() {
+    if (this.socket.connected) this.socket.io.engine.close();
   }
 
   close() {

@@ -89,28 +89,59 @@ function describe(/** @type {any} */ e, /** @type {Map<string, string>} */ names
   return actor;
 }
 
+/** Whether a recorded session's composite is still to come (rendering, or not begun yet). */
+function compositePending(/** @type {any[]} */ recordings) {
+  const recorded = new Set(recordings.filter((r) => r.kind === "track").map((r) => r.session_id));
+  const composites = recordings.filter((r) => r.kind === "composite");
+  return composites.some((r) => r.state === "rendering")
+    || [...recorded].some((sid) => !composites.some((r) => r.session_id === sid));
+}
+
 function recordingsSection(/** @type {any} */ record) {
-  const playable = record.recordings.filter((/** @type {any} */ r) => r.kind === "composite" && r.state === "complete");
+  const section = h("section", { id: "recordings-section", "aria-labelledby": "recordings-title" });
   const player = /** @type {HTMLVideoElement} */ (h("video", { controls: true, id: "playback", hidden: true, preload: "metadata", "aria-label": t("rec.player") }));
   const out = h("p", { class: "result", role: "status" });
-  return h("section", { "aria-labelledby": "recordings-title" },
-    h("h2", { id: "recordings-title", text: t("rec.recordings") }),
-    playable.length
-      ? h("ul", { id: "recordings" }, ...playable.map((/** @type {any} */ r) => h("li", {},
-        h("span", { text: `${when(r.started_at)} · ${r.duration_s ? `${Math.round(r.duration_s)} s` : ""} ` }),
-        h("button", { class: "play", text: t("rec.play"), onclick: async () => {
-          try {
-            // A <video> cannot send an Authorization header: the server gives a short-lived link.
-            const { url } = await api(`/recordings/${encodeURIComponent(r.id)}/playback`, { method: "POST", body: {} });
-            player.src = url;
-            player.hidden = false;
-            await player.play();
-          } catch (err) {
-            out.textContent = problem(err);
-          }
-        } }))))
-      : h("p", { text: t("rec.noRecordings") }),
-    player, out);
+  const list = h("div", {});
+  const fill = (/** @type {any[]} */ recordings) => {
+    const composites = recordings.filter((r) => r.kind === "composite");
+    const items = composites.map((r) => h("li", { "data-recording": r.id, "data-state": r.state },
+      h("span", { text: `${when(r.started_at)} · ` }),
+      ...(r.state === "complete"
+        ? [h("span", { text: r.duration_s ? `${Math.round(r.duration_s)} s ` : "" }),
+          h("button", { class: "play", text: t("rec.play"), onclick: () => play(r.id) })]
+        : [h("span", { class: "meta", text: r.state === "rendering"
+          ? t("rec.rendering", { pct: Math.round((r.progress ?? 0) * 100) })
+          : t("rec.failed") })])));
+    const pending = compositePending(recordings) && !composites.some((r) => r.state === "rendering");
+    if (pending) items.push(h("li", { "data-state": "pending" }, h("span", { class: "meta", text: t("rec.pending") })));
+    list.replaceChildren(items.length ? h("ul", { id: "recordings" }, ...items) : h("p", { text: t("rec.noRecordings") }));
+  };
+  const play = async (/** @type {string} */ id) => {
+    try {
+      // A <video> cannot send an Authorization header: the server gives a short-lived link.
+      const { url } = await api(`/recordings/${encodeURIComponent(id)}/playback`, { method: "POST", body: {} });
+      player.src = url;
+      player.hidden = false;
+      await player.play();
+    } catch (err) {
+      out.textContent = problem(err);
+    }
+  };
+  // The composite is made after the session ends: follow its progress until it is ready.
+  const poll = async () => {
+    if (!section.isConnected) return;
+    try {
+      const fresh = await api(`/consultations/${encodeURIComponent(cid)}/record`);
+      fill(fresh.recordings);
+      if (compositePending(fresh.recordings)) setTimeout(poll, 2000);
+    } catch (err) {
+      out.textContent = problem(err);
+    }
+  };
+  fill(record.recordings);
+  if (compositePending(record.recordings)) setTimeout(poll, 2000);
+  section.append(h("h2", { id: "recordings-title", text: t("rec.recordings") }), list, player, out);
+  return section;
 }
 
 async function opinionSection(/** @type {any} */ record, /** @type {string} */ role) {

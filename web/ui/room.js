@@ -6,6 +6,7 @@ import { rolePermissions } from "../lib/api.js";
 import { Signaling, SignalError } from "../lib/signaling.js";
 import { Publisher, Subscriber } from "../lib/peers.js";
 import { inbound, ownAudioLevel, roundTrip, grade } from "../lib/stats.js";
+import { checkNetwork } from "../lib/netcheck.js";
 import { h, byId, when, roleName, header, notice } from "./dom.js";
 import { t, applyStatic } from "./i18n.js";
 
@@ -52,6 +53,9 @@ const state = {
   micOn: true,
   camOn: true,
   phase: "start",
+  /** @type {Promise<import("../lib/netcheck.js").NetworkCheck> | null} */ netCheck: null,
+  /** @type {RTCIceServer[]} */ iceServers: [],
+  mediaFailed: false,
 };
 
 /** @type {Signaling} */ let sig;
@@ -208,6 +212,7 @@ async function prejoin() {
     } else {
       body.push(h("p", { text: t("pre.watchOnly") }));
     }
+    body.push(netCheckView());
     const joinButton = h("button", { id: "join", class: "primary", text: t("pre.join"), onclick: () => { joinButton.setAttribute("disabled", ""); join(); } });
     body.push(joinButton);
     main.replaceChildren(h("section", { class: "prejoin", "aria-labelledby": "pre-title" }, ...body));
@@ -215,6 +220,23 @@ async function prejoin() {
   };
   rerenderPage = () => { if (state.phase === "prejoin") render(); };
   await render();
+}
+
+/** The network check's result on the pre-join page; it runs once, re-renders show it again. */
+function netCheckView() {
+  const out = h("p", { id: "net-check", role: "status", "data-state": "running", text: t("net.running") });
+  state.netCheck ??= checkNetwork();
+  state.netCheck.then((r) => {
+    const server = r.rttMs === null ? t("net.noServer") : t("net.server", { ms: Math.round(r.rttMs) });
+    const media = r.candidates ? t("net.media", { n: r.candidates }) : t("net.noMedia");
+    const ok = r.rttMs !== null && r.candidates > 0;
+    out.textContent = `${t(ok ? "net.ok" : "net.problem")} ${server} ${media}`;
+    out.className = ok ? "net-ok" : "error";
+    out.dataset.state = "done";
+    out.dataset.rtt = r.rttMs === null ? "" : String(r.rttMs);
+    out.dataset.candidates = String(r.candidates);
+  });
+  return out;
 }
 
 /** A live level meter of the chosen microphone, from the Web Audio analyser. */
@@ -241,6 +263,12 @@ async function join() {
       await sig.join();
       return;
     } catch (err) {
+      // A reconnect's own join got there first: its `joined` has seated us.
+      if (err instanceof SignalError && err.code === "already_joined") return;
+      if (err instanceof SignalError && err.code === "disconnected") {
+        await sig.next("_connected");
+        continue;
+      }
       if (err instanceof SignalError && (err.code === "session_not_started" || err.code === "busy")) {
         // Nothing announces a session's start: ask again.
         main.replaceChildren(notice(t("pre.notStartedTitle"), t("pre.notStarted")));
@@ -264,9 +292,24 @@ function newSubscriber() {
  * only way back is a new seat: leave and join again. */
 async function recoverIfFailed(/** @type {RTCPeerConnection} */ pc) {
   console.info(`peer connection ${pc === publisher?.pc ? "publish" : "subscribe"}: ${pc.connectionState}`);
-  if (pc.connectionState !== "failed" || state.phase !== "room") return;
+  if (state.phase !== "room") return;
+  // Media that stops reaching the server says the network went away: the signaling socket is
+  // likely dead too. Reconnect it now; the seat is ours again with the same device label.
+  if (pc.connectionState === "disconnected") sig.reconnectNow();
+  if (pc.connectionState !== "failed") return;
+  // While the signaling is down this waits for the seat to come back (see entered).
+  if (!sig.socket.connected) { state.mediaFailed = true; return; }
+  await restartMedia();
+}
+
+async function restartMedia() {
+  state.mediaFailed = false;
   say(t("room.mediaRestart"));
-  await act("leave");
+  try {
+    await sig.leave();
+  } catch (err) {
+    say(errorText(err));
+  }
   await join();
 }
 
@@ -389,6 +432,8 @@ async function entered(/** @type {any} */ snapshot) {
   state.consents = snapshot.consents;
   state.traineeChat = snapshot.trainee_chat;
   state.recording = snapshot.recording ?? null;
+  state.iceServers = snapshot.ice_servers ?? [];
+  subscriber?.setIceServers(state.iceServers);
   const firstTime = state.phase !== "room";
   state.phase = "room";
   const banner = document.getElementById("reconnecting");
@@ -404,6 +449,9 @@ async function entered(/** @type {any} */ snapshot) {
   if (firstTime || newSeat) {
     if (newSeat) { publisher?.close(); publisher = null; state.ownCameraTrack = null; }
     await publishAll();
+  } else if (state.mediaFailed || [publisher?.pc, subscriber?.pc].some((pc) => pc?.connectionState === "failed")) {
+    // The seat is back but the media connections died during the drop.
+    await restartMedia();
   }
   if (firstTime && (who?.role === "resident" || who?.role === "guardian") && !consentGiven("consultation")) {
     openConsent();
@@ -412,7 +460,7 @@ async function entered(/** @type {any} */ snapshot) {
 
 async function publishAll() {
   if (!mayPublish()) return;
-  publisher = new Publisher(sig);
+  publisher = new Publisher(sig, state.iceServers);
   publisher.pc.addEventListener("connectionstatechange", () => publisher && recoverIfFailed(publisher.pc));
   /** @type {[import("../lib/peers.js").Source, MediaStreamTrack][]} */
   const pairs = [];
@@ -512,7 +560,7 @@ function renderToolbar() {
     items.push(h("label", { class: "layer" }, h("span", { text: t("tb.layer") }), layer));
   }
   items.push(h("button", { id: "leave", text: t("tb.leave"), onclick: async () => {
-    await act("leave");
+    try { await sig.leave(); } catch (err) { say(errorText(err)); }
     showNotice(t("room.leftTitle"), t("room.youLeft"), true);
     sig.close();
   } }));
@@ -634,7 +682,9 @@ function renderPeople() {
         onclick: () => reasonDialog(t("people.denyWho", { name: p.name }), false, (reason) => act("deny", { participant: p.participant_id, reason })) })))));
   }
   const list = [...state.participants.values()].map((p) => {
-    const flags = [p.hand_raised ? "✋" : "", p.audio_muted ? t("people.audioMuted") : "", p.video_muted ? t("people.videoMuted") : "", p.connected ? "" : t("people.away")].filter(Boolean).join(" ");
+    // The recorder is a seat that sends nothing: its mute flags and empty institution mean nothing.
+    const recorder = p.role === "recorder";
+    const flags = recorder ? "" : [p.hand_raised ? "✋" : "", p.audio_muted ? t("people.audioMuted") : "", p.video_muted ? t("people.videoMuted") : "", p.connected ? "" : t("people.away")].filter(Boolean).join(" ");
     const actions = [];
     const mine = p.participant_id === state.me?.participant_id;
     if (!mine && p.role !== "recorder" && can("mute_others")) {
@@ -646,7 +696,7 @@ function renderPeople() {
         onclick: () => reasonDialog(t("people.removeWho", { name: p.name }), true, (reason) => act("remove", { participant: p.participant_id, reason })) }));
     }
     return h("li", { "data-participant": p.participant_id },
-      h("span", { class: "person", text: `${p.name}${mine ? ` (${t("people.you")})` : ""} · ${roleName(p.role)} · ${p.org}` }),
+      h("span", { class: recorder ? "person rec-person" : "person", text: recorder ? `● ${p.name}` : `${p.name}${mine ? ` (${t("people.you")})` : ""} · ${roleName(p.role)} · ${p.org}` }),
       flags ? h("span", { class: "flags", text: flags }) : null,
       actions.length ? h("span", { class: "actions" }, ...actions) : null);
   });
@@ -932,7 +982,43 @@ function stopMedia() {
     return out;
   },
   publishing: () => (publisher ? publisher.pc.getSenders().filter((s) => s.track).map((s) => s.track?.kind) : []),
+  /** A publish through the lib whatever the controls show (the server decides); the error code or "ok". */
+  tryPublish: async () => {
+    const canvas = document.createElement("canvas");
+    canvas.getContext("2d")?.fillRect(0, 0, canvas.width, canvas.height);
+    const track = canvas.captureStream(5).getVideoTracks()[0];
+    const attempt = new Publisher(sig);
+    try {
+      await attempt.sendAll([["camera", track]]);
+      return "ok";
+    } catch (err) {
+      return err instanceof SignalError ? err.code : String(err);
+    } finally {
+      attempt.close();
+      track.stop();
+    }
+  },
+  /** The local UDP ports our peer connections use now (their selected candidate pairs). */
+  mediaPorts: async () => {
+    /** @type {number[]} */
+    const ports = [];
+    for (const pc of [publisher?.pc, subscriber?.pc]) {
+      if (!pc) continue;
+      const report = await pc.getStats();
+      report.forEach((/** @type {any} */ s) => {
+        if (s.type !== "transport" || !s.selectedCandidatePairId) return;
+        const pair = report.get(s.selectedCandidatePairId);
+        const local = pair && report.get(pair.localCandidateId);
+        if (local?.port) ports.push(local.port);
+      });
+    }
+    return ports;
+  },
+  reconnecting: () => !byId("reconnecting")?.hidden,
 };
+
+// The browser knows the network went away before the heartbeat does.
+window.addEventListener("offline", () => { if (state.phase === "room" || state.phase === "waiting") sig.reconnectNow(); });
 
 applyStatic(document);
 start();
