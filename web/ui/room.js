@@ -55,7 +55,6 @@ const state = {
   phase: "start",
   /** @type {Promise<import("../lib/netcheck.js").NetworkCheck> | null} */ netCheck: null,
   /** @type {RTCIceServer[]} */ iceServers: [],
-  mediaFailed: false,
 };
 
 /** @type {Signaling} */ let sig;
@@ -263,8 +262,7 @@ async function join() {
       await sig.join();
       return;
     } catch (err) {
-      // A reconnect's own join got there first: its `joined` has seated us.
-      if (err instanceof SignalError && err.code === "already_joined") return;
+      // Join pressed while the socket is reconnecting: join once it is back.
       if (err instanceof SignalError && err.code === "disconnected") {
         await sig.next("_connected");
         continue;
@@ -288,29 +286,19 @@ function newSubscriber() {
   return s;
 }
 
-/** The server keeps our peer connections through a signaling drop; if ICE itself failed, the
- * only way back is a new seat: leave and join again. */
-async function recoverIfFailed(/** @type {RTCPeerConnection} */ pc) {
+/** Media that stops reaching the server says the network went away, and the signaling socket
+ * is likely dead too, unnoticed until the heartbeat times out (45 s). Reconnect it instead: the
+ * seat comes back (same device label) with fresh media connections (see entered). */
+function recoverIfFailed(/** @type {RTCPeerConnection} */ pc) {
   console.info(`peer connection ${pc === publisher?.pc ? "publish" : "subscribe"}: ${pc.connectionState}`);
   if (state.phase !== "room") return;
-  // Media that stops reaching the server says the network went away: the signaling socket is
-  // likely dead too. Reconnect it now; the seat is ours again with the same device label.
-  if (pc.connectionState === "disconnected") sig.reconnectNow();
-  if (pc.connectionState !== "failed") return;
-  // While the signaling is down this waits for the seat to come back (see entered).
-  if (!sig.socket.connected) { state.mediaFailed = true; return; }
-  await restartMedia();
-}
-
-async function restartMedia() {
-  state.mediaFailed = false;
-  say(t("room.mediaRestart"));
-  try {
-    await sig.leave();
-  } catch (err) {
-    say(errorText(err));
+  if (pc.connectionState === "failed") {
+    say(t("room.mediaRestart"));
+    sig.reconnectNow();
+  } else if (pc.connectionState === "disconnected") {
+    // A short blip recovers by itself; restarting the media costs everyone a renegotiation.
+    setTimeout(() => { if (pc.connectionState === "disconnected" && state.phase === "room") sig.reconnectNow(); }, 2000);
   }
-  await join();
 }
 
 // --- announcements -----------------------------------------------------------------------------
@@ -423,7 +411,6 @@ function setFlag(/** @type {string} */ pid, /** @type {string} */ flag, /** @typ
 
 /** A `joined` snapshot: the first entry, an admission, or a seat resumed after a reconnect. */
 async function entered(/** @type {any} */ snapshot) {
-  const previous = state.me?.participant_id;
   state.me = snapshot.you;
   state.kind = snapshot.kind;
   state.participants = new Map(snapshot.participants.map((/** @type {Participant} */ p) => [p.participant_id, p]));
@@ -445,14 +432,13 @@ async function entered(/** @type {any} */ snapshot) {
     say(t("room.reconnected"));
   }
   renderAll();
-  const newSeat = previous !== undefined && previous !== state.me?.participant_id;
-  if (firstTime || newSeat) {
-    if (newSeat) { publisher?.close(); publisher = null; state.ownCameraTrack = null; }
-    await publishAll();
-  } else if (state.mediaFailed || [publisher?.pc, subscriber?.pc].some((pc) => pc?.connectionState === "failed")) {
-    // The seat is back but the media connections died during the drop.
-    await restartMedia();
-  }
+  // Every `joined` on a new connection (first entry, a resumed seat, a new seat) comes with
+  // fresh media connections on the server: our tracks are published again, and the subscribe
+  // connection follows the server's next offer.
+  publisher?.close();
+  publisher = null;
+  state.ownCameraTrack = null;
+  await publishAll();
   if (firstTime && (who?.role === "resident" || who?.role === "guardian") && !consentGiven("consultation")) {
     openConsent();
   }
