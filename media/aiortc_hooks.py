@@ -210,13 +210,23 @@ class FrameAssembler:
             return False, None  # already emitted or given up: a late retransmission
         self._pending[seq] = packet
         request_keyframe = False
-        if len(self._pending) > self._give_up_after:
+        if len(self._pending) > self._give_up_after and self._has_gap():
             request_keyframe = self._skip_to_next_frame()
         self._drain()
         return request_keyframe, None
 
+    def _has_gap(self) -> bool:
+        """Whether a packet is missing between the head and the newest packet held; without
+        one, what is held is a large frame still arriving (a keyframe can span 100 packets)."""
+        seq, run = self._next_seq, 0
+        while seq in self._pending:
+            run += 1
+            seq = (seq + 1) & 0xFFFF
+        return run < len(self._pending)
+
     def _drain(self) -> None:
-        assert self._next_seq is not None
+        if self._next_seq is None:
+            return  # everything held was given up: the next packet starts afresh
         if not self._video:
             while (packet := self._pending.pop(self._next_seq, None)) is not None:
                 self._next_seq = (self._next_seq + 1) & 0xFFFF
