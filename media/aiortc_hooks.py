@@ -301,25 +301,40 @@ def tap_receiver(receiver: RTCRtpReceiver, kind: str, on_frame: FrameSink) -> Fr
 
 
 class _ThrottledEstimator:
-    """aiortc's receive-side bandwidth estimator, with its REMB reports at most every
-    REMB_INTERVAL_MS: while it detects overuse it reports on every packet (on a busy machine,
-    arrival jitter alone makes that happen), and each report is an RTCP packet to build,
-    protect and send. libwebrtc also spaces them (200 ms)."""
+    """aiortc's receive-side bandwidth estimator, fed once per group of packets sent together
+    (a video frame) instead of once per packet, and with its REMB reports at most every
+    REMB_INTERVAL_MS. The estimator works on such groups anyway (packets sent within 5 ms:
+    their total size, the last one's send and arrival times), so feeding it the group gives
+    it the same inputs for a quarter of the Python work. Unthrottled, it reports on every
+    packet while it detects overuse (on a busy machine, arrival jitter alone makes that
+    happen), each report an RTCP packet to build, protect and send; libwebrtc also spaces
+    them (200 ms)."""
 
     REMB_INTERVAL_MS = 200
+    # abs-send-time is in 2**-18 s, 24 bits; aiortc's group length is 5 ms.
+    GROUP_UNITS = (5 << 18) // 1000
 
     def __init__(self, estimator: Any) -> None:
         self._estimator = estimator
         self._last_ms: int | None = None
+        # The group being gathered: first and last send time, last arrival, size, SSRC.
+        self._group: list[int] | None = None
 
     def add(
         self, arrival_time_ms: int, abs_send_time: int, payload_size: int, ssrc: int
     ) -> tuple[int, list[int]] | None:
+        group = self._group
+        if group is not None and (abs_send_time - group[0]) & 0xFFFFFF < self.GROUP_UNITS:
+            group[1] = abs_send_time
+            group[2] = arrival_time_ms
+            group[3] += payload_size
+            group[4] = ssrc
+            return None
+        self._group = [abs_send_time, abs_send_time, arrival_time_ms, payload_size, ssrc]
+        if group is None:
+            return None
         remb: tuple[int, list[int]] | None = self._estimator.add(
-            arrival_time_ms=arrival_time_ms,
-            abs_send_time=abs_send_time,
-            payload_size=payload_size,
-            ssrc=ssrc,
+            arrival_time_ms=group[2], abs_send_time=group[1], payload_size=group[3], ssrc=group[4]
         )
         if remb is None:
             return None
