@@ -147,7 +147,7 @@ class RecordRepository(Protocol):
 
     async def update_recording(self, recording: Recording) -> None:
         """Writes what changes as a recording goes on: state, hash, duration, size, end,
-        progress."""
+        progress, and (a composite made again) its offset."""
         ...
 
     async def get_recording(

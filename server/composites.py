@@ -151,6 +151,8 @@ class Composites:
         ]
         if not segments:
             return None, None
+        # The composite starts with the first recorded frame, not at the session's start.
+        base = min(r.offset_s or 0.0 for r in segments)
         tiles: dict[tuple[str, str], list[Recording]] = {}
         for r in sorted(segments, key=lambda r: r.offset_s or 0.0):
             if r.media_type.startswith("video/"):
@@ -158,7 +160,7 @@ class Composites:
 
         def ref(r: Recording) -> SegmentRef:
             path = str(self._data_dir / str(paths[r.id]))
-            return SegmentRef(path, r.offset_s or 0.0, r.duration_s or 0.0, r.track)
+            return SegmentRef(path, (r.offset_s or 0.0) - base, r.duration_s or 0.0, r.track)
 
         # Teaching copies show the strokes the presenter drew; a clinical composite shows the
         # pictures as they were.
@@ -166,7 +168,7 @@ class Composites:
             tuple(
                 Stroke(
                     track_id=str(e.data["target_track"]),
-                    at_s=(e.at - session.started_at).total_seconds(),
+                    at_s=(e.at - session.started_at).total_seconds() - base,
                     points=tuple((float(x), float(y)) for x, y in e.data["points"]),
                     colour=str(e.data.get("colour") or "#ff0000"),
                 )
@@ -198,7 +200,7 @@ class Composites:
                 state=RecordingState.RENDERING.value,
                 started_at=self._now(),
                 ended_at=None,
-                offset_s=0.0,
+                offset_s=base,
             ),
             state=RecordingState.RENDERING.value,
             progress=0.0,

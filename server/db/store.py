@@ -423,7 +423,15 @@ class SqlRecordRepository(RecordRepository):
 
     async def update_recording(self, recording: Recording) -> None:
         values = m.recording_values(recording)
-        changing = ("state", "sha256", "duration_s", "size_bytes", "ended_at", "progress")
+        changing = (
+            "state",
+            "sha256",
+            "duration_s",
+            "size_bytes",
+            "ended_at",
+            "progress",
+            "offset_s",
+        )
         result = await self._conn.execute(
             update(recordings)
             .where(recordings.c.id == recording.id)
