@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -103,6 +105,7 @@ async def test_four_party_consultation(server: Server, browsers: Browsers) -> No
 
     # Now the village doctor records: every page shows the indicator and the recorder.
     await village.page.locator("#record").click()
+    recording_since = time.monotonic()
     for p in everyone:
         await p.page.locator("#rec-indicator:not([hidden])").wait_for()
         await p.page.locator('#people li[data-participant="recorder"]').wait_for()
@@ -139,6 +142,9 @@ async def test_four_party_consultation(server: Server, browsers: Browsers) -> No
     await screenshot(village, "room-village")
     await screenshot(resident, "room-resident-tablet")
 
+    # Enough recorded for the composite to have a middle to seek to.
+    await asyncio.sleep(max(0.0, RECORD_AT_LEAST_S - (time.monotonic() - recording_since)))
+
     # The specialist ends the session; everyone is told.
     await specialist.page.locator("#end").click()
     await specialist.page.locator("#dialog-ok").click()
@@ -174,6 +180,8 @@ async def test_four_party_consultation(server: Server, browsers: Browsers) -> No
     no_missing_strings(*everyone)
 
 
+# The composite starts at the first recorded frame: at least this much is recorded.
+RECORD_AT_LEAST_S = 8.0
 # Rendering four tracks takes a core for a while on a shared two-core machine.
 RENDER_WAIT_S = 600
 
