@@ -32,7 +32,7 @@ from rooms.model import (
     SessionId,
 )
 from rooms.outcome import RecorderOrder
-from rooms.store import RecordStore
+from rooms.store import RecordRepository, RecordStore
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,12 @@ class SessionRecordings:
             async with self._store.transaction() as tx:
                 await tx.update_recording(replace(recovered, ended_at=self._now()))
         async with self._store.reading() as tx:
-            still_open = {s.id for s in await tx.list_open_sessions()}
+            open_sessions = await tx.list_open_sessions()
+            for session in open_sessions:
+                # Recording, but no segment had opened yet: the log alone says so.
+                if session.id not in sessions and await _recording_was_on(tx, session.id):
+                    sessions[session.id] = session.consultation_id
+        still_open = {s.id for s in open_sessions}
         aborted: list[tuple[ConsultationId, SessionId]] = []
         for session_id, consultation_id in sessions.items():
             if session_id not in still_open:
@@ -211,6 +216,12 @@ class SessionRecordings:
             await end_session(consultation_id, session_id)
             aborted.append((consultation_id, session_id))
         return aborted
+
+
+async def _recording_was_on(tx: RecordRepository, session_id: SessionId) -> bool:
+    started = await tx.list_session_events(session_id, EventKind.RECORDING_STARTED, 1)
+    stopped = await tx.list_session_events(session_id, EventKind.RECORDING_STOPPED, 1)
+    return bool(started) and (not stopped or stopped[-1].seq < started[-1].seq)
 
 
 async def _recover_row(row: Recording, path: Path | None) -> Recording:
