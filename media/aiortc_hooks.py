@@ -9,6 +9,7 @@ What aiortc lacks and this module adds:
   next frame starts, and giving up on a frame whose retransmission is lost;
 - a sender that packs pre-encoded frames and reports keyframe requests (PLI/FIR) and bitrate
   feedback (REMB) to the relay instead of dropping them;
+- receiving RTP in the socket's callback, without aiortc's per-datagram queue and task;
 - choosing which host addresses ICE offers (aioice never offers loopback by itself)."""
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import re
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -30,15 +32,31 @@ import aioice
 import aiortc
 import pylibsrtp
 from aioice import Candidate
+from aiortc import clock as aiortc_clock
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcicetransport import RTCIceTransport
 from aiortc.rtcpeerconnection import RTCPeerConnection
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
-from aiortc.rtcrtpreceiver import RTCRtpReceiver, decoder_worker
+from aiortc.rtcrtpreceiver import (
+    NackGenerator,
+    RTCRtpReceiver,
+    StreamStatistics,
+    decoder_worker,
+)
 from aiortc.rtcrtpsender import RTCRtpSender, random_sequence_number
-from aiortc.rtp import RTP_HISTORY_SIZE, HeaderExtensionsMap, RtpPacket, wrap_rtx
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTP_HISTORY_SIZE,
+    HeaderExtensionsMap,
+    RtcpPsfbPacket,
+    RtpPacket,
+    pack_remb_fci,
+    wrap_rtx,
+)
 from aiortc.utils import random32
+
+log = logging.getLogger(__name__)
 
 PINNED_AIORTC = "1.16.0"
 
@@ -46,6 +64,12 @@ _RECEIVER_ATTRS = (
     "_RTCRtpReceiver__decoder_queue",
     "_RTCRtpReceiver__jitter_buffer",
     "_RTCRtpReceiver__remote_bitrate_estimator",
+    "_RTCRtpReceiver__active_ssrc",
+    "_RTCRtpReceiver__codecs",
+    "_RTCRtpReceiver__nack_generator",
+    "_RTCRtpReceiver__remote_streams",
+    "_RTCRtpReceiver__rtcp_ssrc",
+    "_RTCRtpReceiver__rtx_ssrc",
 )
 _SENDER_ATTRS = (
     "_RTCRtpSender__encoder",
@@ -145,10 +169,49 @@ def check_internals() -> None:
         problems.append("missing: RTCRtpReceiver._send_rtcp_pli")
     if "_RTCPeerConnection__iceTransports" not in _private_names(RTCPeerConnection):
         problems.append("missing: RTCPeerConnection.__iceTransports")
+    _check_receive_internals(handle_src, dtls_src, problems)
     if problems:
         raise AiortcInternalsChanged(
             "the media relay relies on aiortc internals that changed:\n  " + "\n  ".join(problems)
         )
+
+
+def _check_receive_internals(handle_src: str, dtls_src: str, problems: list[str]) -> None:
+    """What `_LeanReceive` does in place of RTCRtpReceiver._handle_rtp_packet, and what
+    `_RtpIntake` does in place of the DTLS transport's receive task."""
+    for needle in (
+        "self.__remote_bitrate_estimator.add(",
+        "self.__active_ssrc[packet.ssrc] = clock.current_datetime()",
+        "codec = self.__codecs.get(packet.payload_type)",
+        "self.__remote_streams[packet.ssrc].add(packet)",
+        "original_ssrc = self.__rtx_ssrc.get(packet.ssrc)",
+        "self.__nack_generator.add(packet)",
+        "await self._send_rtcp_nack(",
+        "await self._send_rtcp_pli(packet.ssrc)",
+        "fmt=RTCP_PSFB_APP",
+        "if not self._enabled:",
+    ):
+        if needle not in handle_src:
+            problems.append(f"missing in RTCRtpReceiver._handle_rtp_packet: {needle}")
+    for needle in (
+        "self._rx_srtp.unprotect(data)",
+        "self.__rx_bytes += len(data)",
+        "self.__rx_packets += 1",
+        "receiver = self._rtp_router.route_rtp(packet)",
+        "RtpPacket.parse(data, self._rtp_header_extensions_map)",
+    ):
+        if needle not in dtls_src:
+            problems.append(f"missing in RTCDtlsTransport: {needle}")
+    if "self.__dtlsTransports" not in inspect.getsource(RTCPeerConnection.__init__):
+        problems.append("missing: RTCPeerConnection.__dtlsTransports")
+    for name in ("_srtp", "_cdata", "_buffer"):
+        if f"self.{name}" not in inspect.getsource(pylibsrtp.Session.__init__):
+            problems.append(f"missing: pylibsrtp Session.{name}")
+    if not hasattr(_SRTP.lib, "srtp_unprotect"):
+        problems.append("missing: libsrtp srtp_unprotect in pylibsrtp's binding")
+    for cls in (StreamStatistics, NackGenerator):
+        if "packet.sequence_number" not in inspect.getsource(cls.add):
+            problems.append(f"missing: {cls.__name__}.add reads the sequence number")
 
 
 def _private_names(cls: type) -> set[str]:
@@ -194,14 +257,14 @@ class FrameAssembler:
         self._on_frame = on_frame
         self._give_up_after = give_up_after
         self._next_seq: int | None = None  # first sequence number not yet emitted
-        self._pending: dict[int, RtpPacket] = {}
+        self._pending: dict[int, RtpPacket | _Received] = {}
         self._last_timestamp: int | None = None
         self._timestamp_base = 0
         self._waiting_for_keyframe = False
 
     # Same signature as aiortc's JitterBuffer.add; a frame is never returned here, it goes to
     # the sink, because one packet can complete several frames at once.
-    def add(self, packet: RtpPacket) -> tuple[bool, None]:
+    def add(self, packet: RtpPacket | _Received) -> tuple[bool, None]:
         seq = packet.sequence_number
         if self._next_seq is None:
             self._next_seq = seq
@@ -233,7 +296,7 @@ class FrameAssembler:
                 self._emit([packet])
             return
         while True:
-            run: list[RtpPacket] = []
+            run: list[RtpPacket | _Received] = []
             seq = self._next_seq
             while (packet := self._pending.get(seq)) is not None:
                 if run and packet.timestamp != run[0].timestamp:
@@ -269,8 +332,8 @@ class FrameAssembler:
             self._waiting_for_keyframe = True
         return self._video
 
-    def _emit(self, packets: list[RtpPacket]) -> None:
-        data = b"".join(p._data for p in packets)  # type: ignore[attr-defined]
+    def _emit(self, packets: list[RtpPacket | _Received]) -> None:
+        data = b"".join(p._data for p in packets)  # type: ignore[union-attr]
         if not data:
             return
         keyframe = self._video and (data[0] & 0x01) == 0
@@ -289,15 +352,163 @@ class FrameAssembler:
 
 def tap_receiver(receiver: RTCRtpReceiver, kind: str, on_frame: FrameSink) -> FrameAssembler:
     """Turns a receiver into a source of encoded frames. Call it from the peer connection's
-    `track` event, before the receiver starts (aiortc starts it once DTLS is up)."""
+    `track` event, before the receiver starts (aiortc starts it once DTLS is up). Its RTP is
+    then handled by `_LeanReceive` straight from the socket (see `demux_media_first`)."""
     assembler = FrameAssembler(kind, on_frame)
     anyreceiver: Any = receiver
     anyreceiver._RTCRtpReceiver__jitter_buffer = assembler
     anyreceiver._RTCRtpReceiver__decoder_queue = _NoDecoding()
     estimator = anyreceiver._RTCRtpReceiver__remote_bitrate_estimator
+    throttled = None
     if estimator is not None:  # video only
-        anyreceiver._RTCRtpReceiver__remote_bitrate_estimator = _ThrottledEstimator(estimator)
+        throttled = _ThrottledEstimator(estimator)
+        anyreceiver._RTCRtpReceiver__remote_bitrate_estimator = throttled
+    anyreceiver._telemed_rx = _LeanReceive(receiver, assembler, throttled)
     return assembler
+
+
+class _Received:
+    """One received RTP packet, with only what forwarding needs; the frame assembler, aiortc's
+    RTP router, receiver statistics and NACK generator read these attributes."""
+
+    __slots__ = ("marker", "payload", "payload_type", "sequence_number", "ssrc", "timestamp")
+
+    def __init__(
+        self,
+        sequence_number: int,
+        timestamp: int,
+        marker: int,
+        ssrc: int,
+        payload_type: int,
+        payload: bytes,
+    ) -> None:
+        self.sequence_number = sequence_number
+        self.timestamp = timestamp
+        self.marker = marker
+        self.ssrc = ssrc
+        self.payload_type = payload_type
+        # The payload, replaced by the codec data (VP8 descriptor stripped) before assembly.
+        self.payload = payload
+
+    @property
+    def _data(self) -> bytes:
+        return self.payload
+
+
+def _vp8_data(payload: bytes) -> bytes:
+    """The frame data after the VP8 payload descriptor (RFC 7741 section 4.2)."""
+    pos = 1
+    if payload[0] & 0x80:
+        ext = payload[1]
+        pos = 2
+        if ext & 0x80:  # picture id, 7 or 15 bits
+            pos += 2 if payload[pos] & 0x80 else 1
+        if ext & 0x40:  # TL0PICIDX
+            pos += 1
+        if ext & 0x30:  # TID / KEYIDX
+            pos += 1
+    if pos > len(payload):
+        raise ValueError("VP8 payload descriptor is truncated")
+    return payload[pos:]
+
+
+# Active sources are kept with a timestamp (getSynchronizationSources); refreshed this often
+# rather than reading a datetime per packet.
+_ACTIVE_REFRESH_MS = 500
+
+
+class _LeanReceive:
+    """What RTCRtpReceiver._handle_rtp_packet does for a tapped receiver, synchronously, in the
+    socket's callback: the bandwidth estimator (REMB), active sources, receiver statistics (for
+    RTCP receiver reports and getStats), RTX unwrapping, NACKs for missing packets, VP8
+    depayloading and the frame assembler (keyframe requests). The rare RTCP it sends (NACK,
+    PLI, REMB) goes out in a task, as aiortc's does."""
+
+    def __init__(
+        self,
+        receiver: RTCRtpReceiver,
+        assembler: FrameAssembler,
+        estimator: _ThrottledEstimator | None,
+    ) -> None:
+        anyreceiver: Any = receiver
+        self._receiver = anyreceiver
+        self._assembler = assembler
+        self._estimator = estimator
+        # Filled by aiortc when the receiver starts; the same objects it reads.
+        self._codecs: dict[int, RTCRtpCodecParameters] = anyreceiver._RTCRtpReceiver__codecs
+        self._rtx_ssrc: dict[int, int] = anyreceiver._RTCRtpReceiver__rtx_ssrc
+        self._streams: dict[int, StreamStatistics] = anyreceiver._RTCRtpReceiver__remote_streams
+        self._active: dict[int, Any] = anyreceiver._RTCRtpReceiver__active_ssrc
+        self._nack: NackGenerator | None = anyreceiver._RTCRtpReceiver__nack_generator
+        self._active_ms = 0
+        self._active_at: Any = None
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def handle(
+        self, packet: _Received, abs_send_time: int | None, padding: int, arrival_ms: int
+    ) -> None:
+        receiver = self._receiver
+        if not receiver._enabled:
+            return
+        ssrc = packet.ssrc
+        if self._estimator is not None and abs_send_time is not None:
+            remb = self._estimator.add(
+                arrival_ms, abs_send_time, len(packet.payload) + padding, ssrc
+            )
+            rtcp_ssrc = receiver._RTCRtpReceiver__rtcp_ssrc
+            if remb is not None and rtcp_ssrc is not None:
+                self._spawn(
+                    receiver._send_rtcp(
+                        RtcpPsfbPacket(
+                            fmt=RTCP_PSFB_APP,
+                            ssrc=rtcp_ssrc,
+                            media_ssrc=0,
+                            fci=pack_remb_fci(*remb),
+                        )
+                    )
+                )
+        if arrival_ms - self._active_ms >= _ACTIVE_REFRESH_MS:
+            self._active_ms = arrival_ms
+            self._active_at = aiortc_clock.current_datetime()
+        self._active[ssrc] = self._active_at
+        codec = self._codecs.get(packet.payload_type)
+        if codec is None:
+            return
+        stats = self._streams.get(ssrc)
+        if stats is None:
+            stats = self._streams[ssrc] = StreamStatistics(codec.clockRate)
+        stats.add(packet)  # type: ignore[arg-type]
+        name = codec.name
+        if name == "rtx":
+            original = self._rtx_ssrc.get(ssrc)
+            apt = codec.parameters.get("apt")
+            payload = packet.payload
+            if original is None or len(payload) < 2 or not isinstance(apt, int):
+                return
+            codec = self._codecs.get(apt)
+            if codec is None:
+                return
+            name = codec.name
+            packet.sequence_number = (payload[0] << 8) | payload[1]
+            packet.payload = payload[2:]
+            packet.ssrc = ssrc = original
+            packet.payload_type = apt
+        nack = self._nack
+        if nack is not None and nack.add(packet):  # type: ignore[arg-type]
+            self._spawn(receiver._send_rtcp_nack(ssrc, sorted(nack.missing)))
+        if name == "VP8" and packet.payload:
+            try:
+                packet.payload = _vp8_data(packet.payload)
+            except (ValueError, IndexError):
+                return
+        request_keyframe, _ = self._assembler.add(packet)
+        if request_keyframe:
+            self._spawn(receiver._send_rtcp_pli(ssrc))
 
 
 class _ThrottledEstimator:
@@ -675,27 +886,150 @@ def offer_host_addresses(pc: RTCPeerConnection, addresses: Iterable[str]) -> Non
 def demux_media_first(pc: RTCPeerConnection) -> None:
     """Each UDP socket of `pc`'s ICE hands RTP/RTCP datagrams (first byte 128-191, RFC 7983)
     straight to the connection: aioice first tries to parse every datagram as STUN, and a
-    media packet fails that parse by an exception. Call after each setLocalDescription."""
-    transports: Iterable[Any] = pc._RTCPeerConnection__iceTransports  # type: ignore[attr-defined]
-    for transport in transports:
-        connection = transport._connection
+    media packet fails that parse by an exception. Once DTLS is up, RTP is handled right in
+    the socket's callback (`_RtpIntake`): no queue and task wake-up per datagram between aioice
+    and the DTLS transport. Call after each setLocalDescription."""
+    transports: Iterable[Any] = pc._RTCPeerConnection__dtlsTransports  # type: ignore[attr-defined]
+    for dtls in transports:
+        connection = dtls.transport._connection
+        intake = getattr(dtls, "_telemed_intake", None)
+        if intake is None:
+            intake = dtls._telemed_intake = _RtpIntake(dtls)
         for protocol in connection._protocols:
             if getattr(protocol, "_telemed_demux", False):
                 continue
             protocol._telemed_demux = True
-            protocol.datagram_received = _media_first(protocol)
+            protocol.datagram_received = _media_first(protocol, intake)
 
 
-def _media_first(protocol: Any) -> Callable[[bytes, tuple[Any, ...]], None]:
+def _media_first(protocol: Any, intake: _RtpIntake) -> Callable[[bytes, tuple[Any, ...]], None]:
     stun_path = protocol.datagram_received
 
     def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
         if 127 < data[0] < 192:
+            # RTCP (packet type 192-223 in the second byte, RFC 5761) takes aiortc's path.
+            if len(data) > 1 and not 191 < data[1] < 224 and intake.receive(data):
+                return
             protocol.receiver.data_received(data, protocol.local_candidate.component)
         else:
             stun_path(data, addr)
 
     return datagram_received
+
+
+_RTP_FIXED = struct.Struct("!BBHII")
+_RTP_EXTENSION = struct.Struct("!HH")
+
+
+class _RtpIntake:
+    """One DTLS transport's RTP, from the socket's callback: unprotected by libsrtp into a
+    preallocated buffer (pylibsrtp allocates per call), counted where getStats() reads it,
+    parsed for the fields forwarding needs (abs-send-time the only header extension read),
+    routed by aiortc's RTP router and handed to the receiver's `_LeanReceive`. A receiver
+    that is not tapped gets aiortc's own packet handling, in a task."""
+
+    def __init__(self, dtls: Any) -> None:
+        self._dtls = dtls
+        self._session: Any = None
+        self._srtp: Any = None
+        self._cdata: Any = None
+        self._buffer: Any = None
+        self._length = _SRTP.ffi.new("int *")
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    def receive(self, data: bytes) -> bool:
+        """False if the transport cannot take RTP yet (aiortc's path then queues it)."""
+        dtls = self._dtls
+        session = dtls._rx_srtp
+        if session is None or dtls._state is not DtlsState.CONNECTED:
+            return False
+        try:
+            self._receive(dtls, session, data)
+        except Exception:  # a malformed packet must not reach the event loop's handler
+            log.exception("handling a received RTP packet failed; dropped")
+        return True
+
+    def _receive(self, dtls: Any, session: Any, data: bytes) -> None:
+        if session is not self._session:
+            self._session = session
+            self._srtp = session._srtp[0]
+            self._cdata = session._cdata
+            self._buffer = session._buffer
+        # aiortc's clock (ms since 1900): the estimator may also see packets aiortc handled.
+        arrival_ms = int((time.time() + _NTP_UNIX_OFFSET) * 1000)
+        size = len(data)
+        dtls._RTCDtlsTransport__rx_bytes += size
+        dtls._RTCDtlsTransport__rx_packets += 1
+        if size > len(self._cdata):
+            return
+        self._length[0] = size
+        self._buffer[0:size] = data
+        if _SRTP.lib.srtp_unprotect(self._srtp, self._cdata, self._length) != 0:
+            return  # not authentic, or replayed: aiortc drops it too
+        plain: bytes = self._buffer[0 : self._length[0]]
+        end = len(plain)
+        if end < 12:
+            return
+        first, second, seq, timestamp, ssrc = _RTP_FIXED.unpack_from(plain)
+        if first >> 6 != 2:
+            return
+        pos = 12 + 4 * (first & 0x0F)
+        abs_send_time = None
+        if first & 0x10:
+            if end < pos + 4:
+                return
+            profile, words = _RTP_EXTENSION.unpack_from(plain, pos)
+            pos += 4
+            stop = pos + 4 * words
+            if stop > end:
+                return
+            wanted = self._abs_send_time_id()
+            if wanted and profile == 0xBEDE:  # one-byte elements (RFC 8285)
+                at = pos
+                while at < stop:
+                    element = plain[at]
+                    if element == 0:  # padding
+                        at += 1
+                        continue
+                    ident = element >> 4
+                    if ident == 15:
+                        break
+                    length = (element & 0x0F) + 1
+                    if ident == wanted and length == 3:
+                        abs_send_time = int.from_bytes(plain[at + 1 : at + 4], "big")
+                        break
+                    at += 1 + length
+            elif wanted and profile & 0xFFF0 == 0x1000:  # two-byte elements
+                packet = RtpPacket.parse(plain, dtls._rtp_header_extensions_map)
+                abs_send_time = packet.extensions.abs_send_time
+            pos = stop
+        padding = 0
+        if first & 0x20:
+            padding = plain[-1]
+            if not padding or padding > end - pos:
+                return
+            end -= padding
+        packet_in = _Received(seq, timestamp, second >> 7, ssrc, second & 0x7F, plain[pos:end])
+        receiver = dtls._rtp_router.route_rtp(packet_in)
+        if receiver is None:
+            return
+        lean: _LeanReceive | None = getattr(receiver, "_telemed_rx", None)
+        if lean is not None:
+            lean.handle(packet_in, abs_send_time, padding, arrival_ms)
+            return
+        task = asyncio.ensure_future(
+            receiver._handle_rtp_packet(
+                RtpPacket.parse(plain, dtls._rtp_header_extensions_map),
+                arrival_time_ms=aiortc_clock.current_ms(),
+            )
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _abs_send_time_id(self) -> int | None:
+        ids = self._dtls._rtp_header_extensions_map._HeaderExtensionsMap__ids
+        ident: int | None = ids.abs_send_time
+        return ident
 
 
 def _gather_from(connection: Any, addresses: list[str]) -> Callable[[], Any]:
