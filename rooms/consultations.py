@@ -26,7 +26,6 @@ from rooms.model import (
     FinalDecision,
     OpinionContent,
     OpinionVersion,
-    Recording,
     RecordingId,
     Resident,
     Session,
@@ -39,7 +38,13 @@ from rooms.model import (
 from rooms.policy import Actor, can, require
 from rooms.retention import LegalHold
 from rooms.roles import CLINICIAN_ROLES, PATIENT_ROLES, Permission, Role
-from rooms.store import ConsultationFilter, NewAuditEntry, RecordRepository, RecordStore
+from rooms.store import (
+    ConsultationFilter,
+    NewAuditEntry,
+    RecordRepository,
+    RecordStore,
+    StoredRecording,
+)
 
 # Which permission each life-cycle action needs.
 ACTION_PERMISSION: dict[Action, Permission] = {
@@ -544,24 +549,19 @@ class ConsultationService:
 
     async def open_recording(
         self, ctx: RequestContext, recording_id: RecordingId, detail: dict[str, Any]
-    ) -> tuple[Recording, str | None]:
+    ) -> StoredRecording:
         """A recording and its file's path, if the caller may download recordings of its
         consultation; every access is audited (with `detail`, e.g. the byte range)."""
         async with self._store.transaction() as tx:
             found = await tx.get_recording(recording_id)
             if found is None:
                 raise NotFound(f"no recording {recording_id}")
-            recording, consultation_id, path = found
-            await self._load(tx, ctx.actor, Permission.DOWNLOAD_RECORDING, consultation_id)
+            cid = found.consultation_id
+            await self._load(tx, ctx.actor, Permission.DOWNLOAD_RECORDING, cid)
             await self._audit(
-                tx,
-                ctx,
-                AuditAction.DOWNLOAD_RECORDING,
-                consultation_id,
-                target=recording_id,
-                detail=detail,
+                tx, ctx, AuditAction.DOWNLOAD_RECORDING, cid, target=recording_id, detail=detail
             )
-            return recording, path
+            return found
 
     async def audit_log(
         self,

@@ -50,6 +50,16 @@ class ConsultationFilter:
 
 
 @dataclass(frozen=True)
+class StoredRecording:
+    """A recording with its consultation and its file's path (relative to the data
+    directory; never shown to clients)."""
+
+    recording: Recording
+    consultation_id: ConsultationId
+    path: str | None
+
+
+@dataclass(frozen=True)
 class NewAuditEntry:
     at: datetime
     actor: UserId
@@ -150,17 +160,15 @@ class RecordRepository(Protocol):
         progress, and (a composite made again) its offset."""
         ...
 
-    async def get_recording(
-        self, recording_id: RecordingId
-    ) -> tuple[Recording, ConsultationId, str | None] | None:
-        """The recording, its consultation and its file's path."""
-        ...
+    async def get_recording(self, recording_id: RecordingId) -> StoredRecording | None: ...
 
     async def list_recordings(self, consultation_id: ConsultationId) -> list[Recording]: ...
 
-    async def list_recordings_in_state(
-        self, state: str
-    ) -> list[tuple[Recording, ConsultationId, str | None]]: ...
+    async def list_stored_recordings(
+        self, *, state: str | None = None, session_id: SessionId | None = None
+    ) -> list[StoredRecording]:
+        """Recordings with their consultation and path, in a state and/or of a session."""
+        ...
 
     async def revoke_token(self, jti: str, expires_at: datetime, revoked_at: datetime) -> None: ...
 

@@ -62,9 +62,9 @@ class Composites:
     async def resume(self) -> None:
         """After a crash: renders that were under way start again."""
         async with self._store.reading() as tx:
-            stale = await tx.list_recordings_in_state(RecordingState.RENDERING.value)
-        for row, consultation_id, _ in stale:
-            await self.render_later(consultation_id, row.session_id)
+            stale = await tx.list_stored_recordings(state=RecordingState.RENDERING.value)
+        for s in stale:
+            await self.render_later(s.consultation_id, s.recording.session_id)
 
     async def wait(self) -> None:
         """Until the background renders are done (tests, shutdown)."""
@@ -129,25 +129,27 @@ class Composites:
         async with self._store.reading() as tx:
             consultation = await tx.get_consultation(consultation_id)
             sessions = {s.id: s for s in await tx.list_sessions(consultation_id)}
-            recordings = [
-                r for r in await tx.list_recordings(consultation_id) if r.session_id == session_id
-            ]
-            paths = {
-                r.id: found[2]
-                for r in recordings
-                if (found := await tx.get_recording(r.id)) is not None
-            }
-            events = await tx.list_session_events(session_id, EventKind.ANNOTATION, 10_000)
+            stored = await tx.list_stored_recordings(session_id=session_id)
+            # Teaching copies show the strokes the presenter drew; a clinical composite shows
+            # the pictures as they were.
+            teaching = consultation is not None and consultation.kind is ConsultationKind.TEACHING
+            events = (
+                await tx.list_session_events(session_id, EventKind.ANNOTATION, 10_000)
+                if teaching
+                else []
+            )
         session = sessions.get(session_id)
         if consultation is None or session is None:
             return None, None
+        recordings = [s.recording for s in stored]
+        paths = {s.recording.id: s.path for s in stored if s.path}
         segments = [
             r
             for r in recordings
             if r.kind == RecordingKind.TRACK.value
             and r.state in _USABLE
             and (r.duration_s or 0) > 0
-            and paths.get(r.id)
+            and r.id in paths
         ]
         if not segments:
             return None, None
@@ -159,24 +161,18 @@ class Composites:
                 tiles.setdefault((r.participant_id or r.track, r.source or ""), []).append(r)
 
         def ref(r: Recording) -> SegmentRef:
-            path = str(self._data_dir / str(paths[r.id]))
+            path = str(self._data_dir / paths[r.id])
             return SegmentRef(path, (r.offset_s or 0.0) - base, r.duration_s or 0.0, r.track)
 
-        # Teaching copies show the strokes the presenter drew; a clinical composite shows the
-        # pictures as they were.
-        strokes = (
-            tuple(
-                Stroke(
-                    track_id=str(e.data["target_track"]),
-                    at_s=(e.at - session.started_at).total_seconds() - base,
-                    points=tuple((float(x), float(y)) for x, y in e.data["points"]),
-                    colour=str(e.data.get("colour") or "#ff0000"),
-                )
-                for e in events
-                if not e.data.get("clear") and e.data.get("points")
+        strokes = tuple(
+            Stroke(
+                track_id=str(e.data["target_track"]),
+                at_s=(e.at - session.started_at).total_seconds() - base,
+                points=tuple((float(x), float(y)) for x, y in e.data["points"]),
+                colour=str(e.data.get("colour") or "#ff0000"),
             )
-            if consultation.kind is ConsultationKind.TEACHING
-            else ()
+            for e in events
+            if not e.data.get("clear") and e.data.get("points")
         )
         existing = next((r for r in recordings if r.kind == RecordingKind.COMPOSITE.value), None)
         relative = f"recordings/{session_id}/composite.mp4"

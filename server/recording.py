@@ -184,13 +184,14 @@ class SessionRecordings:
         to its session's log, and the session is ended as aborted (`end_session`). Returns the
         sessions so aborted, with their consultations."""
         async with self._store.reading() as tx:
-            open_rows = await tx.list_recordings_in_state(RecordingState.RECORDING.value)
+            open_rows = await tx.list_stored_recordings(state=RecordingState.RECORDING.value)
         sessions: dict[SessionId, ConsultationId] = {}
-        for row, consultation_id, path in open_rows:
+        for s in open_rows:
+            row = s.recording
             if row.kind != RecordingKind.TRACK.value:
                 continue
-            sessions[row.session_id] = consultation_id
-            recovered = await _recover_row(row, self._data_dir / path if path else None)
+            sessions[row.session_id] = s.consultation_id
+            recovered = await _recover_row(row, self._data_dir / s.path if s.path else None)
             async with self._store.transaction() as tx:
                 await tx.update_recording(replace(recovered, ended_at=self._now()))
         async with self._store.reading() as tx:

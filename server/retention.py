@@ -29,8 +29,8 @@ from typing import Any
 from rooms.model import AuditAction, ConsultationId
 from rooms.retention import RETENTION_ACTOR, RetentionPeriods
 from rooms.roles import Role
-from rooms.store import NewAuditEntry
-from server.db.retention import RetentionRepository, StoredRecording
+from rooms.store import NewAuditEntry, StoredRecording
+from server.db.retention import RetentionRepository
 from server.db.store import SqlRecordRepository, SqlRecordStore
 
 

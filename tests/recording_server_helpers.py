@@ -23,7 +23,7 @@ import av
 import numpy as np
 from recording_helpers import Decoded, decode, has_tone
 
-from rooms.model import ConsultationId, Recording, RecordingId
+from rooms.model import ConsultationId, Recording
 from server.app import CONFIG, STORE
 
 Colour = tuple[int, int, int]
@@ -36,12 +36,12 @@ async def recordings_of(app: Any, cid: str) -> list[tuple[Recording, Path | None
     data_dir: Path = app[CONFIG].data_dir
     async with store.reading() as tx:
         rows = await tx.list_recordings(ConsultationId(cid))
-        found = [await tx.get_recording(RecordingId(r.id)) for r in rows]
-    out: list[tuple[Recording, Path | None]] = []
-    for row, hit in zip(rows, found, strict=True):
-        path = hit[2] if hit else None
-        out.append((row, data_dir / path if path else None))
-    return out
+        paths = {
+            s.recording.id: s.path
+            for session_id in {r.session_id for r in rows}
+            for s in await tx.list_stored_recordings(session_id=session_id)
+        }
+    return [(r, data_dir / p if (p := paths.get(r.id)) else None) for r in rows]
 
 
 def sha256_of(path: Path) -> str:

@@ -122,11 +122,11 @@ async def test_render_makes_the_composite_and_reports_progress(tmp_path: Path) -
             assert len(composites) == 1
             composite = composites[0]
             found = await tx.get_recording(composite.id)
-        assert found is not None and found[2] is not None
+        assert found is not None and found.path is not None
         assert composite.id in done.stdout
         assert composite.state == "complete" and composite.media_type == "video/mp4"
         assert composite.progress == 1.0
-        file = data_dir / found[2]
+        file = data_dir / found.path
         content = await asyncio.to_thread(file.read_bytes)
         assert composite.sha256 == hashlib.sha256(content).hexdigest()
         assert composite.size_bytes == len(content)

@@ -46,7 +46,7 @@ from rooms.model import (
     UserId,
 )
 from rooms.roles import Role
-from rooms.store import ConsultationFilter, NewAuditEntry, RecordRepository
+from rooms.store import ConsultationFilter, NewAuditEntry, RecordRepository, StoredRecording
 from server.db.engine import make_engine
 from server.db.migrate import (
     current_revision,
@@ -471,16 +471,20 @@ async def test_decisions_and_recordings_round_trip(sql_store: SqlRecordStore) ->
         assert await repo.list_decisions(ConsultationId("c1")) == decisions
         assert await repo.list_recordings(ConsultationId("c1")) == [finished, running]
         assert await repo.list_recordings(ConsultationId("other")) == [elsewhere]
-        assert await repo.get_recording(RecordingId("r2")) == (
-            running,
-            ConsultationId("c1"),
-            "recordings/r2.webm",
+        assert await repo.get_recording(RecordingId("r2")) == StoredRecording(
+            running, ConsultationId("c1"), "recordings/r2.webm"
         )
         assert await repo.get_recording(RecordingId("r404")) is None
-        assert [r.id for r, _, _ in await repo.list_recordings_in_state("recording")] == [
-            "r2",
-            "rx",
+        in_state = await repo.list_stored_recordings(state="recording")
+        assert [s.recording.id for s in in_state] == ["r2", "rx"]
+        assert [s.consultation_id for s in in_state] == ["c1", "other"]
+        of_session = await repo.list_stored_recordings(session_id=SessionId("s1"))
+        assert [(s.recording.id, s.path) for s in of_session] == [
+            ("r1", "recordings/r1.webm"),
+            ("r2", "recordings/r2.webm"),
         ]
+        both = await repo.list_stored_recordings(state="complete", session_id=SessionId("s1"))
+        assert [s.recording.id for s in both] == ["r1"]
     # A segment closes: what changes is written, the rest stays.
     closed = replace(
         running, state="complete", sha256="cd" * 32, duration_s=3.5, size_bytes=9, ended_at=at(13)
@@ -490,10 +494,8 @@ async def test_decisions_and_recordings_round_trip(sql_store: SqlRecordStore) ->
         with pytest.raises(NotFound, match="recording r404 does not exist"):
             await repo.update_recording(replace(closed, id=RecordingId("r404")))
     async with sql_store.reading() as repo:
-        assert await repo.get_recording(RecordingId("r2")) == (
-            closed,
-            ConsultationId("c1"),
-            "recordings/r2.webm",
+        assert await repo.get_recording(RecordingId("r2")) == StoredRecording(
+            closed, ConsultationId("c1"), "recordings/r2.webm"
         )
 
 

@@ -14,6 +14,7 @@ import secrets
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -22,6 +23,7 @@ from rooms.errors import Conflict, NotFound
 from rooms.model import ConsultationId, RecordingId, RecordingState, UserId
 from rooms.policy import Actor
 from rooms.roles import Role
+from rooms.store import StoredRecording
 from server.api.framework import Authenticate, Call, Endpoint
 from server.api.schemas import NoBody, ResponseBody
 from server.auth import AuthError
@@ -133,11 +135,7 @@ class RecordingRoutes:
 
     async def playback(self, call: Call[NoBody, None]) -> PlaybackLink:
         recording_id = RecordingId(call.path("recording_id"))
-        recording, _ = await self._service.open_recording(
-            call.ctx, recording_id, {"playback_link": True}
-        )
-        if recording.state not in _PLAYABLE:
-            raise Conflict(f"recording {recording_id} is {recording.state}, not playable yet")
+        await self._playable(call, {"playback_link": True})
         token, expires = self._grants.grant(call.ctx.actor, recording_id)
         return PlaybackLink(
             url=f"/api/v1/recordings/{recording_id}/content?token={token}",
@@ -146,11 +144,9 @@ class RecordingRoutes:
 
     async def content(self, call: Call[None, None]) -> web.StreamResponse:
         recording_id = RecordingId(call.path("recording_id"))
-        detail = {"range": call.request.headers.get("Range")}
-        recording, path = await self._service.open_recording(call.ctx, recording_id, detail)
-        if recording.state not in _PLAYABLE:
-            raise Conflict(f"recording {recording_id} is {recording.state}, not playable yet")
-        file = (self._data_dir / path).resolve() if path else None
+        stored = await self._playable(call, {"range": call.request.headers.get("Range")})
+        recording = stored.recording
+        file = (self._data_dir / stored.path).resolve() if stored.path else None
         # The path comes from the record, never from the client; still, never leave data_dir.
         if (
             file is None
@@ -167,6 +163,15 @@ class RecordingRoutes:
                 "Content-Disposition": f'inline; filename="{recording_id}{file.suffix}"',
             },
         )
+
+    async def _playable(self, call: Call[Any, None], detail: dict[str, Any]) -> StoredRecording:
+        """The recording, if the caller may have it (audited) and it is closed."""
+        recording_id = RecordingId(call.path("recording_id"))
+        stored = await self._service.open_recording(call.ctx, recording_id, detail)
+        state = stored.recording.state
+        if state not in _PLAYABLE:
+            raise Conflict(f"recording {recording_id} is {state}, not playable yet")
+        return stored
 
     async def _bearer_or_link(self, request: web.Request) -> RequestContext:
         token = request.query.get("token")

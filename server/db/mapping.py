@@ -38,7 +38,7 @@ from rooms.model import (
 )
 from rooms.retention import LegalHold
 from rooms.roles import Role
-from rooms.store import NewAuditEntry
+from rooms.store import NewAuditEntry, StoredRecording
 
 Values = dict[str, Any]
 
@@ -322,6 +322,13 @@ def recording_from_row(row: RowMapping) -> Recording:
         source=row["source"],
         offset_s=row["offset_s"],
         progress=row["progress"],
+    )
+
+
+def stored_recording_from_row(row: RowMapping) -> StoredRecording:
+    """A row of `recordings` joined with its session's `consultation_id`."""
+    return StoredRecording(
+        recording_from_row(row), ConsultationId(row["consultation_id"]), row["path"]
     )
 
 

@@ -22,14 +22,16 @@ from sqlalchemy import delete, exists, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ColumnElement
 
-from rooms.model import ConsultationId, Recording, RecordingId
+from rooms.model import ConsultationId, RecordingId
 from rooms.retention import (
     ACCESS_ACTIONS,
     CLOSED,
     NEVER_PURGED,
     UNFINISHED_RECORDING_STATES,
 )
+from rooms.store import StoredRecording
 from server.db import mapping as m
+from server.db.store import select_stored_recordings
 from server.db.tables import (
     audit_log,
     consents,
@@ -47,13 +49,6 @@ from server.db.tables import (
 
 _ACCESS = sorted(a.value for a in ACCESS_ACTIONS)
 _NEVER = sorted(a.value for a in NEVER_PURGED)
-
-
-@dataclass(frozen=True)
-class StoredRecording:
-    recording: Recording
-    consultation_id: ConsultationId
-    path: str | None
 
 
 @dataclass(frozen=True)
@@ -95,8 +90,7 @@ class RetentionRepository:
         """Finished recordings that ended before `cutoff`, of consultations not on hold."""
         r, s = recordings.c, sessions.c
         query = (
-            select(recordings, s.consultation_id.label("consultation"))
-            .join(sessions, s.id == r.session_id)
+            select_stored_recordings()
             .where(
                 func.coalesce(r.ended_at, r.started_at) < cutoff,
                 r.state.not_in(sorted(UNFINISHED_RECORDING_STATES)),
@@ -111,20 +105,14 @@ class RetentionRepository:
     async def recordings_of(self, consultation_id: ConsultationId) -> list[StoredRecording]:
         r, s = recordings.c, sessions.c
         return await self._stored(
-            select(recordings, s.consultation_id.label("consultation"))
-            .join(sessions, s.id == r.session_id)
+            select_stored_recordings()
             .where(s.consultation_id == consultation_id)
             .order_by(r.started_at, r.id)
         )
 
     async def _stored(self, query: Any) -> list[StoredRecording]:
         rows = (await self._conn.execute(query)).mappings().all()
-        return [
-            StoredRecording(
-                m.recording_from_row(row), ConsultationId(row["consultation"]), row["path"]
-            )
-            for row in rows
-        ]
+        return [m.stored_recording_from_row(row) for row in rows]
 
     async def expired_records(
         self, cutoff: datetime, consultation_id: ConsultationId | None = None

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Executable, Table, and_, exists, insert, or_, select, text, update
+from sqlalchemy import Executable, Select, Table, and_, exists, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
@@ -38,7 +38,13 @@ from rooms.model import (
     UserId,
 )
 from rooms.retention import LegalHold
-from rooms.store import ConsultationFilter, NewAuditEntry, RecordRepository, RecordStore
+from rooms.store import (
+    ConsultationFilter,
+    NewAuditEntry,
+    RecordRepository,
+    RecordStore,
+    StoredRecording,
+)
 from server.db import mapping as m
 from server.db.engine import READ_ONLY, make_engine, sqlite_path
 from server.db.tables import (
@@ -56,6 +62,14 @@ from server.db.tables import (
     sessions,
     team_members,
 )
+
+
+def select_stored_recordings() -> Select[Any]:
+    """Recordings with their session's consultation (see mapping.stored_recording_from_row)."""
+    return select(recordings, sessions.c.consultation_id).join(
+        sessions, sessions.c.id == recordings.c.session_id
+    )
+
 
 # SQLSTATE (PostgreSQL) and extended result codes (SQLite) of the constraint violations.
 _PG_UNIQUE = "23505"
@@ -440,32 +454,19 @@ class SqlRecordRepository(RecordRepository):
         if result.rowcount == 0:
             raise NotFound(f"recording {recording.id} does not exist")
 
-    async def get_recording(
-        self, recording_id: RecordingId
-    ) -> tuple[Recording, ConsultationId, str | None] | None:
-        rows = await self._rows(
-            select(recordings, sessions.c.consultation_id)
-            .join(sessions, sessions.c.id == recordings.c.session_id)
-            .where(recordings.c.id == recording_id)
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        return m.recording_from_row(row), ConsultationId(row["consultation_id"]), row["path"]
+    async def get_recording(self, recording_id: RecordingId) -> StoredRecording | None:
+        rows = await self._rows(select_stored_recordings().where(recordings.c.id == recording_id))
+        return m.stored_recording_from_row(rows[0]) if rows else None
 
-    async def list_recordings_in_state(
-        self, state: str
-    ) -> list[tuple[Recording, ConsultationId, str | None]]:
-        rows = await self._rows(
-            select(recordings, sessions.c.consultation_id)
-            .join(sessions, sessions.c.id == recordings.c.session_id)
-            .where(recordings.c.state == state)
-            .order_by(recordings.c.started_at, recordings.c.id)
-        )
-        return [
-            (m.recording_from_row(row), ConsultationId(row["consultation_id"]), row["path"])
-            for row in rows
-        ]
+    async def list_stored_recordings(
+        self, *, state: str | None = None, session_id: SessionId | None = None
+    ) -> list[StoredRecording]:
+        query = select_stored_recordings().order_by(recordings.c.started_at, recordings.c.id)
+        if state is not None:
+            query = query.where(recordings.c.state == state)
+        if session_id is not None:
+            query = query.where(recordings.c.session_id == session_id)
+        return [m.stored_recording_from_row(row) for row in await self._rows(query)]
 
     async def list_recordings(self, consultation_id: ConsultationId) -> list[Recording]:
         r = recordings.c
