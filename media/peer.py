@@ -8,6 +8,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiortc import (
     RTCBundlePolicy,
@@ -45,6 +46,14 @@ class IceServer:
     urls: list[str]
     username: str | None = None
     credential: str | None = None
+
+    def client_form(self) -> dict[str, Any]:
+        """As a browser's RTCIceServer dictionary."""
+        return {
+            "urls": list(self.urls),
+            **({"username": self.username} if self.username is not None else {}),
+            **({"credential": self.credential} if self.credential is not None else {}),
+        }
 
 
 @dataclass(frozen=True)

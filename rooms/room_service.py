@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -74,12 +75,16 @@ class LiveRoomService:
         presence: PresenceStore,
         limits: RoomLimits = RoomLimits(),
         clock: Clock = utc_now,
+        ice_servers: Sequence[Mapping[str, Any]] = (),
     ) -> None:
+        """`ice_servers` (STUN/TURN, as RTCIceServer dictionaries) go to every seated client
+        in `joined`, for its own peer connections."""
         self._store = store
         self._consultations = consultations
         self._presence = presence
         self._limits = limits
         self._now = clock
+        self._ice_servers = [dict(s) for s in ice_servers]
         self._monotonic = time.monotonic
         self._consultations_seen: dict[ConsultationId, tuple[Consultation, float]] = {}
         consultations.watch(self._forget)
@@ -798,6 +803,7 @@ class LiveRoomService:
             ],
             "trainee_chat": room.trainee_chat,
             "recording": room.recording.to_dict() if room.recording else None,
+            "ice_servers": self._ice_servers,
         }
 
     async def _member(

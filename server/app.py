@@ -130,7 +130,14 @@ def _attach_signaling(
         engineio_logger=False,
     )
     limits = RoomLimits(max_participants=sig.max_participants)
-    rooms = LiveRoomService(store, service, presence, limits)
+    peer_config = _peer_config(config)
+    rooms = LiveRoomService(
+        store,
+        service,
+        presence,
+        limits,
+        ice_servers=[s.client_form() for s in peer_config.ice_servers],
+    )
     is_revoked = _is_revoked(store)
 
     async def authenticate(token: str, consultation: ConsultationId | None) -> Identity:
@@ -156,7 +163,7 @@ def _attach_signaling(
             chat_max_chars=sig.chat_max_chars,
             annotation_max_points=sig.annotation_max_points,
         ),
-        _peer_config(config),
+        peer_config,
     )
     composites = Composites(store, config.data_dir)
     recordings = SessionRecordings(

@@ -112,14 +112,6 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         super().__init__(NAMESPACE)
         self._rooms = rooms
         self._media = MediaHub(peer_config, self._send_subscribe_offer, self._send_layer)
-        self._client_ice_servers = [
-            {
-                "urls": list(s.urls),
-                **({"username": s.username} if s.username is not None else {}),
-                **({"credential": s.credential} if s.credential is not None else {}),
-            }
-            for s in peer_config.ice_servers
-        ]
         # Set by the app once its recorders (which follow this namespace's media) exist.
         self._recorders: Recorders | None = None
         # Which connection holds each seat, to deliver its subscribe offers.
@@ -254,11 +246,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 if a.to.audience is Audience.CONNECTION
                 else _room_name(a.to.audience, a.to.key)
             )
-            payload = a.payload
-            if a.event == "joined":
-                # The seated client's peer connections use the same ICE servers as ours.
-                payload = {**payload, "ice_servers": self._client_ice_servers}
-            await self.emit(a.event, payload, to=to, skip_sid=a.skip_connection)
+            await self.emit(a.event, a.payload, to=to, skip_sid=a.skip_connection)
         if outcome.disconnects:
             # In a task of its own, so the ack of the event that caused it goes out first.
             self._timers.start(self._disconnect(outcome.disconnects))
