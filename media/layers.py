@@ -65,7 +65,7 @@ class LayerChooser:
         budget_bps: float | None,
         fraction_lost: float | None,
         needs: Mapping[Layer, float],
-        congested: bool = True,
+        congested: bool,
     ) -> Layer:
         """One sample a second. `budget_bps` is this track's share of the estimate, `needs`
         what each layer takes now, `congested` whether the subscriber's estimate is below what

@@ -375,52 +375,42 @@ class LiveRoomService:
         granted: bool,
         on_behalf_of: str | None,
     ) -> Outcome:
+        # Under the room's lock: a withdrawal may stop the recording.
         async with self._presence.lock(consultation_id):
-            return await self._consent(conn, actor, consultation_id, kind, granted, on_behalf_of)
-
-    async def _consent(
-        self,
-        conn: str,
-        actor: Actor,
-        consultation_id: ConsultationId,
-        kind: ConsentKind,
-        granted: bool,
-        on_behalf_of: str | None,
-    ) -> Outcome:
-        room, me = await self._member(conn, consultation_id)
-        consultation = await self._check(actor, Permission.CONSENT, consultation_id)
-        async with self._store.transaction() as tx:
-            subject = _consent_subject(actor, consultation, on_behalf_of)
-            now = self._now()
-            consent = Consent(
-                consultation_id, room.session_id, kind, granted, actor.user_id, subject, now
+            room, me = await self._member(conn, consultation_id)
+            consultation = await self._check(actor, Permission.CONSENT, consultation_id)
+            async with self._store.transaction() as tx:
+                subject = _consent_subject(actor, consultation, on_behalf_of)
+                now = self._now()
+                consent = Consent(
+                    consultation_id, room.session_id, kind, granted, actor.user_id, subject, now
+                )
+                await tx.add_consent(consent)
+                event = await self._append(
+                    tx,
+                    room,
+                    EventKind.CONSENT,
+                    me,
+                    {"kind": kind.value, "granted": granted, "on_behalf_of": subject},
+                )
+            out = Outcome()
+            out.announce(
+                "consent_recorded",
+                {
+                    "seq": event.seq,
+                    "kind": kind.value,
+                    "granted": granted,
+                    "given_by": actor.user_id,
+                    "on_behalf_of": subject,
+                    "participant": me.participant_id,
+                    "at": event.at.isoformat(),
+                },
+                Target.room(consultation_id),
             )
-            await tx.add_consent(consent)
-            event = await self._append(
-                tx,
-                room,
-                EventKind.CONSENT,
-                me,
-                {"kind": kind.value, "granted": granted, "on_behalf_of": subject},
-            )
-        out = Outcome()
-        out.announce(
-            "consent_recorded",
-            {
-                "seq": event.seq,
-                "kind": kind.value,
-                "granted": granted,
-                "given_by": actor.user_id,
-                "on_behalf_of": subject,
-                "participant": me.participant_id,
-                "at": event.at.isoformat(),
-            },
-            Target.room(consultation_id),
-        )
-        if not granted and room.recording is not None and kind in consents_needed(consultation):
-            # Withdrawing consent stops the recording at once.
-            await self._stop_recording(room, me, "consent_withdrawn", out)
-        return out
+            if not granted and room.recording is not None and kind in consents_needed(consultation):
+                # Withdrawing consent stops the recording at once.
+                await self._stop_recording(room, me, "consent_withdrawn", out)
+            return out
 
     async def annotate(
         self, conn: str, actor: Actor, consultation_id: ConsultationId, stroke: Stroke
