@@ -456,18 +456,17 @@ class MediaHub:
 
     async def _fan_out(self, room: str, publisher: str) -> None:
         for other in list(self._rooms[room].values()):
-            if other.participant == publisher or not other.may_subscribe:
-                continue
-            if other.subscribe is not None and other.subscribe.pc.connectionState == "closed":
-                # Its connection is gone (its seat goes, or it joins again and gets a new
-                # one); it must not stop the others from receiving the new tracks.
-                continue
-            self._subscribe_all(room, other)
-            await self._negotiate(room, other)
+            if other.participant != publisher and other.may_subscribe:
+                self._subscribe_all(room, other)
+                await self._negotiate(room, other)
 
     def _subscribe_all(self, room: str, member: _Member) -> None:
         if member.subscribe is None:
             member.subscribe = SubscribeConnection(self._config)
+        elif member.subscribe.pc.connectionState == "closed":
+            # Gone (its seat goes, or it joins again and gets a new one): nothing can be added,
+            # and it must not stop the others from receiving.
+            return
         for other in self._rooms[room].values():
             if other.participant == member.participant:
                 continue
