@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: a lean socket.io client, statistics, /proc readers and the
-processes a benchmark starts (telemed nodes, redis-server, a scratch PostgreSQL database).
+"""Shared pieces of the benchmarks (signaling, relay, recording): a lean socket.io client,
+statistics, /proc readers and the processes a benchmark starts (telemed nodes, redis-server,
+a scratch PostgreSQL database).
 
 Everything here runs in the benchmark's own processes; the server under test is always a
 separate `telemed serve` process.
@@ -110,6 +111,20 @@ def processes_named(name: str) -> list[int]:
     return pids
 
 
+async def wait_for_quiet(below_pct: float, limit_s: float) -> tuple[float, float]:
+    """The machine is shared: waits (at most about `limit_s`) until the whole machine is busy
+    at most `below_pct` % of one core, measured over 2 s; returns (last busy %, seconds
+    waited)."""
+    started = time.monotonic()
+    while True:
+        before, at = machine_busy_seconds(), time.monotonic()
+        await asyncio.sleep(2.0)
+        busy = 100 * (machine_busy_seconds() - before) / (time.monotonic() - at)
+        waited = time.monotonic() - started
+        if busy <= below_pct or waited >= limit_s:
+            return busy, waited
+
+
 def cpu_seconds_of(pids: Iterable[int]) -> float:
     """Summed CPU seconds of processes that may come and go (gone ones count as 0)."""
     total = 0.0
@@ -177,13 +192,20 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         nice: int = 0,
+        nice_may_fail: bool = False,
     ) -> None:
+        """`nice_may_fail`: where `nice` is not allowed (a negative one without root), run at
+        the default instead of failing to start."""
         self.name = name
 
         def prepare() -> None:
             raise_fd_limit()
             if nice:
-                os.nice(nice)
+                try:
+                    os.nice(nice)
+                except OSError:
+                    if not nice_may_fail:
+                        raise
 
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - closed in stop()

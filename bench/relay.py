@@ -78,7 +78,6 @@ import re
 import secrets
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -101,9 +100,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from bench.relay_client import PartyPlan, WorkerPlan, worker_main  # noqa: E402
-from bench.relay_media import VIDEO_CLOCK, ClipSpec, clip_path, load_clip  # noqa: E402
-from bench.relay_proc import (  # noqa: E402
+from bench.common import (  # noqa: E402
     ManagedProcess,
     cpu_seconds,
     free_port,
@@ -112,13 +109,19 @@ from bench.relay_proc import (  # noqa: E402
     percentile,
     rss_bytes,
     telemed_command,
+    wait_for_quiet,
     wait_until_ready,
 )
+from bench.relay_client import PartyPlan, WorkerPlan, worker_main  # noqa: E402
+from bench.relay_media import VIDEO_CLOCK, ClipSpec, clip_path, load_clip  # noqa: E402
+from bench.relay_report import cell, median_of  # noqa: E402
 
 PACKAGES = ("aiortc", "av", "aioice", "pylibsrtp", "cryptography", "python-socketio", "aiohttp")
 CONSULT_ROLES = ("village_doctor", "county_physician", "township_doctor", "provincial_specialist")
 # A frame arriving later than this after the window still counts as delivered, not lost.
 DRAIN_S = 2.0
+# ManagedProcess.stop: SIGINT, then SIGKILL after this many seconds.
+STOP_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,12 @@ class Run:
         argv = [*telemed_command(), "--config", str(config), "serve"]
         argv += ["--host", "127.0.0.1", "--port", str(port)]
         self.server = ManagedProcess(
-            "server", argv, self.tmp / "server.log", env, nice=self.args.server_nice
+            "server",
+            argv,
+            self.tmp / "server.log",
+            env,
+            nice=self.args.server_nice,
+            nice_may_fail=True,  # not allowed: run at the default
         )
         self.url = f"http://127.0.0.1:{port}"
         await wait_until_ready(self.url + "/readyz", self.server)
@@ -227,7 +235,7 @@ class Run:
         for pipe in self.pipes:
             pipe.close()
         if self.server is not None:
-            await asyncio.to_thread(self.server.stop)
+            await asyncio.to_thread(self.server.stop, timeout=STOP_TIMEOUT_S)
         if self.args.keep:
             print(f"kept {self.tmp}", file=sys.stderr)
         else:
@@ -371,16 +379,10 @@ class Run:
 
     async def _wait_for_quiet(self) -> float:
         """The machine is shared: wait (boundedly) until others leave most of it idle."""
-        started = time.monotonic()
-        while True:
-            before, at = machine_busy_seconds(), time.monotonic()
-            await asyncio.sleep(2.0)
-            busy = 100 * (machine_busy_seconds() - before) / (time.monotonic() - at)
-            waited = time.monotonic() - started
-            if busy <= self.args.quiet_below or waited >= self.args.quiet_wait:
-                if busy > self.args.quiet_below:
-                    self.notes.append(f"machine {busy:.0f}% busy before the run")
-                return busy
+        busy, _ = await wait_for_quiet(self.args.quiet_below, self.args.quiet_wait)
+        if busy > self.args.quiet_below:
+            self.notes.append(f"machine {busy:.0f}% busy before the run")
+        return busy
 
     async def execute(self) -> dict[str, Any]:
         try:
@@ -667,7 +669,7 @@ class Run:
             return None
         process, out = spy
         await asyncio.to_thread(process.proc.wait, self.args.duration + 30)
-        process.stop()
+        process.stop(timeout=STOP_TIMEOUT_S)
         from bench.relay_profile import summarize_collapsed
 
         if not out.exists():
@@ -848,20 +850,11 @@ SUMMARY: list[tuple[str, str, str]] = [
 ]
 
 
-def median_of(runs: list[dict[str, Any]], key: str) -> float:
-    values = [r.get(key) for r in runs]
-    finite = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
-    return statistics.median(finite) if finite else math.nan
-
-
 def render_table(results: dict[str, list[dict[str, Any]]]) -> str:
     header = "| scenario | runs | " + " | ".join(h for _, h, _ in SUMMARY) + " |"
     lines = [header, "|" + "---|" * (len(SUMMARY) + 2)]
     for label, runs in results.items():
-        cells = []
-        for key, _, fmt in SUMMARY:
-            value = median_of(runs, key)
-            cells.append("-" if math.isnan(value) else fmt.format(value))
+        cells = [cell(median_of(runs, key), fmt) for key, _, fmt in SUMMARY]
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+_BENCH_DIR = Path(__file__).resolve().parent
+_ROOT = _BENCH_DIR.parent
+# Run as `python bench/relay_profile.py`: the repository root, not bench/, must be importable.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from bench.stacks import collapsed_samples  # noqa: E402
 
 # The first pattern that matches the file of a sample's innermost frame names the component
 # the sample is charged to (self time: the shares add up to 100 % of the busy samples).
@@ -45,14 +52,6 @@ IDLE_LEAVES = (
 )
 
 
-def _frames(stack: str) -> list[tuple[str, str]]:
-    found = []
-    for frame in stack.split(";"):
-        match = _FRAME.match(frame.strip())
-        found.append((match["func"], match["file"]) if match else (frame.strip(), ""))
-    return found
-
-
 def _component(file: str) -> str:
     for component, pattern in COMPONENTS:
         if re.search(pattern, file):
@@ -71,12 +70,7 @@ def summarize_collapsed(text: str, top: int = 25) -> dict[str, Any]:
     by_component: Counter[str] = Counter()
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    for line in text.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = _frames(stack)
+    for frames, count in collapsed_samples(text):
         total += count
         leaf_func, leaf_file = frames[-1]
         if any(leaf_func == f and leaf_file.endswith(end) for f, end in IDLE_LEAVES):

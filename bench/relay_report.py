@@ -73,7 +73,7 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
-def _cell(value: float, fmt: str) -> str:
+def cell(value: float, fmt: str) -> str:
     return "-" if math.isnan(value) else fmt.format(value)
 
 
@@ -84,7 +84,7 @@ def medians_table(runs: dict[str, list[dict[str, Any]]]) -> str:
     ]
     for label, group in runs.items():
         ok = [r for r in group if "failed" not in r]
-        cells = [_cell(median_of(group, key), fmt) for key, _, fmt in MEDIANS]
+        cells = [cell(median_of(group, key), fmt) for key, _, fmt in MEDIANS]
         noisy = sum(1 for r in ok if r.get("noisy"))
         count = f"{len(ok)}" + (f" ({noisy} noisy)" if noisy else "")
         lines.append(f"| {label} | {count} | " + " | ".join(cells) + " |")
@@ -101,7 +101,7 @@ def runs_table(runs: dict[str, list[dict[str, Any]]]) -> str:
             if "failed" in r:
                 lines.append(f"| {label} | {r['run']} | failed: {r['failed']} |")
                 continue
-            cells = [_cell(_number(r.get(key)), fmt) for key, _, fmt in PER_RUN]
+            cells = [cell(_number(r.get(key)), fmt) for key, _, fmt in PER_RUN]
             notes = list(r.get("notes") or [])
             if r.get("noisy"):
                 notes.append("noisy")

@@ -84,6 +84,7 @@ from bench.common import (  # noqa: E402
     start_redis,
     summarize,
     telemed_command,
+    wait_for_quiet,
     wait_redis,
     wait_until_ready,
 )
@@ -584,21 +585,14 @@ class Run:
 
     async def _wait_for_quiet(self) -> None:
         """The machine is shared: wait (boundedly) until others leave most of it idle."""
-        started = time.monotonic()
-        while True:
-            before, at = machine_busy_seconds(), time.monotonic()
-            await asyncio.sleep(2.0)
-            self.busy_before_pct = 100 * (machine_busy_seconds() - before) / (time.monotonic() - at)
-            waited = time.monotonic() - started
-            if self.busy_before_pct <= self.args.quiet_below or waited >= self.args.quiet_wait:
-                self.quiet_wait_s = waited
-                if self.busy_before_pct > self.args.quiet_below:
-                    print(
-                        f"machine still busy ({self.busy_before_pct:.0f}% of a core) after "
-                        f"{waited:.0f}s; measuring anyway",
-                        file=sys.stderr,
-                    )
-                return
+        busy, waited = await wait_for_quiet(self.args.quiet_below, self.args.quiet_wait)
+        self.busy_before_pct, self.quiet_wait_s = busy, waited
+        if self.busy_before_pct > self.args.quiet_below:
+            print(
+                f"machine still busy ({self.busy_before_pct:.0f}% of a core) after "
+                f"{waited:.0f}s; measuring anyway",
+                file=sys.stderr,
+            )
 
     async def _execute(self) -> dict[str, Any]:
         args, scenario = self.args, self.scenario

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,22 @@ IDLE_LEAVES = frozenset(
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
-def _frames(stack: str) -> list[tuple[str, str]]:
+def parse_frames(stack: str) -> list[tuple[str, str]]:
+    """(function, file) of each frame of one collapsed stack, outermost first."""
     found = []
     for frame in stack.split(";"):
-        match = _FRAME.match(frame)
-        if match:
-            found.append((match["func"], match["file"]))
-        else:
-            found.append((frame, ""))
+        text = frame.strip()
+        match = _FRAME.match(text)
+        found.append((match["func"], match["file"]) if match else (text, ""))
     return found
+
+
+def collapsed_samples(text: str) -> Iterator[tuple[list[tuple[str, str]], int]]:
+    """(frames, sample count) of every stack line of py-spy's collapsed output."""
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            yield parse_frames(stack), int(count_text)
 
 
 def summarize_collapsed(text: str, top: int = 25) -> dict[str, Any]:
@@ -68,12 +76,7 @@ def summarize_collapsed(text: str, top: int = 25) -> dict[str, Any]:
     leaf: Counter[str] = Counter()
     leaf_component: Counter[str] = Counter()
     threads: Counter[str] = Counter()
-    for line in text.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = _frames(stack)
+    for frames, count in collapsed_samples(text):
         if frames and frames[-1][0] in IDLE_LEAVES:
             idle += count
             continue
