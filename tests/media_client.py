@@ -1,15 +1,19 @@
 """PYTEST_DONT_REWRITE
 A participant with media: a signaling client plus the two peer connections (publish and
-subscribe), as a browser would run them, on aiortc and loopback."""
+subscribe), as a browser would run them, on aiortc and loopback.
+
+Also the media tests' shared fixtures, `media_room` and `media_server`: use with
+`pytest_plugins = ["media_client"]` (as signaling_fixtures.py is used)."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from media_peers import Collector, answer_offer, local_description
@@ -194,7 +198,7 @@ class MediaRoom:
 
     def __init__(self, server: SignalingServer) -> None:
         self.server = server
-        self.clients: list[TrackingMediaClient] = []
+        self.clients: list[MediaClient] = []
 
     @classmethod
     async def start(cls, data_dir: Path, **overrides: Any) -> MediaRoom:
@@ -206,6 +210,13 @@ class MediaRoom:
 
     def client(self, peer: Peer) -> TrackingMediaClient:
         client = TrackingMediaClient(peer)
+        self.clients.append(client)
+        return client
+
+    def plain_client(self, peer: Peer) -> MediaClient:
+        """A MediaClient (no offer tracking) for an already connected peer, closed with the
+        room."""
+        client = MediaClient(peer)
         self.clients.append(client)
         return client
 
@@ -254,6 +265,23 @@ class MediaRoom:
                 await client.close()
         self.clients.clear()
         await self.server.close()
+
+
+@pytest.fixture
+async def media_room(tmp_path: Path) -> AsyncIterator[MediaRoom]:
+    """A server with media on loopback (media_config, data in tmp_path), closed after the test:
+    the media clients made through it first, then the socket.io clients and the server."""
+    started = await MediaRoom.start(tmp_path)
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+@pytest.fixture
+def media_server(media_room: MediaRoom) -> SignalingServer:
+    """The server of `media_room`, for tests that make their own MediaClients."""
+    return media_room.server
 
 
 def publication_of(hub: MediaHub, room: str, track_id: str) -> Publication:

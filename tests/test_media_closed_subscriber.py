@@ -3,35 +3,22 @@ failed) must not stop the rest of the room from publishing and receiving."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 from media_client import MediaRoom
 from media_peers import ColourCounterTrack, ToneTrack, close_to, mean_colour
 from signaling_fixtures import eventually
 
 from server.demo import COUNTY, SPECIALIST, VILLAGE
 
-pytest_plugins = ["signaling_fixtures"]
+pytest_plugins = ["signaling_fixtures", "media_client"]
 
 SIZE = {"width": 160, "height": 120}
 
 
-@pytest.fixture
-async def room(tmp_path: Path) -> AsyncIterator[MediaRoom]:
-    started = await MediaRoom.start(tmp_path)
-    try:
-        yield started
-    finally:
-        await started.close()
-
-
-async def test_a_closed_subscriber_does_not_break_publishing(room: MediaRoom) -> None:
-    cid = (await room.server.scheduled()).id
-    village = await room.seated(VILLAGE, cid, label="village")
-    county = await room.seated(COUNTY, cid, label="county")
-    specialist = await room.seated(SPECIALIST, cid, label="specialist")
+async def test_a_closed_subscriber_does_not_break_publishing(media_room: MediaRoom) -> None:
+    cid = (await media_room.server.scheduled()).id
+    village = await media_room.seated(VILLAGE, cid, label="village")
+    county = await media_room.seated(COUNTY, cid, label="county")
+    specialist = await media_room.seated(SPECIALIST, cid, label="specialist")
     ack = await village.publish(
         [(ColourCounterTrack((220, 40, 40), **SIZE), "camera"), (ToneTrack(400.0), "microphone")]
     )
@@ -41,7 +28,7 @@ async def test_a_closed_subscriber_does_not_break_publishing(room: MediaRoom) ->
         lambda: len(county.tracks_from(village_id, "video")) == 1, "county receives the village"
     )
     # The county physician's subscribe connection dies on the server's side.
-    member = room.hub._rooms[cid][county.peer.participant_id]  # the hub exposes no member
+    member = media_room.hub._rooms[cid][county.peer.participant_id]  # the hub exposes no member
     assert member.subscribe is not None
     await member.subscribe.pc.close()
 

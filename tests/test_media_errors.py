@@ -5,9 +5,7 @@ the others' chat and media go on."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import socketio
@@ -19,20 +17,11 @@ from signaling_fixtures import eventually
 from rooms.roles import Role
 from server.demo import COUNTY, VILLAGE
 
-pytest_plugins = ["signaling_fixtures"]
+pytest_plugins = ["signaling_fixtures", "media_client"]
 
 SIZE = {"width": 160, "height": 120}
 COUNTY_COLOUR = (40, 60, 220)
 VILLAGE_COLOUR = (200, 60, 60)
-
-
-@pytest.fixture
-async def room(tmp_path: Path) -> AsyncIterator[MediaRoom]:
-    started = await MediaRoom.start(tmp_path)
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 @dataclass
@@ -69,6 +58,16 @@ async def still_works(live: Live, text: str) -> None:
     )
     got = live.village.collector(live.county_video)
     assert got is not None and close_to(mean_colour(got.frames[-1]), COUNTY_COLOUR)  # type: ignore[arg-type]
+
+
+async def county_sees_the_village(live: Live) -> None:
+    """The county physician is offered the village doctor's camera and sees its colour."""
+    village_pid = live.village.peer.participant_id
+    await eventually(lambda: live.county.offered_from(village_pid, "video"), "county's offer")
+    (video,) = live.county.offered_from(village_pid, "video")
+    await eventually(lambda: live.county.frames_of(video) >= 10, "county sees the village")
+    got = live.county.collector(video)
+    assert got is not None and close_to(mean_colour(got.frames[-1]), VILLAGE_COLOUR)  # type: ignore[arg-type]
 
 
 async def client_offer(codecs: list[str] | None = None) -> str:
@@ -115,8 +114,10 @@ def first_codec(sdp: str, kind: str) -> str:
     return rtpmap.split()[1].split("/")[0]
 
 
-async def test_a_malformed_offer_is_a_media_error_and_the_room_goes_on(room: MediaRoom) -> None:
-    live = await live_room(room)
+async def test_a_malformed_offer_is_a_media_error_and_the_room_goes_on(
+    media_room: MediaRoom,
+) -> None:
+    live = await live_room(media_room)
     peer = live.village.peer
     good = await client_offer()
     lines = good.split("\r\n")
@@ -152,24 +153,19 @@ async def test_a_malformed_offer_is_a_media_error_and_the_room_goes_on(room: Med
     # The same participant can still publish a proper offer afterwards, and is seen.
     ack = await live.village.publish([(ColourCounterTrack(VILLAGE_COLOUR, **SIZE), "camera")])
     assert ack == {"ok": True}, ack
-    village_pid = peer.participant_id
-    await eventually(lambda: live.county.offered_from(village_pid, "video"), "county's offer")
-    (video,) = live.county.offered_from(village_pid, "video")
-    await eventually(lambda: live.county.frames_of(video) >= 10, "county sees the village")
-    got = live.county.collector(video)
-    assert got is not None and close_to(mean_colour(got.frames[-1]), VILLAGE_COLOUR)  # type: ignore[arg-type]
+    await county_sees_the_village(live)
 
 
-async def test_text_that_is_not_sdp_is_a_media_error(room: MediaRoom) -> None:
-    live = await live_room(room)
+async def test_text_that_is_not_sdp_is_a_media_error(media_room: MediaRoom) -> None:
+    live = await live_room(media_room)
     for sdp in ("this is not SDP", "v=0", "v=0\r\n\x00\x01\x02"):
         ack = await live.village.peer.call("publish_offer", {"sdp": sdp, "tracks": {"0": "camera"}})
         assert ack.get("error", {}).get("code") == "media_error", (sdp, ack)
     assert live.village.peer.events("publish_answer") == []
 
 
-async def test_an_offer_without_vp8_is_a_media_error(room: MediaRoom) -> None:
-    live = await live_room(room)
+async def test_an_offer_without_vp8_is_a_media_error(media_room: MediaRoom) -> None:
+    live = await live_room(media_room)
     sdp = await client_offer(["video/H264", "video/rtx"])
     assert "VP8" not in sdp
     ack = await live.village.peer.call("publish_offer", {"sdp": sdp, "tracks": {"0": "camera"}})
@@ -180,8 +176,8 @@ async def test_an_offer_without_vp8_is_a_media_error(room: MediaRoom) -> None:
     await still_works(live, "after the H.264 offer")
 
 
-async def test_an_offer_preferring_h264_is_answered_with_vp8(room: MediaRoom) -> None:
-    live = await live_room(room)
+async def test_an_offer_preferring_h264_is_answered_with_vp8(media_room: MediaRoom) -> None:
+    live = await live_room(media_room)
     publisher = live.village
     publisher.publisher.addTransceiver(ColourCounterTrack(VILLAGE_COLOUR, **SIZE), "sendonly")
     available = RTCRtpSender.getCapabilities("video").codecs
@@ -199,18 +195,13 @@ async def test_an_offer_preferring_h264_is_answered_with_vp8(room: MediaRoom) ->
     answer = (await publisher.peer.wait_for("publish_answer"))["sdp"]
     assert first_codec(answer, "video") == "VP8", answer
     await publisher.publisher.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-    village_pid = publisher.peer.participant_id
-    await eventually(lambda: live.county.offered_from(village_pid, "video"), "county's offer")
-    (video,) = live.county.offered_from(village_pid, "video")
-    await eventually(lambda: live.county.frames_of(video) >= 10, "county sees the village")
-    got = live.county.collector(video)
-    assert got is not None and close_to(mean_colour(got.frames[-1]), VILLAGE_COLOUR)  # type: ignore[arg-type]
+    await county_sees_the_village(live)
 
 
-async def test_media_before_admission_is_not_in_room(room: MediaRoom) -> None:
-    live = await live_room(room)
-    token, _ = await room.server.invite(live.cid, Role.RESIDENT)
-    resident, _pid = await room.waiting(token, live.cid, label="resident")
+async def test_media_before_admission_is_not_in_room(media_room: MediaRoom) -> None:
+    live = await live_room(media_room)
+    token, _ = await media_room.server.invite(live.cid, Role.RESIDENT)
+    resident, _pid = await media_room.waiting(token, live.cid, label="resident")
     refusal = await resident.publish([(ToneTrack(500.0), "microphone")])
     assert refusal["ok"] is False and refusal["error"]["code"] == "not_in_room", refusal
     error = await resident.peer.refused("subscribe_answer", {"sdp": "v=0"})
@@ -222,14 +213,14 @@ async def test_media_before_admission_is_not_in_room(room: MediaRoom) -> None:
     await still_works(live, "after the waiting resident's attempts")
 
 
-async def test_a_subscribe_answer_without_an_offer_is_a_media_error(room: MediaRoom) -> None:
-    cid = (await room.server.scheduled()).id
-    village = await room.seated(VILLAGE, cid, label="village")
+async def test_a_subscribe_answer_without_an_offer_is_a_media_error(media_room: MediaRoom) -> None:
+    cid = (await media_room.server.scheduled()).id
+    village = await media_room.seated(VILLAGE, cid, label="village")
     # Nothing is published: no offer was ever made.
     error = await village.peer.refused("subscribe_answer", {"sdp": "v=0"})
     assert error["code"] == "media_error", error
 
-    live_county = await room.seated(COUNTY, cid, label="county")
+    live_county = await media_room.seated(COUNTY, cid, label="county")
     ack = await live_county.publish([(ColourCounterTrack(COUNTY_COLOUR, **SIZE), "camera")])
     assert ack == {"ok": True}, ack
     county_pid = live_county.peer.participant_id
@@ -247,10 +238,10 @@ async def test_a_subscribe_answer_without_an_offer_is_a_media_error(room: MediaR
     await eventually(lambda: village.frames_of(video) >= seen + 15, "the picture goes on")
 
 
-async def test_a_source_the_role_may_not_publish_is_forbidden(room: MediaRoom) -> None:
-    live = await live_room(room)
-    token, _ = await room.server.invite(live.cid, Role.RESIDENT)
-    resident = await room.admitted(token, live.cid, live.village.peer, label="resident")
+async def test_a_source_the_role_may_not_publish_is_forbidden(media_room: MediaRoom) -> None:
+    live = await live_room(media_room)
+    token, _ = await media_room.server.invite(live.cid, Role.RESIDENT)
+    resident = await media_room.admitted(token, live.cid, live.village.peer, label="resident")
     resident_pid = resident.peer.participant_id
     # A screen with a camera and a microphone: the whole offer is refused, not just the screen.
     sdp, sources = await raw_offer(["camera", "microphone", "screen"])
@@ -265,16 +256,16 @@ async def test_a_source_the_role_may_not_publish_is_forbidden(room: MediaRoom) -
     assert all(
         t["participant"] != resident_pid for t in live.village.peer.events("track_published")
     )
-    assert all(t.participant != resident_pid for t in room.hub.tracks(live.cid))
+    assert all(t.participant != resident_pid for t in media_room.hub.tracks(live.cid))
     assert resident.peer.events("publish_answer") == []
     await still_works(live, "after the refused screen")
 
 
-async def test_a_scoped_token_reaches_only_its_consultation(room: MediaRoom) -> None:
-    server = room.server
+async def test_a_scoped_token_reaches_only_its_consultation(media_room: MediaRoom) -> None:
+    server = media_room.server
     a = (await server.scheduled()).id
     b = (await server.scheduled()).id
-    village_b = await room.seated(VILLAGE, b, label="village-b")
+    village_b = await media_room.seated(VILLAGE, b, label="village-b")
     token_a, _ = await server.invite(a, Role.RESIDENT)
 
     # Asking for B with A's invite is refused at connect.
@@ -285,7 +276,7 @@ async def test_a_scoped_token_reaches_only_its_consultation(room: MediaRoom) -> 
 
     # Connected (to A, or without naming one), it may not join B...
     for auth in ({}, {"consultation_id": a}):
-        resident = room.client(await server.connect(token_a, label="resident-a", auth=auth))
+        resident = media_room.client(await server.connect(token_a, label="resident-a", auth=auth))
         error = await resident.peer.refused("join", {"consultation_id": b, "device": "phone"})
         assert error["code"] == "forbidden", error
         assert "scoped to another consultation" in error["message"]
@@ -294,6 +285,6 @@ async def test_a_scoped_token_reaches_only_its_consultation(room: MediaRoom) -> 
         assert refusal["ok"] is False and refusal["error"]["code"] == "not_in_room", refusal
         error = await resident.peer.refused("subscribe_answer", {"sdp": "v=0"})
         assert error["code"] == "not_in_room", error
-    assert room.hub.members(b) == [village_b.peer.participant_id]
-    assert room.hub.tracks(b) == []
+    assert media_room.hub.members(b) == [village_b.peer.participant_id]
+    assert media_room.hub.tracks(b) == []
     assert village_b.peer.events("waiting") == []

@@ -4,10 +4,6 @@ must flow (checked by colour, frame counter and tone)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 from media_client import MediaRoom, TrackingMediaClient
 from media_peers import (
     Collector,
@@ -22,16 +18,7 @@ from signaling_fixtures import eventually
 
 from server.demo import COUNTY, SPECIALIST, VILLAGE
 
-pytest_plugins = ["signaling_fixtures"]
-
-
-@pytest.fixture
-async def room(tmp_path: Path) -> AsyncIterator[MediaRoom]:
-    started = await MediaRoom.start(tmp_path)
-    try:
-        yield started
-    finally:
-        await started.close()
+pytest_plugins = ["signaling_fixtures", "media_client"]
 
 
 def received(client: TrackingMediaClient, participant: str, kind: str) -> Collector | None:
@@ -39,12 +26,14 @@ def received(client: TrackingMediaClient, participant: str, kind: str) -> Collec
     return client.collector(ids[0]) if len(ids) == 1 else None
 
 
-async def test_a_joiner_receives_both_publishers_from_its_first_offer(room: MediaRoom) -> None:
-    cid = (await room.server.scheduled()).id
+async def test_a_joiner_receives_both_publishers_from_its_first_offer(
+    media_room: MediaRoom,
+) -> None:
+    cid = (await media_room.server.scheduled()).id
     looks = {"county": ((220, 40, 40), 400.0), "specialist": ((40, 40, 220), 800.0)}
     publishers = {
-        "county": await room.seated(COUNTY, cid, label="county"),
-        "specialist": await room.seated(SPECIALIST, cid, label="specialist"),
+        "county": await media_room.seated(COUNTY, cid, label="county"),
+        "specialist": await media_room.seated(SPECIALIST, cid, label="specialist"),
     }
     for label, client in publishers.items():
         colour, tone = looks[label]
@@ -58,7 +47,7 @@ async def test_a_joiner_receives_both_publishers_from_its_first_offer(room: Medi
         "the specialist's offer of the county's tracks",
     )
 
-    joiner = await room.seated(VILLAGE, cid, label="joiner")
+    joiner = await media_room.seated(VILLAGE, cid, label="joiner")
     await eventually(lambda: joiner.answered_at, "the joiner's first answer accepted")
     first_offer = joiner.offers[0]
     assert sorted(i["kind"] for i in first_offer.values()) == ["audio", "audio", "video", "video"]

@@ -14,11 +14,8 @@ they were keyframes): no keyframe in the QUIET_BEFORE_JOIN_S before the join."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import av
-import pytest
 from media_client import MediaRoom, publication_of
 from media_peers import ColourCounterTrack, close_to, mean_colour, read_counter
 from signaling_fixtures import eventually
@@ -27,7 +24,7 @@ from media.aiortc_hooks import EncodedFrame
 from media.forwarding import Publication
 from server.demo import COUNTY, SPECIALIST, VILLAGE
 
-pytest_plugins = ["signaling_fixtures"]
+pytest_plugins = ["signaling_fixtures", "media_client"]
 
 SIZE = {"width": 160, "height": 120}
 LATE_JOIN_AFTER_S = 20.0
@@ -37,15 +34,6 @@ FIRST_FRAME_WITHIN_S = 1.0
 # ... and show a frame at most this many frames older than the one the publisher is at then.
 MAX_FRAMES_BEHIND = FPS
 QUIET_BEFORE_JOIN_S = 10.0
-
-
-@pytest.fixture
-async def room(tmp_path: Path) -> AsyncIterator[MediaRoom]:
-    started = await MediaRoom.start(tmp_path)
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 def note_keyframes(publication: Publication) -> list[float]:
@@ -63,11 +51,11 @@ def note_keyframes(publication: Publication) -> list[float]:
     return times
 
 
-async def test_a_late_joiner_gets_a_current_picture_within_a_second(room: MediaRoom) -> None:
-    server = room.server
+async def test_a_late_joiner_gets_a_current_picture_within_a_second(media_room: MediaRoom) -> None:
+    server = media_room.server
     cid = (await server.scheduled()).id
-    county = await room.seated(COUNTY, cid, label="county")
-    early = await room.seated(SPECIALIST, cid, label="early")
+    county = await media_room.seated(COUNTY, cid, label="county")
+    early = await media_room.seated(SPECIALIST, cid, label="early")
 
     colour = (40, 180, 220)
     camera = ColourCounterTrack(colour, **SIZE)
@@ -76,7 +64,7 @@ async def test_a_late_joiner_gets_a_current_picture_within_a_second(room: MediaR
     county_pid = county.peer.participant_id
     await eventually(lambda: early.offered_from(county_pid, "video"), "the early viewer's offer")
     (track_id,) = early.offered_from(county_pid, "video")
-    publication = publication_of(room.hub, cid, track_id)
+    publication = publication_of(media_room.hub, cid, track_id)
     keyframes = note_keyframes(publication)
 
     started = time.monotonic()
@@ -98,7 +86,7 @@ async def test_a_late_joiner_gets_a_current_picture_within_a_second(room: MediaR
         round(t - started, 2) for t in keyframes_before
     ]
 
-    late = await room.seated(VILLAGE, cid, label="late")
+    late = await media_room.seated(VILLAGE, cid, label="late")
     await eventually(lambda: late.offered_from(county_pid, "video"), "the late joiner's offer")
     await eventually(lambda: late.answered_at, "the late joiner's answer accepted")
     answered_at = late.answered_at[0]

@@ -5,35 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, pack_remb_fci
 from media_client import MediaClient
 from media_peers import Collector, ColourCounterTrack, ToneTrack, close_to, mean_colour
-from signaling_fixtures import SignalingServer, eventually, start_signaling_server
+from signaling_fixtures import SignalingServer, eventually
 
 from media.low_layer import MAX_HEIGHT, MAX_WIDTH
-from server.config import load_config
 from server.demo import COUNTY, VILLAGE
 
-pytest_plugins = ["signaling_fixtures"]
+pytest_plugins = ["signaling_fixtures", "media_client"]
 
 COLOUR = (30, 160, 220)
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[SignalingServer]:
-    config = load_config(
-        env={},
-        overrides={"dev": True, "data_dir": str(tmp_path), "media.host_addresses": ["127.0.0.1"]},
-    )
-    started = await start_signaling_server(config)
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 async def send_capped_remb(client: MediaClient, bps: int) -> None:
@@ -63,11 +46,11 @@ def video_of(client: MediaClient) -> Collector:
 
 
 async def test_a_capped_subscriber_gets_the_low_layer_and_can_choose(
-    server: SignalingServer,
+    media_server: SignalingServer,
 ) -> None:
-    cid = (await server.scheduled()).id
-    village = await server.seated(VILLAGE, cid, label="village")
-    county = await server.seated(COUNTY, cid, label="county")
+    cid = (await media_server.scheduled()).id
+    village = await media_server.seated(VILLAGE, cid, label="village")
+    county = await media_server.seated(COUNTY, cid, label="county")
     publisher = MediaClient(village)
     viewer = MediaClient(county)
     capping: asyncio.Future[None] | None = None
@@ -86,7 +69,7 @@ async def test_a_capped_subscriber_gets_the_low_layer_and_can_choose(
 
         # A link that carries the audio and 160 kbit/s more: not the full picture (aiortc's
         # encoder never goes below 250 kbit/s), but the 150 kbit/s low layer.
-        audio_bps = await eventually(lambda: audio_rate(server, cid), "an audio bitrate")
+        audio_bps = await eventually(lambda: audio_rate(media_server, cid), "an audio bitrate")
         capping = asyncio.ensure_future(send_capped_remb(viewer, int(audio_bps) + 160_000))
 
         change = await county.wait_for("layer_changed", within=25)
@@ -101,7 +84,7 @@ async def test_a_capped_subscriber_gets_the_low_layer_and_can_choose(
         assert small[-1].height <= MAX_HEIGHT
         # The publisher's picture, smaller: same colour, the counter still advancing.
         assert all(close_to(mean_colour(f), COLOUR) for f in small[-10:])  # type: ignore[arg-type]
-        stats = await server.namespace.media.stats(cid)
+        stats = await media_server.namespace.media.stats(cid)
         (video_stats,) = [t for t in stats["tracks"] if t["kind"] == "video"]
         assert [s["layer"] for s in video_stats["subscribers"]] == ["low"]
 
@@ -132,9 +115,9 @@ async def test_a_capped_subscriber_gets_the_low_layer_and_can_choose(
         await viewer.close()
 
 
-async def test_set_layer_names_an_unknown_track(server: SignalingServer) -> None:
-    cid = (await server.scheduled()).id
-    county = await server.seated(COUNTY, cid, label="county")
+async def test_set_layer_names_an_unknown_track(media_server: SignalingServer) -> None:
+    cid = (await media_server.scheduled()).id
+    county = await media_server.seated(COUNTY, cid, label="county")
     error = await county.refused("set_layer", {"track_id": "t_nothing", "layer": "low"})
     assert error["code"] == "media_error"
     error = await county.refused("set_layer", {"layer": "medium"})

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import pytest
 from media_client import MediaRoom, TrackingMediaClient
 from media_peers import (
     ColourCounterTrack,
@@ -27,7 +24,7 @@ from signaling_fixtures import eventually
 from rooms.roles import Role
 from server.demo import COUNTY, SPECIALIST, TOWNSHIP, VILLAGE
 
-pytest_plugins = ["signaling_fixtures"]
+pytest_plugins = ["signaling_fixtures", "media_client"]
 
 SIZE = {"width": 160, "height": 120}
 RESIDENT_COLOUR, RESIDENT_TONE = (40, 200, 40), 500.0
@@ -38,15 +35,6 @@ SPECIALIST_COLOUR, SPECIALIST_TONE = (220, 200, 40), 900.0
 IN_FLIGHT_S = 0.25
 # How long a stopped track is watched to stay stopped.
 WINDOW_S = 1.0
-
-
-@pytest.fixture
-async def room(tmp_path: Path) -> AsyncIterator[MediaRoom]:
-    started = await MediaRoom.start(tmp_path)
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 @dataclass
@@ -133,8 +121,8 @@ async def stays_silent(
         await asyncio.sleep(0.05)
 
 
-async def test_forced_mute_stops_audio_then_video_for_everyone(room: MediaRoom) -> None:
-    r = await consultation(room)
+async def test_forced_mute_stops_audio_then_video_for_everyone(media_room: MediaRoom) -> None:
+    r = await consultation(media_room)
     resident_pid = r.resident.peer.participant_id
     specialist_pid = r.specialist.peer.participant_id
 
@@ -157,7 +145,7 @@ async def test_forced_mute_stops_audio_then_video_for_everyone(room: MediaRoom) 
         assert sound is not None
         assert abs(dominant_frequency(sound.frames[-40:]) - SPECIALIST_TONE) < 20  # type: ignore[arg-type]
     # The room's view of the resident says so.
-    presence = await room.server.presence(r.cid)
+    presence = await media_room.server.presence(r.cid)
     assert presence is not None and presence.participants[resident_pid].audio_muted  # type: ignore[index]
 
     # Then video: the resident's camera stops too; the specialist's picture goes on.
@@ -173,21 +161,21 @@ async def test_forced_mute_stops_audio_then_video_for_everyone(room: MediaRoom) 
         assert picture is not None
         assert close_to(mean_colour(picture.frames[-1]), SPECIALIST_COLOUR)  # type: ignore[arg-type]
     # The resident still publishes: the relay holds the frames back, it does not lose the track.
-    assert {t.track_id for t in room.hub.tracks(r.cid)} >= {
+    assert {t.track_id for t in media_room.hub.tracks(r.cid)} >= {
         r.tracks[("resident", "video")],
         r.tracks[("resident", "audio")],
     }
 
 
 async def test_someone_seated_after_a_mute_does_not_receive_the_muted_track(
-    room: MediaRoom,
+    media_room: MediaRoom,
 ) -> None:
-    r = await consultation(room)
+    r = await consultation(media_room)
     resident_pid = r.resident.peer.participant_id
     await r.specialist.peer.ok("mute", {"participant": resident_pid, "kind": "audio"})
     await r.village.peer.wait_for("muted")
 
-    township = await room.seated(TOWNSHIP, r.cid, label="township")
+    township = await media_room.seated(TOWNSHIP, r.cid, label="township")
     audio, video = r.tracks[("resident", "audio")], r.tracks[("resident", "video")]
     await eventually(lambda: township.offered_from(resident_pid, "video"), "township's offer")
     await eventually(lambda: township.frames_of(video) >= 30, "township sees the resident")
@@ -195,8 +183,10 @@ async def test_someone_seated_after_a_mute_does_not_receive_the_muted_track(
     assert township.frames_of(audio) == 0, township.frames_of(audio)
 
 
-async def test_removal_ends_the_removed_persons_tracks_and_connection(room: MediaRoom) -> None:
-    r = await consultation(room)
+async def test_removal_ends_the_removed_persons_tracks_and_connection(
+    media_room: MediaRoom,
+) -> None:
+    r = await consultation(media_room)
     resident_pid = r.resident.peer.participant_id
     specialist_pid = r.specialist.peer.participant_id
     resident_tracks = {r.tracks[("resident", "video")], r.tracks[("resident", "audio")]}
@@ -232,11 +222,11 @@ async def test_removal_ends_the_removed_persons_tracks_and_connection(room: Medi
         # The newest offer no longer carries the resident.
         assert not watcher.offered_from(resident_pid, "video")
         assert not watcher.offered_from(resident_pid, "audio")
-    assert resident_pid not in room.hub.members(r.cid)
-    assert all(t.participant != resident_pid for t in room.hub.tracks(r.cid))
+    assert resident_pid not in media_room.hub.members(r.cid)
+    assert all(t.participant != resident_pid for t in media_room.hub.tracks(r.cid))
     # And the removed person may not come back to this session.
-    comeback = await room.server.connect(
-        (await room.server.invite(r.cid, Role.RESIDENT))[0], label="comeback"
+    comeback = await media_room.server.connect(
+        (await media_room.server.invite(r.cid, Role.RESIDENT))[0], label="comeback"
     )
     refused = await comeback.refused("join", {"consultation_id": r.cid, "device": "default"})
     assert refused["code"] == "removed"

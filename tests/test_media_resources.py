@@ -24,11 +24,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import pytest
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
 from media_client import MediaRoom, TrackingMediaClient
 from media_peers import ColourCounterTrack, ToneTrack, close_to, mean_colour, read_counter
@@ -37,7 +34,7 @@ from signaling_fixtures import eventually
 from media.forwarding import ForwardedTrack, Publication
 from server.demo import COUNTY, SPECIALIST
 
-pytest_plugins = ["signaling_fixtures"]
+pytest_plugins = ["signaling_fixtures", "media_client"]
 
 SIZE = {"width": 160, "height": 120}
 CYCLES = 50
@@ -55,15 +52,6 @@ RSS_GROWTH_LIMIT_MB = 30.0
 RSS_SECOND_HALF_LIMIT_MB = 10.0
 COUNTY_COLOUR = (40, 60, 220)
 SPECIALIST_COLOUR = (220, 200, 40)
-
-
-@pytest.fixture
-async def room(tmp_path: Path) -> AsyncIterator[MediaRoom]:
-    started = await MediaRoom.start(tmp_path)
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 LEAK_TYPES: dict[str, type] = {
@@ -172,19 +160,19 @@ async def one_cycle(room: MediaRoom, cid: str, n: int) -> None:
     await eventually(lambda: room.hub.members(cid) == [], f"{n}: the hub holds no one")
 
 
-async def test_fifty_join_publish_leave_cycles_leave_nothing_behind(room: MediaRoom) -> None:
+async def test_fifty_join_publish_leave_cycles_leave_nothing_behind(media_room: MediaRoom) -> None:
     """Each cycle's participants come and go completely; between cycles the session stays open
     (its empty-room grace is two minutes), so every cycle joins the same session."""
-    cid = (await room.server.scheduled()).id
+    cid = (await media_room.server.scheduled()).id
     started = time.monotonic()
     for n in range(WARM_UP):
-        await one_cycle(room, cid, n)
+        await one_cycle(media_room, cid, n)
     warm = await footprint()
     for n in range(WARM_UP, CYCLES // 2):
-        await one_cycle(room, cid, n)
+        await one_cycle(media_room, cid, n)
     half = await footprint()
     for n in range(CYCLES // 2, CYCLES):
-        await one_cycle(room, cid, n)
+        await one_cycle(media_room, cid, n)
     after = await footprint()
     elapsed = time.monotonic() - started
     print(
@@ -193,8 +181,8 @@ async def test_fifty_join_publish_leave_cycles_leave_nothing_behind(room: MediaR
         f"{half.closed_ping_timers} / {after.closed_ping_timers}); RSS {warm.rss_mb:.1f} / "
         f"{half.rss_mb:.1f} / {after.rss_mb:.1f} MB; objects {after.objects}"
     )
-    assert room.hub.members(cid) == []
-    assert room.hub.tracks(cid) == []
+    assert media_room.hub.members(cid) == []
+    assert media_room.hub.tracks(cid) == []
     assert abs(after.tasks - warm.tasks) <= TASK_TOLERANCE, (warm.tasks, after.tasks)
     assert after.rss_mb - warm.rss_mb < RSS_GROWTH_LIMIT_MB, (warm.rss_mb, after.rss_mb)
     assert after.rss_mb - half.rss_mb < RSS_SECOND_HALF_LIMIT_MB, (half.rss_mb, after.rss_mb)
@@ -208,15 +196,15 @@ STEADY_VISITS = 30
 
 
 async def test_a_participant_who_stays_keeps_receiving_through_many_visitors(
-    room: MediaRoom,
+    media_room: MediaRoom,
 ) -> None:
-    cid = (await room.server.scheduled()).id
-    steady = await room.seated(SPECIALIST, cid, label="steady")
+    cid = (await media_room.server.scheduled()).id
+    steady = await media_room.seated(SPECIALIST, cid, label="steady")
     steady_camera = ColourCounterTrack(SPECIALIST_COLOUR, **SIZE)
     assert await steady.publish([(steady_camera, "camera")]) == {"ok": True}
     first_answer_chars = 0
     for n in range(STEADY_VISITS + 1):
-        visitor = await room.seated(COUNTY, cid, label=f"visitor-{n}", device="visit")
+        visitor = await media_room.seated(COUNTY, cid, label=f"visitor-{n}", device="visit")
         camera = ColourCounterTrack(COUNTY_COLOUR, **SIZE)
         ack = await visitor.publish([(camera, "camera"), (ToneTrack(500.0), "microphone")])
         assert ack == {"ok": True}, (n, ack)
@@ -231,7 +219,7 @@ async def test_a_participant_who_stays_keeps_receiving_through_many_visitors(
         if n == STEADY_VISITS:
             break  # the last visitor stays, to be seen
         await visitor.peer.ok("leave")
-        await room.drop_client(visitor)
+        await media_room.drop_client(visitor)
         await eventually(
             lambda p=pid: not steady.offered_from(p, "video") and steady.settled(),
             f"{n}: the steady participant answers the offer without the visitor",

@@ -3,13 +3,10 @@ relay forwarding between them. Content is checked: colours, frame counters, tone
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-from media_client import MediaClient
+from media_client import MediaRoom
 from media_peers import (
     ColourCounterTrack,
     ToneTrack,
@@ -18,41 +15,18 @@ from media_peers import (
     mean_colour,
     read_counter,
 )
-from signaling_fixtures import SignalingServer, eventually, start_signaling_server
+from signaling_fixtures import SignalingServer, eventually
 
 from rooms.roles import Role
-from server.config import load_config
 from server.demo import COUNTY, SPECIALIST, VILLAGE
 
-pytest_plugins = ["signaling_fixtures"]
+pytest_plugins = ["signaling_fixtures", "media_client"]
 
 SIZE = {"width": 160, "height": 120}
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[SignalingServer]:
-    config = load_config(
-        env={},
-        overrides={"dev": True, "data_dir": str(tmp_path), "media.host_addresses": ["127.0.0.1"]},
-    )
-    started = await start_signaling_server(config)
-    clients: list[MediaClient] = []
-    started.media_clients = clients  # type: ignore[attr-defined]
-    try:
-        yield started
-    finally:
-        for client in clients:
-            await client.close()
-        await started.close()
-
-
-def media(server: SignalingServer, peer: object) -> MediaClient:
-    client = MediaClient(peer)  # type: ignore[arg-type]
-    server.media_clients.append(client)  # type: ignore[attr-defined]
-    return client
-
-
-async def test_four_parties_each_receive_the_other_three(server: SignalingServer) -> None:
+async def test_four_parties_each_receive_the_other_three(media_room: MediaRoom) -> None:
+    server = media_room.server
     cid = (await server.scheduled()).id
     village = await server.seated(VILLAGE, cid, label="village")
     token, _ = await server.invite(cid, Role.RESIDENT)
@@ -68,7 +42,7 @@ async def test_four_parties_each_receive_the_other_three(server: SignalingServer
     }
     # Every client listens for subscribe offers before anyone publishes, as a browser would.
     clients = {
-        label: media(server, peer)
+        label: media_room.plain_client(peer)
         for label, peer in (
             ("village", village),
             ("resident", resident),

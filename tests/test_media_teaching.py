@@ -4,10 +4,6 @@ an invite and the waiting room, only watch. Every trainee must receive the prese
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 from media_client import MediaRoom, TrackingMediaClient
 from media_peers import (
     ColourCounterTrack,
@@ -23,7 +19,7 @@ from rooms.model import ConsultationKind
 from rooms.roles import Role
 from server.demo import SPECIALIST
 
-pytest_plugins = ["signaling_fixtures"]
+pytest_plugins = ["signaling_fixtures", "media_client"]
 
 SIZE = {"width": 160, "height": 120}
 TRAINEES = 10
@@ -33,15 +29,6 @@ EARLY_TRAINEES = TRAINEES // 2
 CAMERA_COLOUR = (200, 80, 40)
 SCREEN_COLOUR = (240, 240, 240)
 TONE = 440.0
-
-
-@pytest.fixture
-async def room(tmp_path: Path) -> AsyncIterator[MediaRoom]:
-    started = await MediaRoom.start(tmp_path)
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 async def admit_trainee(
@@ -59,10 +46,10 @@ async def admit_trainee(
     return trainee
 
 
-async def test_ten_trainees_watch_the_presenter_and_may_not_publish(room: MediaRoom) -> None:
-    cid = (await room.server.scheduled(kind=ConsultationKind.TEACHING)).id
-    presenter = await room.seated(SPECIALIST, cid, label="presenter")
-    trainees = [await admit_trainee(room, cid, presenter, n) for n in range(EARLY_TRAINEES)]
+async def test_ten_trainees_watch_the_presenter_and_may_not_publish(media_room: MediaRoom) -> None:
+    cid = (await media_room.server.scheduled(kind=ConsultationKind.TEACHING)).id
+    presenter = await media_room.seated(SPECIALIST, cid, label="presenter")
+    trainees = [await admit_trainee(media_room, cid, presenter, n) for n in range(EARLY_TRAINEES)]
 
     camera = ColourCounterTrack(CAMERA_COLOUR, **SIZE)
     screen = ColourCounterTrack(SCREEN_COLOUR, **SIZE)
@@ -71,7 +58,7 @@ async def test_ten_trainees_watch_the_presenter_and_may_not_publish(room: MediaR
     )
     assert ack == {"ok": True}, ack
     trainees += [
-        await admit_trainee(room, cid, presenter, n) for n in range(EARLY_TRAINEES, TRAINEES)
+        await admit_trainee(media_room, cid, presenter, n) for n in range(EARLY_TRAINEES, TRAINEES)
     ]
 
     presenter_pid = presenter.peer.participant_id
@@ -135,7 +122,7 @@ async def test_ten_trainees_watch_the_presenter_and_may_not_publish(room: MediaR
         owners = {t["participant"] for t in client.peer.events("track_published")}
         assert owners <= {presenter_pid}, (client.peer.label, owners)
     assert len(presenter.peer.events("track_published")) == before == 3
-    assert {t.track_id for t in room.hub.tracks(cid)} == set(by_source.values())
+    assert {t.track_id for t in media_room.hub.tracks(cid)} == set(by_source.values())
     # The presenter is offered nothing: trainees publish nothing.
     assert presenter.offered() == {}
     assert presenter.received == {}

@@ -5,10 +5,6 @@ receive both pictures, each named with its own participant and source."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 from media_client import MediaRoom
 from media_peers import (
     ColourCounterTrack,
@@ -23,7 +19,7 @@ from signaling_fixtures import eventually
 from rooms.model import ConsultationKind
 from server.demo import COUNTY, SPECIALIST
 
-pytest_plugins = ["signaling_fixtures"]
+pytest_plugins = ["signaling_fixtures", "media_client"]
 
 SIZE = {"width": 160, "height": 120}
 ROOM_COLOUR = (200, 60, 60)
@@ -32,20 +28,11 @@ SPECIALIST_COLOUR = (220, 200, 40)
 SURGEON_TONE = 600.0
 
 
-@pytest.fixture
-async def room(tmp_path: Path) -> AsyncIterator[MediaRoom]:
-    started = await MediaRoom.start(tmp_path)
-    try:
-        yield started
-    finally:
-        await started.close()
-
-
-async def test_the_mentor_receives_both_of_the_surgeons_devices(room: MediaRoom) -> None:
-    cid = (await room.server.scheduled(kind=ConsultationKind.TELEMENTORING)).id
-    room_cam = await room.seated(COUNTY, cid, label="room-cam", device="room-cam")
-    field_cam = await room.seated(COUNTY, cid, label="field-cam", device="field-cam")
-    mentor = await room.seated(SPECIALIST, cid, label="mentor")
+async def test_the_mentor_receives_both_of_the_surgeons_devices(media_room: MediaRoom) -> None:
+    cid = (await media_room.server.scheduled(kind=ConsultationKind.TELEMENTORING)).id
+    room_cam = await media_room.seated(COUNTY, cid, label="room-cam", device="room-cam")
+    field_cam = await media_room.seated(COUNTY, cid, label="field-cam", device="field-cam")
+    mentor = await media_room.seated(SPECIALIST, cid, label="mentor")
     assert mentor.peer.snapshot["kind"] == "telementoring"
 
     # Two seats of one user, told apart by their device labels.

@@ -53,7 +53,7 @@ from server.app import COMPOSITES, CONFIG, STORE
 from server.auth import AuthError, TokenService
 from server.config import JwtConfig, load_config
 
-pytest_plugins = ["signaling_fixtures"]
+pytest_plugins = ["signaling_fixtures", "media_client"]
 
 SIZE = {"width": 160, "height": 120}
 # Generous deadlines for conditions on a busy two-core machine: a wait that is met returns
@@ -381,13 +381,9 @@ def check_track_file(path: Path, row: Recording, colour: Any, tone: float) -> fl
 
 
 async def test_recorded_consultation_leaves_checked_tracks_and_a_composite(
-    tmp_path: Path,
+    media_room: MediaRoom,
 ) -> None:
-    room = await MediaRoom.start(tmp_path / "data")
-    try:
-        await run_recorded_consultation(room)
-    finally:
-        await room.close()
+    await run_recorded_consultation(media_room)
 
 
 async def run_recorded_consultation(room: MediaRoom) -> None:
