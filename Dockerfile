@@ -22,6 +22,8 @@ COPY rooms ./rooms
 COPY server ./server
 COPY signaling ./signaling
 COPY media ./media
+COPY web ./web
+# As .ci/smoke-run proves on every submission: a plain, non-editable install with no extras.
 RUN pip install .
 
 USER telemed

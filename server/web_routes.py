@@ -7,13 +7,15 @@ from pathlib import Path
 
 from aiohttp import web
 
+import web as web_client
 from rooms.consultations import ConsultationService
 from rooms.roles import ROLE_PERMISSIONS
 from server.auth import TokenService
 from server.config import Config
 from server.dev_routes import register_dev
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+# Package data beside the server (pyproject.toml), so a plain `pip install .` serves it.
+WEB_DIR = Path(web_client.__file__).resolve().parent
 
 _TYPES = {
     ".html": "text/html",
