@@ -104,13 +104,15 @@ async def start_server(tmp: Path, **signaling: float) -> Server:
     ]
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
+    # The log (stderr) apart from stdout, where --dev prints the demo tokens: tests/log_scan.py
+    # scans every server.log for leaked tokens.
     log = tmp / "server.log"
-    with log.open("wb") as out:
+    with log.open("wb") as err, (tmp / "server.stdout").open("wb") as out:
         command = [str(Path(sys.executable).parent / "telemed"), "--config", str(config)]
         process = subprocess.Popen(  # noqa: ASYNC220 - started once, before any awaiting
             [*command, "serve", "--dev", "--host", "127.0.0.1", "--port", str(port)],
             stdout=out,
-            stderr=subprocess.STDOUT,
+            stderr=err,
             env=env,
         )
     server = Server(f"http://127.0.0.1:{port}", port, process, log)
