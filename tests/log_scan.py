@@ -11,6 +11,7 @@ status turns to failure and the report names each leak's source, never the token
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,8 +49,9 @@ class LeakScanner(logging.Handler):
         except Exception as exc:  # a record that cannot be formatted is a finding of its own
             self.findings.append(f"log record from {record.name} unformattable: {exc!r}")
             return
+        test = os.environ.get("PYTEST_CURRENT_TEST", "outside a test").split(" ")[0]
         for leak in leaks_in(line):
-            self.findings.append(f"{leak} in a log line of {record.name}: {record.msg!r:.80}")
+            self.findings.append(f"{leak} in a log line of {record.name} during {test}")
 
     def scan_files(self, root: Path) -> None:
         for pattern in LOG_FILES:

@@ -507,7 +507,9 @@ def signaling_config(data_dir: Path, **signaling: Any) -> Config:
 
 async def start_signaling_server(config: Config) -> SignalingServer:
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False)
+    # As `telemed serve` runs it: aiohttp's access log (it writes query strings, where a
+    # playback link carries its token) off; telemed.access logs method and path only.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
