@@ -159,7 +159,9 @@ class MediaHub:
             named = wanted.get(incoming.mid)
             if named is None or incoming.mid in kept:
                 # Not a section the rules let through: never published under a guessed name.
-                log.warning("unexpected %s track on mid %r ignored", incoming.kind, incoming.mid)
+                log.warning(
+                    "unexpected %s track on mid %r ignored", incoming.kind, incoming.mid[:32]
+                )
                 continue
             info = TrackInfo(f"t_{uuid.uuid4().hex[:12]}", participant, incoming.kind, named)
             member.published[info.track_id] = _Published(info, incoming)

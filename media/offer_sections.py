@@ -63,7 +63,8 @@ def publishing_sources(
     sections: list[OfferedSection], sources: Mapping[str, str], limits: PublishLimits
 ) -> dict[str, str]:
     """The source (by mid) of every section of the offer that would publish, once the offer
-    meets the rules that depend on it alone: at most `limits.max_sections` sections; every name
+    meets the rules that depend on it alone: at most `limits.max_sections` sections, one of
+    them audio or video; every name
     in `sources` is a section of the offer, with a source of that section's kind; every section
     that would publish is named, sections kept from an earlier offer too. Sections that do not
     publish (recvonly, inactive) need no name."""
@@ -90,7 +91,11 @@ def publishing_sources(
             )
     unnamed = [s for s in sections if s.publishes and (s.mid is None or s.mid not in sources)]
     if unnamed:
-        described = ", ".join(f"{s.kind} {s.mid or '(no mid)'}" for s in unnamed)
+        # The mid comes from the SDP, not the schema: shown cut short and quoted.
+        described = ", ".join(
+            f"{s.kind[:16]} {s.mid[:32]!r}" if s.mid is not None else f"{s.kind[:16]} (no mid)"
+            for s in unnamed
+        )
         raise MediaError(
             f"every section that sends media must be named in tracks; not named: {described}",
             "unnamed_section",
