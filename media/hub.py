@@ -13,9 +13,11 @@ from typing import Any
 
 from aiortc import RTCRtpSender
 
+from media.errors import MediaError as MediaError
 from media.forwarding import Publication
 from media.layers import LOW_BPS, Layer, congested, video_budget
 from media.low_layer import LowLayer
+from media.offer_sections import offered_sections, publishing_sources
 from media.peer import (
     IncomingTrack,
     OfferRefused,
@@ -23,7 +25,6 @@ from media.peer import (
     PeerConfig,
     PublishConnection,
     SubscribeConnection,
-    offered_mids,
 )
 from media.stats import RateBook
 
@@ -83,10 +84,6 @@ TrackPublished = Callable[[TrackInfo, Publication], None]
 TrackUnpublished = Callable[[TrackInfo], None]
 
 
-class MediaError(Exception):
-    """A media request that cannot be served; the message says why."""
-
-
 class MediaHub:
     def __init__(self, config: PeerConfig, send_offer: OfferSink, tell_layer: LayerSink) -> None:
         self._config = config
@@ -118,19 +115,36 @@ class MediaHub:
             self._subscribe_all(room, member)
             await self._negotiate(room, member)
 
+    def offered_sources(self, offer_sdp: str, sources: dict[str, str]) -> dict[str, str]:
+        """The source (by mid) of every section of a publish offer that would publish, if the
+        offer meets the rules that depend on it alone (media/offer_sections.py): what the
+        publisher's permissions must cover. MediaError, with a code, otherwise."""
+        return publishing_sources(offered_sections(offer_sdp), sources, self._config.publish_limits)
+
     async def publish(
         self, room: str, participant: str, offer_sdp: str, sources: dict[str, str]
     ) -> tuple[str, list[TrackInfo]]:
         """Answers the participant's publish offer. `sources` names each offered media section
-        (by mid) as camera, microphone, screen or field_camera. Returns the answer and the
-        tracks that are new."""
+        (by mid) as camera, microphone, screen or field_camera; every section that would
+        publish must be named (see `offered_sources`), and a section published before keeps
+        its source. Returns the answer and the tracks that are new."""
         member = self._member(room, participant)
-        try:
-            unknown = set(sources) - offered_mids(offer_sdp)
-        except Exception:
-            unknown = set()
-        if unknown:
-            raise MediaError(f"tracks names sections the offer does not have: {sorted(unknown)}")
+        wanted = self.offered_sources(offer_sdp, sources)
+        kept = {p.incoming.mid: p.info for p in member.published.values()}
+        for mid, source in wanted.items():
+            if mid in kept and kept[mid].source != source:
+                raise MediaError(
+                    f"section {mid} is published as {kept[mid].source}; it cannot become {source}",
+                    "source_mismatch",
+                )
+        new = [mid for mid in wanted if mid not in kept]
+        limit = self._config.publish_limits.max_tracks
+        if len(member.published) + len(new) > limit:
+            raise MediaError(
+                f"you publish {len(member.published)} tracks and the offer adds {len(new)}; "
+                f"a participant publishes at most {limit}",
+                "too_many_tracks",
+            )
         if member.publish is None:
             member.publish = PublishConnection(self._config, member.arrived.append)
         member.arrived.clear()
@@ -142,10 +156,14 @@ class MediaHub:
             raise MediaError(f"the offer could not be accepted: {exc}") from None
         added: list[TrackInfo] = []
         for incoming in member.arrived:
-            source = sources.get(incoming.mid)
-            if source is None:
-                source = "camera" if incoming.kind == "video" else "microphone"
-            info = TrackInfo(f"t_{uuid.uuid4().hex[:12]}", participant, incoming.kind, source)
+            named = wanted.get(incoming.mid)
+            if named is None or incoming.mid in kept:
+                # Not a section the rules let through: never published under a guessed name.
+                log.warning(
+                    "unexpected %s track on mid %r ignored", incoming.kind, incoming.mid[:32]
+                )
+                continue
+            info = TrackInfo(f"t_{uuid.uuid4().hex[:12]}", participant, incoming.kind, named)
             member.published[info.track_id] = _Published(info, incoming)
             added.append(info)
             self._tell_watcher(room, info, incoming.publication)

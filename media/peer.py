@@ -34,6 +34,7 @@ from media.aiortc_hooks import (
 )
 from media.forwarding import ForwardedTrack, Publication
 from media.layers import Layer, LayerChooser
+from media.offer_sections import PublishLimits
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class PeerConfig:
     ice_servers: Sequence[IceServer] = ()
     # Host addresses to offer; None lets aioice choose (every interface but loopback).
     host_addresses: Sequence[str] | None = None
+    # How much one participant may publish (sections per offer, tracks in all).
+    publish_limits: PublishLimits = field(default_factory=PublishLimits)
 
 
 def create_peer_connection(config: PeerConfig) -> RTCPeerConnection:
@@ -121,12 +124,6 @@ def only_relay_codecs(offer_sdp: str) -> str:
         section.rtp.codecs = kept
         section.fmt = [c.payloadType for c in kept]
     return str(description)
-
-
-def offered_mids(offer_sdp: str) -> set[str]:
-    return {
-        m.rtp.muxId for m in SessionDescription.parse(offer_sdp).media if m.rtp.muxId is not None
-    }
 
 
 async def set_local(pc: RTCPeerConnection, config: PeerConfig, offer: bool) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from rooms.clock import Clock, utc_now
 from rooms.consultations import ConsultationService, RequestContext
-from rooms.errors import IllegalTransition, NotFound, RoomRefused
+from rooms.errors import Forbidden, IllegalTransition, NotFound, RoomRefused
 from rooms.live import (
     LiveParticipant,
     ParticipantState,
@@ -464,10 +464,20 @@ class LiveRoomService:
     async def check_publish(
         self, conn: str, actor: Actor, consultation_id: ConsultationId, sources: list[TrackSource]
     ) -> LiveParticipant:
-        """Only admitted participants publish, and only the kinds of track their role may."""
+        """Only admitted participants publish, and only the kinds of track their role may:
+        each of `sources`, or with none, at least one kind (whoever may publish no kind of
+        track has no publish connection at all)."""
         _, me = await self._member(conn, consultation_id)
-        for source in sorted(set(sources)):
-            await self._check(actor, SOURCE_PERMISSION[source.value], consultation_id)
+        needed = sorted({SOURCE_PERMISSION[source.value] for source in sources})
+        if not needed:
+            consultation = await self._consultation(consultation_id)
+            kinds = sorted(set(SOURCE_PERMISSION.values()))
+            needed = [p for p in kinds if can(actor, p, consultation)][:1]
+            if not needed:
+                reason = can(actor, kinds[0], consultation).reason
+                raise Forbidden(f"you may publish no kind of track ({reason})")
+        for permission in needed:
+            await self._check(actor, permission, consultation_id)
         return me
 
     async def seated(self, conn: str, consultation_id: ConsultationId) -> LiveParticipant:

@@ -12,6 +12,7 @@ from importlib.metadata import version
 import socketio
 from aiohttp import web
 
+from media.offer_sections import PublishLimits
 from media.peer import IceServer, PeerConfig
 from rooms.consultations import ConsultationService, RequestContext
 from rooms.errors import DomainError
@@ -205,6 +206,10 @@ def _peer_config(config: Config) -> PeerConfig:
             for s in config.ice_servers
         ],
         host_addresses=config.media.host_addresses,
+        publish_limits=PublishLimits(
+            max_sections=config.media.max_sections_per_connection,
+            max_tracks=config.media.max_tracks_per_participant,
+        ),
     )
 
 

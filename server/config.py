@@ -73,6 +73,20 @@ class SignalingConfig(_Section):
 class MediaConfig(_Section):
     # Host addresses the relay offers in ICE; unset, every interface but loopback.
     host_addresses: list[str] | None = None
+    # Media sections in one publish offer (the whole publish connection: a renegotiation
+    # offer holds every section). Every subscriber is offered each published track.
+    max_sections_per_connection: int = Field(default=8, gt=0, le=64)
+    # Tracks one participant publishes at once. At most 8: a publish_offer names at most 8
+    # sections, and every sending section must be named in each offer.
+    max_tracks_per_participant: int = Field(default=6, gt=0, le=8)
+
+    @model_validator(mode="after")
+    def _tracks_fit_in_sections(self) -> MediaConfig:
+        if self.max_tracks_per_participant > self.max_sections_per_connection:
+            raise ValueError(
+                "media.max_tracks_per_participant cannot exceed media.max_sections_per_connection"
+            )
+        return self
 
 
 class RetentionConfig(_Section):

@@ -18,7 +18,7 @@ from media.hub import MediaError, MediaHub, TrackInfo
 from media.layers import Layer
 from media.peer import PeerConfig
 from rooms.errors import DomainError, RoomRefused
-from rooms.model import ConsultationId, ParticipantId
+from rooms.model import ConsultationId, ParticipantId, TrackSource
 from rooms.outcome import Audience, Outcome, RecorderOrder, Target
 from rooms.policy import Actor
 from rooms.room_service import LiveRoomService, Stroke
@@ -437,9 +437,19 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 
     async def _publish_offer(self, sid: str, conn: Connection, body: ev.PublishOffer) -> Outcome:
         cid = _room(conn)
-        me = await self._rooms.check_publish(sid, conn.actor, cid, list(body.tracks.values()))
         sources = {mid: source.value for mid, source in body.tracks.items()}
-        answer, added = await self._media.publish(cid, me.participant_id, body.sdp, sources)
+        # Admitted, and a role that may publish something, before the SDP is even read.
+        me = await self._rooms.check_publish(sid, conn.actor, cid, [])
+        try:
+            # Every section that would publish is named and of its source's kind; the
+            # publisher may publish each of those sources; then the caps and the answer.
+            wanted = self._media.offered_sources(body.sdp, sources)
+            me = await self._rooms.check_publish(
+                sid, conn.actor, cid, [TrackSource(s) for s in wanted.values()]
+            )
+            answer, added = await self._media.publish(cid, me.participant_id, body.sdp, sources)
+        except MediaError as exc:
+            raise RoomRefused(exc.code, str(exc)) from None
         if me.audio_muted:
             self._media.pause(cid, me.participant_id, "audio", paused=True)
         if me.video_muted:

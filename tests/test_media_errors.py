@@ -126,7 +126,7 @@ async def test_a_malformed_offer_is_a_media_error_and_the_room_goes_on(
         "without ICE password": "\r\n".join(x for x in lines if not x.startswith("a=ice-pwd")),
         "a garbled candidate": good.replace("a=candidate:", "a=candidate:garbled "),
         "a garbled m-line": good.replace("m=video ", "m=video port "),
-        "a section without credentials": "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n",
+        "a section without credentials": "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n",
     }
     for what, sdp in broken.items():
         error = await peer.refused("publish_offer", {"sdp": sdp, "tracks": {"0": "camera"}})

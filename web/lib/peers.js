@@ -96,6 +96,8 @@ export class Publisher {
     return this.queue.run(async () => {
       await this.pc.setLocalDescription(await this.pc.createOffer());
       await gathered(this.pc);
+      // Every sending section, those of earlier offers too: the server refuses an offer
+      // that leaves one unnamed (docs/protocol.md, publish_offer).
       /** @type {Record<string, Source>} */
       const tracks = {};
       for (const [source, t] of this.bySource) if (t.mid !== null) tracks[t.mid] = source;
