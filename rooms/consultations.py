@@ -278,6 +278,8 @@ class ConsultationService:
     async def views(
         self, ctx: RequestContext, consultations: list[Consultation]
     ) -> list[ConsultationView]:
+        """Each consultation as the caller may see it; the consents are read only for roles
+        whose view depends on them (trainees)."""
         role = ctx.actor.role
         if not depends_on_consent(role):
             return [project(c, audience_of(role, teaching_consent=False)) for c in consultations]
