@@ -28,6 +28,7 @@ from api_helpers import (
     one,
 )
 from signaling_fixtures import SignalingServer
+from test_openapi import Checker
 
 from rooms.model import Consultation, ConsultationKind, UserId
 from rooms.roles import ROLE_PERMISSIONS, Permission, Role
@@ -560,3 +561,27 @@ async def test_the_initial_team_follows_the_same_rules_and_is_audited(api: Api) 
         },
         {"user": "res-0001", "role": "resident", "institution": COUNTY.org},
     ]
+
+
+async def test_redacted_views_match_the_openapi_document(api: Api) -> None:
+    doc = (await api.get("/api/v1/openapi.json", None)).body
+    checker = Checker(doc)
+    cid = await api.create(kind="teaching")
+    trainee = await api.post(one(cid, "/invites"), VILLAGE, {"role": "trainee", "name": "学员"})
+    assert trainee.status == 201, trainee
+    for who in (COORDINATOR, trainee.body["token"], VILLAGE):
+        reply = checker.check("GET", one(cid), await api.get(one(cid), who))
+        assert reply.status == 200
+    listed = await api.get("/api/v1/consultations", COORDINATOR)
+    assert checker.check("GET", "/api/v1/consultations", listed).status == 200
+    # Hideable fields are nullable in the document; `hidden` is always there.
+    schema = doc["components"]["schemas"]["ConsultationOut"]
+    assert "hidden" in schema["required"]
+    for field in EVERY_FIELD - ALWAYS:
+        name = field.value.split(".")[0]
+        if name == "resident":
+            resident = doc["components"]["schemas"]["ResidentOut"]["properties"]
+            prop = resident[field.value.split(".")[1]]
+        else:
+            prop = schema["properties"][name]
+        assert {"type": "null"} in prop.get("anyOf", []), field
