@@ -35,7 +35,7 @@ from rooms.model import (
     TeamMember,
     UserId,
 )
-from rooms.policy import Actor, can, require, require_team_addition
+from rooms.policy import Actor, can, require, require_invite, require_team_addition
 from rooms.retention import LegalHold
 from rooms.roles import CLINICIAN_ROLES, PATIENT_ROLES, Permission, Role
 from rooms.store import (
@@ -312,6 +312,7 @@ class ConsultationService:
                 raise Conflict(f"cannot invite to a {consultation.status.value} consultation")
             if role is Role.TRAINEE and consultation.kind is not ConsultationKind.TEACHING:
                 raise InvalidInput("trainees are invited to teaching sessions only")
+            require_invite(ctx.actor, consultation, role)
             now = self._now()
             if role is Role.RESIDENT:
                 user_id, display = (
@@ -323,10 +324,6 @@ class ConsultationService:
                     raise InvalidInput(f"an invite for a {role.value} needs a name")
                 user_id, display = UserId(f"{role.value[0]}_{secrets.token_hex(6)}"), name
             if role is Role.GUARDIAN:
-                # A guardian joins the team (and reads the record): the team rule applies.
-                require_team_addition(
-                    ctx.actor, consultation, role, consultation.inviting_institution
-                )
                 member = TeamMember(user_id, display, role, consultation.inviting_institution, now)
                 await tx.add_team_member(consultation_id, member)
                 await self._audit_team_addition(tx, ctx, consultation_id, member, via="invite")

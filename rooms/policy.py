@@ -106,21 +106,14 @@ def may_add_to_team(
       own institution (the inviting side keeps clinical responsibility and chooses whom to ask);
     - an invited clinician adds a colleague of their own institution at their level or below;
     - a coordinator adds only coordinators of the inviting institution;
-    - a guardian (who joins by invite and reads the record as the patient does) is added by a
-      clinician of the inviting institution, who sits with the resident and knows the family;
-    - nobody else changes the team."""
-    scope = can(actor, Permission.JOIN, consultation)
+    - nobody else changes the team.
+    Guardians join the team by invite: `may_issue_invite` decides."""
+    # Clinicians change the team by being on it; anyone else needs manage_consultation first.
+    gate = Permission.JOIN if actor.role in CLINICIAN_ROLES else Permission.MANAGE_CONSULTATION
+    scope = can(actor, gate, consultation)
     if not scope:
         return scope
     inviting = consultation.inviting_institution
-    if role is Role.GUARDIAN:
-        if actor.role in CLINICIAN_ROLES and actor.org == inviting:
-            return _ALLOW
-        return Decision(
-            False,
-            f"a guardian is added by a clinician of the inviting institution ({inviting})",
-            "team_guardian_by_inviting_clinician",
-        )
     if actor.role is Role.COORDINATOR:
         if role is not Role.COORDINATOR:
             return Decision(
@@ -131,6 +124,7 @@ def may_add_to_team(
             )
         return _own_institution(institution, inviting, "coordinators on the team")
     if actor.role not in CLINICIAN_ROLES:
+        # No such role manages consultations today; one that did would still add nobody.
         return Decision(
             False, f"a {actor.role.value} does not change the team", "team_change_not_permitted"
         )
@@ -153,6 +147,38 @@ def may_add_to_team(
             "team_level_above_adder",
         )
     return _ALLOW
+
+
+def may_issue_invite(actor: Actor, consultation: Consultation, role: Role) -> Decision:
+    """An invite grants no more than its issuer holds, for the issuer holds the token too:
+    - a resident's or guardian's invite reads the whole record and consents for the resident:
+      it is issued by a clinician of the inviting institution, who sits with the resident and
+      knows the family (a guardian joins the team by it);
+    - a trainee's invite reads the case once the resident consents to teaching use: it is
+      issued by a clinician on the team, not by a coordinator, who may not read it.
+    Scope and the `invite` permission are can()'s; a coordinator's `invite` is for revoking."""
+    scope = can(actor, Permission.INVITE, consultation)
+    if not scope:
+        return scope
+    if actor.role not in CLINICIAN_ROLES:
+        return Decision(
+            False,
+            f"a {actor.role.value} may not invite a {role.value}: the invite would read what "
+            f"a {actor.role.value} may not",
+            "invite_exceeds_issuer",
+        )
+    inviting = consultation.inviting_institution
+    if role in PATIENT_ROLES and actor.org != inviting:
+        return Decision(
+            False,
+            f"a {role.value} is invited by a clinician of the inviting institution ({inviting})",
+            "invite_by_inviting_clinician",
+        )
+    return _ALLOW
+
+
+def require_invite(actor: Actor, consultation: Consultation, role: Role) -> None:
+    _raise_unless(may_issue_invite(actor, consultation, role))
 
 
 def require_team_addition(
