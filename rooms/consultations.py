@@ -35,7 +35,7 @@ from rooms.model import (
     TeamMember,
     UserId,
 )
-from rooms.policy import Actor, can, require
+from rooms.policy import Actor, can, require, require_invite, require_team_addition
 from rooms.retention import LegalHold
 from rooms.roles import CLINICIAN_ROLES, PATIENT_ROLES, Permission, Role
 from rooms.store import (
@@ -44,6 +44,13 @@ from rooms.store import (
     RecordRepository,
     RecordStore,
     StoredRecording,
+)
+from rooms.visibility import (
+    ConsultationView,
+    audience_of,
+    depends_on_consent,
+    project,
+    teaching_consent_given,
 )
 
 # Which permission each life-cycle action needs.
@@ -120,23 +127,7 @@ class ConsultationService:
         actor = ctx.actor
         require(actor, Permission.REQUEST_CONSULTATION)
         now = self._now()
-        inviter = TeamMember(actor.user_id, actor.name, actor.role, actor.org, now)
-        team = [inviter]
-        for m in new.team:
-            if m.user_id in {t.user_id for t in team}:
-                raise InvalidInput(f"team member {m.user_id} is listed twice")
-            _check_team_role(m.role)
-            team.append(TeamMember(m.user_id, m.name, m.role, m.institution, now))
         resident = new.resident
-        if resident.pseudonym in {t.user_id for t in team}:
-            raise InvalidInput(
-                f"the resident's pseudonym {resident.pseudonym} is also a team member's user id"
-            )
-        team.append(
-            TeamMember(
-                UserId(resident.pseudonym), resident.display_name, Role.RESIDENT, actor.org, now
-            )
-        )
         consultation = Consultation(
             id=ConsultationId(f"c_{uuid.uuid4().hex[:16]}"),
             kind=new.kind,
@@ -155,11 +146,34 @@ class ConsultationService:
             status_reason=None,
             created_at=now,
             updated_at=now,
-            team=team,
+            team=[TeamMember(actor.user_id, actor.name, actor.role, actor.org, now)],
+        )
+        for m in new.team:
+            if consultation.member(m.user_id) is not None:
+                raise InvalidInput(f"team member {m.user_id} is listed twice")
+            _check_team_role(m.role)
+            # The same rule as adding to the team later: the requester is its first member.
+            require_team_addition(actor, consultation, m.role, m.institution)
+            consultation.team.append(TeamMember(m.user_id, m.name, m.role, m.institution, now))
+        if consultation.member(UserId(resident.pseudonym)) is not None:
+            raise InvalidInput(
+                f"the resident's pseudonym {resident.pseudonym} is also a team member's user id"
+            )
+        consultation.team.append(
+            TeamMember(
+                UserId(resident.pseudonym), resident.display_name, Role.RESIDENT, actor.org, now
+            )
         )
         async with self._store.transaction() as tx:
             await tx.add_consultation(consultation)
-            await self._audit(tx, ctx, AuditAction.CREATE_CONSULTATION, consultation.id)
+            # The initial team is the first team change: who is on it, in which role.
+            await self._audit(
+                tx,
+                ctx,
+                AuditAction.CREATE_CONSULTATION,
+                consultation.id,
+                detail={"team": [_team_entry(m) for m in consultation.team]},
+            )
         return consultation
 
     async def get(self, ctx: RequestContext, consultation_id: ConsultationId) -> Consultation:
@@ -238,11 +252,14 @@ class ConsultationService:
     async def add_member(
         self, ctx: RequestContext, consultation_id: ConsultationId, new: NewTeamMember
     ) -> Consultation:
+        """Adds a clinician or coordinator as policy.may_add_to_team allows; audited with who
+        added whom, in which role and institution."""
         _check_team_role(new.role)
         async with self._store.transaction() as tx:
             consultation = await self._load(
-                tx, ctx.actor, Permission.MANAGE_CONSULTATION, consultation_id, for_update=True
+                tx, ctx.actor, Permission.JOIN, consultation_id, for_update=True
             )
+            require_team_addition(ctx.actor, consultation, new.role, new.institution)
             if consultation.status in lifecycle.TERMINAL | {ConsultationStatus.SIGNED}:
                 raise Conflict(f"the team of a {consultation.status.value} consultation is closed")
             if consultation.member(new.user_id) is not None:
@@ -250,11 +267,28 @@ class ConsultationService:
             member = TeamMember(new.user_id, new.name, new.role, new.institution, self._now())
             await tx.add_team_member(consultation_id, member)
             consultation.team.append(member)
-            await self._audit(
-                tx, ctx, AuditAction.ADD_TEAM_MEMBER, consultation_id, target=new.user_id
-            )
+            await self._audit_team_addition(tx, ctx, consultation_id, member, via="team")
         self._changed(consultation_id)
         return consultation
+
+    async def view(self, ctx: RequestContext, consultation: Consultation) -> ConsultationView:
+        """`consultation` as the caller may see it (rooms/visibility.py)."""
+        return (await self.views(ctx, [consultation]))[0]
+
+    async def views(
+        self, ctx: RequestContext, consultations: list[Consultation]
+    ) -> list[ConsultationView]:
+        """Each consultation as the caller may see it; the consents are read only for roles
+        whose view depends on them (trainees)."""
+        role = ctx.actor.role
+        if not depends_on_consent(role):
+            return [project(c, audience_of(role, teaching_consent=False)) for c in consultations]
+        async with self._store.reading() as tx:
+            consents = {c.id: await tx.list_consents(c.id) for c in consultations}
+        return [
+            project(c, audience_of(role, teaching_consent_given(c, consents[c.id])))
+            for c in consultations
+        ]
 
     async def prepare_invite(
         self,
@@ -278,6 +312,7 @@ class ConsultationService:
                 raise Conflict(f"cannot invite to a {consultation.status.value} consultation")
             if role is Role.TRAINEE and consultation.kind is not ConsultationKind.TEACHING:
                 raise InvalidInput("trainees are invited to teaching sessions only")
+            require_invite(ctx.actor, consultation, role)
             now = self._now()
             if role is Role.RESIDENT:
                 user_id, display = (
@@ -291,6 +326,7 @@ class ConsultationService:
             if role is Role.GUARDIAN:
                 member = TeamMember(user_id, display, role, consultation.inviting_institution, now)
                 await tx.add_team_member(consultation_id, member)
+                await self._audit_team_addition(tx, ctx, consultation_id, member, via="invite")
             invite = Invite(
                 consultation_id=consultation_id,
                 user_id=user_id,
@@ -653,6 +689,25 @@ class ConsultationService:
         require(actor, permission, consultation)
         return consultation
 
+    async def _audit_team_addition(
+        self,
+        tx: RecordRepository,
+        ctx: RequestContext,
+        consultation_id: ConsultationId,
+        member: TeamMember,
+        *,
+        via: str,
+    ) -> None:
+        # The entry's actor and actor_role say who added; target and detail say whom, as what.
+        await self._audit(
+            tx,
+            ctx,
+            AuditAction.ADD_TEAM_MEMBER,
+            consultation_id,
+            target=member.user_id,
+            detail={**_team_entry(member), "via": via},
+        )
+
     async def _audit(
         self,
         tx: RecordRepository,
@@ -708,6 +763,11 @@ def _require_status(
 ) -> None:
     if consultation.status not in allowed:
         raise Conflict(f"cannot {what} while the consultation is {consultation.status.value}")
+
+
+def _team_entry(member: TeamMember) -> dict[str, str]:
+    """A team member as the audit log names them: no personal name (the operator reads it)."""
+    return {"user": member.user_id, "role": member.role.value, "institution": member.institution}
 
 
 def _check_team_role(role: Role) -> None:

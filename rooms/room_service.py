@@ -44,6 +44,7 @@ from rooms.recording_rules import (
 )
 from rooms.roles import CLINICIAN_ROLES, SOURCE_PERMISSION, Permission, Role
 from rooms.store import RecordRepository, RecordStore
+from rooms.visibility import audience_of, project, teaching_consent_given
 
 # How long a room trusts its copy of the consultation (team, status) for permission checks.
 CONSULTATION_TTL_S = 2.0
@@ -771,10 +772,14 @@ class LiveRoomService:
                 room.session_id, EventKind.CHAT, self._limits.chat_history
             )
             consents = await tx.list_consents(room.consultation_id)
+        # Consultation fields come from the reader's view (rooms/visibility.py), like the API's.
+        view = project(
+            consultation, audience_of(me.role, teaching_consent_given(consultation, consents))
+        )
         return {
             "session_id": room.session_id,
-            "consultation_id": room.consultation_id,
-            "kind": consultation.kind.value,
+            "consultation_id": view.id,
+            "kind": view.kind.value,
             "you": me.public(),
             "participants": [
                 *(p.public() for p in room.admitted()),

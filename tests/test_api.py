@@ -408,13 +408,15 @@ async def test_who_joins_by_invite_is_not_added_to_the_team(api: Api, role: str)
     )
 
 
-async def test_only_managers_change_the_team(api: Api) -> None:
+async def test_an_invited_physician_does_not_add_outsiders(api: Api) -> None:
+    # Who may add whom is tested in full in test_visibility.py.
     cid = await api.create()
-    assert_problem(
+    problem = assert_problem(
         await api.post(one(cid, "/team"), COUNTY, member_body(OUTSIDER)),
         403,
-        "role county_physician may not manage_consultation",
+        f"an invited clinician's colleagues are of {COUNTY.org}, not {OUTSIDER.org}",
     )
+    assert problem["code"] == "team_institution_mismatch"
 
 
 # --- invites ----------------------------------------------------------------------------------

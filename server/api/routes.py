@@ -10,7 +10,7 @@ from typing import Any
 from media.hub import MediaHub
 from rooms.consultations import ConsultationService, NewConsultation, NewTeamMember
 from rooms.lifecycle import Action
-from rooms.model import ConsultationId, OpinionContent, Resident, UserId
+from rooms.model import Consultation, ConsultationId, OpinionContent, Resident, UserId
 from rooms.roles import Role
 from rooms.store import ConsultationFilter
 from server.api.fhir_routes import FhirRoutes
@@ -203,7 +203,7 @@ class ConsultationRoutes:
             preferred_time=b.preferred_time,
             team=[_member(m) for m in b.team],
         )
-        return ConsultationOut.of(await self._service.create(call.ctx, new))
+        return await self._out(call, await self._service.create(call.ctx, new))
 
     async def list(self, call: Call[None, ConsultationQuery]) -> ConsultationList:
         q = call.query
@@ -211,10 +211,15 @@ class ConsultationRoutes:
             status=q.status, role=q.role, institution=q.institution, limit=q.limit, offset=q.offset
         )
         found = await self._service.list_visible(call.ctx, query)
-        return ConsultationList(items=[ConsultationOut.of(c) for c in found])
+        views = await self._service.views(call.ctx, found)
+        return ConsultationList(items=[ConsultationOut.of(v) for v in views])
 
     async def get(self, call: Call[None, None]) -> ConsultationOut:
-        return ConsultationOut.of(await self._service.get(call.ctx, _cid(call)))
+        return await self._out(call, await self._service.get(call.ctx, _cid(call)))
+
+    async def _out(self, call: Call[Any, Any], consultation: Consultation) -> ConsultationOut:
+        """Every consultation this API returns is projected for its reader first."""
+        return ConsultationOut.of(await self._service.view(call.ctx, consultation))
 
     def _transition_handler(self, action: Action) -> Handler:
         async def handle(call: Call[NoBody | ReasonBody | ScheduleBody, None]) -> ConsultationOut:
@@ -226,13 +231,13 @@ class ConsultationRoutes:
                 reason=body.reason if isinstance(body, ReasonBody) else None,
                 scheduled_time=body.scheduled_time if isinstance(body, ScheduleBody) else None,
             )
-            return ConsultationOut.of(consultation)
+            return await self._out(call, consultation)
 
         return handle
 
     async def add_member(self, call: Call[TeamMemberIn, None]) -> ConsultationOut:
         consultation = await self._service.add_member(call.ctx, _cid(call), _member(call.body))
-        return ConsultationOut.of(consultation)
+        return await self._out(call, consultation)
 
     async def invite(self, call: Call[InviteIn, None]) -> InviteOut:
         ttl_s = min(call.body.ttl_s or self._invite_ttl_s, self._invite_ttl_s)
@@ -283,7 +288,8 @@ class ConsultationRoutes:
         return DecisionOut.of(decision)
 
     async def record(self, call: Call[None, None]) -> RecordOut:
-        return RecordOut.of(await self._service.record(call.ctx, _cid(call)))
+        record = await self._service.record(call.ctx, _cid(call))
+        return RecordOut.of(record, await self._service.view(call.ctx, record.consultation))
 
     async def audit(self, call: Call[None, AuditQuery]) -> AuditList:
         q = call.query

@@ -11,7 +11,6 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from rooms.model import (
     AuditEntry,
     Consent,
-    Consultation,
     ConsultationKind,
     ConsultationStatus,
     FinalDecision,
@@ -26,6 +25,7 @@ from rooms.model import (
 )
 from rooms.roles import Role
 from rooms.text import reject_control_characters
+from rooms.visibility import ConsultationView
 
 _MAX_INT = 2**63 - 1
 
@@ -141,10 +141,11 @@ class AuditQuery(RequestBody):
 
 
 class ResidentOut(ResponseBody):
-    pseudonym: str
-    display_name: str
-    age: int
-    sex: Sex
+    # Null when the reader may not see it (named in the consultation's `hidden`).
+    pseudonym: str | None
+    display_name: str | None
+    age: int | None
+    sex: Sex | None
 
 
 class TeamMemberOut(ResponseBody):
@@ -166,27 +167,33 @@ class TeamMemberOut(ResponseBody):
 
 
 class ConsultationOut(ResponseBody):
+    """A consultation as its reader may see it (rooms/visibility.py): a field they may not see
+    is null and its path is listed in `hidden`; every other field is as stored."""
+
     id: str
     kind: ConsultationKind
-    specialty: str
+    specialty: str | None
     status: ConsultationStatus
     status_reason: str | None
     resident: ResidentOut
-    inviting_institution: str
-    inviting_clinician: str
-    reason: str
-    purpose: str
-    case_summary: str
-    requested_specialty: str
-    requested_title: str
+    inviting_institution: str | None
+    inviting_clinician: str | None
+    reason: str | None
+    purpose: str | None
+    case_summary: str | None
+    requested_specialty: str | None
+    requested_title: str | None
     preferred_time: datetime | None
     scheduled_time: datetime | None
     created_at: datetime
     updated_at: datetime
-    team: list[TeamMemberOut]
+    team: list[TeamMemberOut] | None
+    hidden: list[str] = Field(
+        description="Paths of the fields withheld from this reader (null above), sorted"
+    )
 
     @classmethod
-    def of(cls, c: Consultation) -> ConsultationOut:
+    def of(cls, c: ConsultationView) -> ConsultationOut:
         r = c.resident
         return cls(
             id=c.id,
@@ -208,7 +215,8 @@ class ConsultationOut(ResponseBody):
             scheduled_time=c.scheduled_time,
             created_at=c.created_at,
             updated_at=c.updated_at,
-            team=[TeamMemberOut.of(m) for m in c.team],
+            team=None if c.team is None else [TeamMemberOut.of(m) for m in c.team],
+            hidden=sorted(f.value for f in c.hidden),
         )
 
 
@@ -459,9 +467,10 @@ class RecordOut(ResponseBody):
     audit: list[AuditEntryOut]
 
     @classmethod
-    def of(cls, r: SessionRecord) -> RecordOut:
+    def of(cls, r: SessionRecord, consultation: ConsultationView) -> RecordOut:
+        """`consultation` is r.consultation as the reader sees it."""
         return cls(
-            consultation=ConsultationOut.of(r.consultation),
+            consultation=ConsultationOut.of(consultation),
             sessions=[SessionOut.of(s) for s in r.sessions],
             participations=[ParticipationOut.of(p) for p in r.participations],
             events=[EventOut.of(e) for e in r.events],

@@ -116,7 +116,8 @@ async function card(c, role, reload) {
     actions.push(h("a", { class: "button", href: `/web/record.html?c=${encodeURIComponent(c.id)}`, text: t("list.openRecord") }));
   }
   return h("article", { class: "card", "data-consultation": c.id, "aria-labelledby": `title-${c.id}` },
-    h("h3", { id: `title-${c.id}`, text: `${c.resident.display_name} — ${c.reason}` }),
+    // A coordinator's view has no reason (null: it is clinical; see docs/domain.md).
+    h("h3", { id: `title-${c.id}`, text: c.reason === null ? c.resident.display_name : `${c.resident.display_name} — ${c.reason}` }),
     h("p", { class: "meta", text: `${t(`kind.${c.kind}`)} · ${t(`status.${c.status}`)} · ${c.specialty} · ${c.inviting_institution} · ${t("list.scheduled")} ${when(c.scheduled_time)}` }),
     h("p", { class: "meta", text: `${t("list.team")}: ${c.team.map((/** @type {any} */ m) => `${m.name} (${roleName(m.role)})`).join(", ")}` }),
     h("div", { class: "actions" }, ...actions), out);
