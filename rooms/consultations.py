@@ -354,7 +354,7 @@ class ConsultationService:
         self, ctx: RequestContext, consultation_id: ConsultationId, jti: str, max_ttl: timedelta
     ) -> None:
         async with self._store.transaction() as tx:
-            await self._load(tx, ctx.actor, Permission.INVITE, consultation_id)
+            await self._load(tx, ctx.actor, Permission.REVOKE_INVITE, consultation_id)
             issued = await tx.list_audit(consultation_id, 100_000, 0)
             if not any(e.action is AuditAction.ISSUE_INVITE and e.target == jti for e in issued):
                 raise NotFound(f"no invite {jti} was issued for consultation {consultation_id}")

@@ -156,17 +156,11 @@ def may_issue_invite(actor: Actor, consultation: Consultation, role: Role) -> De
       knows the family (a guardian joins the team by it);
     - a trainee's invite reads the case once the resident consents to teaching use: it is
       issued by a clinician on the team, not by a coordinator, who may not read it.
-    Scope and the `invite` permission are can()'s; a coordinator's `invite` is for revoking."""
+    Scope and the `invite` permission are can()'s: only clinicians hold `invite` (coordinators
+    hold `revoke_invite`; tests/test_roles.py keeps it so)."""
     scope = can(actor, Permission.INVITE, consultation)
     if not scope:
         return scope
-    if actor.role not in CLINICIAN_ROLES:
-        return Decision(
-            False,
-            f"a {actor.role.value} may not invite a {role.value}: the invite would read what "
-            f"a {actor.role.value} may not",
-            "invite_exceeds_issuer",
-        )
     inviting = consultation.inviting_institution
     if role in PATIENT_ROLES and actor.org != inviting:
         return Decision(

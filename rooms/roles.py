@@ -45,6 +45,8 @@ class Permission(StrEnum):
     RESPOND_TO_REQUEST = "respond_to_request"
     SCHEDULE = "schedule"
     INVITE = "invite"
+    # Ends an invite link (a lost phone, a wrong recipient) without being able to issue one.
+    REVOKE_INVITE = "revoke_invite"
 
 
 P = Permission
@@ -100,6 +102,7 @@ _INVITING_CLINICIAN = _CLINICIAN | {
     P.REQUEST_CONSULTATION,
     P.SCHEDULE,
     P.INVITE,
+    P.REVOKE_INVITE,
 }
 
 # The one table. Scope rules (team membership, the token's consultation) live in policy.py.
@@ -109,12 +112,14 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     # The family doctor sits with the resident and points at what they see.
     Role.VILLAGE_DOCTOR: _INVITING_CLINICIAN | {P.ANNOTATE},
     Role.TOWNSHIP_DOCTOR: _INVITING_CLINICIAN,
-    Role.COUNTY_PHYSICIAN: _INVITED_PHYSICIAN | {P.ADMIT, P.REQUEST_CONSULTATION, P.INVITE},
+    Role.COUNTY_PHYSICIAN: _INVITED_PHYSICIAN
+    | {P.ADMIT, P.REQUEST_CONSULTATION, P.INVITE, P.REVOKE_INVITE},
     Role.PROVINCIAL_SPECIALIST: _INVITED_PHYSICIAN
     | {
         P.ADMIT,
         P.REQUEST_CONSULTATION,
         P.INVITE,
+        P.REVOKE_INVITE,
         P.MUTE_OTHERS,
         P.REMOVE_PARTICIPANT,
         P.START_RECORDING,
@@ -128,7 +133,8 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             P.MANAGE_CONSULTATION,
             P.RESPOND_TO_REQUEST,
             P.SCHEDULE,
-            P.INVITE,
+            # Not `invite`: an invite reads more than a coordinator may (policy.may_issue_invite).
+            P.REVOKE_INVITE,
         }
     ),
     Role.ADMIN: frozenset({P.VIEW_AUDIT, P.MANAGE_RETENTION}),

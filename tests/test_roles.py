@@ -66,6 +66,7 @@ EXPECTED: dict[Role, set[str]] = {
         "request_consultation",
         "schedule",
         "invite",
+        "revoke_invite",
         "annotate",
     },
     # May also be the inviting side (a consultation from a township clinic).
@@ -80,6 +81,7 @@ EXPECTED: dict[Role, set[str]] = {
         "request_consultation",
         "schedule",
         "invite",
+        "revoke_invite",
     },
     # Joins, publishes, annotates, writes and signs an opinion; answers the invitation.
     Role.COUNTY_PHYSICIAN: _CLINICIAN_BASE
@@ -94,6 +96,7 @@ EXPECTED: dict[Role, set[str]] = {
         "admit",
         "request_consultation",
         "invite",
+        "revoke_invite",
     },
     # The county rights, plus moderation.
     Role.PROVINCIAL_SPECIALIST: _CLINICIAN_BASE
@@ -110,6 +113,7 @@ EXPECTED: dict[Role, set[str]] = {
         "remove_participant",
         "request_consultation",
         "invite",
+        "revoke_invite",
         "start_recording",
     },
     # Watch and listen only; chat.
@@ -121,7 +125,7 @@ EXPECTED: dict[Role, set[str]] = {
         "manage_consultation",
         "respond_to_request",
         "schedule",
-        "invite",
+        "revoke_invite",
     },
     # Configuration, audit log, retention; no clinical authorship.
     Role.ADMIN: {"view_audit", "manage_retention"},
@@ -136,8 +140,8 @@ def _roles_with(permission: Permission) -> set[Role]:
 
 def test_enumerations_have_the_expected_size() -> None:
     assert len(Role) == 9
-    assert len(Permission) == 26
-    assert len(ALL_PAIRS) == 9 * 26
+    assert len(Permission) == 27
+    assert len(ALL_PAIRS) == 9 * 27
 
 
 def test_expected_table_names_only_real_permissions() -> None:
@@ -232,3 +236,10 @@ def test_role_groups() -> None:
 def test_provincial_specialist_has_all_county_rights() -> None:
     county = ROLE_PERMISSIONS[Role.COUNTY_PHYSICIAN]
     assert county <= ROLE_PERMISSIONS[Role.PROVINCIAL_SPECIALIST]
+
+
+def test_only_clinicians_issue_invites() -> None:
+    """An invite reads what its holder's role may; a non-clinician issuing one would hand out
+    more than they see (rooms/policy.py may_issue_invite relies on this)."""
+    assert _roles_with(Permission.INVITE) <= CLINICIAN_ROLES
+    assert Role.COORDINATOR in _roles_with(Permission.REVOKE_INVITE)
