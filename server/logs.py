@@ -1,9 +1,15 @@
-"""Structured logs: text or JSON lines, each line of a request carrying its request id."""
+"""Structured logs: text or JSON lines, each line of a request carrying its request id.
+
+Log messages hold untrusted values (a request path, a name from a token). A record is always
+exactly one line: the text format escapes every character that could end a line, fake one, or
+reorder what a reader sees (controls, U+2028/2029, bidi overrides); the JSON format escapes the
+same inside its strings."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,6 +28,42 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+# C0 and C1 controls, DEL, line and paragraph separators, bidi and other invisible format
+# characters, lone surrogates (which would also fail the UTF-8 write of the whole line).
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+    "\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff]"
+)
+# json.dumps already escapes C0 controls; these it writes as they are.
+_UNSAFE_IN_JSON = re.compile(
+    "[\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+    "\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff]"
+)
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _json_escape_char(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def escape_untrusted(text: str) -> str:
+    """`text` on one line, every unsafe character as a visible \\xNN or \\uNNNN escape."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+class TextFormatter(logging.Formatter):
+    """The text format, with the message of every record escaped (not its traceback, which is
+    ours and multi-line by design)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_untrusted(record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {
@@ -38,7 +80,8 @@ class JsonFormatter(logging.Formatter):
                 line[key] = getattr(record, key)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False)
+        # Escaped inside the JSON strings, where alone these characters can occur.
+        return _UNSAFE_IN_JSON.sub(_json_escape_char, json.dumps(line, ensure_ascii=False))
 
 
 def configure_logging(fmt: str, level: str) -> None:
@@ -48,7 +91,7 @@ def configure_logging(fmt: str, level: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+            TextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -62,9 +105,9 @@ async def request_id_middleware(
     """Tags the request's log lines and response with an id. Only method and path are logged:
     tokens travel in headers, which are never logged."""
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = (
-        incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
-    )
+    # Echoed in a response header and every log line: printable ASCII, or a new id.
+    sane = 0 < len(incoming) <= 64 and incoming.isascii() and incoming.isprintable()
+    request_id = incoming if sane else uuid.uuid4().hex
     token = request_id_var.set(request_id)
     started = time.perf_counter()
     try:

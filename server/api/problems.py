@@ -1,12 +1,20 @@
-"""Every error leaves as application/problem+json (RFC 9457), naming what was wrong."""
+"""Every error leaves as application/problem+json (RFC 9457), naming what was wrong: those of
+the application, those aiohttp meets reading a request body, and those of aiohttp's own parser,
+answered before any handler runs. None of them quotes the request back: an error about a header
+must not echo a token in the body or the log."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
+from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_request import BaseRequest
 from pydantic import ValidationError
 
 from rooms.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound
@@ -34,8 +42,16 @@ _STATUS_CODE = {
     405: "method_not_allowed",
     409: "conflict",
     413: "payload_too_large",
+    416: "range_not_satisfiable",
     500: "internal",
+    504: "timeout",
 }
+
+# Every response says only this much about the software (aiohttp's default names the Python
+# and aiohttp versions).
+SERVER_NAME = "telemed"
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class BadRequest(Exception):
@@ -49,15 +65,16 @@ class BadRequest(Exception):
 def problem_response(
     status: int,
     detail: str,
-    request: web.Request,
+    request: web.Request | None,
     errors: list[ProblemField] | None = None,
     code: str | None = None,
 ) -> web.Response:
+    """`request` None: a request aiohttp could not parse, whose path is not known."""
     body = Problem(
         title=HTTPStatus(status).phrase,
         status=status,
         detail=detail,
-        instance=request.path,
+        instance=request.path if request is not None else None,
         code=code or _STATUS_CODE.get(status, "error"),
         errors=errors,
     )
@@ -81,11 +98,15 @@ def validation_problem(exc: ValidationError, where: str) -> BadRequest:
 
 
 @web.middleware
-async def problem_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def problem_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:
+        # Raised while reading the body: it is not in its Content-Encoding, its chunks are
+        # malformed, or the client left before sending what Content-Length promised.
+        code, detail = describe_request_error(exc)
+        log.info("request body refused: %s", detail)
+        return problem_response(400, detail, request, code=code)
     except BadRequest as exc:
         return problem_response(400, str(exc), request, exc.errors)
     except AuthError as exc:
@@ -107,3 +128,107 @@ async def problem_middleware(
         # Logged with the request id; the client learns nothing of the internals.
         log.exception("unhandled error")
         return problem_response(500, "internal error; the request id is in the server log", request)
+
+
+def body_limit_middleware(max_bytes: int, prefix: str = "/api/") -> Middleware:
+    """413 before reading a body whose Content-Length already says it is too large (aiohttp
+    would only notice after reading max_bytes of it). Only under `prefix`, the routes that read
+    bodies against this limit; socket.io polling has its own, engine.io's frame limit."""
+
+    @web.middleware
+    async def body_limit(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > max_bytes and request.path.startswith(prefix):
+            detail = f"request body too large: Content-Length {length}, the limit is {max_bytes}"
+            response = problem_response(413, detail, request)
+            # Do not wait for the rest of a body that will not be read.
+            response.force_close()
+            return response
+        return await handler(request)
+
+    return body_limit
+
+
+def describe_request_error(exc: BaseException | None) -> tuple[str, str]:
+    """The code and detail of a request aiohttp could not read, naming the kind of error only:
+    aiohttp's own messages quote the offending bytes (a whole Authorization header, say)."""
+    if isinstance(exc, RequestPayloadError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # aiohttp wraps the parser's error for the body's reader
+    if isinstance(exc, ContentEncodingError):
+        return "bad_content_encoding", (
+            "the request body could not be decoded as its Content-Encoding says "
+            "(gzip and deflate are accepted)"
+        )
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        size = f" than {limit} bytes" if isinstance(limit, int) else ""
+        return (
+            "malformed_request",
+            f"malformed HTTP request: a request line or header is longer{size}",
+        )
+    if isinstance(exc, RequestPayloadError | ConnectionResetError):
+        return "incomplete_body", "the request body ended before its declared length"
+    if isinstance(exc, HttpProcessingError):
+        phrase = _SAFE_PHRASE.match(exc.message)
+        what = phrase.group().strip() if phrase else "it could not be parsed"
+        return "malformed_request", f"malformed HTTP request: {what}"
+    return "malformed_request", "malformed HTTP request"
+
+
+# The leading words of a parser message ("Invalid header value char", "Bad status line"):
+# they stop before the quote, colon or digits where aiohttp appends the request's bytes.
+_SAFE_PHRASE = re.compile(r"[A-Za-z][A-Za-z ,()-]{0,78}[A-Za-z)]")
+
+
+def install_protocol_errors() -> None:
+    """Route aiohttp's own error responses through the problem format, and keep its log quiet
+    about bad requests.
+
+    aiohttp answers requests its parser refuses, and handler failures outside the middleware,
+    in RequestHandler.handle_error: a text/plain body and an ERROR log line with a traceback,
+    both quoting the bytes it refused, under its own Server header. It has no hook for that
+    response (aio-libs/aiohttp#9882, #3140), so the method is replaced. The replacement and the
+    filter are the same for every app, so installing them again changes nothing."""
+    RequestHandler.handle_error = _handle_protocol_error  # type: ignore[method-assign]
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientErrorsWithoutTraceback) for f in server_log.filters):
+        server_log.addFilter(_ClientErrorsWithoutTraceback())
+
+
+class _ClientErrorsWithoutTraceback(logging.Filter):
+    """aiohttp.server logs "Unhandled exception" with a traceback when, after the response, it
+    drains a request body that failed to decode: that is the client's error, already answered
+    with a 400. One line instead, naming only the kind of error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError | RequestPayloadError | ConnectionError):
+            record.msg, record.args = "after the response: %s", (describe_request_error(exc)[1],)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _handle_protocol_error(
+    self: RequestHandler,
+    request: BaseRequest,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
+    # As aiohttp's own: once bytes are out, the connection can only be dropped.
+    if request.writer.output_size > 0:
+        raise ConnectionError("response already started; cannot send an error instead")
+    if status >= 500:
+        if exc is not None:
+            log.error("unhandled error outside the application", exc_info=exc)
+        code = _STATUS_CODE.get(status, "error")
+        detail = HTTPStatus(status).description
+    else:
+        code, detail = describe_request_error(exc)
+        log.warning("refused a request from %s: %s", request.remote, detail)
+    response = problem_response(status, detail, None, code=code)
+    response.headers[hdrs.SERVER] = SERVER_NAME
+    response.headers[hdrs.CACHE_CONTROL] = "no-store"
+    response.force_close()
+    return response
