@@ -21,9 +21,9 @@ from rooms.room_service import LiveRoomService, RoomLimits
 from server.api.openapi import build_openapi
 from server.api.problems import (
     SERVER_NAME,
-    body_limit_middleware,
     install_protocol_errors,
     problem_middleware,
+    request_body_middleware,
 )
 from server.api.routes import build_api
 from server.api.schemas import Health
@@ -61,7 +61,7 @@ def create_app(config: Config) -> web.Application:
         middlewares=[
             request_id_middleware,
             problem_middleware,
-            body_limit_middleware(config.max_body_bytes),
+            request_body_middleware(config.max_body_bytes),
         ],
     )
     app.on_response_prepare.append(_response_headers)

@@ -42,6 +42,7 @@ _STATUS_CODE = {
     405: "method_not_allowed",
     409: "conflict",
     413: "payload_too_large",
+    415: "unsupported_content_encoding",
     416: "range_not_satisfiable",
     500: "internal",
     504: "timeout",
@@ -130,23 +131,38 @@ async def problem_middleware(request: web.Request, handler: _Handler) -> web.Str
         return problem_response(500, "internal error; the request id is in the server log", request)
 
 
-def body_limit_middleware(max_bytes: int, prefix: str = "/api/") -> Middleware:
-    """413 before reading a body whose Content-Length already says it is too large (aiohttp
-    would only notice after reading max_bytes of it). Only under `prefix`, the routes that read
-    bodies against this limit; socket.io polling has its own, engine.io's frame limit."""
+def request_body_middleware(max_bytes: int, prefix: str = "/api/") -> Middleware:
+    """Refuse, before reading it, a body that cannot be read: 413 when Content-Length already
+    says it is too large (aiohttp would only notice after reading max_bytes of it), 415 for a
+    Content-Encoding aiohttp does not decode (it would hand the coded bytes on as they are).
+    Only under `prefix`, the routes that read bodies against this limit; socket.io polling has
+    its own, engine.io's frame limit."""
 
     @web.middleware
-    async def body_limit(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    async def request_body(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if not request.path.startswith(prefix):
+            return await handler(request)
         length = request.content_length
-        if length is not None and length > max_bytes and request.path.startswith(prefix):
+        if length is not None and length > max_bytes:
             detail = f"request body too large: Content-Length {length}, the limit is {max_bytes}"
             response = problem_response(413, detail, request)
             # Do not wait for the rest of a body that will not be read.
             response.force_close()
             return response
+        encoding = request.headers.get(hdrs.CONTENT_ENCODING)
+        if encoding is not None and encoding.strip().lower() not in _DECODED_ENCODINGS:
+            detail = "unsupported Content-Encoding: send gzip, deflate or an unencoded body"
+            response = problem_response(415, detail, request)
+            response.force_close()
+            return response
         return await handler(request)
 
-    return body_limit
+    return request_body
+
+
+# What aiohttp's parser decodes (br and zstd only with their libraries; without, it refuses
+# the body, which answers 400 bad_content_encoding).
+_DECODED_ENCODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
 
 
 def describe_request_error(exc: BaseException | None) -> tuple[str, str]:
