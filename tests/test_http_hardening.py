@@ -547,6 +547,7 @@ DATA = bytes(range(256)) * 4  # 1024 bytes
         ("items=0-9", 200, DATA),
         ("garbage", 200, DATA),
     ],
+    ids=lambda v: v[:20] if isinstance(v, str) else str(v)[:3] if isinstance(v, int) else "",
 )
 async def test_recording_ranges(
     api: Api, logs: Logs, header: str, status: int, expect: bytes | None
