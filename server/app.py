@@ -32,7 +32,7 @@ from server.composites import Composites
 from server.config import Config
 from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
-from server.logs import request_id_middleware
+from server.logs import redact_aiohttp_access_log, request_id_middleware
 from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
 from server.recording import SessionRecordings
@@ -56,6 +56,7 @@ _MAX_FRAME_BYTES = 1024 * 1024
 
 def create_app(config: Config) -> web.Application:
     install_protocol_errors()
+    redact_aiohttp_access_log()
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[

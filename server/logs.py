@@ -84,6 +84,31 @@ class JsonFormatter(logging.Formatter):
         return _UNSAFE_IN_JSON.sub(_json_escape_char, json.dumps(line, ensure_ascii=False))
 
 
+# A playback link carries its grant in the query (a <video> cannot send a header).
+_QUERY_TOKEN = re.compile(r"([?&]token=)[^&\s\"]*")
+
+
+class _QueryTokenRedactor(logging.Filter):
+    """aiohttp's access log writes the request line, query included; wherever it is enabled
+    (test servers, gunicorn's aiohttp worker) a playback link's token would be in it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = _QUERY_TOKEN.sub(r"\1[redacted]", record.msg)
+        line = getattr(record, "first_request_line", None)
+        if isinstance(line, str):
+            record.first_request_line = _QUERY_TOKEN.sub(r"\1[redacted]", line)
+        return True
+
+
+def redact_aiohttp_access_log() -> None:
+    """Keep link tokens out of aiohttp's own access log (ours logs the path alone). Once per
+    process: the logger is aiohttp's, shared by every app."""
+    aiohttp_access = logging.getLogger("aiohttp.access")
+    if not any(isinstance(f, _QueryTokenRedactor) for f in aiohttp_access.filters):
+        aiohttp_access.addFilter(_QueryTokenRedactor())
+
+
 def configure_logging(fmt: str, level: str) -> None:
     handler = logging.StreamHandler()
     handler.addFilter(_RequestIdFilter())

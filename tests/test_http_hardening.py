@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from api_helpers import PROBLEM_JSON, VILLAGE, Api, one
 from multidict import CIMultiDict
-from signaling_fixtures import SignalingServer
+from signaling_fixtures import SignalingServer, eventually
 
 from rooms.model import Recording, RecordingId, RecordingKind, RecordingState, SessionId
 from server.app import CONFIG, STORE
@@ -35,6 +35,8 @@ ANSWER_WITHIN_S = 15.0
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+Client = TestClient[web.Request, web.Application]
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,12 @@ class RawReply:
         return data
 
 
-async def raw_request(port: int, data: bytes) -> RawReply:
+async def raw_request(client: Client, data: bytes) -> RawReply:
     """Sends `data` as it is and reads one response (by its Content-Length: the server may keep
-    the connection open a while to drain a body it refused)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    the connection open a while to drain a body it refused). Returns once the server is done
+    with the connection, so whatever it logs about it has been logged."""
+    before = open_connections(client)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(client))
     try:
         writer.write(data)
         await writer.drain()
@@ -68,7 +72,19 @@ async def raw_request(port: int, data: bytes) -> RawReply:
             body = await reader.readexactly(int(headers.get("Content-Length", "0")))
     finally:
         writer.close()
+    await closed_since(client, before)
     return RawReply(int(status_line.split()[1]), headers, body)
+
+
+def open_connections(client: Client) -> set[object]:
+    server = client.server.runner.server
+    assert server is not None
+    return set(server.connections)
+
+
+async def closed_since(client: Client, before: set[object]) -> None:
+    """Waits until the server has closed every connection opened since `before`."""
+    await eventually(lambda: open_connections(client) <= before, "the server closed it")
 
 
 def http_get(path: bytes, *headers: bytes) -> bytes:
@@ -135,7 +151,7 @@ def logs() -> Iterator[Logs]:
         root.setLevel(saved_level)
 
 
-def port_of(client: TestClient[web.Request, web.Application]) -> int:
+def port_of(client: Client) -> int:
     port = client.server.port
     assert port is not None
     return port
@@ -177,7 +193,7 @@ async def test_non_ascii_authorization_is_a_401(
     client: TestClient[web.Request, web.Application], logs: Logs, value: bytes
 ) -> None:
     reply = await raw_request(
-        port_of(client), http_get(b"/api/v1/consultations", b"Authorization: " + value)
+        client, http_get(b"/api/v1/consultations", b"Authorization: " + value)
     )
 
     assert reply.status == 401, reply
@@ -195,6 +211,24 @@ async def test_a_non_ascii_playback_link_token_is_a_401(api: Api, logs: Logs) ->
         assert reply.body["code"] == "unauthorized"
         assert reply.body["detail"] == "the playback link is not valid"
     logs.assert_clean()
+
+
+async def test_a_playback_link_token_stays_out_of_aiohttp_s_access_log(
+    api: Api, logs: Logs
+) -> None:
+    rec = await recording(api, b"x" * 10)
+    link = await api.post(f"/api/v1/recordings/{rec}/playback", VILLAGE)
+    assert link.status == 200, link
+    token = link.body["url"].split("token=", 1)[1]
+
+    reply = await api.get(link.body["url"], None)
+
+    assert reply.status == 200, reply
+    # aiohttp writes its access line once the response is out.
+    await eventually(
+        lambda: "content?token=[redacted] HTTP/1.1" in logs.text.getvalue(), "the access line"
+    )
+    logs.assert_clean(token, signature_of(token))
 
 
 # --- genuine tokens with times no datetime holds -------------------------------------------
@@ -258,7 +292,7 @@ async def test_a_body_not_in_its_content_encoding_is_a_400(
         b"Content-Encoding: " + encoding,
     )
 
-    reply = await raw_request(port_of(api.client), request)
+    reply = await raw_request(api.client, request)
 
     assert reply.status == 400, reply
     problem = reply.problem
@@ -282,7 +316,7 @@ async def test_a_content_encoding_that_is_not_decoded_is_a_415(
         b"Content-Encoding: " + encoding,
     )
 
-    reply = await raw_request(port_of(api.client), request)
+    reply = await raw_request(api.client, request)
 
     assert reply.status == 415, reply
     assert reply.problem["code"] == "unsupported_content_encoding"
@@ -305,7 +339,7 @@ async def test_a_content_length_above_the_limit_is_refused_before_reading(
     )
 
     # Only two bytes of the body are ever sent: the answer cannot wait for the rest.
-    reply = await raw_request(port_of(api.client), request)
+    reply = await raw_request(api.client, request)
 
     assert reply.status == 413, reply
     assert reply.problem["code"] == "payload_too_large"
@@ -322,13 +356,14 @@ async def test_a_client_leaving_before_its_body_is_complete_leaves_no_traceback(
     request = http_post(
         b"/api/v1/consultations", b"{}", b"Authorization: Bearer " + token.encode(), length=100
     )
-    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(api.client))
+    before = open_connections(api.client)
+    _, writer = await asyncio.open_connection("127.0.0.1", port_of(api.client))
     writer.write(request)
     await writer.drain()
     # The server is waiting for the other 98 bytes; then the client goes.
     writer.close()
     await writer.wait_closed()
-    reader.feed_eof()
+    await closed_since(api.client, before)
 
     # Still serving, and the abandoned request left nothing but (at most) a line.
     assert (await api.get("/healthz", None)).status == 200
@@ -346,7 +381,7 @@ async def test_a_control_character_after_a_token_does_not_echo_the_token(
         b"/api/v1/consultations", b"Authorization: Bearer " + token.encode() + b"\x01"
     )
 
-    reply = await raw_request(port_of(client), request)
+    reply = await raw_request(client, request)
 
     assert reply.status == 400, reply
     assert reply.problem == {
@@ -366,7 +401,7 @@ async def test_an_oversized_header_does_not_log_its_start(api: Api, logs: Logs) 
     token = api.token(VILLAGE)
     header = b"Authorization: Bearer " + token.encode() + b"A" * 9000
 
-    reply = await raw_request(port_of(api.client), http_get(b"/api/v1/consultations", header))
+    reply = await raw_request(api.client, http_get(b"/api/v1/consultations", header))
 
     assert reply.status == 400, reply
     assert reply.problem["code"] == "malformed_request"
@@ -414,7 +449,7 @@ async def test_an_oversized_header_does_not_log_its_start(api: Api, logs: Logs) 
 async def test_requests_the_parser_refuses_get_a_problem_document(
     client: TestClient[web.Request, web.Application], logs: Logs, data: bytes, detail: str
 ) -> None:
-    reply = await raw_request(port_of(client), data)
+    reply = await raw_request(client, data)
 
     assert reply.status == 400, reply
     assert reply.problem["code"] == "malformed_request"
@@ -434,7 +469,7 @@ async def test_requests_the_parser_refuses_get_a_problem_document(
 async def test_static_paths_the_file_system_cannot_hold_are_a_404(
     client: TestClient[web.Request, web.Application], logs: Logs, path: bytes
 ) -> None:
-    reply = await raw_request(port_of(client), http_get(path))
+    reply = await raw_request(client, http_get(path))
 
     assert reply.status == 404, reply
     assert reply.problem["code"] == "not_found"
@@ -447,7 +482,7 @@ async def test_a_newline_in_the_path_cannot_forge_a_log_line(
 ) -> None:
     forged = b"/web/x%0aINFO%20telemed.access%20[-]%20GET%20/admin%20200%E2%80%A8%E2%80%AE%00"
 
-    reply = await raw_request(port_of(client), http_get(forged))
+    reply = await raw_request(client, http_get(forged))
 
     assert reply.status == 404, reply
     text = logs.text.getvalue()
