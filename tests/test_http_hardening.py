@@ -615,3 +615,28 @@ async def test_a_range_that_is_not_printable_is_audited_as_such(api: Api) -> Non
     audit = await api.audit()
     ranges = [e["detail"]["range"] for e in audit if e["target"] == rec]
     assert ranges == ["(not printable ASCII or too long)"]
+
+
+@pytest.mark.parametrize(
+    ("if_range", "status"),
+    [
+        ("garbage", 206),
+        ("Mon, 01 Jan 2001 00:00:00 GMT", 200),
+        ("Fri, 01 Jan 2100 00:00:00 GMT", 206),
+    ],
+)
+async def test_if_range_decides_before_the_range_is_judged(
+    api: Api, if_range: str, status: int
+) -> None:
+    rec = await recording(api, DATA)
+    url = f"/api/v1/recordings/{rec}/content"
+
+    # A date older than the file: the range is ignored, even one that could not be served.
+    for header, expect in (("bytes=0-9", DATA[:10]), ("bytes=-0", None)):
+        reply = await api.get(url, VILLAGE, headers={"Range": header, "If-Range": if_range})
+        if status == 200:
+            assert reply.status == 200 and reply.raw == DATA, reply
+        elif expect is None:
+            assert reply.status == 416, reply
+        else:
+            assert reply.status == 206 and reply.raw == expect, reply

@@ -102,12 +102,16 @@ def validation_problem(exc: ValidationError, where: str) -> BadRequest:
 async def problem_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:
+    except (HttpProcessingError, RequestPayloadError) as exc:
         # Raised while reading the body: it is not in its Content-Encoding, its chunks are
-        # malformed, or the client left before sending what Content-Length promised.
-        code, detail = describe_request_error(exc)
-        log.info("request body refused: %s", detail)
-        return problem_response(400, detail, request, code=code)
+        # malformed, or it ended before what Content-Length promised.
+        return _unreadable_body(request, exc)
+    except ConnectionResetError as exc:
+        # The client left while its body was read; the same error from a database connection
+        # is ours, and a 500.
+        if request.transport is None or request.transport.is_closing():
+            return _unreadable_body(request, exc)
+        return _internal_error(request)
     except BadRequest as exc:
         return problem_response(400, str(exc), request, exc.errors)
     except AuthError as exc:
@@ -126,9 +130,20 @@ async def problem_middleware(request: web.Request, handler: _Handler) -> web.Str
         detail = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
         return problem_response(exc.status, detail or exc.reason, request)
     except Exception:
-        # Logged with the request id; the client learns nothing of the internals.
-        log.exception("unhandled error")
-        return problem_response(500, "internal error; the request id is in the server log", request)
+        return _internal_error(request)
+
+
+def _unreadable_body(request: web.Request, exc: BaseException) -> web.Response:
+    code, detail = describe_request_error(exc)
+    log.info("request body refused: %s", detail)
+    return problem_response(400, detail, request, code=code)
+
+
+def _internal_error(request: web.Request) -> web.Response:
+    """Called inside an except block: the traceback is logged with the request id; the client
+    learns nothing of the internals."""
+    log.exception("unhandled error")
+    return problem_response(500, "internal error; the request id is in the server log", request)
 
 
 def request_body_middleware(max_bytes: int, prefix: str = "/api/") -> Middleware:
