@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -56,12 +57,20 @@ def escape_untrusted(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """The text format, with the message of every record escaped (not its traceback, which is
-    ours and multi-line by design)."""
+    """The text format: a record's message escaped onto one line; a traceback stays multi-line,
+    but indented and escaped within its lines, so that only a record starts a line at column 0
+    (an exception message holding a newline cannot pass for a record)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_untrusted(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        text = super().formatException(ei)
+        return "\n".join("  " + escape_untrusted(line) for line in text.split("\n"))
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join("  " + escape_untrusted(line) for line in stack_info.split("\n"))
 
 
 class JsonFormatter(logging.Formatter):

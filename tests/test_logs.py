@@ -221,8 +221,22 @@ def test_configure_logging_text_keeps_readable_text_and_tracebacks() -> None:
 
     first, *rest = out.getvalue().splitlines()
     assert first.endswith("会诊 王村医")
-    assert rest[0] == "Traceback (most recent call last):"
-    assert rest[-1] == "ValueError: boom"
+    assert rest[0] == "  Traceback (most recent call last):"
+    assert rest[-1] == "  ValueError: boom"
+
+
+def test_configure_logging_text_keeps_an_exception_message_from_starting_a_line() -> None:
+    with configured_logging("text", "info") as out:
+        try:
+            raise ValueError("x\n2026-01-01 00:00:00,000 INFO telemed.access [-] GET / 200\u2028")
+        except ValueError:
+            handler_log.exception("lookup failed")
+
+    first, *rest = out.getvalue().splitlines()
+    assert first.endswith(" ERROR telemed.test.handler [None] lookup failed")
+    # Every line of the traceback is indented: none can pass for a record of its own.
+    assert rest and all(line.startswith("  ") for line in rest), rest
+    assert "\u2028" not in out.getvalue()
 
 
 @pytest.mark.parametrize("char", [*UNSAFE, "\udcff"], ids=lambda c: f"U+{ord(c):04X}")
