@@ -595,6 +595,10 @@ async def test_recording_ranges(
     if status == 416:
         assert reply.content_type == PROBLEM_JSON
         assert reply.body["code"] == "range_not_satisfiable"
+        assert reply.body["detail"] == (
+            "the range is not satisfiable: the file has 1024 bytes; ask for one byte range "
+            "that overlaps them (see Content-Range)"
+        )
         assert reply.headers["Content-Range"] == "bytes */1024"
     else:
         assert reply.content_type == "video/webm"

@@ -236,8 +236,8 @@ class RecordingRoutes:
             if plan == "unsatisfiable":
                 response = problem_response(
                     416,
-                    f"range {_audited_range(asked)} is not satisfiable: the file has "
-                    f"{stat.st_size} bytes, one range of them may be asked for",
+                    f"the range is not satisfiable: the file has {stat.st_size} bytes; ask "
+                    "for one byte range that overlaps them (see Content-Range)",
                     request,
                 )
                 response.headers[hdrs.CONTENT_RANGE] = f"bytes */{stat.st_size}"
