@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import version
 
 import socketio
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from media.offer_sections import PublishLimits
 from media.peer import IceServer, PeerConfig
@@ -20,7 +20,12 @@ from rooms.live import InMemoryPresence
 from rooms.model import ConsultationId, SessionId
 from rooms.room_service import LiveRoomService, RoomLimits
 from server.api.openapi import build_openapi
-from server.api.problems import problem_middleware
+from server.api.problems import (
+    SERVER_NAME,
+    install_protocol_errors,
+    problem_middleware,
+    request_body_middleware,
+)
 from server.api.routes import build_api
 from server.api.schemas import Health
 from server.auth import AuthError, TokenService, bearer_token, check_not_revoked, check_scope
@@ -28,7 +33,7 @@ from server.composites import Composites
 from server.config import Config
 from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
-from server.logs import request_id_middleware
+from server.logs import redact_aiohttp_access_log, request_id_middleware
 from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
 from server.recording import SessionRecordings
@@ -51,10 +56,17 @@ _MAX_FRAME_BYTES = 1024 * 1024
 
 
 def create_app(config: Config) -> web.Application:
+    install_protocol_errors()
+    redact_aiohttp_access_log()
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[request_id_middleware, problem_middleware],
+        middlewares=[
+            request_id_middleware,
+            problem_middleware,
+            request_body_middleware(config.max_body_bytes),
+        ],
     )
+    app.on_response_prepare.append(_response_headers)
     store = SqlRecordStore(config.effective_database_url)
     tokens = TokenService(config.jwt)
     service = ConsultationService(store)
@@ -104,6 +116,19 @@ def create_app(config: Config) -> web.Application:
     # After the store (it needs it at startup), before signaling stops (its media).
     app.cleanup_ctx.append(_recording_lifecycle)
     return app
+
+
+# Every /api/v1 response may hold personal data; only the OpenAPI document is public.
+_API_PREFIX = "/api/v1/"
+_CACHEABLE_API = frozenset({"/api/v1/openapi.json"})
+
+
+async def _response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response the app prepares (static files and socket.io included; aiohttp's own
+    parser errors get the same from problems.install_protocol_errors)."""
+    response.headers[hdrs.SERVER] = SERVER_NAME
+    if request.path.startswith(_API_PREFIX) and request.path not in _CACHEABLE_API:
+        response.headers[hdrs.CACHE_CONTROL] = "no-store"
 
 
 def _attach_signaling(

@@ -49,10 +49,9 @@ def register_web(
         raise web.HTTPFound("/web/")
 
     async def static(request: web.Request) -> web.StreamResponse:
-        relative = request.match_info["path"]
-        path = (WEB_DIR / relative).resolve()
-        if not path.is_relative_to(WEB_DIR) or not path.is_file() or path.suffix not in _TYPES:
-            raise web.HTTPNotFound()
+        path = _web_file(request.match_info["path"])
+        if path is None:
+            raise web.HTTPNotFound(text="no such file under /web/")
         return _file(path)
 
     permissions = {
@@ -69,6 +68,18 @@ def register_web(
     app.router.add_get("/web/{path:.+}", static)
     if config.dev:
         register_dev(app, service, tokens)
+
+
+def _web_file(relative: str) -> Path | None:
+    """The file under WEB_DIR that `relative` names, or None. A name the file system cannot
+    hold (an embedded NUL, a component longer than NAME_MAX) names nothing."""
+    try:
+        path = (WEB_DIR / relative).resolve()
+        if path.is_relative_to(WEB_DIR) and path.suffix in _TYPES and path.is_file():
+            return path
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _file(path: Path) -> web.FileResponse:

@@ -499,6 +499,10 @@ def test_bearer_token_is_extracted(header: str, token: str) -> None:
         ("Basic dXNlcjpwYXNz", "authorization must be a Bearer token"),
         ("Token abc", "authorization must be a Bearer token"),
         ("abc.def.ghi", "authorization must be a Bearer token"),
+        # Header bytes that are not UTF-8 reach us as surrogates; none is a token's.
+        ("Bearer \udcff\udcfe", "authorization header must be printable ASCII"),
+        ("Bearer é.x.y", "authorization header must be printable ASCII"),
+        ("Bearer abc\tdef", "authorization header must be printable ASCII"),
     ],
 )
 def test_bad_authorization_header_is_refused(header: str | None, message: str) -> None:
@@ -554,3 +558,29 @@ def test_public_key_may_be_a_certificate() -> None:
     service = TokenService(JwtConfig(algorithm="ES256", public_key=SecretStr(pem)))
     token = jwt.encode(_payload(), private_pem, algorithm="ES256")
     assert service.verify(token).user_id == "u-1"
+
+
+# --- times and text no token holds ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("claims", "message"),
+    [
+        ({"exp": 10**12}, "token claim 'exp' is out of range"),
+        ({"exp": -(10**12)}, "token expired"),
+        ({"exp": 1e300}, "token claim 'exp' is out of range"),
+        ({"exp": 10**400}, "token claim 'exp' is out of range"),
+        ({"exp": "4102444800"}, "token claim 'exp' must be a number"),
+        ({"nbf": 10**12}, "token not yet valid"),
+        ({"iat": "0"}, "token claim 'iat' must be a number"),
+    ],
+)
+def test_time_claims_outside_the_datetime_range_raise_only_auth_error(
+    claims: dict[str, Any], message: str
+) -> None:
+    _refused(_service(), _signed(**claims), message)
+
+
+@pytest.mark.parametrize("token", ["\udcff.\udcfe.x", "é.é.é", "a.b.c\x00"])
+def test_a_token_that_is_not_ascii_is_malformed(token: str) -> None:
+    _refused(_service(), token, "token is malformed")

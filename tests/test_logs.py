@@ -194,6 +194,61 @@ def test_configure_logging_text_shows_the_request_id() -> None:
     assert lines[0].endswith(" WARNING telemed.test.handler [rid-2] plain text")
 
 
+# Each can end a line, fake one, hide text or reorder what a reader sees.
+UNSAFE = ["\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\u202e", "\u2066"]
+
+
+@pytest.mark.parametrize("char", UNSAFE, ids=[f"U+{ord(c):04X}" for c in UNSAFE])
+def test_configure_logging_text_escapes_every_unsafe_character(char: str) -> None:
+    with configured_logging("text", "info") as out:
+        handler_log.warning("path %s", f"/web/{char}2026-01-01 INFO forged")
+
+    (line,) = out.getvalue().splitlines()
+    assert char not in out.getvalue().removesuffix("\n")
+    code = ord(char)
+    escape = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    assert line.endswith(
+        f" WARNING telemed.test.handler [None] path /web/{escape}2026-01-01 INFO forged"
+    )
+
+
+def test_configure_logging_text_keeps_readable_text_and_tracebacks() -> None:
+    with configured_logging("text", "info") as out:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            handler_log.exception("会诊 %s", "王村医")
+
+    first, *rest = out.getvalue().splitlines()
+    assert first.endswith("会诊 王村医")
+    assert rest[0] == "  Traceback (most recent call last):"
+    assert rest[-1] == "  ValueError: boom"
+
+
+def test_configure_logging_text_keeps_an_exception_message_from_starting_a_line() -> None:
+    with configured_logging("text", "info") as out:
+        try:
+            raise ValueError("x\n2026-01-01 00:00:00,000 INFO telemed.access [-] GET / 200\u2028")
+        except ValueError:
+            handler_log.exception("lookup failed")
+
+    first, *rest = out.getvalue().splitlines()
+    assert first.endswith(" ERROR telemed.test.handler [None] lookup failed")
+    # Every line of the traceback is indented: none can pass for a record of its own.
+    assert rest and all(line.startswith("  ") for line in rest), rest
+    assert "\u2028" not in out.getvalue()
+
+
+@pytest.mark.parametrize("char", [*UNSAFE, "\udcff"], ids=lambda c: f"U+{ord(c):04X}")
+def test_json_formatter_escapes_what_json_dumps_leaves_raw(char: str) -> None:
+    line = JsonFormatter().format(_record("name %s", (f"a{char}b",)))
+
+    assert char not in line
+    assert json.loads(line)["msg"] == f"name a{char}b"
+    # The whole line can be written as UTF-8 (a lone surrogate could not).
+    line.encode()
+
+
 def test_configure_logging_replaces_previous_handlers() -> None:
     with configured_logging("json"):
         configure_logging("json", "INFO")

@@ -10,13 +10,16 @@ import binascii
 import hashlib
 import hmac
 import json
+import os
+import re
 import secrets
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from stat import S_ISREG
+from typing import Any, Literal
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from rooms.consultations import ConsultationService, RequestContext
 from rooms.errors import Conflict, NotFound
@@ -25,6 +28,7 @@ from rooms.policy import Actor
 from rooms.roles import Role
 from rooms.store import StoredRecording
 from server.api.framework import Authenticate, Call, Endpoint
+from server.api.problems import problem_response
 from server.api.schemas import NoBody, ResponseBody
 from server.auth import AuthError
 
@@ -65,6 +69,10 @@ class PlaybackGrants:
         return f"{payload}.{self._sign(payload)}", expires
 
     def check(self, token: str, recording_id: str, now: float | None = None) -> Actor:
+        # Links are base64url; anything else (non-ASCII above all, which compare_digest
+        # refuses to compare) is not one of ours.
+        if not token.isascii() or not token.isprintable():
+            raise AuthError(401, "the playback link is not valid")
         payload, _, signature = token.partition(".")
         if not payload or not hmac.compare_digest(signature, self._sign(payload)):
             raise AuthError(401, "the playback link is not valid")
@@ -87,6 +95,71 @@ class PlaybackGrants:
 
     def _sign(self, payload: str) -> str:
         return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
+
+
+_RangePlan = Literal["serve", "ignore", "unsatisfiable"]
+# One byte range, as aiohttp's FileResponse parses it (no spaces, one range).
+_ONE_BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII | re.IGNORECASE)
+# More digits than any file size has; int() of thousands of digits is refused anyway.
+_MAX_DIGITS = 18
+
+
+def _range_plan(header: str, size: int) -> _RangePlan:
+    """What to do with a Range header (RFC 9110 section 14), consistently:
+    - a unit other than bytes: ignored (MUST), the whole file, 200;
+    - several byte ranges: ignored (MAY; no multipart answers), the whole file, 200;
+    - one byte range inside the file: 206 (aiohttp's FileResponse serves it);
+    - one byte range that is malformed (`bytes=5-2`, `bytes=x`) or outside the file
+      (`bytes=999999999-`, `bytes=-0`, any range of an empty file): 416."""
+    unit, equals, ranges = header.partition("=")
+    if not equals or unit.strip().lower() != "bytes":
+        return "ignore"
+    if "," in ranges:
+        return "ignore"
+    match = _ONE_BYTE_RANGE.fullmatch(header)
+    if match is None:
+        return "unsatisfiable"
+    first, last = match.groups()
+    if len(first) > _MAX_DIGITS or len(last) > _MAX_DIGITS or not (first or last):
+        return "unsatisfiable"
+    if not first:  # a suffix: the last N bytes, N > 0
+        return "serve" if int(last) > 0 and size > 0 else "unsatisfiable"
+    if int(first) >= size or (last and int(last) < int(first)):
+        return "unsatisfiable"
+    return "serve"
+
+
+def _range_applies(request: web.Request, mtime: float) -> bool:
+    """If-Range as aiohttp's FileResponse evaluates it: a date the file is not newer than."""
+    if_range = request.if_range
+    return if_range is None or mtime <= if_range.timestamp()
+
+
+def _audited_range(header: str | None) -> str | None:
+    """The Range header as the audit log keeps it: a client's bytes, so printable ASCII and
+    short, or a note that it was not."""
+    if header is None:
+        return None
+    if header.isascii() and header.isprintable() and len(header) <= 100:
+        return header
+    return "(not printable ASCII or too long)"
+
+
+def _regular_file_stat(path: Path) -> os.stat_result | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat if S_ISREG(stat.st_mode) else None
+
+
+async def _whole_file(path: Path, headers: dict[str, str]) -> web.StreamResponse:
+    """The whole file whatever Range says (FileResponse would apply it)."""
+    handle = await asyncio.to_thread(path.open, "rb")
+    # aiohttp streams a file body in chunks and closes it when done.
+    response = web.Response(body=handle, headers=headers)
+    response.headers[hdrs.ACCEPT_RANGES] = "bytes"
+    return response
 
 
 def _b64(raw: bytes) -> str:
@@ -144,25 +217,35 @@ class RecordingRoutes:
 
     async def content(self, call: Call[None, None]) -> web.StreamResponse:
         recording_id = RecordingId(call.path("recording_id"))
-        stored = await self._playable(call, {"range": call.request.headers.get("Range")})
+        request = call.request
+        asked = request.headers.get(hdrs.RANGE)
+        stored = await self._playable(call, {"range": _audited_range(asked)})
         recording = stored.recording
         file = (self._data_dir / stored.path).resolve() if stored.path else None
         # The path comes from the record, never from the client; still, never leave data_dir.
-        if (
-            file is None
-            or not file.is_relative_to(self._data_dir)
-            or not await asyncio.to_thread(file.is_file)
-        ):
+        stat = await asyncio.to_thread(_regular_file_stat, file) if file is not None else None
+        if file is None or not file.is_relative_to(self._data_dir) or stat is None:
             raise NotFound(f"the file of recording {recording_id} is gone")
-        # aiohttp answers Range (206), If-Range and unsatisfiable ranges (416) itself.
-        return web.FileResponse(
-            file,
-            headers={
-                "Content-Type": recording.media_type,
-                "Cache-Control": "private, no-store",
-                "Content-Disposition": f'inline; filename="{recording_id}{file.suffix}"',
-            },
-        )
+        headers = {
+            "Content-Type": recording.media_type,
+            "Cache-Control": "no-store",
+            "Content-Disposition": f'inline; filename="{recording_id}{file.suffix}"',
+        }
+        if asked is not None and _range_applies(request, stat.st_mtime):
+            plan = _range_plan(asked, stat.st_size)
+            if plan == "unsatisfiable":
+                response = problem_response(
+                    416,
+                    f"the range is not satisfiable: the file has {stat.st_size} bytes; ask "
+                    "for one byte range that overlaps them (see Content-Range)",
+                    request,
+                )
+                response.headers[hdrs.CONTENT_RANGE] = f"bytes */{stat.st_size}"
+                return response
+            if plan == "ignore":
+                return await _whole_file(file, headers)
+        # No Range, or one satisfiable byte range: aiohttp answers it (200 or 206).
+        return web.FileResponse(file, headers=headers)
 
     async def _playable(self, call: Call[Any, None], detail: dict[str, Any]) -> StoredRecording:
         """The recording, if the caller may have it (audited) and it is closed."""

@@ -178,8 +178,13 @@ class TokenService:
         )
 
     def verify(self, token: str) -> Claims:
-        """The claims of a genuine, current token for this server, or AuthError(401)."""
+        """The claims of a genuine, current token for this server, or AuthError(401).
+
+        Nothing else escapes: the REST API and the socket connect both turn AuthError into a
+        refusal, so any other exception would be a 500 or a connect left unanswered."""
         algorithm = self._config.algorithm
+        if not _is_token_text(token):
+            raise AuthError(401, "token is malformed")
         # Refuse foreign algorithms (`none`, HS256 on an RS256 server, ...) before pyjwt sees
         # the token; `algorithms=[...]` below enforces the same, this makes the reason exact.
         try:
@@ -201,6 +206,9 @@ class TokenService:
         except jwt.InvalidTokenError as exc:
             # `from None`: the pyjwt exception adds nothing the message lacks.
             raise AuthError(401, _describe(exc)) from None
+        except (ValueError, TypeError, OverflowError):
+            # pyjwt converts time claims with int(); a value no integer holds lands here.
+            raise AuthError(401, "token time claims are out of range") from None
         return _claims_from(payload)
 
     def _mint(
@@ -263,6 +271,9 @@ def bearer_token(header_value: str | None) -> str:
     """The token from an `Authorization: Bearer <token>` header value."""
     if header_value is None or not header_value.strip():
         raise AuthError(401, "missing bearer token")
+    # aiohttp hands undecodable header bytes over as surrogates; no JWT holds them.
+    if not _is_token_text(header_value):
+        raise AuthError(401, "authorization header must be printable ASCII")
     scheme, _, token = header_value.strip().partition(" ")
     if scheme.lower() != "bearer":
         raise AuthError(401, "authorization must be a Bearer token")
@@ -282,6 +293,10 @@ def check_scope(claims: Claims, consultation: ConsultationId) -> None:
     """A token scoped to one consultation is valid, but has no right to any other (403)."""
     if claims.consultation is not None and claims.consultation != consultation:
         raise AuthError(403, "token is scoped to another consultation")
+
+
+def _is_token_text(value: str) -> bool:
+    return isinstance(value, str) and value.isascii() and value.isprintable()
 
 
 def _describe(exc: jwt.InvalidTokenError) -> str:
@@ -343,9 +358,23 @@ def _claims_from(payload: dict[str, Any]) -> Claims:
         org=org,
         consultation=ConsultationId(cid) if cid is not None else None,
         jti=jti,
-        expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
+        expires_at=_expiry(payload),
         is_invite=inv,
     )
+
+
+def _expiry(payload: dict[str, Any]) -> datetime:
+    """`exp` as a datetime. pyjwt accepts any value int() takes ("5", true, 1e300) and
+    compares it with the clock; the times must be real numbers, and `exp` a representable
+    date (a far-future `exp` would otherwise be a token that never expires, or an overflow)."""
+    for claim in ("exp", "nbf", "iat"):
+        value = payload[claim]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise AuthError(401, f"token claim '{claim}' must be a number")
+    try:
+        return datetime.fromtimestamp(int(payload["exp"]), UTC)
+    except (OverflowError, OSError, ValueError):
+        raise AuthError(401, "token claim 'exp' is out of range") from None
 
 
 def _string_claim(payload: dict[str, Any], claim: str, *, default: str | None = None) -> str:
