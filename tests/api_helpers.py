@@ -11,9 +11,8 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from multidict import CIMultiDictProxy
-from pytest_aiohttp import AiohttpClient
 
 from rooms.consultations import RequestContext
 from rooms.model import Consultation, ConsultationId, Session, SessionId, UserId
@@ -36,7 +35,6 @@ __all__ = [
     "Identity",
     "Reply",
     "assert_problem",
-    "client_for",
     "consultation_body",
     "member_body",
     "one",
@@ -54,17 +52,6 @@ TOWNSHIP_COORDINATOR = Identity(
 
 PROBLEM_JSON = "application/problem+json"
 STANDARD_TEAM = (TOWNSHIP, COUNTY, SPECIALIST)
-
-
-async def client_for(
-    aiohttp_client: AiohttpClient, app: web.Application
-) -> TestClient[web.Request, web.Application]:
-    """A test client on a server run as `telemed serve` runs it: aiohttp's access log (it
-    writes query strings, where a playback link carries its token) off; telemed.access logs
-    method and path only. (The fixture's server_kwargs never reach the runner.)"""
-    server = TestServer(app)
-    await server.start_server(access_log=None)
-    return await aiohttp_client(server)
 
 
 def one(cid: str, tail: str = "") -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from api_helpers import Api, client_for
+from api_helpers import Api
 from pytest_aiohttp import AiohttpClient
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -57,7 +57,7 @@ def app(config: Config) -> web.Application:
 async def client(
     aiohttp_client: AiohttpClient, app: web.Application
 ) -> TestClient[web.Request, web.Application]:
-    return await client_for(aiohttp_client, app)
+    return await aiohttp_client(app)
 
 
 @pytest.fixture
@@ -96,4 +96,4 @@ async def backend_config(request: pytest.FixtureRequest, tmp_path: Path) -> Asyn
 @pytest.fixture
 async def backend_api(aiohttp_client: AiohttpClient, backend_config: Config) -> Api:
     """An Api on each backend of backend_config."""
-    return Api(await client_for(aiohttp_client, create_app(backend_config)))
+    return Api(await aiohttp_client(create_app(backend_config)))

@@ -507,9 +507,7 @@ def signaling_config(data_dir: Path, **signaling: Any) -> Config:
 
 async def start_signaling_server(config: Config) -> SignalingServer:
     app = create_app(config)
-    # As `telemed serve` runs it: aiohttp's access log (it writes query strings, where a
-    # playback link carries its token) off; telemed.access logs method and path only.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)

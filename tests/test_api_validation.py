@@ -13,7 +13,6 @@ from api_helpers import (
     VILLAGE,
     Api,
     assert_problem,
-    client_for,
     consultation_body,
     error_paths,
     member_body,
@@ -241,7 +240,7 @@ async def test_the_body_limit_follows_the_config(
     aiohttp_client: AiohttpClient, config: Config
 ) -> None:
     small = config.model_copy(update={"max_body_bytes": 1024})
-    api = Api(await client_for(aiohttp_client, create_app(small)))
+    api = Api(await aiohttp_client(create_app(small)))
     reply = await api.post(CREATE, VILLAGE, consultation_body(case_summary="x" * 1024))
     assert_problem(reply, 413, "1024")
     assert (await api.post(CREATE, VILLAGE, consultation_body())).status == 201

@@ -86,7 +86,7 @@ def node_config(tmp_path: Path, redis_url: str) -> Config:
 
 async def start_node(name: str, config: Config) -> Node:
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None)  # as `telemed serve` runs it
+    runner = web.AppRunner(app)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
