@@ -5,6 +5,7 @@ name or a line of the record is refused naming the code point; REST and socket a
 
 from __future__ import annotations
 
+import gzip
 import json
 from typing import Any
 
@@ -210,6 +211,18 @@ async def test_nesting_deeper_than_any_body_needs_is_400(api: Api) -> None:
 async def test_a_body_that_is_not_text_is_400(api: Api, raw: str | bytes, fragment: str) -> None:
     reply = await api.request("POST", CREATE, VILLAGE, data=raw, headers=JSON)
     assert_problem(reply, 400, fragment)
+
+
+async def test_a_body_that_is_not_its_content_encoding_is_400(api: Api) -> None:
+    body = json.dumps(consultation_body()).encode()
+    gzip_headers = {**JSON, "Content-Encoding": "gzip"}
+    reply = await api.request("POST", CREATE, VILLAGE, data=body, headers=gzip_headers)
+    assert_problem(reply, 400, "does not decode as Content-Encoding 'gzip'")
+    await assert_nothing_created(api)
+    reply = await api.request(
+        "POST", CREATE, VILLAGE, data=gzip.compress(body), headers=gzip_headers
+    )
+    assert reply.status == 201, reply
 
 
 # --- Content-Type (section 5) -----------------------------------------------------------------

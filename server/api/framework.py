@@ -75,6 +75,11 @@ class Api:
                 body = await _read_body(request, endpoint.body)
             except UnsupportedMediaType as exc:
                 return problem_response(415, str(exc), request, code="unsupported_media_type")
+            except UnreadableBody as exc:
+                # The rest of the stream cannot be parsed: say the connection ends here.
+                response = problem_response(400, str(exc), request)
+                response.force_close()
+                return response
             query = _read_query(request, endpoint.query)
             result = await endpoint.handler(Call(request, ctx, body, query))
             if isinstance(result, web.StreamResponse):
@@ -98,10 +103,22 @@ class UnsupportedMediaType(Exception):
     """A body that does not say it is JSON (415)."""
 
 
+class UnreadableBody(Exception):
+    """A body the HTTP layer could not decode (400, and the connection closes)."""
+
+
 async def _read_body(request: web.Request, model: type[BaseModel] | None) -> Any:
     if model is None:
         return None
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError:
+        # A body that does not decode as its Content-Encoding says (gzip that is not gzip).
+        encoding = request.headers.get("Content-Encoding", "")
+        shown = encoding.encode("ascii", "backslashreplace").decode()[:40]
+        raise UnreadableBody(
+            f"request body does not decode as Content-Encoding {shown!r}"
+        ) from None
     if not raw.strip():
         # No body says nothing, so needs no Content-Type: it reads as `{}` (the actions that
         # take nothing are sent without one), and a model with required fields names them.
