@@ -12,6 +12,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictStr,
     StringConstraints,
     field_validator,
@@ -19,10 +20,12 @@ from pydantic import (
 )
 
 from rooms.model import ConsentKind, TrackSource
-from rooms.text import reject_control_characters
+from rooms.text import reject_control_characters, reject_control_characters_or_line_breaks
 
 # Every free-text field: no control characters, and never bytes passed off as text.
 Text = Annotated[StrictStr, AfterValidator(reject_control_characters)]
+# A label shown on one line (a device name).
+OneLineText = Annotated[StrictStr, AfterValidator(reject_control_characters_or_line_breaks)]
 
 Id = Annotated[
     StrictStr,
@@ -37,7 +40,7 @@ class EventBody(BaseModel):
 
 class Join(EventBody):
     consultation_id: Id
-    device: Annotated[Text, StringConstraints(min_length=1, max_length=40)] = "default"
+    device: Annotated[OneLineText, StringConstraints(min_length=1, max_length=40)] = "default"
 
 
 class Empty(EventBody):
@@ -74,16 +77,17 @@ class GiveConsent(EventBody):
     on_behalf_of: Id | None = None
 
 
-Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+# Numbers are JSON numbers (an integer is a number too); never a string or a boolean.
+Unit = Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class Annotate(EventBody):
     target_track: Id
     points: list[tuple[Unit, Unit]] = Field(default_factory=list, max_length=10_000)
     colour: StrictStr = "#ffcc00"
-    width: float = Field(default=3.0, ge=0.5, le=20.0, allow_inf_nan=False)
+    width: StrictFloat = Field(default=3.0, ge=0.5, le=20.0, allow_inf_nan=False)
     clear: StrictBool = False
-    media_time: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
+    media_time: StrictFloat | None = Field(default=None, ge=0.0, allow_inf_nan=False)
 
     @field_validator("colour")
     @classmethod

@@ -27,6 +27,7 @@ from server.app import create_app
 from server.config import Config
 
 CREATE = "/api/v1/consultations"
+JSON = {"Content-Type": "application/json"}
 
 
 def with_resident(**fields: Any) -> dict[str, Any]:
@@ -50,21 +51,19 @@ def without(*keys: str) -> dict[str, Any]:
     [b"{", b'{"specialty": }', b"{'single': 'quotes'}", b"\xff\xfe\x00", b"NaN-ish", b"{}}"],
 )
 async def test_malformed_json_is_400(api: Api, raw: bytes) -> None:
-    reply = await api.request(
-        "POST", CREATE, VILLAGE, data=raw, headers={"Content-Type": "application/json"}
-    )
+    reply = await api.request("POST", CREATE, VILLAGE, data=raw, headers=JSON)
     assert_problem(reply, 400, "request body is not valid JSON")
 
 
 @pytest.mark.parametrize("raw", ["[]", "[{}]", '"text"', "42", "null", "true"])
 async def test_a_body_that_is_not_an_object_is_400(api: Api, raw: str) -> None:
-    reply = await api.request("POST", CREATE, VILLAGE, data=raw)
+    reply = await api.request("POST", CREATE, VILLAGE, data=raw, headers=JSON)
     assert_problem(reply, 400, "request body must be a JSON object")
 
 
 async def test_deeply_nested_json_is_400(api: Api) -> None:
     raw = "[" * 100_000 + "]" * 100_000  # 200 kB: under the body limit
-    reply = await api.request("POST", CREATE, VILLAGE, data=raw)
+    reply = await api.request("POST", CREATE, VILLAGE, data=raw, headers=JSON)
     assert_problem(reply, 400, "request body")
 
 
@@ -223,7 +222,7 @@ async def test_invalid_bodies_of_the_other_endpoints_are_400(
 async def test_an_oversized_body_is_413(api: Api, config: Config) -> None:
     body = json.dumps(consultation_body(case_summary="x" * config.max_body_bytes))
     assert len(body.encode()) > config.max_body_bytes
-    reply = await api.request("POST", CREATE, VILLAGE, data=body)
+    reply = await api.request("POST", CREATE, VILLAGE, data=body, headers=JSON)
     assert_problem(reply, 413, "request body too large", str(config.max_body_bytes))
     assert (await api.get(CREATE, VILLAGE)).body["items"] == []
 
@@ -232,7 +231,7 @@ async def test_a_body_of_exactly_the_limit_is_read(api: Api, config: Config) -> 
     body = json.dumps(consultation_body())
     padded = body + " " * (config.max_body_bytes - len(body.encode()))
     assert len(padded.encode()) == config.max_body_bytes
-    reply = await api.request("POST", CREATE, VILLAGE, data=padded)
+    reply = await api.request("POST", CREATE, VILLAGE, data=padded, headers=JSON)
     assert reply.status == 201, reply
 
 
@@ -327,6 +326,7 @@ async def test_an_unknown_consultation_is_404(
         one("c_doesnotexist0000", tail),
         who,
         data=None if body is None else json.dumps(body),
+        headers=JSON,
     )
     assert_problem(reply, 404, "no consultation c_doesnotexist0000")
 

@@ -123,6 +123,8 @@ async def test_every_api_operation_is_described_completely(api: Api, doc: dict[s
             assert ref.rsplit("/", 1)[-1].startswith(e.body.__name__), where
             assert ref.rsplit("/", 1)[-1] in schemas, where
             assert "413" in op["responses"], where
+            unsupported = op["responses"]["415"]["content"]["application/problem+json"]
+            assert unsupported["schema"]["$ref"].endswith("/Problem"), where
         if e.query is not None:
             documented = {p["name"] for p in op["parameters"] if p["in"] == "query"}
             assert documented == set(e.query.model_fields), where
@@ -311,6 +313,16 @@ async def test_request_schemas_agree_with_the_server(doc: dict[str, Any]) -> Non
     sign = checker.request_schema("POST", "/api/v1/consultations/{consultation_id}/opinions/sign")
     assert sign.is_valid({"version": 1})
     assert not sign.is_valid({"version": 0})
+    # Strict types, as the server reads them: no coerced number or time, times in the window.
+    resident = consultation_body()["resident"]
+    assert not create.is_valid(consultation_body(resident={**resident, "age": "72"}))
+    assert not create.is_valid(consultation_body(preferred_time=12345))
+    for when in ("0001-01-01T00:00:00+08:00", "9999-12-31T23:59:59-08:00", "2025-03-01T09:00"):
+        assert not create.is_valid(consultation_body(preferred_time=when)), when
+    assert create.is_valid(consultation_body(preferred_time="2200-12-31T23:59:59-12:00"))
+    assert not sign.is_valid({"version": "1"})
+    schedule = "/api/v1/consultations/{consultation_id}/schedule"
+    assert not checker.request_schema("POST", schedule).is_valid({"scheduled_time": 1})
     accept = checker.request_schema("POST", "/api/v1/consultations/{consultation_id}/accept")
     assert accept.is_valid({})
     assert not accept.is_valid({"note": "x"})

@@ -3,7 +3,6 @@ response models, so validation, authentication and the OpenAPI document come fro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -12,7 +11,8 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from rooms.consultations import RequestContext
-from server.api.problems import BadRequest, validation_problem
+from server.api.problems import BadRequest, problem_response, validation_problem
+from server.api.strict_json import parse_json_object
 
 BodyT = TypeVar("BodyT", bound=BaseModel | None)
 QueryT = TypeVar("QueryT", bound=BaseModel | None)
@@ -71,7 +71,10 @@ class Api:
     def _wrap(self, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             ctx = await (endpoint.authenticate or self.authenticate)(request)
-            body = await _read_body(request, endpoint.body)
+            try:
+                body = await _read_body(request, endpoint.body)
+            except UnsupportedMediaType as exc:
+                return problem_response(415, str(exc), request, code="unsupported_media_type")
             query = _read_query(request, endpoint.query)
             result = await endpoint.handler(Call(request, ctx, body, query))
             if isinstance(result, web.StreamResponse):
@@ -87,25 +90,43 @@ class Api:
         return handle
 
 
+# Exactly what the document lists for every body (a +json type would claim other semantics).
+_JSON_MEDIA_TYPE = "application/json"
+
+
+class UnsupportedMediaType(Exception):
+    """A body that does not say it is JSON (415)."""
+
+
 async def _read_body(request: web.Request, model: type[BaseModel] | None) -> Any:
     if model is None:
         return None
+    # A body that does not decode (gzip that is not gzip, a short body) raises aiohttp's
+    # errors here; problem_middleware answers them by kind.
     raw = await request.read()
     if not raw.strip():
-        data: Any = {}
+        # No body says nothing, so needs no Content-Type: it reads as `{}` (the actions that
+        # take nothing are sent without one), and a model with required fields names them.
+        data: dict[str, Any] = {}
     else:
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise BadRequest("request body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
+        _check_content_type(request)
+        data = parse_json_object(raw)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_problem(exc, "body") from None
+
+
+def _check_content_type(request: web.Request) -> None:
+    if "Content-Type" not in request.headers:
+        raise UnsupportedMediaType("a request body needs Content-Type: application/json")
+    if request.content_type != _JSON_MEDIA_TYPE:
+        shown = request.content_type.encode("ascii", "backslashreplace").decode()[:100]
+        raise UnsupportedMediaType(f"the request body must be application/json, not {shown!r}")
+    charset = request.charset
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        shown = charset.encode("ascii", "backslashreplace").decode()[:40]
+        raise UnsupportedMediaType(f"a JSON body must be UTF-8, not charset {shown!r}")
 
 
 def _read_query(request: web.Request, model: type[BaseModel] | None) -> Any:

@@ -68,7 +68,7 @@ def build_openapi(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
         else:
             ok["description"] = "No content"
         op["responses"][str(e.status)] = ok
-        for status in (*e.errors, *((413,) if e.body is not None else ())):
+        for status in (*e.errors, *((413, 415) if e.body is not None else ())):
             op["responses"][str(status)] = {"description": _ERROR_TEXT[status], "content": problem}
         paths.setdefault(e.path, {})[e.method.lower()] = op
     return {
@@ -91,6 +91,7 @@ _ERROR_TEXT = {
     404: "No such consultation",
     409: "Conflicts with the current state (e.g. an illegal transition)",
     413: "Request body too large",
+    415: "A request body that is not `application/json` (UTF-8); an empty body needs none",
     416: "The requested range is not within the file",
 }
 

@@ -136,7 +136,10 @@ async def problem_middleware(request: web.Request, handler: _Handler) -> web.Str
 def _unreadable_body(request: web.Request, exc: BaseException) -> web.Response:
     code, detail = describe_request_error(exc)
     log.info("request body refused: %s", detail)
-    return problem_response(400, detail, request, code=code)
+    response = problem_response(400, detail, request, code=code)
+    # What follows the body on this connection cannot be parsed: tell the client it ends here.
+    response.force_close()
+    return response
 
 
 def _internal_error(request: web.Request) -> web.Response:

@@ -3,10 +3,22 @@ silently dropped value; responses are built from domain objects by the `from_*` 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    WithJsonSchema,
+)
 
 from rooms.model import (
     AuditEntry,
@@ -24,27 +36,64 @@ from rooms.model import (
     TeamMember,
 )
 from rooms.roles import Role
-from rooms.text import reject_control_characters
+from rooms.text import reject_control_characters, reject_control_characters_or_line_breaks
 from rooms.visibility import ConsultationView
 
 _MAX_INT = 2**63 - 1
+# A version number is stored in an INTEGER column.
+_MAX_VERSION = 2**31 - 1
 
-
+# Bodies are strict: a string is never read as a number or a time, a boolean never as a
+# number (JSON has real numbers and booleans). Query parameters are strings by nature and are
+# converted, see the query models.
 _Clean = AfterValidator(reject_control_characters)
+_OneLine = AfterValidator(reject_control_characters_or_line_breaks)
+# One line: names, institutions, specialties, titles.
 Text = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), _Clean
+    StrictStr, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), _OneLine
 ]
-LongText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=20_000), _Clean]
+LongText = Annotated[StrictStr, StringConstraints(strip_whitespace=True, max_length=20_000), _Clean]
 ReasonText = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), _Clean
+    StrictStr, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), _Clean
 ]
 BigText = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000), _Clean
+    StrictStr, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000), _Clean
 ]
 Identifier = Annotated[
-    str,
+    StrictStr,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[\w.@:-]+$"),
 ]
+
+# Clinical times: RFC 3339 strings with an offset, written with a year from 1900 to 2200 (a
+# year 1 or 9999 would overflow on conversion to UTC or in arithmetic, and is no clinical time).
+FIRST_YEAR, LAST_YEAR = 1900, 2200
+_AFTER_YEAR = (
+    r"-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}"  # -MM-DDTHH:MM:SS
+    r"(?:\.[0-9]{1,9})?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"  # .fraction, offset
+)
+_RFC3339 = re.compile(r"(?P<year>[0-9]{4})" + _AFTER_YEAR)
+_RFC3339_SCHEMA = {
+    "type": "string",
+    "format": "date-time",
+    "pattern": r"^(?:19[0-9]{2}|2[01][0-9]{2}|2200)" + _AFTER_YEAR + "$",
+    "description": f"RFC 3339 with an offset; the year from {FIRST_YEAR} to {LAST_YEAR}",
+}
+
+
+def _rfc3339(value: object) -> object:
+    if not isinstance(value, str):
+        raise ValueError("a datetime must be an RFC 3339 string, e.g. 2025-03-01T09:00:00+08:00")
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise ValueError(
+            "a datetime must be RFC 3339 with a timezone offset, e.g. 2025-03-01T09:00:00+08:00"
+        )
+    if not FIRST_YEAR <= int(match["year"]) <= LAST_YEAR:
+        raise ValueError(f"a datetime's year must be from {FIRST_YEAR} to {LAST_YEAR}")
+    return value
+
+
+ClinicalTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339), WithJsonSchema(_RFC3339_SCHEMA)]
 
 
 class RequestBody(BaseModel):
@@ -63,7 +112,7 @@ class ResidentIn(RequestBody):
         description="Pseudonymous resident id; never a national id number"
     )
     display_name: Text
-    age: int = Field(ge=0, le=130)
+    age: StrictInt = Field(ge=0, le=130)
     sex: Sex
 
 
@@ -83,7 +132,7 @@ class CreateConsultation(RequestBody):
     case_summary: LongText = ""
     requested_specialty: Text
     requested_title: Text = Field(description="e.g. 主任医师 / chief physician")
-    preferred_time: AwareDatetime | None = None
+    preferred_time: ClinicalTime | None = None
     team: list[TeamMemberIn] = Field(default_factory=list, max_length=50)
 
 
@@ -96,13 +145,15 @@ class ReasonBody(RequestBody):
 
 
 class ScheduleBody(RequestBody):
-    scheduled_time: AwareDatetime
+    scheduled_time: ClinicalTime
 
 
 class InviteIn(RequestBody):
     role: Literal["resident", "guardian", "trainee"]
     name: Text | None = Field(default=None, description="Required for guardians and trainees")
-    ttl_s: int | None = Field(default=None, gt=0, description="Capped at the configured invite TTL")
+    ttl_s: StrictInt | None = Field(
+        default=None, gt=0, le=_MAX_INT, description="Capped at the configured invite TTL"
+    )
 
 
 class OpinionIn(RequestBody):
@@ -114,7 +165,9 @@ class OpinionIn(RequestBody):
 
 
 class SignIn(RequestBody):
-    version: int = Field(ge=1, description="The version the signer read; only the newest is signed")
+    version: StrictInt = Field(
+        ge=1, le=_MAX_VERSION, description="The version the signer read; only the newest is signed"
+    )
 
 
 class DecisionIn(RequestBody):
