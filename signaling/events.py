@@ -29,7 +29,10 @@ OneLineText = Annotated[StrictStr, AfterValidator(reject_control_characters_or_l
 
 Id = Annotated[
     StrictStr,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[\w.@:-]+$"),
+    # ASCII, as the pattern reads in the JSON Schema of the document (Python's \w is Unicode).
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@:-]+$"
+    ),
 ]
 _COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
 

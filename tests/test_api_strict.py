@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from api_helpers import (
+    ADMIN,
     COUNTY,
     SPECIALIST,
     VILLAGE,
@@ -62,6 +63,9 @@ async def assert_nothing_created(api: Api) -> None:
         (consultation_body(preferred_time="1899-12-31T23:59:59Z"), "preferred_time", "1900"),
         (consultation_body(preferred_time="2201-01-01T00:00:00Z"), "preferred_time", "2200"),
         (consultation_body(specialty=["respiratory"]), "specialty", "valid string"),
+        # \w would take any letter; the document's pattern (ECMA) means ASCII.
+        (with_resident(pseudonym="刘奶奶"), "resident.pseudonym", "pattern"),
+        (with_resident(pseudonym="Ì9"), "resident.pseudonym", "pattern"),
     ],
 )
 async def test_create_takes_no_coerced_type(
@@ -122,6 +126,11 @@ async def test_other_bodies_take_no_coerced_type(
     who = COUNTY if tail in ("/opinions/sign", "/decline") else VILLAGE
     problem = assert_problem(await api.post(one(cid, tail), who, body), 400, f"{path}: ")
     assert [e["path"] for e in problem["errors"]] == [path]
+
+
+async def test_an_identifier_in_a_query_is_ascii(api: Api) -> None:
+    reply = await api.get("/api/v1/audit", ADMIN, params={"consultation": "Ì9"})
+    assert_problem(reply, 400, "consultation")
 
 
 # --- numbers JSON text can hold but no field can (sections 3 and 5) ---------------------------

@@ -200,7 +200,7 @@ def near_valid(draw: st.DrawFn, valid: dict[str, Any]) -> Any:
     return payload
 
 
-IDS = st.from_regex(r"[\w.@:-]{1,64}", fullmatch=True) | st.text(max_size=70)
+IDS = st.from_regex(r"[A-Za-z0-9_.@:-]{1,64}", fullmatch=True) | st.text(max_size=70)
 UNIT = st.floats(min_value=-0.25, max_value=1.25) | st.integers(min_value=-1, max_value=2)
 # Values each field plausibly takes, valid or nearly so.
 FIELDS: dict[str, st.SearchStrategy[Any]] = {

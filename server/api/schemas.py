@@ -61,7 +61,10 @@ BigText = Annotated[
 ]
 Identifier = Annotated[
     StrictStr,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[\w.@:-]+$"),
+    # ASCII, as the pattern reads in the JSON Schema of the document (Python's \w is Unicode).
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@:-]+$"
+    ),
 ]
 
 # Clinical times: RFC 3339 strings with an offset, written with a year from 1900 to 2200 (a
