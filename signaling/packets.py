@@ -62,6 +62,8 @@ def nested_deeper(text: str, limit: int) -> bool:
     if text.count("[") + text.count("{") <= limit:
         return False
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    if "[" * (limit + 1) in brackets or "{" * (limit + 1) in brackets:
+        return True  # the usual attack, found without the passes below
     for _ in range(limit):
         brackets, removed = _INNERMOST.subn("", brackets)
         if not brackets or not removed:
