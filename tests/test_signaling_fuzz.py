@@ -273,7 +273,7 @@ def unreadable(payload: Any) -> bool:
     stack = [(payload, 1)]
     while stack:
         value, level = stack.pop()
-        if isinstance(value, dict | list):
+        if isinstance(value, dict | list | tuple):  # a tuple is sent as an array
             if level > MAX_NESTING:
                 return True
             items = [*value, *value.values()] if isinstance(value, dict) else value
