@@ -10,6 +10,9 @@ as socket.io's reference server does."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import json
 import logging
 import math
@@ -250,8 +253,14 @@ class CheckedServer(socketio.AsyncServer):  # type: ignore[misc]
 
     def __init__(self, **options: Any) -> None:
         super().__init__(serializer=CheckedPacket, json=WireJson, **options)
-        # python-engineio has no option for its websocket class; it reads it from here.
-        self.eio._async = {**self.eio._async, "websocket": _CheckedWebSocket}
+        self._closing: set[asyncio.Future[None]] = set()
+        # python-engineio has no option for its websocket class or for how it reads a
+        # request; it takes both from here.
+        self.eio._async = {
+            **self.eio._async,
+            "websocket": _CheckedWebSocket,
+            "translate_request": _checked_translate_request,
+        }
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         try:
@@ -259,21 +268,80 @@ class CheckedServer(socketio.AsyncServer):  # type: ignore[misc]
         except (ValueError, TypeError, IndexError, KeyError) as exc:
             log.info("closing %s: unreadable socket.io packet (%s)", eio_sid, type(exc).__name__)
             self._binary_packet.pop(eio_sid, None)
-            await self.eio.disconnect(eio_sid)
+            # Not awaited here: on long-polling the close waits for the client's next GET,
+            # which cannot come while its POST is held open by this handler.
+            closing = asyncio.ensure_future(self.eio.disconnect(eio_sid))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
 
 # Engine.IO packet types (0 open to 6 noop) and "b", a base64 binary message.
 _ENGINEIO_TYPES = frozenset("0123456b")
+# python-engineio refuses a long-polling payload of more packets than this (a ValueError).
+_MAX_POLLING_PACKETS = 16
+# An Engine.IO close, put in place of a long-polling payload that is none.
+_CLOSE = b"1"
+
+
+def is_engineio_packet(frame: str) -> bool:
+    """Whether python-engineio can decode the text frame without raising: a known packet type,
+    and base64 that decodes."""
+    if not frame or frame[0] not in _ENGINEIO_TYPES:
+        return False
+    if frame[0] == "b":
+        try:
+            base64.b64decode(frame[1:])
+        except (binascii.Error, ValueError):
+            return False
+    return True
 
 
 class _CheckedWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
     """python-engineio's aiohttp websocket, closing the connection on a text frame that is no
-    Engine.IO packet (empty, or an unknown type) instead of failing the request with a
-    traceback: python-engineio decodes frames where it cannot catch what that raises."""
+    Engine.IO packet instead of failing the request with a traceback: python-engineio decodes
+    frames where it cannot catch what that raises."""
 
     async def wait(self) -> Any:
         data = await super().wait()
-        if isinstance(data, str) and (not data or data[0] not in _ENGINEIO_TYPES):
+        if isinstance(data, str) and not is_engineio_packet(data):
             log.info("closing a websocket: a frame that is no Engine.IO packet")
             raise OSError("not an Engine.IO packet")
         return data
+
+
+class _Body:
+    """A request body already read, as python-engineio reads one (`await read(n)`)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def read(self, _: int = -1) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+
+async def _checked_translate_request(request: Any) -> dict[str, Any]:
+    """python-engineio's aiohttp request translation, with a long-polling POST read first: a
+    payload python-engineio could not decode (not UTF-8, too many packets, a packet of no
+    known type) becomes an Engine.IO close, so the session ends without a traceback."""
+    environ: dict[str, Any] = eio_aiohttp.translate_request(request)
+    if request.method != "POST" or "j" in request.query:  # JSONP bodies are another format
+        return environ
+    body: bytes = await request.read()
+    if not _is_polling_payload(body):
+        log.info("closing a long-polling session: a payload that is no Engine.IO payload")
+        body = _CLOSE
+    environ["wsgi.input"] = _Body(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    return environ
+
+
+def _is_polling_payload(body: bytes) -> bool:
+    if not body:
+        return True
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    packets = text.split("\x1e")
+    return len(packets) <= _MAX_POLLING_PACKETS and all(map(is_engineio_packet, packets))

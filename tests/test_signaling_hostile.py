@@ -28,9 +28,12 @@ from signaling_fixtures import (
     VILLAGE,
     Peer,
     SignalingServer,
+    eventually,
     signaling_config,
     start_signaling_server,
 )
+
+from server.app import SIO
 
 pytest_plugins = ["signaling_fixtures"]
 
@@ -106,9 +109,10 @@ class RawWebSocket:
 class RawPolling:
     """An Engine.IO v4 long-polling session: POSTs packets, GETs what the server queued."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, url: str, sid: str) -> None:
         self.session = session
         self.url = url
+        self.sid = sid
 
     @classmethod
     async def open(cls, session: aiohttp.ClientSession, base: str) -> RawPolling:
@@ -117,10 +121,13 @@ class RawPolling:
             handshake = await resp.text()
         assert handshake.startswith("0{"), handshake
         sid = json.loads(handshake[1:])["sid"]
-        return cls(session, f"{base}/socket.io/?EIO=4&transport=polling&sid={sid}")
+        return cls(session, f"{base}/socket.io/?EIO=4&transport=polling&sid={sid}", sid)
 
     async def send(self, *packets: str) -> None:
-        async with self.session.post(self.url, data="\x1e".join(packets).encode()) as resp:
+        await self.post("\x1e".join(packets).encode())
+
+    async def post(self, body: bytes) -> None:
+        async with self.session.post(self.url, data=body) as resp:
             assert resp.status == 200, await resp.text()
 
     async def receive(self) -> list[str]:
@@ -137,6 +144,15 @@ class RawPolling:
                     await self.send("3")
                 elif found(packet):
                     return packet
+
+    async def closes(self, server: SignalingServer) -> None:
+        """The server ends the session (asked of the server: polling the session it closed
+        would only draw python-engineio's complaint about an unknown session)."""
+        sockets = server.app[SIO].eio.sockets
+        await eventually(
+            lambda: self.sid not in sockets or sockets[self.sid].closed,
+            f"session {self.sid} is closed",
+        )
 
 
 # --- what an answer looks like ---------------------------------------------------------------
@@ -422,6 +438,30 @@ async def test_unreadable_framing_closes_only_that_connection(
     await raw.send(frame)
     await raw.closes()
     await room.still_works(f"after framing {frame[:12]!r}")
+    assert_clean_log(caplog)
+
+
+UNREADABLE_POLLING = [
+    b"x",
+    b"4x",
+    b"\xff\xfe not UTF-8",
+    b"4" + deep(100_000).encode(),
+    b"b!!not base64",
+    b"\x1e".join([b"6"] * 17),  # more packets than python-engineio decodes at once
+    b"6\x1e\x1e6",  # an empty packet
+]
+
+
+@pytest.mark.parametrize("body", UNREADABLE_POLLING, ids=[b[:12].hex() for b in UNREADABLE_POLLING])
+async def test_unreadable_polling_payloads_close_only_that_session(
+    room: Room, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture, body: bytes
+) -> None:
+    polling = await RawPolling.open(session, room.server.url)
+    await polling.send(f"40{NS}," + json.dumps({"token": room.server.token(SPECIALIST)}))
+    await polling.until(lambda p: p.startswith(f'40{NS},{{"sid":'))
+    await polling.post(body)
+    await polling.closes(room.server)
+    await room.still_works(f"after polling {body[:12]!r}")
     assert_clean_log(caplog)
 
 
