@@ -124,6 +124,11 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         self._authenticate = authenticate
         self._config = limits
         self._connections: dict[str, Connection] = {}
+        # Connects whose token is being verified, and the tokens revoked meanwhile: a token
+        # found valid just before its revocation must not connect just after it. Emptied
+        # whenever no connect is in flight, so it stays as small as the overlap.
+        self._verifying = 0
+        self._revoked_while_verifying: set[str] = set()
         self._timers = _Timers()
         self._empty_watch: dict[ConsultationId, asyncio.Future[None]] = {}
         self._events: dict[str, EventSpec] = {
@@ -328,10 +333,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             log.info("connection %s refused: no token", sid)
             raise socketio.exceptions.ConnectionRefusedError("missing token in the auth payload")
         wanted = auth.get("consultation_id") if isinstance(auth, dict) else None
+        self._verifying += 1
         try:
             identity = await self._authenticate(
                 token, ConsultationId(wanted) if isinstance(wanted, str) else None
             )
+            if identity.token_id in self._revoked_while_verifying:
+                raise Refused("invite has been revoked")
         except Refused as exc:
             log.info("connection %s refused: %s", sid, exc)
             raise socketio.exceptions.ConnectionRefusedError(str(exc)) from None
@@ -341,6 +349,10 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             raise socketio.exceptions.ConnectionRefusedError(
                 "the server could not verify the token"
             ) from None
+        finally:
+            self._verifying -= 1
+            if not self._verifying:
+                self._revoked_while_verifying.clear()
         self._connections[sid] = Connection(
             identity, TokenBucket(self._config.events_per_second, self._config.event_burst)
         )
@@ -349,6 +361,8 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     async def end_token(self, token_id: str) -> None:
         """The token `token_id` was revoked: every connection of this node that presented it
         is told, its seat closes with reason `revoked`, and it is disconnected."""
+        if self._verifying:
+            self._revoked_while_verifying.add(token_id)
         ended = [sid for sid, c in self._connections.items() if c.identity.token_id == token_id]
         await asyncio.gather(*(self._end_revoked(sid) for sid in ended))
 

@@ -5,6 +5,7 @@ across two nodes that share Redis."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from signaling_fixtures import (
     start_signaling_server,
 )
 
-from rooms.model import CloseReason, EventKind
+from rooms.model import CloseReason, ConsultationId, EventKind
 from rooms.roles import Role
 from server.config import load_config
+from signaling.namespace import Identity
 
 pytest_plugins = ["signaling_fixtures", "redis_fixtures"]
 
@@ -171,3 +173,31 @@ async def test_a_revocation_on_one_node_ends_the_socket_on_the_other(
     await eventually(lambda: b.namespace.connection_count == 1, "only the specialist on B")
     await specialist.ok("chat", {"text": "两个节点"})
     await village.wait_for("chat_message", lambda m: m["text"] == "两个节点")
+
+
+async def test_a_token_revoked_while_its_connect_is_verified_does_not_connect(
+    sig_server: SignalingServer,
+) -> None:
+    cid = (await sig_server.scheduled()).id
+    token, invite = await sig_server.invite(cid, Role.RESIDENT)
+    namespace = sig_server.namespace
+    verify = namespace._authenticate
+    verified, resume = asyncio.Event(), asyncio.Event()
+
+    async def verify_then_pause(token: str, consultation: ConsultationId | None) -> Identity:
+        # The token is found valid, then the revocation lands before the connect completes.
+        identity = await verify(token, consultation)
+        verified.set()
+        await resume.wait()
+        return identity
+
+    namespace._authenticate = verify_then_pause
+    peer = sig_server.peer("connecting")
+    connecting = asyncio.ensure_future(peer.connect({"token": token}))
+    await asyncio.wait_for(verified.wait(), 5.0)
+    await revoke(sig_server, cid, invite.jti)
+    resume.set()
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await connecting
+    assert peer.connect_errors == [{"message": "invite has been revoked"}]
+    assert namespace.connection_count == 0
