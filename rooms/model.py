@@ -53,6 +53,7 @@ class CloseReason(StrEnum):
     DUPLICATE = "duplicate"
     SESSION_ENDED = "session_ended"
     DENIED = "denied"
+    REVOKED = "revoked"
 
 
 class TrackSource(StrEnum):

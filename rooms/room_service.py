@@ -146,6 +146,17 @@ class LiveRoomService:
             await self._close(room, participant, CloseReason.LEFT, out)
             return out
 
+    async def revoked(self, conn: str, consultation_id: ConsultationId) -> Outcome:
+        """The token this connection presented was revoked: its seat, admitted or waiting,
+        closes at once (no grace to come back; the token no longer connects)."""
+        async with self._presence.lock(consultation_id):
+            out = Outcome()
+            room = await self._presence.get(consultation_id)
+            participant = room.by_connection(conn) if room else None
+            if room is not None and participant is not None:
+                await self._close(room, participant, CloseReason.REVOKED, out)
+            return out
+
     async def disconnected(
         self, conn: str, consultation_id: ConsultationId
     ) -> tuple[ParticipantId, datetime] | None:

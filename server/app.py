@@ -37,8 +37,10 @@ from server.logs import redact_aiohttp_access_log, request_id_middleware
 from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
 from server.recording import SessionRecordings
+from server.revocations import LocalRevocations, RedisRevocations
 from server.web_routes import register_web
 from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
+from signaling.packets import CheckedServer
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def create_app(config: Config) -> web.Application:
         await check_not_revoked(claims, _is_revoked(store))
         return RequestContext(claims.to_actor(), request.remote)
 
-    _attach_signaling(app, config, store, service, tokens)
+    revocations = _attach_signaling(app, config, store, service, tokens)
     api = build_api(
         service,
         tokens,
@@ -89,6 +91,7 @@ def create_app(config: Config) -> web.Application:
         app[NAMESPACE].media,
         public_url=config.effective_public_url,
         data_dir=config.data_dir,
+        revocations=revocations,
     )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))
@@ -137,9 +140,10 @@ def _attach_signaling(
     store: SqlRecordStore,
     service: ConsultationService,
     tokens: TokenService,
-) -> None:
+) -> LocalRevocations | RedisRevocations:
     """Without a Redis URL everything stays in this process; with one, presence and
-    socket.io fan-out are shared by every node."""
+    socket.io fan-out are shared by every node. Returns what ends a revoked token's
+    connections, for the API."""
     sig = config.signaling
     presence: InMemoryPresence | RedisPresence
     if config.redis_url:
@@ -148,7 +152,8 @@ def _attach_signaling(
     else:
         presence = InMemoryPresence()
         manager = socketio.AsyncManager()
-    sio = socketio.AsyncServer(
+    # Reads every packet so that a malformed one is answered, not dropped (signaling/packets.py).
+    sio = CheckedServer(
         async_mode="aiohttp",
         client_manager=manager,
         max_http_buffer_size=_MAX_FRAME_BYTES,
@@ -175,7 +180,7 @@ def _attach_signaling(
                 check_scope(claims, consultation)
         except AuthError as exc:
             raise Refused(exc.message) from None
-        return Identity(claims.to_actor(), claims.expires_at)
+        return Identity(claims.to_actor(), claims.expires_at, claims.jti)
 
     namespace = ConsultNamespace(
         rooms,
@@ -200,6 +205,11 @@ def _attach_signaling(
         on_session_ended=composites.render_later,
     )
     namespace.use_recorders(recordings)
+    revocations = (
+        RedisRevocations(config.redis_url, namespace.end_token)
+        if config.redis_url
+        else LocalRevocations(namespace.end_token)
+    )
     app[RECORDINGS] = recordings
     app[COMPOSITES] = composites
     sio.register_namespace(namespace)
@@ -209,7 +219,9 @@ def _attach_signaling(
     app[NAMESPACE] = namespace
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        await revocations.start()
         yield
+        await revocations.stop()
         await namespace.stop()
         await sio.shutdown()
         if isinstance(manager, socketio.AsyncRedisManager):
@@ -218,6 +230,7 @@ def _attach_signaling(
             await presence.stop()
 
     app.cleanup_ctx.append(lifecycle)
+    return revocations
 
 
 def _peer_config(config: Config) -> PeerConfig:

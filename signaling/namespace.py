@@ -23,6 +23,7 @@ from rooms.outcome import Audience, Outcome, RecorderOrder, Target
 from rooms.policy import Actor
 from rooms.room_service import LiveRoomService, Stroke
 from signaling import events as ev
+from signaling.packets import Unreadable, event_problem, payload_problem
 from signaling.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class Identity:
 
     actor: Actor
     expires_at: datetime
+    # The token's `jti`: revoking it ends every connection that presented it.
+    token_id: str | None = None
 
 
 class Refused(Exception):
@@ -71,6 +74,8 @@ class Connection:
     # socket.io runs each event in a task of its own; this keeps one connection's events in
     # the order they were sent (asyncio locks are fair).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Set once the token is revoked, for events already queued behind the revocation.
+    revoked: bool = False
 
     @property
     def actor(self) -> Actor:
@@ -119,6 +124,11 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         self._authenticate = authenticate
         self._config = limits
         self._connections: dict[str, Connection] = {}
+        # Connects whose token is being verified, and the tokens revoked meanwhile: a token
+        # found valid just before its revocation must not connect just after it. Emptied
+        # whenever no connect is in flight, so it stays as small as the overlap.
+        self._verifying = 0
+        self._revoked_while_verifying: set[str] = set()
         self._timers = _Timers()
         self._empty_watch: dict[ConsultationId, asyncio.Future[None]] = {}
         self._events: dict[str, EventSpec] = {
@@ -164,7 +174,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 
     # --- dispatch ----------------------------------------------------------------------------
 
-    async def trigger_event(self, event: str, *args: Any) -> Any:
+    async def trigger_event(self, event: Any, *args: Any) -> Any:
         sid: str = args[0]
         # socket.io delivers its own connect/disconnect through here too, but a client can also
         # emit events by those names: only the server's own are life-cycle events.
@@ -173,61 +183,78 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         if event == "disconnect" and not self.server.manager.is_connected(sid, self.namespace):
             return await self._on_disconnect(sid)
         data = args[1] if len(args) == 2 else list(args[1:]) if len(args) > 2 else None
+        # What the `event` field of a refusal names: "" when the name is not a string.
+        name = (
+            event
+            if isinstance(event, str)
+            else event.event
+            if isinstance(event, Unreadable)
+            else ""
+        )
         conn = self._connections.get(sid)
         if conn is None:
-            return await self._error(sid, event, "not_connected", "connect first")
+            return await self._error(sid, name, "not_connected", "connect first")
         async with conn.lock:
             try:
-                return await self._dispatch(sid, conn, event, data)
+                return await self._dispatch(sid, conn, event, name, data)
             except Exception:
                 # Nothing a client sends may take the namespace down.
-                log.exception("event %s failed", event)
-                return await self._error(sid, event, "internal", "the server could not handle this")
+                log.exception("event %r failed", name[:64])
+                return await self._error(sid, name, "internal", "the server could not handle this")
 
-    async def _dispatch(self, sid: str, conn: Connection, event: str, data: Any) -> dict[str, Any]:
+    async def _dispatch(
+        self, sid: str, conn: Connection, event: Any, name: str, data: Any
+    ) -> dict[str, Any]:
         if not conn.bucket.take():
-            return await self._error(sid, event, "rate_limited", "too many events; slow down")
-        spec = self._events.get(event)
+            return await self._error(sid, name, "rate_limited", "too many events; slow down")
+        # A packet the decoder could not read (signaling/packets.py) says why in its place.
+        unreadable = event if isinstance(event, Unreadable) else event_problem([event])
+        if unreadable is not None:
+            code = unreadable.code
+            return await self._error(sid, name, code, unreadable.message)
+        spec = self._events.get(name)
         if spec is None:
-            log.info("unknown event %r from %s", event[:64], sid)
-            return await self._error(sid, event, "unknown_event", f"no event named {event[:64]!r}")
+            return await self._error(sid, name, "unknown_event", f"no event named {name[:64]!r}")
+        if conn.revoked:
+            return await self._error(sid, name, "token_revoked", "your token has been revoked")
         if conn.identity.expires_at <= datetime.now(UTC):
             refusal = await self._error(
-                sid, event, "token_expired", "your token has expired; reconnect with a new one"
+                sid, name, "token_expired", "your token has expired; reconnect with a new one"
             )
             # An expired token keeps nothing open, not even the broadcasts; the refusal and
             # its ack go out first.
             self._timers.start(self._disconnect([sid]))
             return refusal
-        if _has_binary(data):
-            return await self._error(
-                sid, event, "invalid_payload", "binary data is not accepted; send JSON"
-            )
+        problem = payload_problem(data)
+        if problem is not None:
+            return await self._error(sid, name, "invalid_payload", problem)
         size = _encoded_size(data)
         if size > self._config.max_payload_bytes:
             return await self._error(
                 sid,
-                event,
+                name,
                 "payload_too_large",
                 f"payload is {size} bytes; the limit is {self._config.max_payload_bytes}",
             )
         try:
             body = spec.model.model_validate({} if data is None else data)
         except ValidationError as exc:
-            log.info("invalid %s payload from %s", event, sid)
-            return await self._error(sid, event, "invalid_payload", _describe(exc))
+            return await self._error(sid, name, "invalid_payload", _describe(exc))
         if spec.needs_room and conn.consultation_id is None:
-            return await self._error(sid, event, "not_in_room", "join a consultation first")
+            return await self._error(sid, name, "not_in_room", "join a consultation first")
         try:
             outcome = await spec.handler(sid, conn, body)
         except DomainError as exc:
-            return await self._error(sid, event, exc.code, str(exc))
+            return await self._error(sid, name, exc.code, str(exc))
         except MediaError as exc:
-            return await self._error(sid, event, "media_error", str(exc))
+            return await self._error(sid, name, "media_error", str(exc))
         await self._apply(outcome)
         return {"ok": True, **({"result": outcome.reply} if outcome.reply else {})}
 
     async def _error(self, sid: str, event: str, code: str, message: str) -> dict[str, Any]:
+        if code != "rate_limited":  # a flood would flood the log too
+            # The client's event name as a repr: quoted, control characters escaped.
+            log.info("refused %r from %s: %s", event[:64], sid, code)
         error = {"code": code, "message": message, "event": event[:64]}
         await self.emit("error", error, to=sid)
         return {"ok": False, "error": error}
@@ -295,20 +322,68 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     # --- connection life cycle ---------------------------------------------------------------
 
     async def _on_connect(self, sid: str, auth: Any) -> bool:
+        problem = auth.message if isinstance(auth, Unreadable) else payload_problem(auth)
+        if problem is not None:
+            log.info("connection %s refused: unreadable auth payload", sid)
+            raise socketio.exceptions.ConnectionRefusedError(
+                f"the auth payload is unreadable: {problem}"
+            )
         token = auth.get("token") if isinstance(auth, dict) else None
         if not isinstance(token, str) or not token:
+            log.info("connection %s refused: no token", sid)
             raise socketio.exceptions.ConnectionRefusedError("missing token in the auth payload")
         wanted = auth.get("consultation_id") if isinstance(auth, dict) else None
+        self._verifying += 1
         try:
             identity = await self._authenticate(
                 token, ConsultationId(wanted) if isinstance(wanted, str) else None
             )
+            if identity.token_id in self._revoked_while_verifying:
+                raise Refused("invite has been revoked")
         except Refused as exc:
+            log.info("connection %s refused: %s", sid, exc)
             raise socketio.exceptions.ConnectionRefusedError(str(exc)) from None
+        except Exception:
+            # A bug, not the client's doing; the client still gets its answer.
+            log.exception("verifying the token of %s failed", sid)
+            raise socketio.exceptions.ConnectionRefusedError(
+                "the server could not verify the token"
+            ) from None
+        finally:
+            self._verifying -= 1
+            if not self._verifying:
+                self._revoked_while_verifying.clear()
         self._connections[sid] = Connection(
             identity, TokenBucket(self._config.events_per_second, self._config.event_burst)
         )
         return True
+
+    async def end_token(self, token_id: str) -> None:
+        """The token `token_id` was revoked: every connection of this node that presented it
+        is told, its seat closes with reason `revoked`, and it is disconnected."""
+        if self._verifying:
+            self._revoked_while_verifying.add(token_id)
+        ended = [sid for sid, c in self._connections.items() if c.identity.token_id == token_id]
+        await asyncio.gather(*(self._end_revoked(sid) for sid in ended))
+
+    async def _end_revoked(self, sid: str) -> None:
+        conn = self._connections.get(sid)
+        if conn is None:
+            return
+        async with conn.lock:
+            if conn.revoked:
+                return
+            conn.revoked = True
+            cid, conn.consultation_id = conn.consultation_id, None
+            log.info("ending %s: its token was revoked", sid)
+            await self.emit("token_revoked", {"message": "your token has been revoked"}, to=sid)
+            if cid is not None:
+                try:
+                    await self._apply(await self._rooms.revoked(sid, cid))
+                except DomainError as exc:
+                    log.info("seat of %s in %s not closed: %s", sid, cid, exc)
+                self._timers.start(self._watch_for_empty(cid))
+            await self.disconnect(sid)
 
     async def _on_disconnect(self, sid: str) -> None:
         conn = self._connections.pop(sid, None)
@@ -498,21 +573,9 @@ def _refused(code: str, message: str) -> DomainError:
     return RoomRefused(code, message)
 
 
-def _has_binary(data: Any) -> bool:
-    if isinstance(data, bytes | bytearray):
-        return True
-    if isinstance(data, dict):
-        return any(_has_binary(v) for v in data.values())
-    if isinstance(data, list | tuple):
-        return any(_has_binary(v) for v in data)
-    return False
-
-
 def _encoded_size(data: Any) -> int:
-    try:
-        return len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
-    except (TypeError, ValueError):
-        return 0  # binary attachments and the like: the model rejects them
+    # Called after payload_problem: bounded depth, valid Unicode, finite numbers, no binary.
+    return len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 def _describe(exc: ValidationError) -> str:

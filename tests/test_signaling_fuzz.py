@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,15 +114,26 @@ assert set(MODELS) == set(VALID)
 
 # --- strategies ----------------------------------------------------------------------------
 
-# python-engineio refuses integer literals longer than 100 characters: it drops the whole
-# packet unanswered (no ack, no error), so such payloads cannot be answered by the namespace.
-SAFE_INTS = st.integers(min_value=-(10**98), max_value=10**98)
+# docs/protocol.md, Limits: nesting, digits of an integer.
+MAX_NESTING = 32
+MAX_DIGITS = 100
+# Integers of thousands of digits too: the server refuses more than 100 (invalid_payload).
+INTS = st.integers(min_value=-(10**120), max_value=10**120) | st.sampled_from(
+    [10**100 - 1, 10**100, -(10**100), 7 * 10**3000]
+)
+# Lone surrogates (python-socketio escapes them as `\ud800`), controls, bidi overrides, line
+# and paragraph separators, a BOM.
+ODD_TEXT = st.text(
+    st.sampled_from("\ud800\udfff\x00\x1b\u202e\u200f\u2028\u2029\ufeffa汉"), max_size=6
+)
 SCALARS = (
     st.none()
     | st.booleans()
-    | SAFE_INTS
+    | INTS
     | st.floats()  # NaN and ±Infinity included: python-socketio sends them as bare literals
+    | st.just(1e400)  # inf, as a JSON number out of range decodes
     | st.text(max_size=20)
+    | ODD_TEXT
 )
 JSON = st.recursive(
     SCALARS,
@@ -130,6 +142,16 @@ JSON = st.recursive(
     ),
     max_leaves=12,
 )
+
+
+def nest(value: Any, depth: int, as_object: bool) -> Any:
+    for _ in range(depth):
+        value = {"a": value} if as_object else [value]
+    return value
+
+
+# Around the nesting limit, and far beyond it (python-socketio's own encoder stops near 1000).
+DEEP = st.builds(nest, JSON, st.sampled_from([29, 30, 31, 32, 33, 40, 500]), st.booleans())
 EDGES: st.SearchStrategy[Any] = st.sampled_from(
     [
         "",
@@ -183,9 +205,11 @@ def near_valid(draw: st.DrawFn, valid: dict[str, Any]) -> Any:
         if mutation == "drop" and keys:
             del payload[draw(st.sampled_from(keys))]
         elif mutation == "add":
-            payload[draw(FIELD_NAMES)] = draw(JSON | EDGES)
+            payload[draw(FIELD_NAMES)] = draw(JSON | EDGES | DEEP)
         elif mutation in ("replace", "edge") and keys:
-            payload[draw(st.sampled_from(keys))] = draw(JSON if mutation == "replace" else EDGES)
+            payload[draw(st.sampled_from(keys))] = draw(
+                JSON | DEEP if mutation == "replace" else EDGES
+            )
         elif mutation == "wrap" and keys:
             key = draw(st.sampled_from(keys))
             payload[key] = draw(
@@ -231,7 +255,7 @@ def plausible(event: str) -> st.SearchStrategy[dict[str, Any]]:
 
 def payloads(event: str) -> st.SearchStrategy[Any]:
     """Arbitrary JSON, near-valid mutations of a valid payload, and plausible field values."""
-    generated = JSON | near_valid(VALID[event])
+    generated = JSON | DEEP | near_valid(VALID[event])
     return generated if event in ONLY_INVALID else generated | plausible(event)
 
 
@@ -243,9 +267,35 @@ def encoded_size(payload: Any) -> int:
     return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
 
 
+def unreadable(payload: Any) -> bool:
+    """What docs/protocol.md refuses whatever the event: nesting deeper than 32 levels, an
+    integer of more than 100 digits, a number that is not finite, a lone surrogate."""
+    stack = [(payload, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict | list | tuple):  # a tuple is sent as an array
+            if level > MAX_NESTING:
+                return True
+            items = [*value, *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, level + 1) for item in items)
+        elif isinstance(value, str):
+            if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+                return True
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int):
+            if len(str(abs(value))) > MAX_DIGITS:
+                return True
+        elif isinstance(value, float) and not math.isfinite(value):
+            return True
+    return False
+
+
 def expected_refusal(event: str, payload: Any) -> str | None:
     """`payload_too_large` or `invalid_payload` where the documented order of checks says so,
     else None (the event's own rules decide)."""
+    if unreadable(payload):
+        return "invalid_payload"
     wire = json.loads(json.dumps(payload))  # what the server decodes
     if encoded_size(wire) > PAYLOAD_LIMIT:
         return "payload_too_large"

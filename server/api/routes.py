@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from media.hub import MediaHub
 from rooms.consultations import ConsultationService, NewConsultation, NewTeamMember
@@ -48,17 +48,28 @@ _JTI = re.compile(r"[\w-]{1,128}")
 ONE = PREFIX + "/consultations/{consultation_id}"
 
 
+class Revocations(Protocol):
+    """Ends the live connections that presented a token (signaling, on every node)."""
+
+    async def revoked(self, token_id: str) -> None: ...
+
+
 def _cid(call: Call[Any, Any]) -> ConsultationId:
     return ConsultationId(call.path("consultation_id"))
 
 
 class ConsultationRoutes:
     def __init__(
-        self, service: ConsultationService, tokens: TokenService, invite_ttl_s: int
+        self,
+        service: ConsultationService,
+        tokens: TokenService,
+        invite_ttl_s: int,
+        revocations: Revocations | None,
     ) -> None:
         self._service = service
         self._tokens = tokens
         self._invite_ttl_s = invite_ttl_s
+        self._revocations = revocations
 
     def endpoints(self) -> list[Endpoint]:
         tags = ("consultations",)
@@ -268,6 +279,9 @@ class ConsultationRoutes:
         await self._service.revoke_invite(
             call.ctx, _cid(call), jti, timedelta(seconds=self._invite_ttl_s)
         )
+        if self._revocations is not None:
+            # Stored first, so a reconnect with the token is refused before its sockets end.
+            await self._revocations.revoked(jti)
 
     async def write_opinion(self, call: Call[OpinionIn, None]) -> OpinionOut:
         b = call.body
@@ -311,13 +325,15 @@ def build_api(
     *,
     public_url: str = "",
     data_dir: Path = Path("data"),
+    revocations: Revocations | None = None,
 ) -> Api:
     """`public_url` is the base of links in exports; empty, the request's own origin.
-    `data_dir` holds the recordings."""
+    `data_dir` holds the recordings. `revocations` ends the connections of a revoked invite;
+    without it (an API built only to be described) revoking touches the record alone."""
     api = Api(authenticate)
     for endpoint in [
         *RecordingRoutes(service, data_dir, authenticate).endpoints(),
-        *ConsultationRoutes(service, tokens, invite_ttl_s).endpoints(),
+        *ConsultationRoutes(service, tokens, invite_ttl_s, revocations).endpoints(),
         *MediaRoutes(service, hub).endpoints(),
         *FhirRoutes(service, public_url).endpoints(),
         *LegalHoldRoutes(service).endpoints(),
