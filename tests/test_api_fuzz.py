@@ -33,7 +33,6 @@ from api_helpers import (
     Identity,
     consultation_body,
 )
-from conftest import make_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
@@ -51,6 +50,7 @@ from rooms.consultations import RequestContext
 from rooms.model import ConsultationId, RecordingId, SessionId
 from rooms.model import Recording as RecordingRow
 from server.app import SERVICE, STORE, TOKENS, create_app
+from server.config import load_config
 
 T = TypeVar("T")
 
@@ -119,7 +119,9 @@ class Seeded:
 def server(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> Iterator[LiveServer]:
     data_dir = tmp_path_factory.mktemp("fuzz")
     shutil.copyfile(migrated_sqlite, data_dir / "telemed.db")
-    live = LiveServer(create_app(make_config(data_dir)))
+    # A development config that ignores the machine's TELEMED_* environment.
+    config = load_config(env={}, overrides={"dev": True, "data_dir": str(data_dir)})
+    live = LiveServer(create_app(config))
     live.start()
     try:
         yield live
