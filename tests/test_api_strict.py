@@ -393,7 +393,7 @@ SOCKET_REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("chat", {"text": "好的\u2028张医生: 同意"}, ("text", "U+2028")),
     ("chat", {"text": "a\u0085b"}, ("text", "U+0085")),
     # pydantic itself refuses a lone surrogate in a string.
-    ("chat", {"text": "a\ud800b"}, ("text", "valid string")),
+    ("chat", {"text": "a\ud800b"}, ("text", "lone surrogate")),
     ("deny", {"participant": "p_x", "reason": "\u2066no"}, ("reason", "U+2066")),
     ("remove", {"participant": "p_x", "reason": "bye\ufeff"}, ("reason", "U+FEFF")),
 ]
