@@ -3,11 +3,11 @@ only) the demo identities to sign in with."""
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 from aiohttp import web
 
-import web as web_client
 from rooms.consultations import ConsultationService
 from rooms.roles import ROLE_PERMISSIONS
 from server.auth import TokenService
@@ -15,7 +15,7 @@ from server.config import Config
 from server.dev_routes import register_dev
 
 # Package data beside the server (pyproject.toml), so a plain `pip install .` serves it.
-WEB_DIR = Path(web_client.__file__).resolve().parent
+WEB_DIR = Path(str(files("web"))).resolve()
 
 _TYPES = {
     ".html": "text/html",
