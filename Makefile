@@ -46,12 +46,13 @@ lint: dev-venv
 typecheck: dev-venv
 	$(BIN)/mypy
 
-# Browser tests run on their own, in a network namespace with only loopback (root, or an
-# unprivileged user namespace), so Chromium offers no other interface's addresses.
+# Browser and network-lab tests run on their own, in a network namespace with only loopback
+# (root, or an unprivileged user namespace), so Chromium offers no other interface's addresses
+# and the lab (tests/netlab) adds its devices to no network of the machine's.
 pytest: dev-venv system-deps
-	$(BIN)/pytest -q -m "not browser"
+	$(BIN)/pytest -q -m "not browser and not lab"
 	if [ "$$(id -u)" = 0 ]; then ns="unshare --net"; else ns="unshare -rn"; fi; \
-	$$ns sh -c 'ip link set lo up && exec $(BIN)/pytest -q -m browser tests/browser'
+	$$ns sh -c 'ip link set lo up && exec $(BIN)/pytest -q -m "browser or lab" tests/browser tests/lab'
 
 test: lint typecheck pytest
 
