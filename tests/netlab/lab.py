@@ -58,12 +58,15 @@ async def _run(*argv: str, check: bool = True) -> None:
         raise LabError(f"{' '.join(argv)}: {stderr.decode().strip() or process.returncode}")
 
 
-async def _sweep_stale_namespaces() -> None:
+def _stale_namespaces() -> list[str]:
     """Namespaces of labs whose process is gone (killed mid-test): named tl<pid>-<endpoint>."""
-    for path in Path("/run/netns").glob("tl*-*") if Path("/run/netns").is_dir() else []:
-        pid = re.match(r"^tl(\d+)-", path.name)
-        if pid and not Path(f"/proc/{pid.group(1)}").exists():
-            await _run("ip", "netns", "del", path.name, check=False)
+    netns = Path("/run/netns")
+    names = [path.name for path in netns.glob("tl*-*")] if netns.is_dir() else []
+    return [
+        name
+        for name in names
+        if (pid := re.match(r"^tl(\d+)-", name)) and not Path(f"/proc/{pid.group(1)}").exists()
+    ]
 
 
 class Lab:
@@ -155,7 +158,8 @@ class Lab:
         await self._stop()
 
     async def _start(self) -> None:
-        await _sweep_stale_namespaces()
+        for stale in _stale_namespaces():
+            await _run("ip", "netns", "del", stale, check=False)
         self._dir = Path(tempfile.mkdtemp(prefix="netlab-"))
         spec = {
             "seed": self.seed,
