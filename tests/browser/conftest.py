@@ -92,30 +92,40 @@ class Server:
             return data
 
 
-async def start_server(tmp: Path, **signaling: float) -> Server:
+async def start_server(
+    tmp: Path,
+    *,
+    netns: list[str] | None = None,
+    address: str = "127.0.0.1",
+    config: str = "",
+    **signaling: float,
+) -> Server:
+    """`netns` runs the server in a lab namespace (`lab.exec_prefix("srv")`), listening and
+    offering media on `address`; `config` is more TOML, appended."""
     port = free_port()
-    config = tmp / "telemed.toml"
+    config_file = tmp / "telemed.toml"
     lines = [
         f'data_dir = "{tmp}"',
         "[media]",
-        'host_addresses = ["127.0.0.1"]',
+        f'host_addresses = ["{address}"]',
         "[signaling]",
         *(f"{k} = {v}" for k, v in signaling.items()),
+        config,
     ]
-    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
     # The log (stderr) apart from stdout, where --dev prints the demo tokens: tests/log_scan.py
     # scans every server.log for leaked tokens.
     log = tmp / "server.log"
     with log.open("wb") as err, (tmp / "server.stdout").open("wb") as out:
-        command = [str(Path(sys.executable).parent / "telemed"), "--config", str(config)]
+        command = [str(Path(sys.executable).parent / "telemed"), "--config", str(config_file)]
         process = subprocess.Popen(  # noqa: ASYNC220 - started once, before any awaiting
-            [*command, "serve", "--dev", "--host", "127.0.0.1", "--port", str(port)],
+            [*(netns or []), *command, "serve", "--dev", "--host", address, "--port", str(port)],
             stdout=out,
             stderr=err,
             env=env,
         )
-    server = Server(f"http://127.0.0.1:{port}", port, process, log)
+    server = Server(f"http://{address}:{port}", port, process, log)
     async with aiohttp.ClientSession() as http:
         for _ in range(600):
             assert process.poll() is None, log.read_text()
@@ -127,16 +137,21 @@ async def start_server(tmp: Path, **signaling: float) -> Server:
     raise AssertionError("server did not start: " + log.read_text())
 
 
+async def stop_server(server: Server) -> None:
+    server.process.terminate()
+    for _ in range(200):
+        if server.process.poll() is not None:
+            return
+        await asyncio.sleep(0.1)
+    server.process.kill()
+    server.process.wait()
+
+
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
     s = await start_server(tmp_path, reconnect_grace_s=60)
     yield s
-    s.process.terminate()
-    try:
-        s.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        s.process.kill()
-        s.process.wait()
+    await stop_server(s)
 
 
 def write_camera(path: Path, colour: tuple[int, int, int], frames: int = 30) -> None:
@@ -205,18 +220,25 @@ class Browsers:
         *,
         locale: str = "en-US",
         viewport: tuple[int, int] = (1280, 800),
+        executable: str = CHROMIUM,
+        args: tuple[str, ...] = (),
+        files: bool = True,
     ) -> Party:
-        camera = self.tmp / f"cam-{name}.y4m"
-        mic = self.tmp / f"mic-{name}.wav"
-        write_camera(camera, colour)
-        write_tone(mic, tone)
-        browser = await self.playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                *FLAGS,
+        """`executable` runs the browser elsewhere (`lab.chromium(clinic)`); `args` adds
+        launch flags; without `files` the page has Chromium's own fake devices (640x480 at
+        20 fps, a beep), not a clip of `colour` and `tone`."""
+        media_files: list[str] = []
+        if files:
+            camera = self.tmp / f"cam-{name}.y4m"
+            mic = self.tmp / f"mic-{name}.wav"
+            write_camera(camera, colour)
+            write_tone(mic, tone)
+            media_files = [
                 f"--use-file-for-fake-video-capture={camera}",
                 f"--use-file-for-fake-audio-capture={mic}",
-            ],
+            ]
+        browser = await self.playwright.chromium.launch(
+            executable_path=executable, args=[*FLAGS, *media_files, *args]
         )
         context = await browser.new_context(
             locale=locale,

@@ -960,6 +960,8 @@ function stopMedia() {
 /** @type {any} */ (window).telemedDebug = {
   participantId: () => state.me?.participant_id ?? null,
   phase: () => state.phase,
+  /** The two peer connections, for tests that read their raw getStats(). */
+  connections: () => ({ publish: publisher?.pc ?? null, subscribe: subscriber?.pc ?? null }),
   inbound: async () => (subscriber ? [...(await inbound(subscriber)).values()] : []),
   outbound: async () => {
     /** @type {any[]} */
