@@ -38,6 +38,7 @@ from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
 from server.recording import SessionRecordings
 from server.revocations import LocalRevocations, RedisRevocations
+from server.turn import TurnCredentials, ice_servers_for_clients
 from server.web_routes import register_web
 from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
 from signaling.packets import CheckedServer
@@ -167,7 +168,10 @@ def _attach_signaling(
         service,
         presence,
         limits,
-        ice_servers=[s.client_form() for s in peer_config.ice_servers],
+        ice_servers=ice_servers_for_clients(
+            [s.client_form() for s in peer_config.ice_servers],
+            TurnCredentials(config.turn) if config.turn.enabled else None,
+        ),
     )
     is_revoked = _is_revoked(store)
 

@@ -4,6 +4,7 @@ variables."""
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,6 +56,71 @@ class IceServer(_Section):
     urls: list[str]
     username: str | None = None
     credential: SecretStr | None = None
+
+
+# turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT][?transport=tcp] (RFC 7065); HOST a
+# name, an IPv4 address or a bracketed IPv6 one.
+_TURN_URL = re.compile(
+    r"^(?P<scheme>turns?):(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>\d{1,5}))?"
+    r"(?:\?transport=(?P<transport>udp|tcp))?$"
+)
+# Below this a shared secret is guessable offline from one credential (HMAC-SHA1 of a known
+# username): refuse it.
+TURN_SECRET_MIN_CHARS = 16
+
+
+class TurnConfig(_Section):
+    """TURN with short-lived credentials: the TURN REST API scheme coturn implements with
+    `use-auth-secret`. telemed shares `secret` with the TURN server (its `static-auth-secret`)
+    and mints each seated participant a username and password valid for `ttl_s`; no password
+    is ever configured in a client."""
+
+    secret: SecretStr | None = None
+    urls: list[str] = []
+    # coturn checks the expiry when a client first authenticates on a connection to it (the
+    # allocation), so this bounds how long a handed-out credential can open new allocations.
+    ttl_s: int = Field(default=6 * 3600, ge=60, le=7 * 24 * 3600)
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _split_a_list_in_one_string(cls, value: Any) -> Any:
+        # From the environment (TELEMED_TURN_URLS) the list is one string: commas or spaces.
+        if isinstance(value, str):
+            return [part for part in re.split(r"[\s,]+", value) if part]
+        return value
+
+    @field_validator("urls")
+    @classmethod
+    def _turn_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            match = _TURN_URL.match(url)
+            if match is None:
+                raise ValueError(
+                    f"{url!r} is not a TURN URL: turn:HOST[:PORT][?transport=udp|tcp] or "
+                    "turns:HOST[:PORT][?transport=tcp]"
+                )
+            if match["scheme"] == "turns" and match["transport"] == "udp":
+                raise ValueError(f"{url!r}: turns: runs over TLS, which needs transport=tcp")
+            if match["port"] is not None and not 0 < int(match["port"]) < 65536:
+                raise ValueError(f"{url!r}: the port must be within 1..65535")
+        return urls
+
+    @model_validator(mode="after")
+    def _secret_and_urls_together(self) -> TurnConfig:
+        if self.urls and self.secret is None:
+            raise ValueError(
+                "turn.secret is required with turn.urls (the TURN server's static-auth-secret)"
+            )
+        if self.secret is not None:
+            if not self.urls:
+                raise ValueError("turn.urls is required with turn.secret")
+            if len(self.secret.get_secret_value()) < TURN_SECRET_MIN_CHARS:
+                raise ValueError(f"turn.secret must be at least {TURN_SECRET_MIN_CHARS} characters")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.urls)
 
 
 class SignalingConfig(_Section):
@@ -134,7 +200,9 @@ class Config(_Section):
     signaling: SignalingConfig = SignalingConfig()
     media: MediaConfig = MediaConfig()
     retention: RetentionConfig = RetentionConfig()
+    # Static STUN/TURN servers, for the relay and the clients; [turn] mints credentials instead.
     ice_servers: list[IceServer] = []
+    turn: TurnConfig = TurnConfig()
 
     @property
     def effective_database_url(self) -> str:
@@ -186,6 +254,9 @@ _ENV_FIELDS: dict[str, tuple[str, ...]] = {
     "RECONNECT_GRACE_S": ("signaling", "reconnect_grace_s"),
     "EMPTY_ROOM_GRACE_S": ("signaling", "empty_room_grace_s"),
     "MAX_PARTICIPANTS": ("signaling", "max_participants"),
+    "TURN_SECRET": ("turn", "secret"),
+    "TURN_URLS": ("turn", "urls"),
+    "TURN_TTL_S": ("turn", "ttl_s"),
     "RETENTION_RECORDS": ("retention", "records"),
     "RETENTION_RECORDINGS": ("retention", "recordings"),
     "RETENTION_ACCESS_LOGS": ("retention", "access_logs"),
