@@ -163,13 +163,19 @@ def _attach_signaling(
     )
     limits = RoomLimits(max_participants=sig.max_participants)
     peer_config = _peer_config(config)
+    for kept in (s for s in peer_config.ice_servers if s.credential is not None):
+        log.info(
+            "ICE server %s has a password: the relay uses it, clients are not given it", kept.urls
+        )
     rooms = LiveRoomService(
         store,
         service,
         presence,
         limits,
         ice_servers=ice_servers_for_clients(
-            [s.client_form() for s in peer_config.ice_servers],
+            # A static password would be handed to every client for good: servers configured
+            # with one are the relay's own; clients get TURN credentials minted for them.
+            [s.client_form() for s in peer_config.ice_servers if s.credential is None],
             TurnCredentials(config.turn) if config.turn.enabled else None,
         ),
     )

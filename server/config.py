@@ -77,9 +77,10 @@ class TurnConfig(_Section):
 
     secret: SecretStr | None = None
     urls: list[str] = []
-    # coturn checks the expiry when a client first authenticates on a connection to it (the
-    # allocation), so this bounds how long a handed-out credential can open new allocations.
-    ttl_s: int = Field(default=6 * 3600, ge=60, le=7 * 24 * 3600)
+    # coturn checks the expiry when an allocation is made, not when it is refreshed: a call
+    # outlives its credentials, and this bounds how long a leaked one opens new allocations.
+    # Long enough for the ICE restarts of a long consultation; a resumed seat gets fresh ones.
+    ttl_s: int = Field(default=4 * 3600, ge=60, le=7 * 24 * 3600)
 
     @field_validator("urls", mode="before")
     @classmethod

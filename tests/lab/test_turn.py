@@ -1,4 +1,6 @@
-"""Calls through TURN with aiortc peers that may use nothing else (ICE transport policy
+"""coturn and telemed's TURN credentials, in the network lab: coturn takes what server/turn.py
+mints until it expires, and an allocation made in time outlives it; and calls through TURN
+with aiortc peers that may use nothing else (ICE transport policy
 "relay": they offer only candidates on the TURN server, so every packet between them and the
 relay passes coturn). coturn runs in the lab's server namespace; telemed runs in this process,
 the lab's "host" endpoint, and offers its host address there, which coturn reaches across the
@@ -8,17 +10,24 @@ Each peer takes the ICE servers `joined` handed it: credentials minted for its s
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aioice import stun
+from aioice.turn import TurnTransport, create_turn_endpoint
 from aiortc import RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection
 from coturn import Coturn, Transport
 from media_client import MediaClient, MediaRoom
 from media_peers import ColourCounterTrack, ToneTrack, close_to, dominant_frequency, mean_colour
 from netlab import Lab
 from signaling_fixtures import COUNTY, VILLAGE, DemoIdentity, eventually
+
+from server.config import TurnConfig
+from server.turn import TurnCredentials
 
 pytestmark = pytest.mark.lab
 
@@ -37,6 +46,74 @@ async def lab() -> AsyncIterator[Lab]:
 async def turn(lab: Lab, tmp_path: Path) -> AsyncIterator[Coturn]:
     async with Coturn(tmp_path, lab.address("srv"), lab.exec_prefix("srv")) as turn:
         yield turn
+
+
+def minted(turn: Coturn, user: str, *, expires_in_s: float, secret: str = "") -> dict[str, Any]:
+    """Credentials from server/turn.py for `user` that expire `expires_in_s` from now."""
+    ttl_s = 3600
+    config = TurnConfig(secret=secret or turn.secret, urls=[turn.url("tcp")], ttl_s=ttl_s)
+    return TurnCredentials(config, clock=lambda: time.time() + expires_in_s - ttl_s).mint(user)
+
+
+async def allocate(turn: Coturn, credentials: dict[str, Any]) -> TurnTransport:
+    """A TURN allocation over TCP (raises stun.TransactionFailed when coturn refuses)."""
+    transport, _ = await create_turn_endpoint(
+        asyncio.DatagramProtocol,
+        (turn.address, 3478),
+        credentials["username"],
+        credentials["credential"],
+        transport="tcp",
+    )
+    return transport
+
+
+async def refresh(allocation: TurnTransport) -> int:
+    """Refreshes the allocation now (aioice would in minutes); returns the granted lifetime."""
+    request = stun.Message(message_method=stun.Method.REFRESH, message_class=stun.Class.REQUEST)
+    request.attributes["LIFETIME"] = 600
+    protocol = allocation._TurnTransport__inner_protocol  # type: ignore[attr-defined]
+    response, _ = await protocol.request_with_retry(request)
+    lifetime: int = response.attributes["LIFETIME"]
+    return lifetime
+
+
+def refused_as_unauthorized(error: BaseException) -> bool:
+    return (
+        isinstance(error, stun.TransactionFailed)
+        and error.response.attributes["ERROR-CODE"][0] == 401
+    )
+
+
+async def test_coturn_takes_minted_credentials_until_they_expire(turn: Coturn) -> None:
+    fresh = await allocate(turn, minted(turn, "p_fresh", expires_in_s=600))
+    fresh.close()
+
+    with pytest.raises(stun.TransactionFailed) as expired:
+        await allocate(turn, minted(turn, "p_expired", expires_in_s=-2))
+    assert refused_as_unauthorized(expired.value), expired.value
+    with pytest.raises(stun.TransactionFailed) as forged:
+        await allocate(
+            turn, minted(turn, "p_forged", expires_in_s=600, secret="not-the-shared-secret")
+        )
+    assert refused_as_unauthorized(forged.value), forged.value
+    log = turn.log_text()
+    assert "p_fresh>: incoming packet ALLOCATE processed, success" in log
+    assert "p_expired>: incoming packet ALLOCATE processed, success" not in log
+
+
+async def test_an_allocation_made_in_time_outlives_its_credentials(turn: Coturn) -> None:
+    """coturn checks the expiry when the allocation is made, not when it is refreshed: a call
+    does not drop when its credentials expire (README, [turn] ttl_s)."""
+    credentials = minted(turn, "p_short", expires_in_s=3)
+    expiry = int(credentials["username"].split(":")[0])
+    allocation = await allocate(turn, credentials)
+    try:
+        await eventually(lambda: time.time() > expiry + 1, "the credentials expired", within=10)
+        assert await refresh(allocation) == 600
+    finally:
+        allocation.close()
+    with pytest.raises(stun.TransactionFailed):
+        await allocate(turn, credentials)  # but no new allocation with them
 
 
 def only(transport: Transport, ice_servers: list[dict[str, Any]], turn: Coturn) -> RTCIceServer:
