@@ -223,10 +223,12 @@ class Browsers:
         executable: str = CHROMIUM,
         args: tuple[str, ...] = (),
         files: bool = True,
+        home: Path | None = None,
     ) -> Party:
         """`executable` runs the browser elsewhere (`lab.chromium(clinic)`); `args` adds
         launch flags; without `files` the page has Chromium's own fake devices (640x480 at
-        20 fps, a beep), not a clip of `colour` and `tone`."""
+        20 fps, a beep), not a clip of `colour` and `tone`; `home` is its HOME (where
+        Chromium finds the user's NSS database of trusted certificates)."""
         media_files: list[str] = []
         if files:
             camera = self.tmp / f"cam-{name}.y4m"
@@ -238,7 +240,9 @@ class Browsers:
                 f"--use-file-for-fake-audio-capture={mic}",
             ]
         browser = await self.playwright.chromium.launch(
-            executable_path=executable, args=[*FLAGS, *media_files, *args]
+            executable_path=executable,
+            args=[*FLAGS, *media_files, *args],
+            env={**os.environ, "HOME": str(home)} if home is not None else None,
         )
         context = await browser.new_context(
             locale=locale,
