@@ -58,6 +58,13 @@ class IceServer(_Section):
     credential: SecretStr | None = None
 
 
+def _split_list(value: Any) -> Any:
+    """A list given as one string (a TELEMED_* variable): items between commas or spaces."""
+    if isinstance(value, str):
+        return [part for part in re.split(r"[\s,]+", value) if part]
+    return value
+
+
 # turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT][?transport=tcp] (RFC 7065); HOST a
 # name, an IPv4 address or a bracketed IPv6 one.
 _TURN_URL = re.compile(
@@ -82,13 +89,7 @@ class TurnConfig(_Section):
     # Long enough for the ICE restarts of a long consultation; a resumed seat gets fresh ones.
     ttl_s: int = Field(default=4 * 3600, ge=60, le=7 * 24 * 3600)
 
-    @field_validator("urls", mode="before")
-    @classmethod
-    def _split_a_list_in_one_string(cls, value: Any) -> Any:
-        # From the environment (TELEMED_TURN_URLS) the list is one string: commas or spaces.
-        if isinstance(value, str):
-            return [part for part in re.split(r"[\s,]+", value) if part]
-        return value
+    _urls_from_one_string = field_validator("urls", mode="before")(_split_list)
 
     @field_validator("urls")
     @classmethod
@@ -140,6 +141,7 @@ class SignalingConfig(_Section):
 class MediaConfig(_Section):
     # Host addresses the relay offers in ICE; unset, every interface but loopback.
     host_addresses: list[str] | None = None
+    _addresses_from_one_string = field_validator("host_addresses", mode="before")(_split_list)
     # Media sections in one publish offer (the whole publish connection: a renegotiation
     # offer holds every section). Every subscriber is offered each published track.
     max_sections_per_connection: int = Field(default=8, gt=0, le=64)
@@ -255,6 +257,7 @@ _ENV_FIELDS: dict[str, tuple[str, ...]] = {
     "RECONNECT_GRACE_S": ("signaling", "reconnect_grace_s"),
     "EMPTY_ROOM_GRACE_S": ("signaling", "empty_room_grace_s"),
     "MAX_PARTICIPANTS": ("signaling", "max_participants"),
+    "MEDIA_HOST_ADDRESSES": ("media", "host_addresses"),
     "TURN_SECRET": ("turn", "secret"),
     "TURN_URLS": ("turn", "urls"),
     "TURN_TTL_S": ("turn", "ttl_s"),

@@ -5,8 +5,11 @@ README deploys it — the TURN REST API's shared secret (`use-auth-secret`), TUR
 and stopped by the test. The TLS certificate is self-signed, made here with `openssl` for the
 server's address; `trust_for_chromium` puts it in an NSS database a test browser trusts.
 
-    async with Coturn(tmp_path, lab.address("srv"), lab.exec_prefix("srv")) as turn:
-        turn.url("tcp"), turn.url("tls"), turn.secret, turn.log_text()
+    async with Coturn(tmp_path, lab.address("srv"), lab.exec_prefix("srv"), relay=...) as turn:
+        turn.url("tcp"), turn.url("tls"), turn.secret, turn.log_text(), turn.sessions()
+
+As README's deployment asks, private peer addresses are denied (a TURN credential must not open
+a way into the hospital's network) except `relay`, the media relay's own address.
 
 Bounded: at most `total_quota` allocations of at most `max_bps` each, relay ports from a small
 range, and everything it writes (config, certificate, database, log) under the test's tmp dir."""
@@ -114,6 +117,7 @@ class Coturn:
         address: str,
         exec_prefix: list[str] | None = None,
         *,
+        relay: str,
         secret: str | None = None,
         total_quota: int = 24,
         user_quota: int = 8,
@@ -122,6 +126,7 @@ class Coturn:
         self.directory = directory / "coturn"
         self.address = address
         self.exec_prefix = exec_prefix or []
+        self.relay = relay
         self.secret = secret or secrets.token_urlsafe(24)
         self.total_quota = total_quota
         self.user_quota = user_quota
@@ -162,6 +167,10 @@ class Coturn:
             "no-rfc5780",
             "no-cli",
             "no-multicast-peers",
+            "denied-peer-ip=10.0.0.0-10.255.255.255",
+            "denied-peer-ip=172.16.0.0-172.31.255.255",
+            "denied-peer-ip=192.168.0.0-192.168.255.255",
+            f"allowed-peer-ip={self.relay}",
             "fingerprint",
             f"total-quota={self.total_quota}",
             f"user-quota={self.user_quota}",

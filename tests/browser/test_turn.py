@@ -74,7 +74,9 @@ async def lab() -> AsyncIterator[Lab]:
 
 @pytest.fixture
 async def turn(lab: Lab, tmp_path: Path) -> AsyncIterator[Coturn]:
-    async with Coturn(tmp_path, lab.address("srv"), lab.exec_prefix("srv")) as turn:
+    # The relay runs beside coturn, on the server's address.
+    srv = lab.address("srv")
+    async with Coturn(tmp_path, srv, lab.exec_prefix("srv"), relay=srv) as turn:
         yield turn
 
 

@@ -32,19 +32,22 @@ from server.turn import TurnCredentials
 pytestmark = pytest.mark.lab
 
 WAIT_S = 60.0
+CLINIC = "village"
 VILLAGE_COLOUR, COUNTY_COLOUR = (200, 40, 40), (40, 40, 200)
 VILLAGE_TONE, COUNTY_TONE = 440.0, 660.0
 
 
 @pytest.fixture
 async def lab() -> AsyncIterator[Lab]:
-    async with Lab([]) as lab:
+    async with Lab([CLINIC]) as lab:
         yield lab
 
 
 @pytest.fixture
 async def turn(lab: Lab, tmp_path: Path) -> AsyncIterator[Coturn]:
-    async with Coturn(tmp_path, lab.address("srv"), lab.exec_prefix("srv")) as turn:
+    # The relay runs in this process: the lab's "host" endpoint.
+    relay = lab.address("host")
+    async with Coturn(tmp_path, lab.address("srv"), lab.exec_prefix("srv"), relay=relay) as turn:
         yield turn
 
 
@@ -67,6 +70,16 @@ async def allocate(turn: Coturn, credentials: dict[str, Any]) -> TurnTransport:
     return transport
 
 
+async def permit(allocation: TurnTransport, peer: str) -> None:
+    """Asks coturn to let `peer` send to the allocation (raises stun.TransactionFailed)."""
+    request = stun.Message(
+        message_method=stun.Method.CREATE_PERMISSION, message_class=stun.Class.REQUEST
+    )
+    request.attributes["XOR-PEER-ADDRESS"] = (peer, 9)
+    protocol = allocation._TurnTransport__inner_protocol  # type: ignore[attr-defined]
+    await protocol.request_with_retry(request)
+
+
 async def refresh(allocation: TurnTransport) -> int:
     """Refreshes the allocation now (aioice would in minutes); returns the granted lifetime."""
     request = stun.Message(message_method=stun.Method.REFRESH, message_class=stun.Class.REQUEST)
@@ -84,12 +97,19 @@ def refused_as_unauthorized(error: BaseException) -> bool:
     )
 
 
-async def test_coturn_takes_minted_credentials_until_they_expire(turn: Coturn) -> None:
+async def test_coturn_takes_minted_credentials_until_they_expire(lab: Lab, turn: Coturn) -> None:
     fresh = await allocate(turn, minted(turn, "p_fresh", expires_in_s=600))
-    fresh.close()
+    try:
+        # It relays to the relay's address, and to no other private one (a clinic's).
+        await permit(fresh, turn.relay)
+        with pytest.raises(stun.TransactionFailed) as denied:
+            await permit(fresh, lab.address(CLINIC))
+        assert denied.value.response.attributes["ERROR-CODE"][0] == 403, denied.value
+    finally:
+        fresh.close()
 
     with pytest.raises(stun.TransactionFailed) as expired:
-        await allocate(turn, minted(turn, "p_expired", expires_in_s=-2))
+        await allocate(turn, minted(turn, "p_expired", expires_in_s=-30))
     assert refused_as_unauthorized(expired.value), expired.value
     with pytest.raises(stun.TransactionFailed) as forged:
         await allocate(
@@ -108,7 +128,8 @@ async def test_an_allocation_made_in_time_outlives_its_credentials(turn: Coturn)
     expiry = int(credentials["username"].split(":")[0])
     allocation = await allocate(turn, credentials)
     try:
-        await eventually(lambda: time.time() > expiry + 1, "the credentials expired", within=10)
+        # Well past it: the expiry is in whole seconds, and a busy coturn looks late.
+        await eventually(lambda: time.time() > expiry + 3, "the credentials expired", within=15)
         assert await refresh(allocation) == 600
     finally:
         allocation.close()
