@@ -683,6 +683,12 @@ class _LeanReceive:
             packet.payload = payload[2:]
             packet.ssrc = ssrc = original
             packet.payload_type = apt
+            # A repaired packet counts as received on its own stream, as a browser counts
+            # it: the receiver reports then say what stayed lost, and a publisher's loss-based
+            # rate control does not take random loss that NACK repairs for congestion.
+            repaired = self._streams.get(original)
+            if repaired is not None:
+                repaired.add(packet)  # type: ignore[arg-type]
         nack = self._nack
         if nack is not None and nack.add(packet):  # type: ignore[arg-type]
             self._spawn(receiver._send_rtcp_nack(ssrc, sorted(nack.missing)))

@@ -158,5 +158,25 @@ async def test_audio_and_video_hold_up_under_uplink_loss(media_room: MediaRoom) 
             "video decoded after the last keyframe request",
         )
         assert publication.keyframe_requests >= 1
+
+        # The relay's receiver reports to the publisher say what stayed lost: a video packet
+        # repaired by retransmission counts as received (as libwebrtc counts it), so that a
+        # browser's loss-based rate control does not throttle for loss that was repaired.
+        # Audio is never repaired: its reports show the link's loss.
+        reported = await _reported_lost(county)
+        video_lost = link.uplink.lost[video_ssrc]
+        assert reported["video"] < 0.5 * video_lost, (reported, video_lost, summary)
+        assert reported["audio"] >= 0.5 * link.uplink.lost[audio_ssrc], (reported, summary)
     finally:
         link.close()
+
+
+async def _reported_lost(client: TrackingMediaClient) -> dict[str, int]:
+    """Per kind, the cumulative loss in the newest receiver report the publisher got."""
+    out: dict[str, int] = {}
+    for transceiver in client.publisher.getTransceivers():
+        report = await transceiver.sender.getStats()
+        for stats in report.values():
+            if stats.type == "remote-inbound-rtp":
+                out[transceiver.kind] = stats.packetsLost
+    return out

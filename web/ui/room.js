@@ -962,6 +962,8 @@ function stopMedia() {
   phase: () => state.phase,
   /** The two peer connections, for tests that read their raw getStats(). */
   connections: () => ({ publish: publisher?.pc ?? null, subscribe: subscriber?.pc ?? null }),
+  /** Which section of the subscribe connection carries whose track now (sections are reused). */
+  sections: () => (subscriber ? subscriber.received().map((r) => ({ mid: r.mid, participant: r.info.participant })) : []),
   inbound: async () => (subscriber ? [...(await inbound(subscriber)).values()] : []),
   outbound: async () => {
     /** @type {any[]} */
