@@ -15,7 +15,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,13 +92,21 @@ class Server:
             return data
 
 
-async def start_server(tmp: Path, **signaling: float) -> Server:
+async def start_server(
+    tmp: Path,
+    *,
+    address: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
+    **signaling: float,
+) -> Server:
+    """`telemed serve --dev` on `address` (HTTP and the relay's ICE host address), run after
+    `prefix` (the network lab's `exec_prefix("srv")` puts it in the server's namespace)."""
     port = free_port()
     config = tmp / "telemed.toml"
     lines = [
         f'data_dir = "{tmp}"',
         "[media]",
-        'host_addresses = ["127.0.0.1"]',
+        f'host_addresses = ["{address}"]',
         "[signaling]",
         *(f"{k} = {v}" for k, v in signaling.items()),
     ]
@@ -110,12 +118,12 @@ async def start_server(tmp: Path, **signaling: float) -> Server:
     with log.open("wb") as err, (tmp / "server.stdout").open("wb") as out:
         command = [str(Path(sys.executable).parent / "telemed"), "--config", str(config)]
         process = subprocess.Popen(  # noqa: ASYNC220 - started once, before any awaiting
-            [*command, "serve", "--dev", "--host", "127.0.0.1", "--port", str(port)],
+            [*prefix, *command, "serve", "--dev", "--host", address, "--port", str(port)],
             stdout=out,
             stderr=err,
             env=env,
         )
-    server = Server(f"http://127.0.0.1:{port}", port, process, log)
+    server = Server(f"http://{address}:{port}", port, process, log)
     async with aiohttp.ClientSession() as http:
         for _ in range(600):
             assert process.poll() is None, log.read_text()
@@ -173,6 +181,32 @@ def write_tone(path: Path, frequency: float, seconds: float = 2.0) -> None:
             out.mux(packet)
 
 
+def write_voice(path: Path, fundamental: float, seconds: float = 4.0) -> None:
+    """Something a speech codec takes for speech: harmonics of `fundamental` whose pitch glides,
+    under a syllable-rate envelope, with a little breath noise. Opus codes a pure tone as music
+    (CELT), which never carries in-band FEC; this it codes with SILK (hybrid), which does."""
+    rate = 48_000
+    t = np.arange(int(rate * seconds)) / rate
+    pitch = fundamental * (1 + 0.1 * np.sin(2 * math.pi * 0.7 * t))
+    phase = 2 * math.pi * np.cumsum(pitch) / rate
+    wave = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = np.clip(np.sin(2 * math.pi * 2.5 * t), 0, None) ** 0.5
+    noise = np.random.default_rng(int(fundamental)).standard_normal(t.size)
+    samples = (0.12 * wave * envelope + 0.01 * noise) * 32767
+    with av.open(str(path), "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            samples.astype(np.int16).reshape(1, -1), format="s16", layout="mono"
+        )
+        frame.sample_rate = rate
+        frame.pts = 0
+        frame.time_base = fractions.Fraction(1, rate)
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
 @dataclass
 class Party:
     name: str
@@ -205,15 +239,25 @@ class Browsers:
         *,
         locale: str = "en-US",
         viewport: tuple[int, int] = (1280, 800),
+        executable: str = CHROMIUM,
+        flags: Sequence[str] = (),
+        voice: bool = False,
     ) -> Party:
+        """`executable` is the network lab's `chromium(clinic)` for a browser in a clinic's
+        namespace; `flags` are added to FLAGS. With `voice` the microphone speaks (see
+        write_voice, pitched at `tone`) instead of sounding a pure tone."""
         camera = self.tmp / f"cam-{name}.y4m"
         mic = self.tmp / f"mic-{name}.wav"
         write_camera(camera, colour)
-        write_tone(mic, tone)
+        if voice:
+            write_voice(mic, tone)
+        else:
+            write_tone(mic, tone)
         browser = await self.playwright.chromium.launch(
-            executable_path=CHROMIUM,
+            executable_path=executable,
             args=[
                 *FLAGS,
+                *flags,
                 f"--use-file-for-fake-video-capture={camera}",
                 f"--use-file-for-fake-audio-capture={mic}",
             ],

@@ -1001,6 +1001,11 @@ function stopMedia() {
     return ports;
   },
   reconnecting: () => !byId("reconnecting")?.hidden,
+  /** Each connection's session descriptions as negotiated now (SDP): ours, and the server's answer or offer. */
+  descriptions: () => ({
+    publish: { local: publisher?.pc.localDescription?.sdp ?? null, remote: publisher?.pc.remoteDescription?.sdp ?? null },
+    subscribe: { local: subscriber?.pc.localDescription?.sdp ?? null, remote: subscriber?.pc.remoteDescription?.sdp ?? null },
+  }),
 };
 
 // The browser knows the network went away before the heartbeat does.
