@@ -13,7 +13,7 @@ from typing import Any
 
 from media.aiortc_hooks import intake_figures, subscriber_figures
 from media.errors import MediaError as MediaError
-from media.forwarding import Publication
+from media.forwarding import NodeCounters, Publication
 from media.layers import LOW_BPS, Layer, congested, video_budget
 from media.low_layer import LowLayer
 from media.offer_sections import offered_sections, publishing_sources
@@ -143,6 +143,7 @@ class MediaHub:
         self._rooms: dict[str, dict[str, _Member]] = {}
         self._rates = RateBook()
         self._intake_loss = LossBook()
+        self._counters = NodeCounters()
         self._sampler: asyncio.Task[None] | None = None
         # Low layers by id of their source publication; each exists while someone receives it.
         self._low: dict[int, LowLayer] = {}
@@ -198,7 +199,7 @@ class MediaHub:
                 "too_many_tracks",
             )
         if member.publish is None:
-            member.publish = PublishConnection(self._config, member.arrived.append)
+            member.publish = PublishConnection(self._config, member.arrived.append, self._counters)
         member.arrived.clear()
         try:
             answer = await member.publish.answer(offer_sdp)
@@ -428,19 +429,21 @@ class MediaHub:
     # --- statistics --------------------------------------------------------------------------
 
     def totals(self) -> dict[str, int]:
-        """Process-wide counts, for /metrics."""
+        """Node-wide figures, for /metrics: how many of each there are now, and the counts
+        since the hub started (they never go down)."""
         members = [m for room in self._rooms.values() for m in room.values()]
         publications = [p for m in members for p in m.published.values()]
         subscriptions = [o for m in members if m.subscribe for o in m.subscribe.tracks.values()]
+        counters = self._counters
         return {
             "rooms": len(self._rooms),
             "participants": len(members),
             "publications": len(publications),
             "subscriptions": len(subscriptions),
-            "frames_received": sum(p.publication.frames_in for p in publications),
-            "frames_forwarded": sum(o.track.frames_out for o in subscriptions),
-            "frames_dropped": sum(o.track.frames_dropped for o in subscriptions),
-            "keyframe_requests": sum(p.publication.keyframe_requests for p in publications),
+            "frames_received": counters.frames_received,
+            "frames_forwarded": counters.frames_forwarded,
+            "frames_dropped": counters.frames_dropped,
+            "keyframe_requests": counters.keyframe_requests,
         }
 
     async def stats(self, room: str) -> dict[str, Any]:

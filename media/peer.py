@@ -32,7 +32,7 @@ from media.aiortc_hooks import (
     request_keyframe,
     tap_receiver,
 )
-from media.forwarding import ForwardedTrack, Publication
+from media.forwarding import ForwardedTrack, NodeCounters, Publication
 from media.layers import Layer, LayerChooser
 from media.offer_sections import PublishLimits
 
@@ -173,9 +173,11 @@ class PublishConnection:
         self,
         config: PeerConfig,
         on_track: Callable[[IncomingTrack], None],
+        counters: NodeCounters | None = None,
     ) -> None:
         self._config = config
         self._on_track = on_track
+        self._counters = counters
         self.pc = create_peer_connection(config)
         self.tracks: dict[str, IncomingTrack] = {}
         self.pc.on("track", self._track)
@@ -187,7 +189,7 @@ class PublishConnection:
         async def ask_for_keyframe() -> None:
             await request_keyframe(receiver)
 
-        publication = Publication(track.kind, ask_for_keyframe)
+        publication = Publication(track.kind, ask_for_keyframe, counters=self._counters)
 
         def forward(frame: EncodedFrame) -> None:
             publication.push(frame)

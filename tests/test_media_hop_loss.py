@@ -282,7 +282,14 @@ async def test_a_subscribers_lossy_link_shows_on_that_subscriber_only(
         link.close()
 
 
-async def test_hop_series_go_with_their_track(media_room: MediaRoom) -> None:
+def node_count(text: str, name: str) -> float:
+    (value,) = [float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return value
+
+
+async def test_hop_series_go_with_their_track_and_node_counts_stay(
+    media_room: MediaRoom,
+) -> None:
     server = media_room.server
     cid = (await server.scheduled()).id
     county = await media_room.seated(COUNTY, cid, label="county")
@@ -291,9 +298,18 @@ async def test_hop_series_go_with_their_track(media_room: MediaRoom) -> None:
     county_pid = county.peer.participant_id
     await eventually(lambda: len(village.offered_from(county_pid, "audio")) == 1, "the offer")
     (audio_id,) = village.offered_from(county_pid, "audio")
+    await eventually(lambda: village.frames_of(audio_id) >= 20, "audio at the subscriber")
     text = await metrics(server)
     assert f'track="{audio_id}"' in text
     assert 'direction="intake"' in text and 'direction="subscriber"' in text
+    received = node_count(text, "telemed_media_frames_received_total")
+    forwarded = node_count(text, "telemed_media_frames_forwarded_total")
+    assert received >= 20 and forwarded >= 20, text
     await county.peer.ok("leave")
     await eventually(lambda: not media_room.hub.tracks(cid), "the track ends")
-    assert f'track="{audio_id}"' not in await metrics(server)
+    text = await metrics(server)
+    assert f'track="{audio_id}"' not in text
+    # Counters of the node count what happened, not what is there: they never go down.
+    assert node_count(text, "telemed_media_frames_received_total") >= received
+    assert node_count(text, "telemed_media_frames_forwarded_total") >= forwarded
+    assert node_count(text, "telemed_media_publications") == 0
