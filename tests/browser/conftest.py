@@ -15,7 +15,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,30 +95,32 @@ class Server:
 async def start_server(
     tmp: Path,
     *,
+    netns: list[str] | None = None,
     address: str = "127.0.0.1",
-    prefix: Sequence[str] = (),
+    config: str = "",
     **signaling: float,
 ) -> Server:
-    """`telemed serve --dev` on `address` (HTTP and the relay's ICE host address), run after
-    `prefix` (the network lab's `exec_prefix("srv")` puts it in the server's namespace)."""
+    """`netns` runs the server in a lab namespace (`lab.exec_prefix("srv")`), listening and
+    offering media on `address`; `config` is more TOML, appended."""
     port = free_port()
-    config = tmp / "telemed.toml"
+    config_file = tmp / "telemed.toml"
     lines = [
         f'data_dir = "{tmp}"',
         "[media]",
         f'host_addresses = ["{address}"]',
         "[signaling]",
         *(f"{k} = {v}" for k, v in signaling.items()),
+        config,
     ]
-    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
     # The log (stderr) apart from stdout, where --dev prints the demo tokens: tests/log_scan.py
     # scans every server.log for leaked tokens.
     log = tmp / "server.log"
     with log.open("wb") as err, (tmp / "server.stdout").open("wb") as out:
-        command = [str(Path(sys.executable).parent / "telemed"), "--config", str(config)]
+        command = [str(Path(sys.executable).parent / "telemed"), "--config", str(config_file)]
         process = subprocess.Popen(  # noqa: ASYNC220 - started once, before any awaiting
-            [*prefix, *command, "serve", "--dev", "--host", address, "--port", str(port)],
+            [*(netns or []), *command, "serve", "--dev", "--host", address, "--port", str(port)],
             stdout=out,
             stderr=err,
             env=env,
@@ -135,16 +137,21 @@ async def start_server(
     raise AssertionError("server did not start: " + log.read_text())
 
 
+async def stop_server(server: Server) -> None:
+    server.process.terminate()
+    for _ in range(200):
+        if server.process.poll() is not None:
+            return
+        await asyncio.sleep(0.1)
+    server.process.kill()
+    server.process.wait()
+
+
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
     s = await start_server(tmp_path, reconnect_grace_s=60)
     yield s
-    s.process.terminate()
-    try:
-        s.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        s.process.kill()
-        s.process.wait()
+    await stop_server(s)
 
 
 def write_camera(path: Path, colour: tuple[int, int, int], frames: int = 30) -> None:
@@ -183,8 +190,9 @@ def write_tone(path: Path, frequency: float, seconds: float = 2.0) -> None:
 
 def write_voice(path: Path, fundamental: float, seconds: float = 4.0) -> None:
     """Something a speech codec takes for speech: harmonics of `fundamental` whose pitch glides,
-    under a syllable-rate envelope, with a little breath noise. Opus codes a pure tone as music
-    (CELT), which never carries in-band FEC; this it codes with SILK (hybrid), which does."""
+    under a syllable-rate envelope, with a little breath noise. Opus codes a pure tone (or
+    Chromium's fake beep) as music, in CELT mode, which never carries in-band FEC; this it
+    codes with SILK (hybrid mode), which does."""
     rate = 48_000
     t = np.arange(int(rate * seconds)) / rate
     pitch = fundamental * (1 + 0.1 * np.sin(2 * math.pi * 0.7 * t))
@@ -240,27 +248,29 @@ class Browsers:
         locale: str = "en-US",
         viewport: tuple[int, int] = (1280, 800),
         executable: str = CHROMIUM,
-        flags: Sequence[str] = (),
+        args: tuple[str, ...] = (),
+        files: bool = True,
         voice: bool = False,
     ) -> Party:
-        """`executable` is the network lab's `chromium(clinic)` for a browser in a clinic's
-        namespace; `flags` are added to FLAGS. With `voice` the microphone speaks (see
-        write_voice, pitched at `tone`) instead of sounding a pure tone."""
-        camera = self.tmp / f"cam-{name}.y4m"
-        mic = self.tmp / f"mic-{name}.wav"
-        write_camera(camera, colour)
-        if voice:
-            write_voice(mic, tone)
-        else:
-            write_tone(mic, tone)
-        browser = await self.playwright.chromium.launch(
-            executable_path=executable,
-            args=[
-                *FLAGS,
-                *flags,
+        """`executable` runs the browser elsewhere (`lab.chromium(clinic)`); `args` adds
+        launch flags; without `files` the page has Chromium's own fake devices (640x480 at
+        20 fps, a beep), not a clip of `colour` and `tone`. With `voice` the microphone
+        speaks (write_voice, pitched at `tone`) instead of sounding a pure tone."""
+        media_files: list[str] = []
+        if files:
+            camera = self.tmp / f"cam-{name}.y4m"
+            mic = self.tmp / f"mic-{name}.wav"
+            write_camera(camera, colour)
+            if voice:
+                write_voice(mic, tone)
+            else:
+                write_tone(mic, tone)
+            media_files = [
                 f"--use-file-for-fake-video-capture={camera}",
                 f"--use-file-for-fake-audio-capture={mic}",
-            ],
+            ]
+        browser = await self.playwright.chromium.launch(
+            executable_path=executable, args=[*FLAGS, *media_files, *args]
         )
         context = await browser.new_context(
             locale=locale,

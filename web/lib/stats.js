@@ -5,9 +5,7 @@
  * @typedef {import("./peers.js").TrackInfo} TrackInfo
  * @typedef {{info: TrackInfo, framesDecoded: number, packetsReceived: number, packetsLost: number,
  *   bytesReceived: number, jitter: number, audioLevel: number, totalAudioEnergy: number,
- *   frameWidth: number, frameHeight: number, totalSamplesReceived: number,
- *   concealedSamples: number, concealmentEvents: number, fecPacketsReceived: number,
- *   fecPacketsDiscarded: number}} TrackStats
+ *   frameWidth: number, frameHeight: number}} TrackStats
  * @typedef {"good" | "fair" | "poor" | "unknown"} Quality
  */
 
@@ -37,13 +35,6 @@ export async function inbound(subscriber) {
       totalAudioEnergy: s.totalAudioEnergy ?? 0,
       frameWidth: s.frameWidth ?? 0,
       frameHeight: s.frameHeight ?? 0,
-      // Audio: what the browser had to conceal, and packets that came with Opus in-band FEC
-      // (discarded: their FEC was not needed).
-      totalSamplesReceived: s.totalSamplesReceived ?? 0,
-      concealedSamples: s.concealedSamples ?? 0,
-      concealmentEvents: s.concealmentEvents ?? 0,
-      fecPacketsReceived: s.fecPacketsReceived ?? 0,
-      fecPacketsDiscarded: s.fecPacketsDiscarded ?? 0,
     });
   });
   return out;

@@ -960,6 +960,8 @@ function stopMedia() {
 /** @type {any} */ (window).telemedDebug = {
   participantId: () => state.me?.participant_id ?? null,
   phase: () => state.phase,
+  /** The two peer connections, for tests that read their raw getStats(). */
+  connections: () => ({ publish: publisher?.pc ?? null, subscribe: subscriber?.pc ?? null }),
   inbound: async () => (subscriber ? [...(await inbound(subscriber)).values()] : []),
   outbound: async () => {
     /** @type {any[]} */
@@ -1001,11 +1003,6 @@ function stopMedia() {
     return ports;
   },
   reconnecting: () => !byId("reconnecting")?.hidden,
-  /** Each connection's session descriptions as negotiated now (SDP): ours, and the server's answer or offer. */
-  descriptions: () => ({
-    publish: { local: publisher?.pc.localDescription?.sdp ?? null, remote: publisher?.pc.remoteDescription?.sdp ?? null },
-    subscribe: { local: subscriber?.pc.localDescription?.sdp ?? null, remote: subscriber?.pc.remoteDescription?.sdp ?? null },
-  }),
 };
 
 // The browser knows the network went away before the heartbeat does.

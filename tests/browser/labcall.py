@@ -1,0 +1,236 @@
+"""PYTEST_DONT_REWRITE
+Calls in the network lab, measured the way the issue's table is: two Chromium pages with
+Chromium's own fake camera (640x480, 20 fps) and beep, the village doctor in the "village"
+namespace (the impaired clinic) and the county physician in "county" (clean), either through
+telemed (the server in "srv") or calling each other directly (no server; the same pages, the same
+impairment on the village's link). Each side's receiving `getStats()` is read over a window after
+a warm-up, per direction: audio concealment, video frames decoded per second, freezes, NACKs,
+PLIs, resolution and round-trip time.
+
+Used by the lab's browser tests (margins) and by bench/netlab.py (the figures)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from conftest import Browsers, Party, Server, eventually, sign_in_as
+from netlab import Impairment, Lab
+
+CLINIC = "village"
+PEER = "county"
+
+# The profiles of issue 11, applied to the village clinic's link: (uplink, downlink).
+PROFILES: dict[str, tuple[Impairment, Impairment]] = {
+    "clean": (Impairment(), Impairment()),
+    "loss 2 %": (Impairment(loss=0.02), Impairment(loss=0.02)),
+    "loss 5 %": (Impairment(loss=0.05), Impairment(loss=0.05)),
+    "loss 10 %": (Impairment(loss=0.10), Impairment(loss=0.10)),
+    "loss 5 %, 60 ± 20 ms": (
+        Impairment(loss=0.05, delay_ms=60, jitter_ms=20),
+        Impairment(loss=0.05, delay_ms=60, jitter_ms=20),
+    ),
+    # Gilbert-Elliott: bad for ~4 packets (everything lost) every ~100: about 4 % in bursts.
+    "bursty (GE)": (
+        Impairment(to_bad=0.01, to_good=0.25, bad_loss=1.0),
+        Impairment(to_bad=0.01, to_good=0.25, bad_loss=1.0),
+    ),
+    "uplink 400 kbit/s": (Impairment(rate_kbps=400, queue_ms=500), Impairment()),
+    "downlink 400 kbit/s": (Impairment(), Impairment(rate_kbps=400, queue_ms=500)),
+}
+
+# Reads one connection's receiving side: its inbound-rtp entries and the selected pair's RTT.
+_STATS = """async (pc) => {
+  const out = { inbound: [], rtt: null };
+  if (!pc) return out;
+  (await pc.getStats()).forEach((s) => {
+    if (s.type === "inbound-rtp") {
+      out.inbound.push({
+        kind: s.kind, trackIdentifier: s.trackIdentifier ?? "", mid: s.mid ?? "",
+        concealedSamples: s.concealedSamples ?? 0,
+        totalSamplesReceived: s.totalSamplesReceived ?? 0,
+        concealmentEvents: s.concealmentEvents ?? 0,
+        framesDecoded: s.framesDecoded ?? 0, freezeCount: s.freezeCount ?? 0,
+        totalFreezesDuration: s.totalFreezesDuration ?? 0,
+        frameWidth: s.frameWidth ?? 0, frameHeight: s.frameHeight ?? 0,
+        nackCount: s.nackCount ?? 0, pliCount: s.pliCount ?? 0,
+        packetsLost: s.packetsLost ?? 0, packetsReceived: s.packetsReceived ?? 0,
+        fecPacketsReceived: s.fecPacketsReceived ?? 0, bytesReceived: s.bytesReceived ?? 0,
+      });
+    }
+    if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded") {
+      out.rtt = s.currentRoundTripTime ?? out.rtt;
+    }
+  });
+  return out;
+}"""
+
+# The direct call's page side: open the fake devices as the web client does, one connection.
+_DIRECT_OPEN = """async () => {
+  const stream = await navigator.mediaDevices.getUserMedia({
+    audio: true, video: { width: { ideal: 640 }, height: { ideal: 480 } },
+  });
+  const pc = new RTCPeerConnection();
+  stream.getTracks().forEach((t) => pc.addTrack(t, stream));
+  // Rendered as the web client does: audio counts samples only when it plays out.
+  pc.ontrack = (e) => {
+    const el = document.createElement(e.track.kind);
+    el.srcObject = new MediaStream([e.track]);
+    el.autoplay = true;
+    document.body.append(el);
+    el.play().catch(() => {});
+  };
+  window.labPc = pc;
+}"""
+_GATHERED = """async (pc) => {
+  if (pc.iceGatheringState !== "complete") {
+    await new Promise((done) => pc.addEventListener("icegatheringstatechange",
+      () => pc.iceGatheringState === "complete" && done()));
+  }
+  return pc.localDescription.sdp;
+}"""
+
+
+@dataclass
+class Direction:
+    """What one page received from the other over the window."""
+
+    audio_concealed: float  # concealedSamples / totalSamplesReceived
+    concealment_events: int
+    fps: float
+    freezes: int
+    freeze_s: float
+    nacks: int
+    plis: int
+    width: int
+    height: int
+    rtt_ms: float | None
+    packets_lost: int
+    fec_packets: int
+    kbps: float  # audio and video received
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lab_args(server: Server) -> tuple[str, ...]:
+    """Pages on the lab's server address are not `localhost`: let them open the camera."""
+    return (f"--unsafely-treat-insecure-origin-as-secure={server.url}",)
+
+
+async def open_pages(lab: Lab, browsers: Browsers, server: Server) -> tuple[Party, Party]:
+    village = await browsers.party(
+        CLINIC, executable=lab.chromium(CLINIC), args=lab_args(server), files=False
+    )
+    county = await browsers.party(
+        PEER, executable=lab.chromium(PEER), args=lab_args(server), files=False
+    )
+    return village, county
+
+
+async def _seated(party: Party) -> bool:
+    return bool(await party.page.evaluate("window.telemedDebug.phase() === 'room'"))
+
+
+async def telemed_call(server: Server, village: Party, county: Party) -> None:
+    """The village doctor opens the session from the list; the county physician joins by link."""
+    demo = await server.demo()
+    cid = demo["consultation"]["id"]
+    token = next(i["token"] for i in demo["identities"] if i["role"] == "county_physician")
+    await sign_in_as(village, server, "village_doctor")
+    card = village.page.locator(f'article[data-consultation="{cid}"]')
+    await card.locator("a", has_text="Open the room").click()
+    await village.page.locator("#join").click()
+    await eventually(lambda: _seated(village), "the village doctor to open the session")
+    await county.page.goto(f"{server.url}/web/room.html?c={cid}#token={token}")
+    await county.page.locator("#join").click()
+    await eventually(lambda: _seated(county), "the county physician to be seated")
+
+
+async def direct_call(server: Server, village: Party, county: Party) -> None:
+    """The two pages call each other: offer and answer carried by the test (no trickle)."""
+    for party in (village, county):
+        await party.page.goto(f"{server.url}/healthz")
+        await party.page.evaluate(_DIRECT_OPEN)
+    await village.page.evaluate("async () => { await window.labPc.setLocalDescription(); }")
+    offer = await village.page.evaluate(f"async () => ({_GATHERED})(window.labPc)")
+    await county.page.evaluate(
+        "async (sdp) => { await window.labPc.setRemoteDescription({type: 'offer', sdp});"
+        " await window.labPc.setLocalDescription(); }",
+        offer,
+    )
+    answer = await county.page.evaluate(f"async () => ({_GATHERED})(window.labPc)")
+    await village.page.evaluate(
+        "async (sdp) => window.labPc.setRemoteDescription({type: 'answer', sdp})", answer
+    )
+
+
+async def snapshot(party: Party, direct: bool) -> dict[str, Any]:
+    pc = "window.labPc" if direct else "window.telemedDebug.connections().subscribe"
+    stats: dict[str, Any] = await party.page.evaluate(f"async () => ({_STATS})({pc})")
+    return stats
+
+
+def _one(stats: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The entry of `kind` that received the most: one other party sends one of each."""
+    entries = [s for s in stats["inbound"] if s["kind"] == kind]
+    if not entries:
+        return {}
+    return max(entries, key=lambda s: s["packetsReceived"])
+
+
+def direction(before: dict[str, Any], after: dict[str, Any], seconds: float) -> Direction:
+    a0, a1 = _one(before, "audio"), _one(after, "audio")
+    v0, v1 = _one(before, "video"), _one(after, "video")
+
+    def delta(old: dict[str, Any], new: dict[str, Any], key: str) -> float:
+        return float(new.get(key, 0)) - float(old.get(key, 0))
+
+    samples = delta(a0, a1, "totalSamplesReceived")
+    return Direction(
+        audio_concealed=delta(a0, a1, "concealedSamples") / samples if samples > 0 else 1.0,
+        concealment_events=int(delta(a0, a1, "concealmentEvents")),
+        fps=delta(v0, v1, "framesDecoded") / seconds,
+        freezes=int(delta(v0, v1, "freezeCount")),
+        freeze_s=delta(v0, v1, "totalFreezesDuration"),
+        nacks=int(delta(v0, v1, "nackCount")),
+        plis=int(delta(v0, v1, "pliCount")),
+        width=int(v1.get("frameWidth", 0)),
+        height=int(v1.get("frameHeight", 0)),
+        rtt_ms=None if after["rtt"] is None else after["rtt"] * 1000.0,
+        packets_lost=int(delta(a0, a1, "packetsLost") + delta(v0, v1, "packetsLost")),
+        fec_packets=int(delta(a0, a1, "fecPacketsReceived")),
+        kbps=(delta(a0, a1, "bytesReceived") + delta(v0, v1, "bytesReceived")) * 8 / seconds / 1000,
+    )
+
+
+async def receiving(party: Party, direct: bool) -> bool:
+    """Whether the page decodes video and plays audio from the other side."""
+    stats = await snapshot(party, direct)
+    return (
+        _one(stats, "video").get("framesDecoded", 0) > 0
+        and _one(stats, "audio").get("totalSamplesReceived", 0) > 0
+    )
+
+
+async def measure(
+    village: Party, county: Party, direct: bool, warmup_s: float, window_s: float
+) -> dict[str, Direction]:
+    """Both directions over one window: "village→county" is the village's uplink at work,
+    "county→village" its downlink."""
+    for party in (village, county):
+        await eventually(
+            lambda party=party: receiving(party, direct), f"{party.name} to receive media"
+        )
+    await asyncio.sleep(warmup_s)
+    loop = asyncio.get_running_loop()
+    before = {p.name: await snapshot(p, direct) for p in (village, county)}
+    start = loop.time()
+    await asyncio.sleep(window_s)
+    after = {p.name: await snapshot(p, direct) for p in (village, county)}
+    seconds = loop.time() - start
+    return {
+        "village→county": direction(before[PEER], after[PEER], seconds),
+        "county→village": direction(before[CLINIC], after[CLINIC], seconds),
+    }
