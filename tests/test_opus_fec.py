@@ -3,7 +3,7 @@ publisher, the offer to a subscriber), reads it in what arrives (media/opus.py, 
 libopus's own `opus_packet_has_lbrr`), and counts it at its intake.
 
 The publisher's offer is a real one, captured from Chromium 156 (tests/fixtures); the browser
-test tests/browser/test_opus_fec.py checks that a live page still offers the same and that a
+test tests/browser/test_lab_fec.py checks that a live page still offers the same and that a
 real Chromium publisher then sends FEC through the relay."""
 
 from __future__ import annotations
