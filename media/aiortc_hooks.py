@@ -794,8 +794,9 @@ async def request_keyframe(receiver: RTCRtpReceiver) -> None:
 class IntakeFigures:
     """What the relay received of one published track: the publisher's hop.
 
-    From sequence numbers: `packets_expected` (from the first to the highest), `packets_lost`
-    on the link (not received on the media stream, before any repair: the RFC 3550 cumulative
+    From sequence numbers: `packets_expected` (from the first to the highest),
+    `packets_received` (distinct packets that came in time to be used), `packets_lost` on the
+    link (not received on the media stream, before any repair: the RFC 3550 cumulative
     loss the relay's receiver reports tell the publisher), `packets_given_up` (never came in
     time, repair included: what every subscriber and the recording miss), `packets_late`
     (came after their slot had passed, or twice) and `packets_retransmitted` (arrived over
@@ -805,6 +806,7 @@ class IntakeFigures:
     interarrival jitter (RFC 3550)."""
 
     packets_expected: int
+    packets_received: int
     packets_lost: int
     packets_given_up: int
     packets_late: int
@@ -833,6 +835,7 @@ def intake_figures(receiver: RTCRtpReceiver) -> IntakeFigures | None:
         jitter_s = max(jitter_s, stream.jitter / stream._clockrate)
     return IntakeFigures(
         packets_expected=assembler.packets_expected,
+        packets_received=assembler.packets_received,
         packets_lost=lost,
         packets_given_up=assembler.packets_lost,
         packets_late=assembler.packets_late,

@@ -83,14 +83,15 @@ class HopFigures:
     """Loss on one hop of one track: the publisher's link into the relay (`direction`
     INTAKE, `participant` the publisher) or the relay's link to one subscriber (SUBSCRIBER,
     `participant` the subscriber). `counts` are cumulative for the track's life on that hop
-    (counted where each event happens); `gauges` are current values, None while unknown.
-    The names are those of media/aiortc_hooks.py's IntakeFigures and SubscriberFigures."""
+    (counted where each event happens); `gauges` are current values. Either is None while
+    unknown (before the subscriber's first receiver report). The names are those of
+    media/aiortc_hooks.py's IntakeFigures and SubscriberFigures."""
 
     consultation: str
     participant: str
     track: TrackInfo
     direction: str
-    counts: dict[str, int]
+    counts: dict[str, int | None]
     gauges: dict[str, float | None]
 
     def public(self) -> dict[str, Any]:
@@ -102,6 +103,7 @@ class HopFigures:
 _INTAKE_COUNTS = {
     "audio": (
         "packets_expected",
+        "packets_received",
         "packets_lost",
         "packets_given_up",
         "packets_late",
@@ -109,6 +111,7 @@ _INTAKE_COUNTS = {
     ),
     "video": (
         "packets_expected",
+        "packets_received",
         "packets_lost",
         "packets_given_up",
         "packets_late",
@@ -524,7 +527,7 @@ class MediaHub:
             participant,
             published.info,
             INTAKE,
-            {name: values.get(name, 0) for name in _INTAKE_COUNTS[kind]},
+            {name: values.get(name) for name in _INTAKE_COUNTS[kind]},
             {
                 "fraction_lost": self._intake_loss.fraction(id(published.publication)),
                 "jitter_s": values.get("jitter_s"),
@@ -535,9 +538,10 @@ class MediaHub:
         self, room: str, participant: str, info: TrackInfo, outgoing: OutgoingTrack
     ) -> HopFigures:
         figures = subscriber_figures(outgoing.transceiver.sender, CLOCK_RATE[info.kind])
-        counts = {name: getattr(figures, name) for name in _SUBSCRIBER_COUNTS[info.kind]}
-        if figures.packets_lost is not None:
-            counts["packets_lost"] = figures.packets_lost
+        counts: dict[str, int | None] = {
+            name: getattr(figures, name) for name in _SUBSCRIBER_COUNTS[info.kind]
+        }
+        counts["packets_lost"] = figures.packets_lost
         return HopFigures(
             room,
             participant,

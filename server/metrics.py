@@ -32,6 +32,7 @@ _COUNTERS = {
 _HOP_LABELS = ("consultation", "participant", "track", "kind", "direction")
 _HOP_COUNTERS = {
     "packets_expected": "Packets the publisher sent, from their sequence numbers (intake)",
+    "packets_received": "Packets that came in time to be used, repairs included (intake)",
     "packets_sent": "Packets the relay sent to the subscriber",
     "packets_lost": "Packets lost on the hop before any repair: by sequence numbers (intake), "
     "as the subscriber's receiver reports say (subscriber)",
@@ -75,7 +76,8 @@ def _hop_families(hops: list[HopFigures]) -> Iterator[Metric]:
             hop.direction,
         ]
         for name, value in hop.counts.items():
-            counters[name].add_metric(labels, value)
+            if value is not None:
+                counters[name].add_metric(labels, value)
         for key, gauge_value in hop.gauges.items():
             if gauge_value is not None:
                 gauges[key].add_metric(labels, gauge_value)
