@@ -32,7 +32,7 @@ from media.aiortc_hooks import (
     request_keyframe,
     tap_receiver,
 )
-from media.forwarding import ForwardedTrack, Publication
+from media.forwarding import ForwardedTrack, NodeCounters, Publication
 from media.layers import Layer, LayerChooser
 from media.offer_sections import PublishLimits
 
@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 
 # Every connection speaks the same codecs, so encoded frames pass through unchanged.
 CODEC_OF_KIND = {"video": "video/VP8", "audio": "audio/opus"}
+# Opus format parameters (RFC 7587) the relay declares in every answer and offer. A browser's
+# encoder adds in-band FEC (each packet also carries the frame before it at a lower rate) only
+# when the far end's fmtp says useinbandfec=1, and then only while receiver reports show loss.
+# aiortc writes no fmtp for Opus, so without this a publisher sends no FEC at all. No usedtx:
+# see docs/protocol.md (Media, Audio).
+OPUS_PARAMETERS: dict[str, int] = {"useinbandfec": 1}
 
 
 @dataclass(frozen=True)
@@ -126,10 +132,25 @@ def only_relay_codecs(offer_sdp: str) -> str:
     return str(description)
 
 
+def with_opus_parameters(sdp: str) -> str:
+    """The description with OPUS_PARAMETERS on every Opus codec of its audio sections."""
+    description = SessionDescription.parse(sdp)
+    for section in description.media:
+        if section.kind != "audio":
+            continue
+        for codec in section.rtp.codecs:
+            if codec.mimeType.lower() == CODEC_OF_KIND["audio"]:
+                codec.parameters = {**codec.parameters, **OPUS_PARAMETERS}
+    return str(description)
+
+
 async def set_local(pc: RTCPeerConnection, config: PeerConfig, offer: bool) -> str:
     if config.host_addresses is not None:
         offer_host_addresses(pc, config.host_addresses)
     description = await (pc.createOffer() if offer else pc.createAnswer())
+    # aiortc takes back the description it made, with the Opus parameters added; what it sends
+    # is unaffected (the relay packs frames itself).
+    description = RTCSessionDescription(with_opus_parameters(description.sdp), description.type)
     await pc.setLocalDescription(description)
     demux_media_first(pc)
     return pc.localDescription.sdp
@@ -152,9 +173,11 @@ class PublishConnection:
         self,
         config: PeerConfig,
         on_track: Callable[[IncomingTrack], None],
+        counters: NodeCounters | None = None,
     ) -> None:
         self._config = config
         self._on_track = on_track
+        self._counters = counters
         self.pc = create_peer_connection(config)
         self.tracks: dict[str, IncomingTrack] = {}
         self.pc.on("track", self._track)
@@ -166,7 +189,7 @@ class PublishConnection:
         async def ask_for_keyframe() -> None:
             await request_keyframe(receiver)
 
-        publication = Publication(track.kind, ask_for_keyframe)
+        publication = Publication(track.kind, ask_for_keyframe, counters=self._counters)
 
         def forward(frame: EncodedFrame) -> None:
             publication.push(frame)
