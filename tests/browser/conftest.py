@@ -253,22 +253,18 @@ class Browsers:
         voice: bool = False,
     ) -> Party:
         """`executable` runs the browser elsewhere (`lab.chromium(clinic)`); `args` adds
-        launch flags; without `files` the page has Chromium's own fake devices (640x480 at
-        20 fps, a beep), not a clip of `colour` and `tone`. With `voice` the microphone
-        speaks (write_voice, pitched at `tone`) instead of sounding a pure tone."""
+        launch flags; without `files` the page has Chromium's own fake camera (640x480 at
+        20 fps) and beep, not a clip of `colour` and a `tone`. With `voice` the microphone
+        speaks (write_voice, pitched at `tone`), files or not."""
         media_files: list[str] = []
         if files:
             camera = self.tmp / f"cam-{name}.y4m"
-            mic = self.tmp / f"mic-{name}.wav"
             write_camera(camera, colour)
-            if voice:
-                write_voice(mic, tone)
-            else:
-                write_tone(mic, tone)
-            media_files = [
-                f"--use-file-for-fake-video-capture={camera}",
-                f"--use-file-for-fake-audio-capture={mic}",
-            ]
+            media_files.append(f"--use-file-for-fake-video-capture={camera}")
+        if files or voice:
+            mic = self.tmp / f"mic-{name}.wav"
+            (write_voice if voice else write_tone)(mic, tone)
+            media_files.append(f"--use-file-for-fake-audio-capture={mic}")
         browser = await self.playwright.chromium.launch(
             executable_path=executable, args=[*FLAGS, *media_files, *args]
         )

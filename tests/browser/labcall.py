@@ -1,6 +1,6 @@
 """PYTEST_DONT_REWRITE
 Calls in the network lab, measured the way the issue's table is: two Chromium pages with
-Chromium's own fake camera (640x480, 20 fps) and beep, the village doctor in the "village"
+Chromium's own fake camera (640x480, 20 fps) and a speaking microphone (conftest.write_voice), the village doctor in the "village"
 namespace (the impaired clinic) and the county physician in "county" (clean), either through
 telemed (the server in "srv") or calling each other directly (no server; the same pages, the same
 impairment on the village's link). Each side's receiving `getStats()` is read over a window after
@@ -124,11 +124,23 @@ def lab_args(server: Server) -> tuple[str, ...]:
 
 
 async def open_pages(lab: Lab, browsers: Browsers, server: Server) -> tuple[Party, Party]:
+    # Chromium's fake camera; microphones that speak, so that Opus is in its speech mode
+    # (the fake beep is coded as music, which has no in-band FEC).
     village = await browsers.party(
-        CLINIC, executable=lab.chromium(CLINIC), args=lab_args(server), files=False
+        CLINIC,
+        tone=150,
+        executable=lab.chromium(CLINIC),
+        args=lab_args(server),
+        files=False,
+        voice=True,
     )
     county = await browsers.party(
-        PEER, executable=lab.chromium(PEER), args=lab_args(server), files=False
+        PEER,
+        tone=210,
+        executable=lab.chromium(PEER),
+        args=lab_args(server),
+        files=False,
+        voice=True,
     )
     return village, county
 
