@@ -18,7 +18,7 @@ import time
 
 from lossy_link import Impairment, LossyLink
 from lossy_media import StoppableTone, publish_through, settled
-from media_client import MediaRoom, publication_of
+from media_client import MediaRoom, TrackingMediaClient, publication_of
 from media_peers import ColourCounterTrack
 from signaling_fixtures import eventually
 

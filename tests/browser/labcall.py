@@ -1,11 +1,12 @@
 """PYTEST_DONT_REWRITE
 Calls in the network lab, measured the way the issue's table is: two Chromium pages with
-Chromium's own fake camera (640x480, 20 fps) and a speaking microphone (conftest.write_voice), the village doctor in the "village"
-namespace (the impaired clinic) and the county physician in "county" (clean), either through
-telemed (the server in "srv") or calling each other directly (no server; the same pages, the same
-impairment on the village's link). Each side's receiving `getStats()` is read over a window after
-a warm-up, per direction: audio concealment, video frames decoded per second, freezes, NACKs,
-PLIs, resolution and round-trip time.
+Chromium's own fake camera (640x480, 20 fps) and a speaking microphone (conftest.write_voice),
+the village doctor in the "village" namespace (the impaired clinic) and the county physician
+in "county" (clean), either through telemed (the server in "srv") or calling each other
+directly (no server; the same pages, the same impairment on the village's link). Each side's
+receiving `getStats()` is read over a window after a warm-up, per direction: audio
+concealment, video frames decoded per second, freezes, NACKs, PLIs, resolution and round-trip
+time.
 
 Used by the lab's browser tests (margins) and by bench/netlab.py (the figures)."""
 
