@@ -102,9 +102,11 @@ class Hub:
             leaves = source.up.admit(len(packet), protocol, now) if source.impaired else now
             if leaves is None:
                 continue
-            if leaves <= now:
+            if not source.impaired:
                 self._arrive(target, packet, protocol)
             else:
+                # Always through the timers, even when due now: a packet sent at once would
+                # overtake one of the stage's that is due but not yet run.
                 self._later(leaves, self._arrive, target, packet, protocol)
 
     def _arrive(self, target: Endpoint, packet: bytes, protocol: int) -> None:
@@ -112,7 +114,7 @@ class Hub:
         leaves = target.down.admit(len(packet), protocol, now) if target.impaired else now
         if leaves is None:
             return
-        if leaves <= now:
+        if not target.impaired:
             self._write(target, packet)
         else:
             self._later(leaves, self._write, target, packet)
