@@ -40,7 +40,12 @@ export class Signaling {
       reconnectionDelay: 500,
       reconnectionDelayMax: 3000,
     });
-    this.socket.onAny((/** @type {string} */ event, /** @type {any} */ data) => this.fire(event, data));
+    /** How many of each server event arrived (for tests and support). @type {Map<string, number>} */
+    this.heard = new Map();
+    this.socket.onAny((/** @type {string} */ event, /** @type {any} */ data) => {
+      this.heard.set(event, (this.heard.get(event) ?? 0) + 1);
+      this.fire(event, data);
+    });
     this.socket.on("connect", () => {
       this.fire("_connected", { reconnect: this.joined });
       if (this.joined) this.rejoin();

@@ -298,7 +298,9 @@ const media = {
   /** @type {any} */ watchdog: 0,
   /** ICE restarts sent, for tests. */ restarts: 0,
 };
-const RESTART_ACK_MS = 8000;
+// The restart's requests double as a check of the socket: no answer by then, and it is dead
+// too (an address change ends its TCP connection unnoticed).
+const RESTART_ACK_MS = 5000;
 // A restart that has not brought both connections back by then is tried again; after a few,
 // the connections start afresh (a reconnect without keep_media).
 const RESTART_WAIT_MS = 20000;
@@ -1117,6 +1119,8 @@ function stopMedia() {
   },
   reconnecting: () => !byId("reconnecting")?.hidden,
   mediaReconnecting: () => !byId("media-reconnecting")?.hidden,
+  /** How many of each server event this page heard. */
+  heard: () => Object.fromEntries(sig.heard),
   /** ICE restarts this page has sent (both connections at once count one). */
   iceRestarts: () => media.restarts,
   /** Each connection's ICE state and the ICE ufrag its newest local description carries. */
