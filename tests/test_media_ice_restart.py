@@ -53,7 +53,7 @@ from rooms.roles import Role
 
 pytest_plugins = ["signaling_fixtures", "media_client"]
 
-RED, GREEN = (220, 40, 40), (40, 200, 40)
+RED, GREEN, BLUE = (220, 40, 40), (40, 200, 40), (40, 40, 220)
 VILLAGE_TONE, COUNTY_TONE = 440.0, 660.0
 SIZE = {"width": 160, "height": 120}
 # Generous bounds for conditions on a busy two-core machine; a condition met returns at once.
@@ -80,6 +80,9 @@ class MovingClient(TrackingMediaClient):
         self.publish_link = LossyLink(Impairment())
         self.subscribe_link = LossyLink(Impairment())
         self.links = [self.publish_link, self.subscribe_link]
+        # While set, subscribe offers reaching this client are lost (its old socket is dead).
+        self.deaf = False
+        self.lost_offers: list[dict[str, dict[str, Any]]] = []
         # Subscribe connections given up because the relay made a new one.
         self.replaced: list[RTCPeerConnection] = []
         self._plis: set[asyncio.Future[None]] = set()
@@ -98,6 +101,12 @@ class MovingClient(TrackingMediaClient):
         self.links += [self.publish_link, self.subscribe_link]
         await self.publish_link.open()
         await self.subscribe_link.open()
+
+    async def _on_offer(self, data: dict[str, Any]) -> None:
+        if self.deaf:
+            self.lost_offers.append(data["tracks"])
+        else:
+            await super()._on_offer(data)
 
     async def answer_subscribe_offer(self, offer_sdp: str) -> str:
         # The relay offers here: its candidates move onto the link's client side, ours (in
@@ -165,6 +174,7 @@ class MovingClient(TrackingMediaClient):
         peer = await server.connect(VILLAGE, label="village again")
         peer.sio.on("subscribe_offer", self._on_offer, namespace="/consult")
         self.peer = peer
+        self.deaf = False
         await peer.ok("join", {"consultation_id": cid, "keep_media": True})
         joined: dict[str, Any] = await peer.wait_for("joined")
         return joined
@@ -197,8 +207,38 @@ async def stalled(client: TrackingMediaClient, track_id: str) -> bool:
     return client.frames_of(track_id) == before
 
 
-def churn(peer: Peer, since: int) -> list[tuple[str, Any]]:
-    return [(r.event, r.data) for r in peer.received[since:] if r.event in CHURN]
+def churn(peer: Peer, since: int, seat: str) -> list[tuple[str, Any]]:
+    """The announcements `peer` heard since `since` that say `seat` or one of its tracks went
+    or came."""
+    return [
+        (r.event, r.data)
+        for r in peer.received[since:]
+        if r.event in CHURN and seat in (r.data.get("participant"), r.data.get("participant_id"))
+    ]
+
+
+def tracks_of(offer: dict[str, dict[str, Any]], seat: str) -> dict[str, str]:
+    """Which mid carries which of `seat`'s tracks in a subscribe offer."""
+    return {mid: info["track_id"] for mid, info in offer.items() if info["participant"] == seat}
+
+
+async def publish_another(
+    client: TrackingMediaClient, track: MediaStreamTrack, source: str
+) -> None:
+    """One more section on the client's publish connection, every section named again."""
+    client.publisher.addTransceiver(track, direction="sendonly")
+    offer = await describe(client.publisher, offer=True)
+    named = {"video": "camera", "audio": "microphone"}
+    sources = {
+        t.mid: named[t.kind] if i < len(client.publisher.getTransceivers()) - 1 else source
+        for i, t in enumerate(client.publisher.getTransceivers())
+        if t.mid is not None
+    }
+    before = len(client.peer.events("publish_answer"))
+    await client.peer.ok("publish_offer", {"sdp": offer, "tracks": sources})
+    await eventually(lambda: len(client.peer.events("publish_answer")) > before, "the answer")
+    answer = client.peer.events("publish_answer")[before]["sdp"]
+    await client.publisher.setRemoteDescription(RTCSessionDescription(answer, "answer"))
 
 
 def relay_connections(room: MediaRoom, cid: str, participant: str) -> tuple[Any, Any]:
@@ -258,9 +298,9 @@ async def test_a_clinic_that_changes_address_keeps_its_seat_media_and_recording(
         await resident.peer.ok("consent", {"kind": "recording", "granted": True})
         await village.peer.ok("start_recording")
 
-        async def segments() -> list[Any] | None:
+        async def segments(count: int = 4) -> list[Any] | None:
             rows = [r for r in await recordings_of(server.app, cid) if r[0].kind == "track"]
-            return rows if len(rows) == 4 else None
+            return rows if len(rows) == count else None
 
         before_rows = await eventually(segments, "a segment per track", within=MEDIA_WAIT)
         for client, video in ((county, red_id), (village, green_id), (resident, resident_green)):
@@ -269,10 +309,13 @@ async def test_a_clinic_that_changes_address_keeps_its_seat_media_and_recording(
             )
         relay_publish, relay_subscribe = relay_connections(media_room, cid, seat)
         marks = {p.label: len(p.received) for p in (county.peer, resident.peer)}
-        offers = {c.peer.label: len(c.offers) for c in (county, resident)}
+        seat_in_offers = {c.peer.label: tracks_of(c.offered(), seat) for c in (county, resident)}
+        county_offers = len(county.offers)
 
-        # The clinic's address goes: nothing passes either way.
+        # The clinic's address goes: nothing passes either way. With it its socket, in the
+        # second run: what the relay sends the village meanwhile is lost.
         village.cut()
+        village.deaf = new_socket
         await eventually(lambda: stalled(county, red_id), "the village's picture to stop")
         await eventually(
             lambda: stalled(village, green_id), "the county's picture to stop at the village"
@@ -280,8 +323,18 @@ async def test_a_clinic_that_changes_address_keeps_its_seat_media_and_recording(
         last_counter = max(read_counter(f) for f in video_after(county, red_id, 0.0)[-5:])
         resident_frames = resident.frames_of(resident_green)
         await asyncio.sleep(1.0)
-        # Everyone else goes on meanwhile.
+        # Everyone else goes on meanwhile; the county physician adds a field camera, so the
+        # relay offers the village one more track while it is away.
         assert resident.frames_of(resident_green) > resident_frames
+        await publish_another(county, ColourCounterTrack(BLUE, **SIZE), "field_camera")
+        await eventually(
+            lambda: any(
+                i["source"] == "field_camera"
+                for o in [*village.offers, *village.lost_offers]
+                for i in o.values()
+            ),
+            "the offer of the field camera to reach the village's (old) socket",
+        )
 
         # A new address, and ICE restarts on both connections.
         await village.move()
@@ -303,6 +356,17 @@ async def test_a_clinic_that_changes_address_keeps_its_seat_media_and_recording(
             return len(frames) >= 10 and close_to(mean_colour(frames[-1]), GREEN)
 
         await eventually(fresh_red, "the village's picture again at the county", within=MEDIA_WAIT)
+
+        def fresh_blue() -> bool:
+            ids = [
+                i["track_id"]
+                for i in village.offered().values()
+                if i["source"] == "field_camera" and i["participant"] == county_pid
+            ]
+            frames = video_after(village, ids[0], back) if ids else []
+            return len(frames) >= 10 and close_to(mean_colour(frames[-1]), BLUE)
+
+        await eventually(fresh_blue, "the field camera at the village", within=MEDIA_WAIT)
         await eventually(
             fresh_green, "the county's picture again at the village", within=MEDIA_WAIT
         )
@@ -327,16 +391,20 @@ async def test_a_clinic_that_changes_address_keeps_its_seat_media_and_recording(
             lambda: restarts_done(relay_publish) == 1 and restarts_done(relay_subscribe) == 1,
             "both of the relay's restarts to find their new path",
         )
-        # Nobody else saw anything: no seat or track went and came back, no new offers.
+        # Nobody else saw anything of it: no seat or track of the village went and came back,
+        # every offer since kept its tracks where they were, the county got no offer at all.
         assert village.peer.participant_id == seat
         for peer in (county.peer, resident.peer):
-            assert churn(peer, marks[peer.label]) == [], peer.label
-        assert {c.peer.label: len(c.offers) for c in (county, resident)} == offers
+            assert churn(peer, marks[peer.label], seat) == [], peer.label
+        assert len(county.offers) == county_offers
+        assert all(tracks_of(o, seat) == seat_in_offers["resident"] for o in resident.offers[-3:])
 
-        # The recording went on in the same segments, the village's picture in it after the move.
-        rows = await segments()
+        # The recording went on in the same segments (one more: the field camera), the
+        # village's picture in it after the move.
+        rows = await segments(5)
         assert rows is not None
-        assert {r.id for r, _ in rows} == {r.id for r, _ in before_rows}
+        kept = {r.id for r, _ in rows if r.source != "field_camera"}
+        assert kept == {r.id for r, _ in before_rows}
         assert all(r.state == RecordingState.RECORDING.value for r, _ in rows)
         await asyncio.sleep(1.0)
         await village.peer.ok("end_session")
@@ -430,7 +498,8 @@ async def test_a_subscribe_connection_that_closed_is_replaced_by_the_restart(
         assert village.offered_from(county_pid, "video") == [green_id]  # the same track
         publish_now, subscribe_now = relay_connections(media_room, cid, seat)
         assert publish_now is relay_publish and subscribe_now is not relay_subscribe
-        assert churn(county.peer, mark) == [] and len(county.offers) == county_offers
+        seat_now = village.peer.participant_id
+        assert churn(county.peer, mark, seat_now) == [] and len(county.offers) == county_offers
     finally:
         for link in village.links:
             link.close()
