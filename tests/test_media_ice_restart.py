@@ -22,6 +22,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import aioice
 import av
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -43,6 +44,7 @@ from signaling_fixtures import COUNTY, VILLAGE, Peer, SignalingServer, eventuall
 
 from media.aiortc_hooks import media_ssrcs, offer_host_addresses
 from media.ice_restart import (
+    internals_problems,
     restart_on_next_offer,
     restarts_done,
     set_local_description,
@@ -578,3 +580,15 @@ async def test_keep_media_on_a_first_join_or_with_a_wrong_type(
     assert (await peer.ok("restart_subscribe"))["result"] == {"subscribe": "none"}
     error = await peer.refused("restart_subscribe", {"now": True})
     assert error["code"] == "invalid_payload", error
+
+
+def test_the_internals_the_restart_relies_on_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert internals_problems() == []
+
+    def complete_otherwise(self: aioice.Connection) -> bool:
+        return bool(self._nominated)
+
+    monkeypatch.setattr(aioice.Connection, "_check_list_maybe_complete", complete_otherwise)
+    assert internals_problems() == [
+        "missing: aioice completes the check list through _check_list_state"
+    ]
