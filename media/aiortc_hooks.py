@@ -10,7 +10,10 @@ What aiortc lacks and this module adds:
 - a sender that packs pre-encoded frames and reports keyframe requests (PLI/FIR) and bitrate
   feedback (REMB) to the relay instead of dropping them;
 - receiving RTP in the socket's callback, without aiortc's per-datagram queue and task;
-- choosing which host addresses ICE offers (aioice never offers loopback by itself)."""
+- choosing which host addresses ICE offers (aioice never offers loopback by itself).
+
+ICE restarts, which aiortc cannot do either, are media/ice_restart.py's; `check_internals()`
+checks what that module relies on too."""
 
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ from aiortc.rtp import (
 )
 from aiortc.utils import random32
 
+from media.ice_restart import internals_problems as ice_restart_internals_problems
 from media.opus import has_fec
 
 log = logging.getLogger(__name__)
@@ -182,6 +186,7 @@ def check_internals() -> None:
     if "_RTCPeerConnection__iceTransports" not in _private_names(RTCPeerConnection):
         problems.append("missing: RTCPeerConnection.__iceTransports")
     _check_receive_internals(handle_src, dtls_src, problems)
+    problems += ice_restart_internals_problems()
     if problems:
         raise AiortcInternalsChanged(
             "the media relay relies on aiortc internals that changed:\n  " + "\n  ".join(problems)

@@ -14,6 +14,7 @@ from typing import Any
 from media.aiortc_hooks import intake_figures, subscriber_figures
 from media.errors import MediaError as MediaError
 from media.forwarding import NodeCounters, Publication
+from media.ice_restart import IceRestartRefused
 from media.layers import LOW_BPS, Layer, congested, video_budget
 from media.low_layer import LowLayer
 from media.offer_sections import offered_sections, publishing_sources
@@ -69,6 +70,11 @@ class _Member:
     arrived: list[IncomingTrack] = field(default_factory=list)
     offer_in_flight: bool = False
     offer_again: bool = False
+    # The next subscribe offer restarts ICE (the subscriber's network changed).
+    restart_wanted: bool = False
+    # The subscribe offer in flight, as sent: sent again when the seat moves to a new
+    # signaling connection before its answer came.
+    pending_offer: tuple[str, dict[str, TrackInfo]] | None = None
     # Which outgoing transceiver (mid) carries which track, as last offered.
     mids: dict[str, str] = field(default_factory=dict)
 
@@ -237,6 +243,7 @@ class MediaHub:
             raise MediaError(f"the answer could not be accepted: {exc}") from None
         finally:
             member.offer_in_flight = False
+            member.pending_offer = None
         if member.offer_again:
             member.offer_again = False
             await self._negotiate(room, member)
@@ -249,6 +256,49 @@ class MediaHub:
         for published in touched:
             published.publication.set_muted(paused)
         return len(touched)
+
+    async def restart_subscribe(self, room: str, participant: str) -> str:
+        """The subscriber's network changed: ICE restarts on its subscribe connection with the
+        next offer ("restarted"), or, where the connection is gone or never came up, a new
+        subscribe connection carries the same tracks ("replaced"; the client sees a new
+        certificate in the offer). "none" when it receives nothing yet. No one else notices."""
+        member = self._member(room, participant)
+        subscribe = member.subscribe
+        if subscribe is None:
+            return "none"
+        if not subscribe.restartable():
+            await self._replace_subscribe(room, member)
+            return "replaced"
+        await self._negotiate(room, member, restart_ice=True)
+        return "restarted"
+
+    def media_alive(self, room: str, participant: str) -> bool:
+        """Whether the participant's peer connections can carry on (none has closed): a seat
+        resumed on a new signaling connection then keeps them, and the client restarts ICE."""
+        member = self._rooms.get(room, {}).get(participant)
+        if member is None:
+            return False
+        connections = [c.pc for c in (member.publish, member.subscribe) if c is not None]
+        return all(pc.connectionState != "closed" for pc in connections)
+
+    async def resend_offer(self, room: str, participant: str) -> None:
+        """The subscribe offer still waiting for its answer, again: its seat moved to a new
+        signaling connection, and the old one may have lost it."""
+        member = self._rooms.get(room, {}).get(participant)
+        if member is not None and member.offer_in_flight and member.pending_offer is not None:
+            sdp, by_mid = member.pending_offer
+            await self._send_offer(room, participant, sdp, by_mid)
+
+    async def _replace_subscribe(self, room: str, member: _Member) -> None:
+        old = member.subscribe
+        member.subscribe = None
+        member.offer_in_flight = member.offer_again = member.restart_wanted = False
+        member.pending_offer = None
+        if old is not None:
+            await old.close()
+            self._release_unused_low_layers()
+        self._subscribe_all(room, member)
+        await self._negotiate(room, member)
 
     async def leave(
         self, room: str, participant: str, *, renegotiate: bool = True
@@ -613,17 +663,25 @@ class MediaHub:
                 if id(published.publication) not in member.subscribe.tracks:
                     member.subscribe.add(published.publication)
 
-    async def _negotiate(self, room: str, member: _Member) -> None:
+    async def _negotiate(self, room: str, member: _Member, *, restart_ice: bool = False) -> None:
         """Offers the subscribe connection's current tracks; one offer at a time, and any
-        change while an offer is out is offered once the answer is in."""
+        change while an offer is out is offered once the answer is in. With `restart_ice`,
+        that offer (this one or the next) restarts ICE."""
         if member.subscribe is None or member.subscribe.pc.connectionState == "closed":
             return
+        member.restart_wanted = member.restart_wanted or restart_ice
         if member.offer_in_flight:
             member.offer_again = True
             return
         member.offer_in_flight = True
+        restart, member.restart_wanted = member.restart_wanted, False
         try:
-            sdp = await member.subscribe.offer()
+            sdp = await member.subscribe.offer(restart_ice=restart)
+        except IceRestartRefused:
+            # The connection went down since it was asked for: a new one instead.
+            member.offer_in_flight = False
+            await self._replace_subscribe(room, member)
+            return
         except Exception:
             # The subscriber's connection failed; its seat will go with it.
             log.warning("offer to %s in %s failed", member.participant, room, exc_info=True)
@@ -631,6 +689,7 @@ class MediaHub:
             return
         by_mid = self._tracks_by_mid(room, member)
         member.mids = {mid: info.track_id for mid, info in by_mid.items()}
+        member.pending_offer = (sdp, by_mid)
         await self._send_offer(room, member.participant, sdp, by_mid)
 
     def _tracks_by_mid(self, room: str, member: _Member) -> dict[str, TrackInfo]:

@@ -33,6 +33,12 @@ from media.aiortc_hooks import (
     tap_receiver,
 )
 from media.forwarding import ForwardedTrack, NodeCounters, Publication
+from media.ice_restart import (
+    IceRestartRefused,
+    restart_on_next_offer,
+    set_local_description,
+    set_remote_description,
+)
 from media.layers import Layer, LayerChooser
 from media.offer_sections import PublishLimits
 
@@ -151,7 +157,7 @@ async def set_local(pc: RTCPeerConnection, config: PeerConfig, offer: bool) -> s
     # aiortc takes back the description it made, with the Opus parameters added; what it sends
     # is unaffected (the relay packs frames itself).
     description = RTCSessionDescription(with_opus_parameters(description.sdp), description.type)
-    await pc.setLocalDescription(description)
+    await set_local_description(pc, description)
     demux_media_first(pc)
     return pc.localDescription.sdp
 
@@ -200,9 +206,18 @@ class PublishConnection:
         self._on_track(incoming)
 
     async def answer(self, offer_sdp: str) -> str:
-        await self.pc.setRemoteDescription(
-            RTCSessionDescription(only_relay_codecs(offer_sdp), "offer")
-        )
+        """The answer to the client's offer; an offer with new ICE credentials (the client's
+        network changed) restarts ICE on this connection, everything else carries on."""
+        if self.pc.connectionState == "closed":
+            raise OfferRefused(
+                "the publish connection has closed (its network was gone for too long); "
+                "publish on a new connection"
+            )
+        offer = RTCSessionDescription(only_relay_codecs(offer_sdp), "offer")
+        try:
+            await set_remote_description(self.pc, offer)
+        except IceRestartRefused as exc:
+            raise OfferRefused(f"the offer restarts ICE, which cannot be done now: {exc}") from None
         return await set_local(self.pc, self._config, offer=False)
 
     async def close(self) -> None:
@@ -290,9 +305,18 @@ class SubscribeConnection:
         self._idle.append(outgoing)
         return outgoing
 
-    async def offer(self) -> str:
+    def restartable(self) -> bool:
+        """Whether ICE can restart on this connection (it was established and is open);
+        otherwise a restart needs a new connection."""
+        return self.pc.connectionState != "closed" and self.pc.iceConnectionState == "completed"
+
+    async def offer(self, restart_ice: bool = False) -> str:
+        """The next offer; with `restart_ice`, one that restarts ICE (IceRestartRefused when
+        the connection cannot, see `restartable`)."""
         await self._negotiating.acquire()
         try:
+            if restart_ice:
+                restart_on_next_offer(self.pc)
             return await set_local(self.pc, self.config, offer=True)
         except BaseException:
             self._negotiating.release()
@@ -300,7 +324,7 @@ class SubscribeConnection:
 
     async def accept_answer(self, answer_sdp: str) -> None:
         try:
-            await self.pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
+            await set_remote_description(self.pc, RTCSessionDescription(answer_sdp, "answer"))
         finally:
             if self._negotiating.locked():
                 self._negotiating.release()
