@@ -173,6 +173,8 @@ def check_internals() -> None:
     stun_protocol = inspect.getsource(aioice.ice.StunProtocol.datagram_received)
     if "self.receiver.data_received(data, self.local_candidate.component)" not in stun_protocol:
         problems.append("missing: aioice StunProtocol hands non-STUN data to its receiver")
+    if "self._transport_policy" not in inspect.getsource(aioice.Connection.__init__):
+        problems.append("missing: aioice Connection._transport_policy")
     if "self._protocols" not in inspect.getsource(aioice.Connection.__init__):
         problems.append("missing: aioice Connection._protocols")
     if "active_pair = self._nominated.get(component)" not in inspect.getsource(
@@ -1386,9 +1388,11 @@ def _gather_from(connection: Any, addresses: list[str]) -> Callable[[], Any]:
         if connection._local_candidates_start:
             return
         connection._local_candidates_start = True
+        # As aioice does: the relay policy gathers no host candidate, only TURN's.
+        hosts = addresses if connection._transport_policy == aioice.TransportPolicy.ALL else []
         for component in connection._components:
             found: list[Candidate] = await connection.get_component_candidates(
-                component=component, addresses=addresses
+                component=component, addresses=hosts
             )
             connection._local_candidates += found
         connection._local_candidates_end = True

@@ -50,6 +50,14 @@ from rooms.visibility import audience_of, project, teaching_consent_given
 CONSULTATION_TTL_S = 2.0
 
 
+# A seated participant's ICE servers (what server/ configures, credentials minted for them).
+IceServersFor = Callable[[ParticipantId], Sequence[Mapping[str, Any]]]
+
+
+def no_ice_servers(_participant: ParticipantId) -> Sequence[Mapping[str, Any]]:
+    return ()
+
+
 @dataclass(frozen=True)
 class RoomLimits:
     max_participants: int = 100
@@ -76,16 +84,17 @@ class LiveRoomService:
         presence: PresenceStore,
         limits: RoomLimits = RoomLimits(),
         clock: Clock = utc_now,
-        ice_servers: Sequence[Mapping[str, Any]] = (),
+        ice_servers: IceServersFor = no_ice_servers,
     ) -> None:
-        """`ice_servers` (STUN/TURN, as RTCIceServer dictionaries) go to every seated client
-        in `joined`, for its own peer connections."""
+        """`ice_servers` gives the STUN/TURN servers (RTCIceServer dictionaries) a seated
+        client gets in `joined`, for its own peer connections; asked at every seating, so
+        short-lived credentials are fresh each time."""
         self._store = store
         self._consultations = consultations
         self._presence = presence
         self._limits = limits
         self._now = clock
-        self._ice_servers = [dict(s) for s in ice_servers]
+        self._ice_servers = ice_servers
         self._monotonic = time.monotonic
         self._consultations_seen: dict[ConsultationId, tuple[Consultation, float]] = {}
         consultations.watch(self._forget)
@@ -848,7 +857,7 @@ class LiveRoomService:
             ],
             "trainee_chat": room.trainee_chat,
             "recording": room.recording.to_dict() if room.recording else None,
-            "ice_servers": self._ice_servers,
+            "ice_servers": [dict(s) for s in self._ice_servers(me.participant_id)],
             "media_kept": media_kept,
         }
 

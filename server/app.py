@@ -38,6 +38,7 @@ from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
 from server.recording import SessionRecordings
 from server.revocations import LocalRevocations, RedisRevocations
+from server.turn import TurnCredentials, ice_servers_for_clients
 from server.web_routes import register_web
 from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
 from signaling.packets import CheckedServer
@@ -162,12 +163,21 @@ def _attach_signaling(
     )
     limits = RoomLimits(max_participants=sig.max_participants)
     peer_config = _peer_config(config)
+    for kept in (s for s in peer_config.ice_servers if s.credential is not None):
+        log.info(
+            "ICE server %s has a password: the relay uses it, clients are not given it", kept.urls
+        )
     rooms = LiveRoomService(
         store,
         service,
         presence,
         limits,
-        ice_servers=[s.client_form() for s in peer_config.ice_servers],
+        ice_servers=ice_servers_for_clients(
+            # A static password would be handed to every client for good: servers configured
+            # with one are the relay's own; clients get TURN credentials minted for them.
+            [s.client_form() for s in peer_config.ice_servers if s.credential is None],
+            TurnCredentials(config.turn) if config.turn.enabled else None,
+        ),
     )
     is_revoked = _is_revoked(store)
 

@@ -4,6 +4,7 @@ variables."""
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,6 +58,73 @@ class IceServer(_Section):
     credential: SecretStr | None = None
 
 
+def _split_list(value: Any) -> Any:
+    """A list given as one string (a TELEMED_* variable): items between commas or spaces."""
+    if isinstance(value, str):
+        return [part for part in re.split(r"[\s,]+", value) if part]
+    return value
+
+
+# turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT][?transport=tcp] (RFC 7065); HOST a
+# name, an IPv4 address or a bracketed IPv6 one.
+_TURN_URL = re.compile(
+    r"^(?P<scheme>turns?):(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>\d{1,5}))?"
+    r"(?:\?transport=(?P<transport>udp|tcp))?$"
+)
+# Below this a shared secret is guessable offline from one credential (HMAC-SHA1 of a known
+# username): refuse it.
+TURN_SECRET_MIN_CHARS = 16
+
+
+class TurnConfig(_Section):
+    """TURN with short-lived credentials: the TURN REST API scheme coturn implements with
+    `use-auth-secret`. telemed shares `secret` with the TURN server (its `static-auth-secret`)
+    and mints each seated participant a username and password valid for `ttl_s`; no password
+    is ever configured in a client."""
+
+    secret: SecretStr | None = None
+    urls: list[str] = []
+    # coturn checks the expiry when an allocation is made, not when it is refreshed: a call
+    # outlives its credentials, and this bounds how long a leaked one opens new allocations.
+    # Long enough for the ICE restarts of a long consultation; a resumed seat gets fresh ones.
+    ttl_s: int = Field(default=4 * 3600, ge=60, le=7 * 24 * 3600)
+
+    _urls_from_one_string = field_validator("urls", mode="before")(_split_list)
+
+    @field_validator("urls")
+    @classmethod
+    def _turn_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            match = _TURN_URL.match(url)
+            if match is None:
+                raise ValueError(
+                    f"{url!r} is not a TURN URL: turn:HOST[:PORT][?transport=udp|tcp] or "
+                    "turns:HOST[:PORT][?transport=tcp]"
+                )
+            if match["scheme"] == "turns" and match["transport"] == "udp":
+                raise ValueError(f"{url!r}: turns: runs over TLS, which needs transport=tcp")
+            if match["port"] is not None and not 0 < int(match["port"]) < 65536:
+                raise ValueError(f"{url!r}: the port must be within 1..65535")
+        return urls
+
+    @model_validator(mode="after")
+    def _secret_and_urls_together(self) -> TurnConfig:
+        if self.urls and self.secret is None:
+            raise ValueError(
+                "turn.secret is required with turn.urls (the TURN server's static-auth-secret)"
+            )
+        if self.secret is not None:
+            if not self.urls:
+                raise ValueError("turn.urls is required with turn.secret")
+            if len(self.secret.get_secret_value()) < TURN_SECRET_MIN_CHARS:
+                raise ValueError(f"turn.secret must be at least {TURN_SECRET_MIN_CHARS} characters")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.urls)
+
+
 class SignalingConfig(_Section):
     max_payload_bytes: int = Field(default=64 * 1024, gt=0)
     # Token bucket per connection: sustained rate and burst.
@@ -73,6 +141,7 @@ class SignalingConfig(_Section):
 class MediaConfig(_Section):
     # Host addresses the relay offers in ICE; unset, every interface but loopback.
     host_addresses: list[str] | None = None
+    _addresses_from_one_string = field_validator("host_addresses", mode="before")(_split_list)
     # Media sections in one publish offer (the whole publish connection: a renegotiation
     # offer holds every section). Every subscriber is offered each published track.
     max_sections_per_connection: int = Field(default=8, gt=0, le=64)
@@ -134,7 +203,9 @@ class Config(_Section):
     signaling: SignalingConfig = SignalingConfig()
     media: MediaConfig = MediaConfig()
     retention: RetentionConfig = RetentionConfig()
+    # Static STUN/TURN servers, for the relay and the clients; [turn] mints credentials instead.
     ice_servers: list[IceServer] = []
+    turn: TurnConfig = TurnConfig()
 
     @property
     def effective_database_url(self) -> str:
@@ -186,6 +257,10 @@ _ENV_FIELDS: dict[str, tuple[str, ...]] = {
     "RECONNECT_GRACE_S": ("signaling", "reconnect_grace_s"),
     "EMPTY_ROOM_GRACE_S": ("signaling", "empty_room_grace_s"),
     "MAX_PARTICIPANTS": ("signaling", "max_participants"),
+    "MEDIA_HOST_ADDRESSES": ("media", "host_addresses"),
+    "TURN_SECRET": ("turn", "secret"),
+    "TURN_URLS": ("turn", "urls"),
+    "TURN_TTL_S": ("turn", "ttl_s"),
     "RETENTION_RECORDS": ("retention", "records"),
     "RETENTION_RECORDINGS": ("retention", "recordings"),
     "RETENTION_ACCESS_LOGS": ("retention", "access_logs"),

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCBundlePolicy,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCIceTransportPolicy,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamTrack
 from media_peers import Collector, answer_offer, local_description
 from signaling_fixtures import DemoIdentity, Peer, SignalingServer, start_signaling_server
@@ -24,19 +31,37 @@ from media.hub import MediaHub
 from server.config import Config, load_config
 
 
-def client_peer_connection() -> RTCPeerConnection:
+def client_peer_connection(
+    ice_servers: list[RTCIceServer] | None = None,
+    policy: RTCIceTransportPolicy = RTCIceTransportPolicy.ALL,
+) -> RTCPeerConnection:
     """As docs/protocol.md asks of clients: every section on one transport (max-bundle). With
     aiortc's default (balanced), an answer to an offer holding two sections of a kind other
-    than the first section's leaves the second on a transport that BUNDLE then stops."""
-    return RTCPeerConnection(RTCConfiguration(bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
+    than the first section's leaves the second on a transport that BUNDLE then stops.
+    No ICE servers unless given (aiortc would ask a public STUN server)."""
+    return RTCPeerConnection(
+        RTCConfiguration(
+            iceServers=ice_servers or [],
+            iceTransportPolicy=policy,
+            bundlePolicy=RTCBundlePolicy.MAX_BUNDLE,
+        )
+    )
 
 
 class MediaClient:
-    def __init__(self, peer: Peer, *, send_remb: bool = False) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        *,
+        send_remb: bool = False,
+        ice_servers: list[RTCIceServer] | None = None,
+        policy: RTCIceTransportPolicy = RTCIceTransportPolicy.ALL,
+    ) -> None:
+        """`ice_servers` and `policy` configure both peer connections (RELAY: TURN only)."""
         self.peer = peer
         self.send_remb = send_remb
-        self.publisher = client_peer_connection()
-        self.subscriber = client_peer_connection()
+        self.publisher = client_peer_connection(ice_servers, policy)
+        self.subscriber = client_peer_connection(ice_servers, policy)
         # What arrived, by track id, with the track info the offer named it with.
         self.received: dict[str, Collector] = {}
         self.info: dict[str, dict[str, Any]] = {}

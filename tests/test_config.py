@@ -469,3 +469,9 @@ def test_default_secret_is_masked_too() -> None:
 
     assert DEV_JWT_SECRET not in repr(config)
     assert DEV_JWT_SECRET not in config.model_dump_json()
+
+
+def test_the_relay_host_addresses_come_from_the_environment_as_a_list() -> None:
+    config = load_config(env={"TELEMED_MEDIA_HOST_ADDRESSES": "172.28.0.10, 10.0.0.5"})
+    assert config.media.host_addresses == ["172.28.0.10", "10.0.0.5"]
+    assert load_config(env={}).media.host_addresses is None

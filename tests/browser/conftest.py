@@ -251,11 +251,13 @@ class Browsers:
         args: tuple[str, ...] = (),
         files: bool = True,
         voice: bool = False,
+        home: Path | None = None,
     ) -> Party:
         """`executable` runs the browser elsewhere (`lab.chromium(clinic)`); `args` adds
         launch flags; without `files` the page has Chromium's own fake camera (640x480 at
         20 fps) and beep, not a clip of `colour` and a `tone`. With `voice` the microphone
-        speaks (write_voice, pitched at `tone`), files or not."""
+        speaks (write_voice, pitched at `tone`), files or not. `home` is its HOME (where
+        Chromium finds the user's NSS database of trusted certificates)."""
         media_files: list[str] = []
         if files:
             camera = self.tmp / f"cam-{name}.y4m"
@@ -266,7 +268,9 @@ class Browsers:
             (write_voice if voice else write_tone)(mic, tone)
             media_files.append(f"--use-file-for-fake-audio-capture={mic}")
         browser = await self.playwright.chromium.launch(
-            executable_path=executable, args=[*FLAGS, *media_files, *args]
+            executable_path=executable,
+            args=[*FLAGS, *media_files, *args],
+            env={**os.environ, "HOME": str(home)} if home is not None else None,
         )
         context = await browser.new_context(
             locale=locale,

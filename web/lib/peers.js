@@ -70,6 +70,17 @@ function sameCertificate(a, b) {
   return [...fingerprints(a)].some((f) => theirs.has(f));
 }
 
+/**
+ * Gives a live connection other ICE servers (fresh TURN credentials from a `joined`): its
+ * next gathering — an ICE restart — allocates with them.
+ * @param {RTCPeerConnection} pc @param {RTCIceServer[]} iceServers
+ */
+function useIceServers(pc, iceServers) {
+  // Only the ICE servers change (other settings, e.g. certificates, may not be changed).
+  const { certificates, ...rest } = pc.getConfiguration();
+  pc.setConfiguration({ ...rest, iceServers });
+}
+
 export class Publisher {
   /** @param {Signaling} signaling @param {RTCIceServer[]} [iceServers] */
   constructor(signaling, iceServers = []) {
@@ -106,6 +117,11 @@ export class Publisher {
       this.bySource.set(source, transceiver);
     }
     if (pairs.length) await this.negotiate();
+  }
+
+  /** The ICE servers of the newest `joined`, for the next ICE restart. @param {RTCIceServer[]} iceServers */
+  setIceServers(iceServers) {
+    if (this.pc.connectionState !== "closed") useIceServers(this.pc, iceServers);
   }
 
   /**
@@ -157,9 +173,7 @@ export class Subscriber extends EventTarget {
   setIceServers(iceServers) {
     if (JSON.stringify(iceServers) === JSON.stringify(this.iceServers)) return;
     this.iceServers = iceServers;
-    // Only the ICE servers change (other settings, e.g. certificates, may not be changed).
-    const { certificates, ...rest } = this.pc.getConfiguration();
-    this.pc.setConfiguration({ ...rest, iceServers });
+    useIceServers(this.pc, iceServers);
   }
 
   newConnection() {

@@ -526,7 +526,9 @@ async function entered(/** @type {any} */ snapshot) {
   state.traineeChat = snapshot.trainee_chat;
   state.recording = snapshot.recording ?? null;
   state.iceServers = snapshot.ice_servers ?? [];
+  // Fresh TURN credentials: an ICE restart on a kept connection allocates with them.
   subscriber?.setIceServers(state.iceServers);
+  publisher?.setIceServers(state.iceServers);
   const firstTime = state.phase !== "room";
   state.phase = "room";
   const banner = document.getElementById("reconnecting");
