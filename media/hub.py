@@ -13,9 +13,10 @@ from typing import Any
 
 from aiortc import RTCRtpSender
 
+from media.aiortc_hooks import packets_retransmitted, uplink_estimate_bps
 from media.errors import MediaError as MediaError
 from media.forwarding import Publication
-from media.layers import LOW_BPS, Layer, congested, video_budget
+from media.layers import LOW_BPS, Layer, LayerChooser, LinkMonitor, LinkSample, video_budget
 from media.low_layer import LowLayer
 from media.offer_sections import offered_sections, publishing_sources
 from media.peer import (
@@ -29,6 +30,9 @@ from media.peer import (
 from media.stats import RateBook
 
 log = logging.getLogger(__name__)
+
+# The once-a-second sampler woke this much late: the relay's event loop was held up.
+HELD_UP_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,11 @@ class _Member:
     offer_again: bool = False
     # Which outgoing transceiver (mid) carries which track, as last offered.
     mids: dict[str, str] = field(default_factory=dict)
+    # The subscriber's own choice for every video track it receives, those that come later
+    # included; None lets the bandwidth estimate decide.
+    layer_choice: Layer | None = None
+    # What its downlink reports, judged once a second for the layer decisions.
+    link: LinkMonitor = field(default_factory=LinkMonitor)
 
 
 # Called with (room, participant, sdp, tracks by mid) when a subscriber must take a new offer.
@@ -275,9 +284,12 @@ class MediaHub:
     def set_layer(
         self, room: str, participant: str, track_id: str | None, layer: Layer | None
     ) -> int:
-        """The subscriber's own choice for one video track (or all of them); None hands the
-        choice back to the bandwidth estimate. Returns how many tracks it applies to."""
+        """The subscriber's own choice for one video track, or (without `track_id`) for every
+        video track it receives now and every one it receives later; None hands the choice
+        back to the bandwidth estimate. Returns how many tracks it applies to now."""
         member = self._member(room, participant)
+        if track_id is None:
+            member.layer_choice = layer
         if member.subscribe is None:
             if track_id is not None:
                 raise MediaError(f"you receive no video track {track_id}")
@@ -297,9 +309,16 @@ class MediaHub:
         if track_id is not None and not chosen:
             raise MediaError(f"you receive no video track {track_id}")
         for outgoing in chosen:
-            outgoing.fixed_layer = layer
-            self._apply_layer(outgoing, layer or outgoing.chooser.current)
+            self._fix_layer(outgoing, layer)
         return len(chosen)
+
+    def _fix_layer(self, outgoing: OutgoingTrack, layer: Layer | None) -> None:
+        outgoing.fixed_layer = layer
+        if layer is None:
+            # The estimate decides again, from what is being sent now.
+            outgoing.chooser = LayerChooser(current=outgoing.layer)
+        else:
+            self._apply_layer(outgoing, layer)
 
     def _info(self, room: str, publication: Publication) -> TrackInfo | None:
         return next(
@@ -338,37 +357,51 @@ class MediaHub:
                 del self._low[key]
                 low.close()
 
-    async def _choose_layers(self, room: str, member: _Member) -> None:
-        """Once a second: each video track's layer from the subscriber's REMB and loss."""
+    async def _choose_layers(self, room: str, member: _Member, held_up: bool) -> None:
+        """Once a second: how the subscriber's link fares (media/layers.py), then each video
+        track's layer from its share of the estimate. A second in which the relay itself was
+        held up says nothing of the links: what it delayed looks like a queue on every one."""
         if member.subscribe is None:
             return
         outgoing = list(member.subscribe.tracks.values())
-        videos = [o for o in outgoing if o.publication.kind == "video"]
+        reports = [r for o in outgoing for r in o.take_reports()]
+        if held_up:
+            return
+        rtts = [r.rtt_s for r in reports if r.rtt_s is not None]
         estimates = [o.remb_bps for o in outgoing if o.remb_bps is not None]
+        remb = max(estimates) if estimates else None
+        sent_bps = sum(self._rates.rate(id(o.track)).bitrate_bps for o in outgoing)
+        verdict = member.link.update(
+            LinkSample(
+                remb_bps=remb,
+                sent_bps=sent_bps,
+                rtt_s=min(rtts) if rtts else None,
+                lost=max((r.fraction_lost for r in reports), default=None),
+            )
+        )
+        videos = [o for o in outgoing if o.publication.kind == "video"]
         if not videos:
             return
         budget = None
-        is_congested = False
-        if estimates:
+        if remb is not None:
             audio_bps = sum(
                 self._rates.rate(id(o.track)).bitrate_bps
                 for o in outgoing
                 if o.publication.kind == "audio"
             )
-            sent_bps = sum(self._rates.rate(id(o.track)).bitrate_bps for o in outgoing)
-            budget = video_budget(max(estimates), audio_bps, len(videos))
-            is_congested = congested(max(estimates), sent_bps)
+            budget = video_budget(remb, audio_bps, len(videos))
         for o in videos:
             before = o.layer
+            if o.fixed_layer is not None:
+                self._apply_layer(o, o.fixed_layer)
+                continue
             full_bps = self._rates.rate(id(o.publication)).bitrate_bps or LOW_BPS
             needs = {
                 Layer.FULL: full_bps,
                 Layer.LOW: min(LOW_BPS, full_bps),
                 Layer.AUDIO_ONLY: 0.0,
             }
-            lost = (await _outbound(o.transceiver.sender))["fraction_lost"]
-            wanted = o.chooser.update(budget, lost, needs, is_congested)
-            self._apply_layer(o, o.fixed_layer or wanted)
+            self._apply_layer(o, o.chooser.update(budget, needs, verdict))
             info = self._info(room, o.publication)
             if o.layer is not before and info is not None:
                 await self._tell_layer(room, member.participant, info, o.layer)
@@ -421,6 +454,9 @@ class MediaHub:
                             "frames": outgoing.track.frames_out,
                             "frames_dropped": outgoing.track.frames_dropped,
                             "remb_bps": outgoing.remb_bps,
+                            "packets_retransmitted": packets_retransmitted(
+                                outgoing.transceiver.sender
+                            ),
                             **await _outbound(outgoing.transceiver.sender),
                         }
                     )
@@ -432,6 +468,7 @@ class MediaHub:
                         "frames": pub.frames_in,
                         "muted": pub.muted,
                         "keyframe_requests": pub.keyframe_requests,
+                        "uplink_estimate_bps": uplink_estimate_bps(published.incoming.receiver),
                         **inbound,
                         "subscribers": subscribers,
                     }
@@ -439,14 +476,16 @@ class MediaHub:
         return {"tracks": tracks, "participants": list(participants.values())}
 
     async def _sample_every_second(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             await asyncio.sleep(1.0)
             try:
-                await self._sample()
+                await self._sample(held_up=loop.time() - started - 1.0 > HELD_UP_S)
             except Exception:
                 log.exception("media statistics sampling failed")
 
-    async def _sample(self) -> None:
+    async def _sample(self, held_up: bool = False) -> None:
         keys: set[int] = set()
         members = [(room, m) for room, ms in self._rooms.items() for m in ms.values()]
         for _, member in members:
@@ -462,7 +501,7 @@ class MediaHub:
         self._rates.keep_only(keys)
         # Layer choices await statistics: the rooms may change meanwhile.
         for room, member in members:
-            await self._choose_layers(room, member)
+            await self._choose_layers(room, member, held_up)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -490,7 +529,9 @@ class MediaHub:
                 continue
             for published in other.published.values():
                 if id(published.publication) not in member.subscribe.tracks:
-                    member.subscribe.add(published.publication)
+                    outgoing = member.subscribe.add(published.publication)
+                    if member.layer_choice is not None:
+                        self._fix_layer(outgoing, member.layer_choice)
 
     async def _negotiate(self, room: str, member: _Member) -> None:
         """Offers the subscribe connection's current tracks; one offer at a time, and any
@@ -542,5 +583,7 @@ async def _outbound(sender: RTCRtpSender) -> dict[str, Any]:
     """Round-trip time and loss towards one subscriber, from its receiver reports."""
     for stat in (await sender.getStats()).values():
         if stat.type == "remote-inbound-rtp":
-            return {"rtt_s": stat.roundTripTime, "fraction_lost": stat.fractionLost}
+            # aiortc passes the report's 8-bit fixed-point field on as it is (RFC 3550 6.4.1).
+            lost = stat.fractionLost
+            return {"rtt_s": stat.roundTripTime, "fraction_lost": lost and lost / 256}
     return {"rtt_s": None, "fraction_lost": None}

@@ -26,6 +26,7 @@ from aiortc.sdp import SessionDescription
 from media.aiortc_hooks import (
     EncodedFrame,
     FrameSend,
+    ReceiverReport,
     demux_media_first,
     offer_host_addresses,
     prepare_forwarding_sender,
@@ -188,6 +189,10 @@ class PublishConnection:
         await self.pc.close()
 
 
+# Receiver reports kept between two layer decisions (a browser sends a few a second).
+REPORTS_KEPT = 32
+
+
 @dataclass
 class OutgoingTrack:
     # The published track this is (its full layer), and the track the sender reads now.
@@ -195,6 +200,8 @@ class OutgoingTrack:
     track: ForwardedTrack
     transceiver: RTCRtpTransceiver
     remb_bps: int | None = None
+    # The subscriber's receiver reports on this stream since the hub last took them.
+    reports: list[ReceiverReport] = field(default_factory=list)
     layer: Layer = Layer.FULL
     chooser: LayerChooser = field(default_factory=LayerChooser)
     # Set by the subscriber; None lets the chooser decide.
@@ -202,6 +209,15 @@ class OutgoingTrack:
 
     def _remb(self, bps: int) -> None:
         self.remb_bps = bps
+
+    def _report(self, report: ReceiverReport) -> None:
+        if len(self.reports) >= REPORTS_KEPT:
+            del self.reports[0]
+        self.reports.append(report)
+
+    def take_reports(self) -> list[ReceiverReport]:
+        reports, self.reports = self.reports, []
+        return reports
 
     def _started(self, send: FrameSend) -> None:
         # The sender is up: the track it carries now pushes its frames to it.
@@ -213,7 +229,11 @@ class OutgoingTrack:
             return
         successor = source.subscribe()
         prepare_forwarding_sender(
-            self.transceiver.sender, successor.request_keyframe, self._remb, self._started
+            self.transceiver.sender,
+            successor.request_keyframe,
+            self._remb,
+            self._started,
+            self._report,
         )
         self.track.hand_over(successor)
         self.transceiver.sender.replaceTrack(successor)
@@ -250,7 +270,11 @@ class SubscribeConnection:
             prefer_codec(transceiver, publication.kind)
         outgoing = OutgoingTrack(publication, track, transceiver)
         prepare_forwarding_sender(
-            transceiver.sender, track.request_keyframe, outgoing._remb, outgoing._started
+            transceiver.sender,
+            track.request_keyframe,
+            outgoing._remb,
+            outgoing._started,
+            outgoing._report,
         )
         transceiver.sender.replaceTrack(track)
         self.tracks[id(publication)] = outgoing
