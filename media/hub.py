@@ -5,6 +5,7 @@ called (signaling asks rooms/), so the hub only moves media."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,7 @@ from typing import Any
 
 from aiortc import RTCRtpSender
 
-from media.aiortc_hooks import packets_retransmitted, uplink_estimate_bps
+from media.aiortc_hooks import ReceiverReport, packets_retransmitted, uplink_estimate_bps
 from media.errors import MediaError as MediaError
 from media.forwarding import Publication
 from media.layers import LOW_BPS, Layer, LayerChooser, LinkMonitor, LinkSample, video_budget
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # The once-a-second sampler woke this much late: the relay's event loop was held up.
 HELD_UP_S = 0.25
+# A low layer nobody receives is kept this long (longer than a probe's trial).
+LOW_LINGER_S = 8.0
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,11 @@ class MediaHub:
         self._sampler: asyncio.Task[None] | None = None
         # Low layers by id of their source publication; each exists while someone receives it.
         self._low: dict[int, LowLayer] = {}
+        # Since when (event loop time) each low layer has had no subscriber.
+        self._low_unused_since: dict[int, float] = {}
         self._watchers: dict[str, tuple[TrackPublished, TrackUnpublished]] = {}
+        # Announcements of layer changes made outside the sampler (a probe undone at once).
+        self._telling: set[asyncio.Future[None]] = set()
 
     def members(self, room: str) -> list[str]:
         return list(self._rooms.get(room, {}))
@@ -219,6 +226,7 @@ class MediaHub:
                 if other.subscribe is not None:
                     other.subscribe.remove(published.publication)
             low = self._low.pop(id(published.publication), None)
+            self._low_unused_since.pop(id(published.publication), None)
             if low is not None:
                 low.close()
         if member.publish is not None:
@@ -239,6 +247,9 @@ class MediaHub:
             await self.leave(room, participant, renegotiate=False)
 
     async def stop(self) -> None:
+        for task in list(self._telling):
+            task.cancel()
+        await asyncio.gather(*self._telling, return_exceptions=True)
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
@@ -352,9 +363,17 @@ class MediaHub:
         return low
 
     def _release_unused_low_layers(self) -> None:
+        """Closes the low layers nobody has received for LOW_LINGER_S: a probe of the full
+        picture that fails comes back to a running low layer (its next frame a keyframe),
+        not to a new one that must first wait for a keyframe of the publisher's."""
+        now = asyncio.get_running_loop().time()
         for key, low in list(self._low.items()):
-            if low.publication.subscriber_count == 0:
+            if low.publication.subscriber_count:
+                self._low_unused_since.pop(key, None)
+                continue
+            if now - self._low_unused_since.setdefault(key, now) >= LOW_LINGER_S:
                 del self._low[key]
+                del self._low_unused_since[key]
                 low.close()
 
     async def _choose_layers(self, room: str, member: _Member, held_up: bool) -> None:
@@ -370,7 +389,7 @@ class MediaHub:
         rtts = [r.rtt_s for r in reports if r.rtt_s is not None]
         estimates = [o.remb_bps for o in outgoing if o.remb_bps is not None]
         remb = max(estimates) if estimates else None
-        sent_bps = sum(self._rates.rate(id(o.track)).bitrate_bps for o in outgoing)
+        sent_bps = sum(self._rates.rate(id(o)).bitrate_bps for o in outgoing)
         verdict = member.link.update(
             LinkSample(
                 remb_bps=remb,
@@ -385,7 +404,7 @@ class MediaHub:
         budget = None
         if remb is not None:
             audio_bps = sum(
-                self._rates.rate(id(o.track)).bitrate_bps
+                self._rates.rate(id(o)).bitrate_bps
                 for o in outgoing
                 if o.publication.kind == "audio"
             )
@@ -406,6 +425,26 @@ class MediaHub:
             if o.layer is not before and info is not None:
                 await self._tell_layer(room, member.participant, info, o.layer)
 
+    def _report_arrived(
+        self, room: str, member: _Member, _: OutgoingTrack, report: ReceiverReport
+    ) -> None:
+        """A receiver report between two samples: if it shows a queue while a probe is on
+        trial, the probe caused it, and every second it stays costs the subscriber's audio (a
+        capped link's buffer fills within a second). Undone at once."""
+        if report.rtt_s is None or member.subscribe is None or not member.link.queued(report.rtt_s):
+            return
+        for o in list(member.subscribe.tracks.values()):
+            if o.fixed_layer is not None or not o.chooser.on_trial:
+                continue
+            self._apply_layer(o, o.chooser.undo_probe())
+            info = self._info(room, o.publication)
+            if info is not None:
+                task = asyncio.ensure_future(
+                    self._tell_layer(room, member.participant, info, o.layer)
+                )
+                self._telling.add(task)
+                task.add_done_callback(self._telling.discard)
+
     # --- statistics --------------------------------------------------------------------------
 
     def totals(self) -> dict[str, int]:
@@ -419,8 +458,8 @@ class MediaHub:
             "publications": len(publications),
             "subscriptions": len(subscriptions),
             "frames_received": sum(p.publication.frames_in for p in publications),
-            "frames_forwarded": sum(o.track.frames_out for o in subscriptions),
-            "frames_dropped": sum(o.track.frames_dropped for o in subscriptions),
+            "frames_forwarded": sum(o.frames_out for o in subscriptions),
+            "frames_dropped": sum(o.frames_dropped for o in subscriptions),
             "keyframe_requests": sum(p.publication.keyframe_requests for p in publications),
         }
 
@@ -443,7 +482,7 @@ class MediaHub:
                     outgoing = other.subscribe.tracks.get(id(pub)) if other.subscribe else None
                     if outgoing is None:
                         continue
-                    out_rate = self._rates.rate(id(outgoing.track))
+                    out_rate = self._rates.rate(id(outgoing))
                     participants[other.participant]["received_bps"] += out_rate.bitrate_bps
                     subscribers.append(
                         {
@@ -451,8 +490,8 @@ class MediaHub:
                             "layer": outgoing.layer,
                             "fps": round(out_rate.fps, 1),
                             "bitrate_bps": round(out_rate.bitrate_bps),
-                            "frames": outgoing.track.frames_out,
-                            "frames_dropped": outgoing.track.frames_dropped,
+                            "frames": outgoing.frames_out,
+                            "frames_dropped": outgoing.frames_dropped,
                             "remb_bps": outgoing.remb_bps,
                             "packets_retransmitted": packets_retransmitted(
                                 outgoing.transceiver.sender
@@ -495,10 +534,10 @@ class MediaHub:
                 self._rates.sample(id(pub), pub.frames_in, pub.bytes_in)
             if member.subscribe is not None:
                 for outgoing in member.subscribe.tracks.values():
-                    track = outgoing.track
-                    keys.add(id(track))
-                    self._rates.sample(id(track), track.frames_out, track.bytes_out)
+                    keys.add(id(outgoing))
+                    self._rates.sample(id(outgoing), outgoing.frames_out, outgoing.bytes_out)
         self._rates.keep_only(keys)
+        self._release_unused_low_layers()
         # Layer choices await statistics: the rooms may change meanwhile.
         for room, member in members:
             await self._choose_layers(room, member, held_up)
@@ -530,6 +569,7 @@ class MediaHub:
             for published in other.published.values():
                 if id(published.publication) not in member.subscribe.tracks:
                     outgoing = member.subscribe.add(published.publication)
+                    outgoing.on_report = functools.partial(self._report_arrived, room, member)
                     if member.layer_choice is not None:
                         self._fix_layer(outgoing, member.layer_choice)
 

@@ -13,10 +13,10 @@ without recovering; only then does a layer step down, to the best that fits the 
 
 The estimate can never show room for a layer that is not being sent, so after a quiet spell a
 layer down tries the next one up (a probe) and watches for a queue; a probe that fails goes
-back to where it came from at the first congested second, and makes the next wait twice as
-long, up to a bound that keeps a lifted cap from leaving the picture small for long. Random
-loss (a lossy radio link) is not congestion: a smaller picture does not help it, and it never
-steps down alone."""
+back to where it came from at the first receiver report that shows a queue (or the first
+congested second), and makes the next wait twice as long, up to a bound that keeps a lifted
+cap from leaving the picture small for long. Random loss (a lossy radio link) is not
+congestion: a smaller picture does not help it, and it never steps down alone."""
 
 from __future__ import annotations
 
@@ -89,6 +89,10 @@ class LinkMonitor:
     # The estimate when it first went below what is sent, and for how many samples since.
     _low_since: float | None = None
     _low_for: int = 0
+
+    def queued(self, rtt_s: float) -> bool:
+        """Whether one round-trip time shows a queue on the path (against the floor so far)."""
+        return bool(self._rtts) and rtt_s - min(self._rtts) > QUEUE_S
 
     def update(self, sample: LinkSample) -> Verdict:
         queue = False
@@ -167,6 +171,20 @@ class LayerChooser:
             self._step_up(better, probe=False)
         elif self._quiet >= self._probe_after:
             self._step_up(better, probe=True)
+        return self.current
+
+    @property
+    def on_trial(self) -> bool:
+        return self._since_probe is not None
+
+    def undo_probe(self) -> Layer:
+        """The probe on trial failed (a receiver report showed a queue between two samples):
+        back to the layer it came from, and the next probe waits twice as long."""
+        if self._since_probe is not None:
+            self._since_probe = None
+            self._probe_after = min(2 * self._probe_after, PROBE_AFTER_MAX)
+            self._congested = self._above = self._quiet = 0
+            self.current = _ORDER[_ORDER.index(self.current) - 1]
         return self.current
 
     def _step_up(self, better: Layer, *, probe: bool) -> None:

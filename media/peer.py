@@ -206,6 +206,12 @@ class OutgoingTrack:
     chooser: LayerChooser = field(default_factory=LayerChooser)
     # Set by the subscriber; None lets the chooser decide.
     fixed_layer: Layer | None = None
+    # Hears each receiver report as it comes (the hub undoes a failing probe at once).
+    on_report: Callable[[OutgoingTrack, ReceiverReport], None] | None = None
+    # What the layers fed before the current one sent.
+    _frames_before: int = 0
+    _bytes_before: int = 0
+    _dropped_before: int = 0
 
     def _remb(self, bps: int) -> None:
         self.remb_bps = bps
@@ -214,6 +220,8 @@ class OutgoingTrack:
         if len(self.reports) >= REPORTS_KEPT:
             del self.reports[0]
         self.reports.append(report)
+        if self.on_report is not None:
+            self.on_report(self, report)
 
     def take_reports(self) -> list[ReceiverReport]:
         reports, self.reports = self.reports, []
@@ -223,10 +231,27 @@ class OutgoingTrack:
         # The sender is up: the track it carries now pushes its frames to it.
         self.track.attach(send)
 
+    @property
+    def frames_out(self) -> int:
+        """Frames sent to the subscriber, whichever layers they came from."""
+        return self._frames_before + self.track.frames_out
+
+    @property
+    def bytes_out(self) -> int:
+        return self._bytes_before + self.track.bytes_out
+
+    @property
+    def frames_dropped(self) -> int:
+        return self._dropped_before + self.track.frames_dropped
+
     def feed_from(self, source: Publication) -> None:
         """Switches the sender to another layer of the same picture, without renegotiating."""
         if self.track.publication is source:
             return
+        # Counted across layers: a rate must not restart from nothing at each switch.
+        self._frames_before += self.track.frames_out
+        self._bytes_before += self.track.bytes_out
+        self._dropped_before += self.track.frames_dropped
         successor = source.subscribe()
         prepare_forwarding_sender(
             self.transceiver.sender,

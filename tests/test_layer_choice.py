@@ -198,3 +198,17 @@ def test_a_failed_probe_goes_back_where_it_came_from() -> None:
     assert video_budget(remb, AUDIO, 1) < 0.8 * LOW_BPS
     assert subscriber.seconds(PROBE_AFTER, remb=remb)[-1] is Layer.FULL
     assert subscriber.second(remb=remb, rtt=QUEUED) is Layer.LOW
+
+
+def test_a_report_that_shows_a_queue_undoes_a_probe_between_samples() -> None:
+    subscriber = Subscriber(Layer.LOW)
+    assert subscriber.seconds(PROBE_AFTER, remb=290_000)[-1] is Layer.FULL
+    assert subscriber.chooser.on_trial
+    # Judged against the link's own floor: jitter is no queue, a filling buffer is.
+    assert not subscriber.link.queued(FLOOR + 0.05)
+    assert subscriber.link.queued(QUEUED)
+    assert subscriber.chooser.undo_probe() is Layer.LOW
+    assert not subscriber.chooser.on_trial
+    assert subscriber.chooser.undo_probe() is Layer.LOW  # nothing on trial: nothing undone
+    layers = subscriber.seconds(2 * PROBE_AFTER, remb=290_000)
+    assert layers.index(Layer.FULL) == 2 * PROBE_AFTER - 1
