@@ -50,8 +50,8 @@ HEAVY_LOSS = 0.2
 INSIST_AFTER = 8
 RECOVERING = 1.1
 # Quiet samples before a layer down tries the next one up; doubled after a failed probe.
-PROBE_AFTER = 10
-PROBE_AFTER_MAX = 20
+PROBE_AFTER = 8
+PROBE_AFTER_MAX = 15
 # A probe is on trial this long: any congested second in it undoes the probe at once.
 PROBE_TRIAL = 5
 _ORDER = [Layer.AUDIO_ONLY, Layer.LOW, Layer.FULL]
