@@ -104,7 +104,8 @@ class MediaHub:
         self._rooms: dict[str, dict[str, _Member]] = {}
         self._rates = RateBook()
         self._sampler: asyncio.Task[None] | None = None
-        # Low layers by id of their source publication; each exists while someone receives it.
+        # Low layers by id of their source publication; each exists while someone receives it
+        # (and for LOW_LINGER_S after).
         self._low: dict[int, LowLayer] = {}
         # Since when (event loop time) each low layer has had no subscriber.
         self._low_unused_since: dict[int, float] = {}

@@ -16,7 +16,7 @@ ONE = "/api/v1/consultations/{consultation_id}"
 
 class MediaStats(ResponseBody):
     """Per published track (with each subscriber's view of it) and per participant. Rates are
-    over the last second; `layer` is `full` or `paused` (a forced mute)."""
+    over the last second; `layer` is `full`, `low` or `audio_only`."""
 
     tracks: list[dict[str, Any]]
     participants: list[dict[str, Any]]
