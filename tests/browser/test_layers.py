@@ -77,7 +77,14 @@ async def test_a_chosen_quality_applies_to_cameras_that_arrive_later(
         decoded, width = (await cameras(county)).get(village_id, (0, 0))
         return decoded > 0 and 0 < width <= MAX_WIDTH
 
-    await eventually(village_small, "the village doctor's camera as the low layer")
+    async def diagnose() -> str:
+        stats = await server.api("GET", f"/consultations/{cid}/media", tokens["county_physician"])
+        inbound = await county.debug("inbound()")
+        return f"relay: {json.dumps(stats)}\ncounty: {json.dumps(inbound)}\n" + " | ".join(
+            county.console[-15:]
+        )
+
+    await eventually(village_small, "the village doctor's camera as the low layer", diagnose)
 
     # A camera that arrives later: the specialist joins.
     await specialist.page.goto(
