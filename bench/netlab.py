@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from labcall import (  # noqa: E402
     direct_call,
     measure,
     open_pages,
+    start_recording,
+    stop_and_read_audio,
     telemed_call,
 )
 from netlab import Lab  # noqa: E402
@@ -51,9 +54,19 @@ async def one_call(profile: str, direct: bool, warmup_s: float, window_s: float)
             try:
                 village, county = await open_pages(lab, browsers, server)
                 await (direct_call if direct else telemed_call)(server, village, county)
+                if not direct:
+                    await start_recording(server, browsers, village)
                 await lab.impair(CLINIC, up=up, down=down)
+                start = (await lab.counters())["links"][CLINIC]
                 figures = await measure(village, county, direct, warmup_s, window_s)
-                link = (await lab.counters())["links"][CLINIC]
+                end = (await lab.counters())["links"][CLINIC]
+                link = {
+                    way: {k: end[way][k] - start[way][k] for k in ("packets", "lost")}
+                    for way in ("up", "down")
+                }
+                if not direct:
+                    recorded = await stop_and_read_audio(server, village)
+                    link["recorded"] = asdict(recorded["village_doctor"])
             finally:
                 await browsers.close()
                 await stop_server(server)
@@ -104,6 +117,25 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]], window_s: float) 
     return "\n".join(lines)
 
 
+def recording_table(links: dict[str, list[dict[str, Any]]]) -> str:
+    """The village doctor's recorded audio in the telemed calls, beside its uplink's loss."""
+    lines = [
+        "| profile | uplink loss in the window | recorded audio missing | longest recorded gap |",
+        "|---|---|---|---|",
+    ]
+    for profile, runs in links.items():
+        if not runs:
+            continue
+        loss = median([r["up"]["lost"] / max(1, r["up"]["packets"]) for r in runs])
+        missing = median([r["recorded"]["missing_share"] for r in runs])
+        gap = median([r["recorded"]["longest_gap_ms"] for r in runs])
+        lines.append(
+            f"| {profile} | {(loss or 0) * 100:.1f} % | {(missing or 0) * 100:.1f} % | "
+            f"{gap or 0:.0f} ms |"
+        )
+    return "\n".join(lines)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -113,6 +145,7 @@ async def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results: dict[str, dict[str, list[dict[str, Any]]]] = {p: {} for p in args.profiles}
+    links: dict[str, list[dict[str, Any]]] = {p: [] for p in args.profiles}
     started = time.monotonic()
     for run in range(args.runs):
         for profile in args.profiles:
@@ -121,16 +154,20 @@ async def main() -> None:
                 mode = "direct" if direct else "telemed"
                 figures, link = await one_call(profile, direct, args.warmup, args.window)
                 results[profile].setdefault(mode, []).append(figures)
+                if not direct:
+                    links[profile].append(link)
                 print(
                     f"[{time.monotonic() - started:5.0f} s] run {run + 1} {profile} {mode}: "
                     + json.dumps(figures, ensure_ascii=False)
-                    + f" link up lost {link['up']['lost']}/{link['up']['packets']}"
-                    + f" down lost {link['down']['lost']}/{link['down']['packets']}",
+                    + " "
+                    + json.dumps(link),
                     flush=True,
                 )
                 if args.json:
                     args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     print(table(results, args.window))
+    print()
+    print(recording_table(links))
 
 
 if __name__ == "__main__":

@@ -371,7 +371,7 @@ class Run:
             ):
                 body = await r.json()
                 for track in body["tracks"]:
-                    lost += int(track.get("packets_lost") or 0)
+                    lost += int(track["intake"].get("packets_lost") or 0)
                     if track["kind"] == "video":
                         for sub in track["subscribers"]:
                             layers[str(sub.get("layer"))] += 1

@@ -12,7 +12,10 @@ What aiortc lacks and this module adds:
   dropping them (aiortc smooths its round-trip time and measures it only from reports that
   answer its newest sender report);
 - receiving RTP in the socket's callback, without aiortc's per-datagram queue and task;
-- choosing which host addresses ICE offers (aioice never offers loopback by itself)."""
+- choosing which host addresses ICE offers (aioice never offers loopback by itself).
+
+ICE restarts, which aiortc cannot do either, are media/ice_restart.py's; `check_internals()`
+checks what that module relies on too."""
 
 from __future__ import annotations
 
@@ -61,6 +64,9 @@ from aiortc.rtp import (
 )
 from aiortc.utils import random32
 
+from media.ice_restart import internals_problems as ice_restart_internals_problems
+from media.opus import has_fec
+
 log = logging.getLogger(__name__)
 
 PINNED_AIORTC = "1.16.0"
@@ -87,6 +93,7 @@ _SENDER_ATTRS = (
     "_RTCRtpSender__rtp_timestamp",
     "_RTCRtpSender__octet_count",
     "_RTCRtpSender__packet_count",
+    "_RTCRtpSender__stats",
 )
 
 
@@ -157,6 +164,15 @@ def check_internals() -> None:
         problems.append("missing: RTCDtlsTransport hands RTCP to _handle_rtcp_packet")
     if "await self._retransmit(seq)" not in handle_rtcp:
         problems.append("missing: RTCRtpSender routes NACK to _retransmit")
+    for needle in (
+        'id="remote-inbound-rtp_" + str(id(self))',
+        "packetsLost=report.packets_lost",
+        "jitter=report.jitter",
+        "roundTripTime=self.__rtt",
+        "fractionLost=report.fraction_lost",
+    ):
+        if needle not in handle_rtcp:
+            problems.append(f"missing: RTCRtpSender keeps receiver reports ({needle})")
     if "self.__ids = HeaderExtensions()" not in inspect.getsource(HeaderExtensionsMap):
         problems.append("missing: HeaderExtensionsMap.__ids")
     dtls_src = inspect.getsource(RTCDtlsTransport)
@@ -181,6 +197,7 @@ def check_internals() -> None:
     if "_RTCPeerConnection__iceTransports" not in _private_names(RTCPeerConnection):
         problems.append("missing: RTCPeerConnection.__iceTransports")
     _check_receive_internals(handle_src, dtls_src, problems)
+    problems += ice_restart_internals_problems()
     if problems:
         raise AiortcInternalsChanged(
             "the media relay relies on aiortc internals that changed:\n  " + "\n  ".join(problems)
@@ -223,6 +240,15 @@ def _check_receive_internals(handle_src: str, dtls_src: str, problems: list[str]
     for cls in (StreamStatistics, NackGenerator):
         if "packet.sequence_number" not in inspect.getsource(cls.add):
             problems.append(f"missing: {cls.__name__}.add reads the sequence number")
+    statistics = inspect.getsource(StreamStatistics)
+    for needle in (
+        "self._clockrate = clockrate",
+        "self.base_seq",
+        "def packets_lost",
+        "def jitter",
+    ):
+        if needle not in statistics:
+            problems.append(f"missing: StreamStatistics {needle}")
 
 
 def _private_names(cls: type) -> set[str]:
@@ -350,6 +376,8 @@ class FrameAssembler:
         self.packets_received = 0  # distinct packets that came in time to be used
         self.packets_lost = 0  # sequence numbers given up on
         self.packets_late = 0  # came after their slot had passed, or twice
+        self.frames_given_up = 0  # video frames that could not be completed
+        self.frames_skipped = 0  # whole delta frames dropped while waiting for a keyframe
 
     @property
     def packets_expected(self) -> int:
@@ -509,6 +537,8 @@ class FrameAssembler:
         """The frame being assembled cannot be completed: its remaining packets are dropped
         and the picture resumes at a keyframe, which is requested."""
         frame = self._frame
+        if frame or self._dropping is None:  # else the frame being dropped already counted
+            self.frames_given_up += 1
         self._dropping = frame[0].timestamp if frame else UNKNOWN_FRAME
         self._frame = []
         self._frame_bytes = 0
@@ -534,6 +564,7 @@ class FrameAssembler:
         keyframe = self._video and (data[0] & 0x01) == 0
         if self._video and self._waiting_for_keyframe:
             if not keyframe:
+                self.frames_skipped += 1
                 return self._keyframe_due()  # undecodable after a gap: wait for a keyframe
             self._waiting_for_keyframe = False
         self._on_frame(EncodedFrame(data, self._unwrap(packets[0].timestamp), keyframe))
@@ -639,6 +670,13 @@ class _LeanReceive:
         self._active_ms = 0
         self._active_at: Any = None
         self._tasks: set[asyncio.Future[None]] = set()
+        # Counted where each happens, for the per-hop figures (`intake_figures`).
+        self.packets_retransmitted = 0  # arrived over RTX
+        # Of those, counted as received on their media stream too (its receiver reports).
+        self.packets_repaired = 0
+        self.nacks_sent = 0  # NACK packets sent to the publisher
+        self.plis_sent = 0  # keyframe requests (PLI) sent to the publisher, for any reason
+        self.fec_packets = 0  # Opus packets carrying in-band FEC (media/opus.py)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -694,16 +732,28 @@ class _LeanReceive:
             packet.payload = payload[2:]
             packet.ssrc = ssrc = original
             packet.payload_type = apt
+            self.packets_retransmitted += 1
+            # A repaired packet counts as received on its own stream, as a browser counts
+            # it: the receiver reports then say what stayed lost, and a publisher's loss-based
+            # rate control does not take random loss that NACK repairs for congestion.
+            repaired = self._streams.get(original)
+            if repaired is not None:
+                repaired.add(packet)  # type: ignore[arg-type]
+                self.packets_repaired += 1
         nack = self._nack
         if nack is not None and nack.add(packet):  # type: ignore[arg-type]
+            self.nacks_sent += 1
             self._spawn(receiver._send_rtcp_nack(ssrc, sorted(nack.missing)))
         if name == "VP8" and packet.payload:
             try:
                 packet.payload = _vp8_data(packet.payload)
             except (ValueError, IndexError):
                 return
+        elif name == "opus" and has_fec(packet.payload):
+            self.fec_packets += 1
         request_keyframe, _ = self._assembler.add(packet)
         if request_keyframe:
+            self.plis_sent += 1
             self._spawn(receiver._send_rtcp_pli(ssrc))
 
 
@@ -770,8 +820,71 @@ def media_ssrcs(receiver: RTCRtpReceiver) -> list[int]:
 
 
 async def request_keyframe(receiver: RTCRtpReceiver) -> None:
+    lean: _LeanReceive | None = getattr(receiver, "_telemed_rx", None)
     for ssrc in media_ssrcs(receiver):
+        if lean is not None:
+            lean.plis_sent += 1
         await receiver._send_rtcp_pli(ssrc)
+
+
+@dataclass(frozen=True)
+class IntakeFigures:
+    """What the relay received of one published track: the publisher's hop.
+
+    From sequence numbers: `packets_expected` (from the first to the highest),
+    `packets_received` (distinct packets that came in time to be used), `packets_lost` on the
+    link (not received on the media stream, before any repair; the relay's receiver reports
+    tell the publisher the loss after repair, as a browser's do), `packets_given_up` (never came in
+    time, repair included: what every subscriber and the recording miss), `packets_late`
+    (came after their slot had passed, or twice) and `packets_retransmitted` (arrived over
+    RTX). Video: `frames_given_up` (could not be completed) and `frames_skipped` (dropped
+    while waiting for the keyframe that follows). `nacks_sent` and `plis_sent` went to the
+    publisher; `fec_packets` counts Opus packets with in-band FEC. `jitter_s` is the
+    interarrival jitter (RFC 3550)."""
+
+    packets_expected: int
+    packets_received: int
+    packets_lost: int
+    packets_given_up: int
+    packets_late: int
+    packets_retransmitted: int
+    frames_given_up: int
+    frames_skipped: int
+    nacks_sent: int
+    plis_sent: int
+    fec_packets: int
+    jitter_s: float
+
+
+def intake_figures(receiver: RTCRtpReceiver) -> IntakeFigures | None:
+    """The figures of a receiver tapped by `tap_receiver` (None for any other); read once a
+    second or per scrape, never per packet."""
+    lean: _LeanReceive | None = getattr(receiver, "_telemed_rx", None)
+    if lean is None:
+        return None
+    assembler = lean._assembler
+    lost = 0
+    jitter_s = 0.0
+    for ssrc, stream in list(lean._streams.items()):
+        if ssrc in lean._rtx_ssrc or stream.base_seq is None:
+            continue
+        lost += stream.packets_lost
+        jitter_s = max(jitter_s, stream.jitter / stream._clockrate)
+    return IntakeFigures(
+        packets_expected=assembler.packets_expected,
+        packets_received=assembler.packets_received,
+        # The streams count repaired packets as received: add them back for the link's loss.
+        packets_lost=lost + lean.packets_repaired,
+        packets_given_up=assembler.packets_lost,
+        packets_late=assembler.packets_late,
+        packets_retransmitted=lean.packets_retransmitted,
+        frames_given_up=assembler.frames_given_up,
+        frames_skipped=assembler.frames_skipped,
+        nacks_sent=lean.nacks_sent,
+        plis_sent=lean.plis_sent,
+        fec_packets=lean.fec_packets,
+        jitter_s=jitter_s,
+    )
 
 
 # --- sending pre-encoded frames -----------------------------------------------------------
@@ -926,7 +1039,6 @@ class _FrameSender:
         self._sent_at = [0.0] * RTP_HISTORY_SIZE
         self._resent_at = [float("-inf")] * RTP_HISTORY_SIZE
         self._retransmit_budget = 0.0  # bytes
-        self.retransmitted = 0
         self.retransmissions_refused = 0
         self._header, self._abs_send_time_at = self._template(sender._ssrc)
         self._current: _Route | None = None
@@ -1030,13 +1142,13 @@ class _FrameSender:
         dtls._RTCDtlsTransport__tx_packets += count
         return True
 
-    async def retransmit(self, sequence_number: int) -> None:
+    async def retransmit(self, sequence_number: int) -> bool:
         """A packet the subscriber reported lost (NACK), again, over RTX when negotiated,
-        within the bounds above."""
+        within the bounds above. False if it is no longer in the history, or refused."""
         slot = sequence_number % RTP_HISTORY_SIZE
         plain = self._history[slot]
         if plain is None or self.closed:
-            return
+            return False
         now = time.monotonic()
         if (
             now - self._sent_at[slot] > RETRANSMIT_MAX_AGE_S
@@ -1044,10 +1156,10 @@ class _FrameSender:
             or self._retransmit_budget < len(plain)
         ):
             self.retransmissions_refused += 1
-            return
+            return False
         packet = RtpPacket.parse(plain, self._ext_map)
         if packet.sequence_number != sequence_number:
-            return
+            return False
         self._retransmit_budget -= len(plain)
         self._resent_at[slot] = now
         sender = self._sender
@@ -1055,17 +1167,9 @@ class _FrameSender:
         if rtx_payload_type is not None:
             packet = wrap_rtx(packet, rtx_payload_type, self._rtx_seq, sender._rtx_ssrc)
             self._rtx_seq = (self._rtx_seq + 1) & 0xFFFF
-        self.retransmitted += 1
         with contextlib.suppress(ConnectionError):
             await sender.transport._send_rtp(packet.serialize(self._ext_map))
-
-
-def packets_retransmitted(sender: RTCRtpSender) -> int:
-    """How many packets a forwarding sender sent again because its subscriber asked (NACK)."""
-    forwarding: _Forwarding | None = getattr(sender, "_telemed_forwarding", None)
-    if forwarding is None or forwarding.frame_sender is None:
-        return 0
-    return forwarding.frame_sender.retransmitted
+        return True
 
 
 @dataclass(frozen=True)
@@ -1117,11 +1221,19 @@ class _ReportTap:
 
 @dataclass
 class _Forwarding:
-    """What prepare_forwarding_sender set for a sender; the newest call wins."""
+    """What prepare_forwarding_sender set for a sender; the newest call wins. The counts
+    last as long as the sender, whichever track it carries."""
 
     on_start: Callable[[FrameSend], None]
+    on_keyframe_request: Callable[[], None]
     on_report: Callable[[ReceiverReport], None]
     frame_sender: _FrameSender | None = None
+    keyframe_requests: int = 0  # PLI/FIR from the subscriber
+    retransmitted: int = 0  # packets sent again on the subscriber's NACK
+
+    def keyframe_requested(self) -> None:
+        self.keyframe_requests += 1
+        self.on_keyframe_request()
 
 
 def prepare_forwarding_sender(
@@ -1138,14 +1250,15 @@ def prepare_forwarding_sender(
     callbacks."""
     anysender: Any = sender
     anysender._RTCRtpSender__encoder = _PassThroughEncoder(on_remb)
-    anysender._send_keyframe = on_keyframe_request
     forwarding: _Forwarding | None = getattr(sender, "_telemed_forwarding", None)
     if forwarding is not None:
         forwarding.on_start = on_start
+        forwarding.on_keyframe_request = on_keyframe_request
         forwarding.on_report = on_report
         return
-    forwarding = _Forwarding(on_start, on_report)
+    forwarding = _Forwarding(on_start, on_keyframe_request, on_report)
     anysender._telemed_forwarding = forwarding
+    anysender._send_keyframe = forwarding.keyframe_requested
     tap = _ReportTap(sender._ssrc)
     send_rtcp = sender._send_rtcp
     handle_rtcp = sender._handle_rtcp_packet
@@ -1167,7 +1280,12 @@ def prepare_forwarding_sender(
     async def run_rtp(codec: RTCRtpCodecParameters) -> None:
         frame_sender = _FrameSender(sender, codec)
         forwarding.frame_sender = frame_sender
-        anysender._retransmit = frame_sender.retransmit
+
+        async def retransmit(sequence_number: int) -> None:
+            if await frame_sender.retransmit(sequence_number):
+                forwarding.retransmitted += 1
+
+        anysender._retransmit = retransmit
         anysender._RTCRtpSender__rtp_started.set()
         try:
             forwarding.on_start(frame_sender.send)
@@ -1183,6 +1301,41 @@ def prepare_forwarding_sender(
             anysender._RTCRtpSender__rtp_exited.set()
 
     anysender._run_rtp = run_rtp
+
+
+@dataclass(frozen=True)
+class SubscriberFigures:
+    """What one subscriber got of one forwarded track: its own hop. From the subscriber's
+    latest RTCP receiver report (None until one came): `fraction_lost` (0..1, since its
+    report before), `packets_lost` (cumulative), `jitter_s`, and `rtt_s` (from the report's
+    echo of the relay's sender report). Counted by the relay: `packets_sent`,
+    `retransmitted` (on its NACKs) and `keyframe_requests` (its PLI/FIR)."""
+
+    packets_sent: int
+    retransmitted: int
+    keyframe_requests: int
+    fraction_lost: float | None
+    packets_lost: int | None
+    jitter_s: float | None
+    rtt_s: float | None
+
+
+def subscriber_figures(sender: RTCRtpSender, clock_rate: int) -> SubscriberFigures:
+    """The figures of a sender set up by `prepare_forwarding_sender`; read synchronously from
+    what aiortc keeps of the last receiver report (its getStats() reads the same)."""
+    anysender: Any = sender
+    forwarding: _Forwarding | None = getattr(sender, "_telemed_forwarding", None)
+    report: Any = anysender._RTCRtpSender__stats.get(f"remote-inbound-rtp_{id(sender)}")
+    return SubscriberFigures(
+        packets_sent=anysender._RTCRtpSender__packet_count,
+        retransmitted=forwarding.retransmitted if forwarding else 0,
+        keyframe_requests=forwarding.keyframe_requests if forwarding else 0,
+        # aiortc keeps the report's 8-bit fixed-point fraction (RFC 3550 section 6.4.1).
+        fraction_lost=None if report is None else report.fractionLost / 256,
+        packets_lost=None if report is None else report.packetsLost,
+        jitter_s=None if report is None else report.jitter / clock_rate,
+        rtt_s=None if report is None else report.roundTripTime,
+    )
 
 
 # --- ICE host addresses -------------------------------------------------------------------

@@ -8,6 +8,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -24,16 +25,35 @@ MAX_QUEUED_FRAMES = 30
 KEYFRAME_INTERVAL_S = 0.3
 
 
+@dataclass
+class NodeCounters:
+    """A node's counts since it started, for /metrics: counted where each event happens, next
+    to the counts of the publication or track concerned, so they never go down when those
+    go."""
+
+    frames_received: int = 0  # from publishers
+    frames_forwarded: int = 0  # to subscribers' senders, every layer
+    frames_dropped: int = 0  # for subscribers that fell behind
+    keyframe_requests: int = 0  # sent to publishers
+
+
 class Publication:
-    """One published track (a camera, a microphone, a screen) and its subscribers."""
+    """One published track (a camera, a microphone, a screen) and its subscribers. A layer the
+    relay makes of another publication is `from_publisher=False`: its frames and keyframe
+    requests are the relay's own, so the node's counters count only what it forwards."""
 
     def __init__(
         self,
         kind: str,
         request_keyframe: Callable[[], Awaitable[None]],
         clock: Callable[[], float] = time.monotonic,
+        counters: NodeCounters | None = None,
+        *,
+        from_publisher: bool = True,
     ) -> None:
         self.kind = kind
+        self.counters = counters or NodeCounters()
+        self._from_publisher = from_publisher
         self._request_keyframe = request_keyframe
         self._clock = clock
         self._subscribers: set[ForwardedTrack] = set()
@@ -94,6 +114,8 @@ class Publication:
         for listener in self._listeners:
             listener(frame)
         self.frames_in += 1
+        if self._from_publisher:
+            self.counters.frames_received += 1
         self.bytes_in += len(frame.data)
         if self._first_timestamp is None:
             self._first_timestamp = frame.timestamp
@@ -122,6 +144,8 @@ class Publication:
             return
         self._last_keyframe_request = now
         self.keyframe_requests += 1
+        if self._from_publisher:
+            self.counters.keyframe_requests += 1
         self._keyframe_task = asyncio.ensure_future(self._request_keyframe())
 
     def end(self) -> None:
@@ -148,6 +172,7 @@ class ForwardedTrack(MediaStreamTrack):
         self._needs_keyframe = publication.kind == "video"
         self._successor: ForwardedTrack | None = None
         self._send: FrameSend | None = None
+        self._counters = publication.counters
         self.paused = False
         self.frames_out = 0
         self.bytes_out = 0
@@ -168,6 +193,7 @@ class ForwardedTrack(MediaStreamTrack):
             # Behind by a second: drop what is queued and start again at a keyframe (video) or
             # with the newest audio.
             self.frames_dropped += len(self._queue)
+            self._counters.frames_dropped += len(self._queue)
             self._queue.clear()
             if self.kind == "video" and not keyframe:
                 self._needs_keyframe = True
@@ -195,10 +221,12 @@ class ForwardedTrack(MediaStreamTrack):
         if sent:
             self.frames_out += 1
             self.bytes_out += frame.size
+            self._counters.frames_forwarded += 1
             return
         # Not sent (not connected, or the subscriber's socket is backed up): video resumes at
         # a keyframe.
         self.frames_dropped += 1
+        self._counters.frames_dropped += 1
         if self.kind == "video" and not self._needs_keyframe:
             self._needs_keyframe = True
 
@@ -241,6 +269,7 @@ class ForwardedTrack(MediaStreamTrack):
         frame = self._queue.popleft()
         self.frames_out += 1
         self.bytes_out += frame.size
+        self._counters.frames_forwarded += 1
         return frame
 
     def request_keyframe(self) -> None:

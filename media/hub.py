@@ -12,11 +12,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiortc import RTCRtpSender
-
-from media.aiortc_hooks import ReceiverReport, packets_retransmitted, uplink_estimate_bps
+from media.aiortc_hooks import (
+    ReceiverReport,
+    intake_figures,
+    subscriber_figures,
+    uplink_estimate_bps,
+)
 from media.errors import MediaError as MediaError
-from media.forwarding import Publication
+from media.forwarding import NodeCounters, Publication
+from media.ice_restart import IceRestartRefused
 from media.layers import LOW_BPS, Layer, LayerChooser, LinkMonitor, LinkSample, video_budget
 from media.low_layer import LowLayer
 from media.offer_sections import offered_sections, publishing_sources
@@ -28,7 +32,7 @@ from media.peer import (
     PublishConnection,
     SubscribeConnection,
 )
-from media.stats import RateBook
+from media.stats import LossBook, RateBook
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,11 @@ class _Member:
     arrived: list[IncomingTrack] = field(default_factory=list)
     offer_in_flight: bool = False
     offer_again: bool = False
+    # The next subscribe offer restarts ICE (the subscriber's network changed).
+    restart_wanted: bool = False
+    # The subscribe offer in flight, as sent: sent again when the seat moves to a new
+    # signaling connection before its answer came.
+    pending_offer: tuple[str, dict[str, TrackInfo]] | None = None
     # Which outgoing transceiver (mid) carries which track, as last offered.
     mids: dict[str, str] = field(default_factory=dict)
     # The subscriber's own choice for every video track it receives, those that come later
@@ -84,6 +93,61 @@ class _Member:
     layer_choice: Layer | None = None
     # What its downlink reports, judged once a second for the layer decisions.
     link: LinkMonitor = field(default_factory=LinkMonitor)
+
+
+INTAKE = "intake"
+SUBSCRIBER = "subscriber"
+CLOCK_RATE = {"video": 90_000, "audio": 48_000}
+
+
+@dataclass(frozen=True)
+class HopFigures:
+    """Loss on one hop of one track: the publisher's link into the relay (`direction`
+    INTAKE, `participant` the publisher) or the relay's link to one subscriber (SUBSCRIBER,
+    `participant` the subscriber). `counts` are cumulative for the track's life on that hop
+    (counted where each event happens); `gauges` are current values. Either is None while
+    unknown (before the subscriber's first receiver report). The names are those of
+    media/aiortc_hooks.py's IntakeFigures and SubscriberFigures."""
+
+    consultation: str
+    participant: str
+    track: TrackInfo
+    direction: str
+    counts: dict[str, int | None]
+    gauges: dict[str, float | None]
+
+    def public(self) -> dict[str, Any]:
+        return {**self.counts, **self.gauges}
+
+
+# Per kind, what is counted on the publisher's hop: the rest never happens to that kind
+# (audio is never repaired nor asked for keyframes; only Opus carries in-band FEC).
+_INTAKE_COUNTS = {
+    "audio": (
+        "packets_expected",
+        "packets_received",
+        "packets_lost",
+        "packets_given_up",
+        "packets_late",
+        "fec_packets",
+    ),
+    "video": (
+        "packets_expected",
+        "packets_received",
+        "packets_lost",
+        "packets_given_up",
+        "packets_late",
+        "packets_retransmitted",
+        "frames_given_up",
+        "frames_skipped",
+        "nacks_sent",
+        "plis_sent",
+    ),
+}
+_SUBSCRIBER_COUNTS = {
+    "audio": ("packets_sent",),
+    "video": ("packets_sent", "retransmitted", "keyframe_requests"),
+}
 
 
 # Called with (room, participant, sdp, tracks by mid) when a subscriber must take a new offer.
@@ -103,6 +167,8 @@ class MediaHub:
         self._tell_layer = tell_layer
         self._rooms: dict[str, dict[str, _Member]] = {}
         self._rates = RateBook()
+        self._intake_loss = LossBook()
+        self._counters = NodeCounters()
         self._sampler: asyncio.Task[None] | None = None
         # Low layers by id of their source publication; each exists while someone receives it
         # (and for LOW_LINGER_S after).
@@ -163,7 +229,7 @@ class MediaHub:
                 "too_many_tracks",
             )
         if member.publish is None:
-            member.publish = PublishConnection(self._config, member.arrived.append)
+            member.publish = PublishConnection(self._config, member.arrived.append, self._counters)
         member.arrived.clear()
         try:
             answer = await member.publish.answer(offer_sdp)
@@ -198,6 +264,7 @@ class MediaHub:
             raise MediaError(f"the answer could not be accepted: {exc}") from None
         finally:
             member.offer_in_flight = False
+            member.pending_offer = None
         if member.offer_again:
             member.offer_again = False
             await self._negotiate(room, member)
@@ -210,6 +277,49 @@ class MediaHub:
         for published in touched:
             published.publication.set_muted(paused)
         return len(touched)
+
+    async def restart_subscribe(self, room: str, participant: str) -> str:
+        """The subscriber's network changed: ICE restarts on its subscribe connection with the
+        next offer ("restarted"), or, where the connection is gone or never came up, a new
+        subscribe connection carries the same tracks ("replaced"; the client sees a new
+        certificate in the offer). "none" when it receives nothing yet. No one else notices."""
+        member = self._member(room, participant)
+        subscribe = member.subscribe
+        if subscribe is None:
+            return "none"
+        if not subscribe.restartable():
+            await self._replace_subscribe(room, member)
+            return "replaced"
+        await self._negotiate(room, member, restart_ice=True)
+        return "restarted"
+
+    def media_alive(self, room: str, participant: str) -> bool:
+        """Whether the participant's peer connections can carry on (none has closed): a seat
+        resumed on a new signaling connection then keeps them, and the client restarts ICE."""
+        member = self._rooms.get(room, {}).get(participant)
+        if member is None:
+            return False
+        connections = [c.pc for c in (member.publish, member.subscribe) if c is not None]
+        return all(pc.connectionState != "closed" for pc in connections)
+
+    async def resend_offer(self, room: str, participant: str) -> None:
+        """The subscribe offer still waiting for its answer, again: its seat moved to a new
+        signaling connection, and the old one may have lost it."""
+        member = self._rooms.get(room, {}).get(participant)
+        if member is not None and member.offer_in_flight and member.pending_offer is not None:
+            sdp, by_mid = member.pending_offer
+            await self._send_offer(room, participant, sdp, by_mid)
+
+    async def _replace_subscribe(self, room: str, member: _Member) -> None:
+        old = member.subscribe
+        member.subscribe = None
+        member.offer_in_flight = member.offer_again = member.restart_wanted = False
+        member.pending_offer = None
+        if old is not None:
+            await old.close()
+            self._release_unused_low_layers()
+        self._subscribe_all(room, member)
+        await self._negotiate(room, member)
 
     async def leave(
         self, room: str, participant: str, *, renegotiate: bool = True
@@ -449,19 +559,21 @@ class MediaHub:
     # --- statistics --------------------------------------------------------------------------
 
     def totals(self) -> dict[str, int]:
-        """Process-wide counts, for /metrics."""
+        """Node-wide figures, for /metrics: how many of each there are now, and the counts
+        since the hub started (they never go down)."""
         members = [m for room in self._rooms.values() for m in room.values()]
         publications = [p for m in members for p in m.published.values()]
         subscriptions = [o for m in members if m.subscribe for o in m.subscribe.tracks.values()]
+        counters = self._counters
         return {
             "rooms": len(self._rooms),
             "participants": len(members),
             "publications": len(publications),
             "subscriptions": len(subscriptions),
-            "frames_received": sum(p.publication.frames_in for p in publications),
-            "frames_forwarded": sum(o.frames_out for o in subscriptions),
-            "frames_dropped": sum(o.frames_dropped for o in subscriptions),
-            "keyframe_requests": sum(p.publication.keyframe_requests for p in publications),
+            "frames_received": counters.frames_received,
+            "frames_forwarded": counters.frames_forwarded,
+            "frames_dropped": counters.frames_dropped,
+            "keyframe_requests": counters.keyframe_requests,
         }
 
     async def stats(self, room: str) -> dict[str, Any]:
@@ -476,7 +588,7 @@ class MediaHub:
             for published in member.published.values():
                 pub = published.publication
                 rate = self._rates.rate(id(pub))
-                inbound = await _inbound(published.incoming)
+                intake = self._intake(room, member.participant, published)
                 participants[member.participant]["sent_bps"] += rate.bitrate_bps
                 subscribers = []
                 for other in members.values():
@@ -494,10 +606,9 @@ class MediaHub:
                             "frames": outgoing.frames_out,
                             "frames_dropped": outgoing.frames_dropped,
                             "remb_bps": outgoing.remb_bps,
-                            "packets_retransmitted": packets_retransmitted(
-                                outgoing.transceiver.sender
-                            ),
-                            **await _outbound(outgoing.transceiver.sender),
+                            **self._subscriber(
+                                room, other.participant, published.info, outgoing
+                            ).public(),
                         }
                     )
                 tracks.append(
@@ -509,11 +620,68 @@ class MediaHub:
                         "muted": pub.muted,
                         "keyframe_requests": pub.keyframe_requests,
                         "uplink_estimate_bps": uplink_estimate_bps(published.incoming.receiver),
-                        **inbound,
+                        "intake": intake.public(),
                         "subscribers": subscribers,
                     }
                 )
         return {"tracks": tracks, "participants": list(participants.values())}
+
+    def hops(self) -> list[HopFigures]:
+        """Every hop of every track on this node: each publisher's intake and each
+        subscriber's link, for /metrics. A hop's figures go when its track or subscriber
+        does."""
+        hops: list[HopFigures] = []
+        for room, members in self._rooms.items():
+            for member in members.values():
+                for published in member.published.values():
+                    hops.append(self._intake(room, member.participant, published))
+                    for other in members.values():
+                        subscribe = other.subscribe
+                        outgoing = (
+                            subscribe.tracks.get(id(published.publication)) if subscribe else None
+                        )
+                        if outgoing is not None:
+                            hops.append(
+                                self._subscriber(room, other.participant, published.info, outgoing)
+                            )
+        return hops
+
+    def _intake(self, room: str, participant: str, published: _Published) -> HopFigures:
+        kind = published.info.kind
+        figures = intake_figures(published.incoming.receiver)
+        values = vars(figures) if figures is not None else {}
+        return HopFigures(
+            room,
+            participant,
+            published.info,
+            INTAKE,
+            {name: values.get(name) for name in _INTAKE_COUNTS[kind]},
+            {
+                "fraction_lost": self._intake_loss.fraction(id(published.publication)),
+                "jitter_s": values.get("jitter_s"),
+            },
+        )
+
+    def _subscriber(
+        self, room: str, participant: str, info: TrackInfo, outgoing: OutgoingTrack
+    ) -> HopFigures:
+        figures = subscriber_figures(outgoing.transceiver.sender, CLOCK_RATE[info.kind])
+        counts: dict[str, int | None] = {
+            name: getattr(figures, name) for name in _SUBSCRIBER_COUNTS[info.kind]
+        }
+        counts["packets_lost"] = figures.packets_lost
+        return HopFigures(
+            room,
+            participant,
+            info,
+            SUBSCRIBER,
+            counts,
+            {
+                "fraction_lost": figures.fraction_lost,
+                "jitter_s": figures.jitter_s,
+                "rtt_s": figures.rtt_s,
+            },
+        )
 
     async def _sample_every_second(self) -> None:
         loop = asyncio.get_running_loop()
@@ -533,11 +701,15 @@ class MediaHub:
                 pub = published.publication
                 keys.add(id(pub))
                 self._rates.sample(id(pub), pub.frames_in, pub.bytes_in)
+                intake = intake_figures(published.incoming.receiver)
+                if intake is not None:
+                    self._intake_loss.sample(id(pub), intake.packets_expected, intake.packets_lost)
             if member.subscribe is not None:
                 for outgoing in member.subscribe.tracks.values():
                     keys.add(id(outgoing))
                     self._rates.sample(id(outgoing), outgoing.frames_out, outgoing.bytes_out)
         self._rates.keep_only(keys)
+        self._intake_loss.keep_only(keys)
         self._release_unused_low_layers()
         # Layer choices await statistics: the rooms may change meanwhile.
         for room, member in members:
@@ -574,17 +746,25 @@ class MediaHub:
                     if member.layer_choice is not None:
                         self._fix_layer(outgoing, member.layer_choice)
 
-    async def _negotiate(self, room: str, member: _Member) -> None:
+    async def _negotiate(self, room: str, member: _Member, *, restart_ice: bool = False) -> None:
         """Offers the subscribe connection's current tracks; one offer at a time, and any
-        change while an offer is out is offered once the answer is in."""
+        change while an offer is out is offered once the answer is in. With `restart_ice`,
+        that offer (this one or the next) restarts ICE."""
         if member.subscribe is None or member.subscribe.pc.connectionState == "closed":
             return
+        member.restart_wanted = member.restart_wanted or restart_ice
         if member.offer_in_flight:
             member.offer_again = True
             return
         member.offer_in_flight = True
+        restart, member.restart_wanted = member.restart_wanted, False
         try:
-            sdp = await member.subscribe.offer()
+            sdp = await member.subscribe.offer(restart_ice=restart)
+        except IceRestartRefused:
+            # The connection went down since it was asked for: a new one instead.
+            member.offer_in_flight = False
+            await self._replace_subscribe(room, member)
+            return
         except Exception:
             # The subscriber's connection failed; its seat will go with it.
             log.warning("offer to %s in %s failed", member.participant, room, exc_info=True)
@@ -592,6 +772,7 @@ class MediaHub:
             return
         by_mid = self._tracks_by_mid(room, member)
         member.mids = {mid: info.track_id for mid, info in by_mid.items()}
+        member.pending_offer = (sdp, by_mid)
         await self._send_offer(room, member.participant, sdp, by_mid)
 
     def _tracks_by_mid(self, room: str, member: _Member) -> dict[str, TrackInfo]:
@@ -606,25 +787,3 @@ class MediaHub:
             for key, outgoing in member.subscribe.tracks.items()
             if key in infos
         }
-
-
-async def _inbound(incoming: IncomingTrack) -> dict[str, Any]:
-    """Loss and jitter of what the publisher sends us, from aiortc's receiver statistics."""
-    clock = 90_000 if incoming.kind == "video" else 48_000
-    for stat in (await incoming.receiver.getStats()).values():
-        if stat.type == "inbound-rtp":
-            return {
-                "packets_lost": stat.packetsLost,
-                "jitter_s": round(stat.jitter / clock, 4),
-            }
-    return {"packets_lost": None, "jitter_s": None}
-
-
-async def _outbound(sender: RTCRtpSender) -> dict[str, Any]:
-    """Round-trip time and loss towards one subscriber, from its receiver reports."""
-    for stat in (await sender.getStats()).values():
-        if stat.type == "remote-inbound-rtp":
-            # aiortc passes the report's 8-bit fixed-point field on as it is (RFC 3550 6.4.1).
-            lost = stat.fractionLost
-            return {"rtt_s": stat.roundTripTime, "fraction_lost": lost and lost / 256}
-    return {"rtt_s": None, "fraction_lost": None}

@@ -31,7 +31,9 @@ QUEUE_FRAMES = 30
 class LowLayer:
     def __init__(self, source: Publication) -> None:
         self.source = source
-        self.publication = Publication("video", self._keyframe_wanted)
+        self.publication = Publication(
+            "video", self._keyframe_wanted, counters=source.counters, from_publisher=False
+        )
         # Same timestamps as the full layer, so a subscriber switching layers sees no jump.
         self.publication.share_clock(source)
         self._loop = asyncio.get_running_loop()

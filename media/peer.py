@@ -33,7 +33,13 @@ from media.aiortc_hooks import (
     request_keyframe,
     tap_receiver,
 )
-from media.forwarding import ForwardedTrack, Publication
+from media.forwarding import ForwardedTrack, NodeCounters, Publication
+from media.ice_restart import (
+    IceRestartRefused,
+    restart_on_next_offer,
+    set_local_description,
+    set_remote_description,
+)
 from media.layers import Layer, LayerChooser
 from media.offer_sections import PublishLimits
 
@@ -41,6 +47,12 @@ log = logging.getLogger(__name__)
 
 # Every connection speaks the same codecs, so encoded frames pass through unchanged.
 CODEC_OF_KIND = {"video": "video/VP8", "audio": "audio/opus"}
+# Opus format parameters (RFC 7587) the relay declares in every answer and offer. A browser's
+# encoder adds in-band FEC (each packet also carries the frame before it at a lower rate) only
+# when the far end's fmtp says useinbandfec=1, and then only while receiver reports show loss.
+# aiortc writes no fmtp for Opus, so without this a publisher sends no FEC at all. No usedtx:
+# see docs/protocol.md (Media, Audio).
+OPUS_PARAMETERS: dict[str, int] = {"useinbandfec": 1}
 
 
 @dataclass(frozen=True)
@@ -127,11 +139,26 @@ def only_relay_codecs(offer_sdp: str) -> str:
     return str(description)
 
 
+def with_opus_parameters(sdp: str) -> str:
+    """The description with OPUS_PARAMETERS on every Opus codec of its audio sections."""
+    description = SessionDescription.parse(sdp)
+    for section in description.media:
+        if section.kind != "audio":
+            continue
+        for codec in section.rtp.codecs:
+            if codec.mimeType.lower() == CODEC_OF_KIND["audio"]:
+                codec.parameters = {**codec.parameters, **OPUS_PARAMETERS}
+    return str(description)
+
+
 async def set_local(pc: RTCPeerConnection, config: PeerConfig, offer: bool) -> str:
     if config.host_addresses is not None:
         offer_host_addresses(pc, config.host_addresses)
     description = await (pc.createOffer() if offer else pc.createAnswer())
-    await pc.setLocalDescription(description)
+    # aiortc takes back the description it made, with the Opus parameters added; what it sends
+    # is unaffected (the relay packs frames itself).
+    description = RTCSessionDescription(with_opus_parameters(description.sdp), description.type)
+    await set_local_description(pc, description)
     demux_media_first(pc)
     return pc.localDescription.sdp
 
@@ -153,9 +180,11 @@ class PublishConnection:
         self,
         config: PeerConfig,
         on_track: Callable[[IncomingTrack], None],
+        counters: NodeCounters | None = None,
     ) -> None:
         self._config = config
         self._on_track = on_track
+        self._counters = counters
         self.pc = create_peer_connection(config)
         self.tracks: dict[str, IncomingTrack] = {}
         self.pc.on("track", self._track)
@@ -167,7 +196,7 @@ class PublishConnection:
         async def ask_for_keyframe() -> None:
             await request_keyframe(receiver)
 
-        publication = Publication(track.kind, ask_for_keyframe)
+        publication = Publication(track.kind, ask_for_keyframe, counters=self._counters)
 
         def forward(frame: EncodedFrame) -> None:
             publication.push(frame)
@@ -178,9 +207,18 @@ class PublishConnection:
         self._on_track(incoming)
 
     async def answer(self, offer_sdp: str) -> str:
-        await self.pc.setRemoteDescription(
-            RTCSessionDescription(only_relay_codecs(offer_sdp), "offer")
-        )
+        """The answer to the client's offer; an offer with new ICE credentials (the client's
+        network changed) restarts ICE on this connection, everything else carries on."""
+        if self.pc.connectionState == "closed":
+            raise OfferRefused(
+                "the publish connection has closed (its network was gone for too long); "
+                "publish on a new connection"
+            )
+        offer = RTCSessionDescription(only_relay_codecs(offer_sdp), "offer")
+        try:
+            await set_remote_description(self.pc, offer)
+        except IceRestartRefused as exc:
+            raise OfferRefused(f"the offer restarts ICE, which cannot be done now: {exc}") from None
         return await set_local(self.pc, self._config, offer=False)
 
     async def close(self) -> None:
@@ -316,9 +354,18 @@ class SubscribeConnection:
         self._idle.append(outgoing)
         return outgoing
 
-    async def offer(self) -> str:
+    def restartable(self) -> bool:
+        """Whether ICE can restart on this connection (it was established and is open);
+        otherwise a restart needs a new connection."""
+        return self.pc.connectionState != "closed" and self.pc.iceConnectionState == "completed"
+
+    async def offer(self, restart_ice: bool = False) -> str:
+        """The next offer; with `restart_ice`, one that restarts ICE (IceRestartRefused when
+        the connection cannot, see `restartable`)."""
         await self._negotiating.acquire()
         try:
+            if restart_ice:
+                restart_on_next_offer(self.pc)
             return await set_local(self.pc, self.config, offer=True)
         except BaseException:
             self._negotiating.release()
@@ -326,7 +373,7 @@ class SubscribeConnection:
 
     async def accept_answer(self, answer_sdp: str) -> None:
         try:
-            await self.pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
+            await set_remote_description(self.pc, RTCSessionDescription(answer_sdp, "answer"))
         finally:
             if self._negotiating.locked():
                 self._negotiating.release()

@@ -41,3 +41,30 @@ class RateBook:
             if key not in keys:
                 self._last.pop(key, None)
                 self._rates.pop(key, None)
+
+
+class LossBook:
+    """The share of packets lost between the last two samples of cumulative counts (expected,
+    lost) of each object: the receiver report's "fraction lost", over a second."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[int, int]] = {}
+        self._fractions: dict[int, float] = {}
+
+    def sample(self, key: int, expected: int, lost: int) -> None:
+        last = self._last.get(key)
+        self._last[key] = (expected, lost)
+        if last is None:
+            return
+        expected_since = expected - last[0]
+        if expected_since > 0:
+            self._fractions[key] = min(1.0, max(0, lost - last[1]) / expected_since)
+
+    def fraction(self, key: int) -> float | None:
+        return self._fractions.get(key)
+
+    def keep_only(self, keys: set[int]) -> None:
+        for key in list(self._last):
+            if key not in keys:
+                self._last.pop(key, None)
+                self._fractions.pop(key, None)

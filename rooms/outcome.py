@@ -84,6 +84,8 @@ class Outcome:
     seated: list[Seat] = field(default_factory=list)
     # Participants whose seat is gone: their media stops everywhere.
     unseated: list[tuple[ConsultationId, str]] = field(default_factory=list)
+    # Seats resumed on a new connection whose media connections carry on.
+    moved: list[Seat] = field(default_factory=list)
     # Forced mutes: (consultation, participant, "audio" | "video").
     muted: list[tuple[ConsultationId, str, str]] = field(default_factory=list)
     recorder: list[RecorderOrder] = field(default_factory=list)

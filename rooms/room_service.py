@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -97,8 +97,16 @@ class LiveRoomService:
     # --- joining and leaving ---------------------------------------------------------------
 
     async def join(
-        self, conn: str, actor: Actor, consultation_id: ConsultationId, device: str
+        self,
+        conn: str,
+        actor: Actor,
+        consultation_id: ConsultationId,
+        device: str,
+        keep_media: Callable[[ParticipantId], bool] | None = None,
     ) -> Outcome:
+        """`keep_media`, when the client still holds its seat's media connections (a new
+        signaling connection from the same page): whether the seat's media connections can
+        carry on. A resumed seat then keeps them instead of starting its media afresh."""
         consultation = await self._joinable(actor, consultation_id)
         async with self._presence.lock(consultation_id):
             room = await self._room_for_join(actor, consultation)
@@ -111,7 +119,7 @@ class LiveRoomService:
                     # The same device again before its old connection was seen to drop (a
                     # reloaded page, a network switch): the new connection takes the seat.
                     out.disconnects.append(existing.connection)
-                return await self._resume(conn, room, existing, actor, out)
+                return await self._resume(conn, room, existing, actor, out, keep_media)
             if len(room.participants) >= self._limits.max_participants:
                 raise RoomRefused(
                     "room_full", f"the room is full ({self._limits.max_participants} participants)"
@@ -497,6 +505,14 @@ class LiveRoomService:
         _, me = await self._member(conn, consultation_id)
         return me
 
+    async def check_subscribe(
+        self, conn: str, actor: Actor, consultation_id: ConsultationId
+    ) -> LiveParticipant:
+        """The admitted participant on this connection, if it may receive the room's media."""
+        _, me = await self._member(conn, consultation_id)
+        await self._check(actor, Permission.SUBSCRIBE, consultation_id)
+        return me
+
     async def start_recording(
         self, conn: str, actor: Actor, consultation_id: ConsultationId
     ) -> Outcome:
@@ -697,6 +713,7 @@ class LiveRoomService:
         seat: LiveParticipant,
         actor: Actor,
         out: Outcome,
+        keep_media: Callable[[ParticipantId], bool] | None,
     ) -> Outcome:
         """Back within the grace period: the same seat, no waiting room again."""
         resumed = replace(seat, connection=conn, disconnected_at=None)
@@ -708,15 +725,22 @@ class LiveRoomService:
             return out
         consultation = await self._joinable(actor, room.consultation_id)
         may_subscribe = _may(resumed, Permission.SUBSCRIBE, consultation)
-        # A new connection: its media connections start afresh.
-        out.unseated.append((room.consultation_id, resumed.participant_id))
-        out.seated.append(Seat(room.consultation_id, resumed.participant_id, conn, may_subscribe))
+        seat_now = Seat(room.consultation_id, resumed.participant_id, conn, may_subscribe)
+        media_kept = keep_media is not None and keep_media(resumed.participant_id)
+        if media_kept:
+            out.moved.append(seat_now)
+        else:
+            # A new connection: its media connections start afresh.
+            out.unseated.append((room.consultation_id, resumed.participant_id))
+            out.seated.append(seat_now)
         if may_subscribe:
             out.enter(conn, Audience.ROOM, room.consultation_id)
         if _may(resumed, Permission.ADMIT, consultation):
             out.enter(conn, Audience.ADMITTERS, room.consultation_id)
         out.announce(
-            "joined", await self._snapshot(room, resumed, consultation), Target.connection(conn)
+            "joined",
+            await self._snapshot(room, resumed, consultation, media_kept=media_kept),
+            Target.connection(conn),
         )
         return out
 
@@ -776,7 +800,12 @@ class LiveRoomService:
         return out
 
     async def _snapshot(
-        self, room: RoomState, me: LiveParticipant, consultation: Consultation
+        self,
+        room: RoomState,
+        me: LiveParticipant,
+        consultation: Consultation,
+        *,
+        media_kept: bool = False,
     ) -> dict[str, Any]:
         async with self._store.reading() as tx:
             chat = await tx.list_session_events(
@@ -820,6 +849,7 @@ class LiveRoomService:
             "trainee_chat": room.trainee_chat,
             "recording": room.recording.to_dict() if room.recording else None,
             "ice_servers": self._ice_servers,
+            "media_kept": media_kept,
         }
 
     async def _member(

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from media.hub import MediaHub
+from media.hub import HopFigures, MediaHub
 from signaling.namespace import ConsultNamespace
 
 _GAUGES = {
@@ -26,6 +26,64 @@ _COUNTERS = {
     "keyframe_requests": "Keyframe requests sent to publishers",
 }
 
+# Per-hop loss, per track and direction ("intake": the publisher's link into the relay;
+# "subscriber": the relay's link to one subscriber). Counts are counted where they happen and
+# last as long as the track on that hop; the series go with it.
+_HOP_LABELS = ("consultation", "participant", "track", "kind", "direction")
+_HOP_COUNTERS = {
+    "packets_expected": "Packets the publisher sent, from their sequence numbers (intake)",
+    "packets_received": "Packets that came in time to be used, repairs included (intake)",
+    "packets_sent": "Packets the relay sent to the subscriber",
+    "packets_lost": "Packets lost on the hop before any repair: by sequence numbers (intake), "
+    "as the subscriber's receiver reports say (subscriber)",
+    "packets_given_up": "Packets that never came in time, repair included (intake)",
+    "packets_late": "Packets that came after their slot had passed, or twice (intake)",
+    "packets_retransmitted": "Packets that arrived over RTX (intake)",
+    "retransmitted": "Packets the relay sent again on the subscriber's NACK",
+    "frames_given_up": "Video frames that could not be completed (intake)",
+    "frames_skipped": "Video frames dropped while waiting for a keyframe (intake)",
+    "nacks_sent": "NACK packets sent to the publisher (intake)",
+    "plis_sent": "Keyframe requests (PLI) sent to the publisher (intake)",
+    "keyframe_requests": "Keyframe requests (PLI/FIR) from the subscriber",
+    "fec_packets": "Opus packets carrying in-band FEC (intake)",
+}
+_HOP_GAUGES = {
+    "fraction_lost": (
+        "fraction_lost",
+        "Share of packets lost on the hop over the last second (intake) or since the "
+        "subscriber's previous receiver report (subscriber)",
+    ),
+    "jitter_s": ("jitter_seconds", "Interarrival jitter (RFC 3550) on the hop"),
+    "rtt_s": ("rtt_seconds", "Round-trip time between the relay and the subscriber"),
+}
+
+
+def _hop_families(hops: list[HopFigures]) -> Iterator[Metric]:
+    counters = {
+        name: CounterMetricFamily(f"telemed_media_hop_{name}", text, labels=_HOP_LABELS)
+        for name, text in _HOP_COUNTERS.items()
+    }
+    gauges = {
+        key: GaugeMetricFamily(f"telemed_media_hop_{name}", text, labels=_HOP_LABELS)
+        for key, (name, text) in _HOP_GAUGES.items()
+    }
+    for hop in hops:
+        labels = [
+            hop.consultation,
+            hop.participant,
+            hop.track.track_id,
+            hop.track.kind,
+            hop.direction,
+        ]
+        for name, value in hop.counts.items():
+            if value is not None:
+                counters[name].add_metric(labels, value)
+        for key, gauge_value in hop.gauges.items():
+            if gauge_value is not None:
+                gauges[key].add_metric(labels, gauge_value)
+    yield from counters.values()
+    yield from gauges.values()
+
 
 class _TelemedCollector(Collector):
     def __init__(self, namespace: ConsultNamespace, hub: MediaHub) -> None:
@@ -38,6 +96,7 @@ class _TelemedCollector(Collector):
             yield GaugeMetricFamily(f"telemed_media_{name}", text, value=totals[name])
         for name, text in _COUNTERS.items():
             yield CounterMetricFamily(f"telemed_media_{name}", text, value=totals[name])
+        yield from _hop_families(self._hub.hops())
         yield GaugeMetricFamily(
             "telemed_signaling_connections",
             "Authenticated socket.io connections on this node",

@@ -44,6 +44,8 @@ class EventBody(BaseModel):
 class Join(EventBody):
     consultation_id: Id
     device: Annotated[OneLineText, StringConstraints(min_length=1, max_length=40)] = "default"
+    # The client still holds its seat's peer connections (a new socket, not a reloaded page).
+    keep_media: StrictBool = False
 
 
 class Empty(EventBody):

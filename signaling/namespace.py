@@ -151,6 +151,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             "publish_offer": EventSpec(ev.PublishOffer, self._publish_offer),
             "subscribe_answer": EventSpec(ev.SubscribeAnswer, self._subscribe_answer),
             "set_layer": EventSpec(ev.SetLayer, self._set_layer),
+            "restart_subscribe": EventSpec(ev.Empty, self._restart_subscribe),
         }
 
     @property
@@ -290,6 +291,11 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         for seat in outcome.seated:
             self._seats[(seat.consultation_id, seat.participant_id)] = seat.connection
             await self._media.enter(seat.consultation_id, seat.participant_id, seat.may_subscribe)
+        for seat in outcome.moved:
+            # The same peer connections, reached over a new signaling connection: an offer
+            # that went to the old one goes again (the client then restarts ICE on both).
+            self._seats[(seat.consultation_id, seat.participant_id)] = seat.connection
+            await self._media.resend_offer(seat.consultation_id, seat.participant_id)
         for cid, participant, kind in outcome.muted:
             if participant in self._media.members(cid):
                 self._media.pause(cid, participant, kind, paused=True)
@@ -428,7 +434,14 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         if conn.consultation_id is not None:
             raise _refused("already_joined", "this connection is already in a consultation")
         cid = ConsultationId(body.consultation_id)
-        outcome = await self._rooms.join(sid, conn.actor, cid, body.device)
+        media = self._media
+
+        def keep_media(participant: ParticipantId) -> bool:
+            return media.media_alive(cid, participant)
+
+        outcome = await self._rooms.join(
+            sid, conn.actor, cid, body.device, keep_media if body.keep_media else None
+        )
         conn.consultation_id = cid
         return outcome
 
@@ -546,6 +559,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         me = await self._rooms.seated(sid, cid)
         await self._media.accept_answer(cid, me.participant_id, body.sdp)
         return Outcome()
+
+    async def _restart_subscribe(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
+        cid = _room(conn)
+        me = await self._rooms.check_subscribe(sid, conn.actor, cid)
+        out = Outcome()
+        out.reply = {"subscribe": await self._media.restart_subscribe(cid, me.participant_id)}
+        return out
 
     async def _set_layer(self, sid: str, conn: Connection, body: ev.SetLayer) -> Outcome:
         cid = _room(conn)

@@ -67,9 +67,12 @@ class MediaClient:
 
     async def _on_offer(self, data: dict[str, Any]) -> None:
         self._mid_info.update(data["tracks"])
-        answer = await answer_offer(self.subscriber, data["sdp"])
+        answer = await self.answer_subscribe_offer(data["sdp"])
         await self.peer.ok("subscribe_answer", {"sdp": answer})
         self.answers += 1
+
+    async def answer_subscribe_offer(self, offer_sdp: str) -> str:
+        return await answer_offer(self.subscriber, offer_sdp)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         transceiver = next(

@@ -482,6 +482,7 @@ EVENT_NAMES = [
     "publish_offer",
     "subscribe_answer",
     "set_layer",
+    "restart_subscribe",
     "set_trainee_chat",
     "start_recording",
 ]

@@ -57,6 +57,7 @@ PERMISSION = {
     "pointer": "annotate",
     "set_trainee_chat": "admit",
     "end_session": "end_session",
+    "restart_subscribe": "subscribe",
 }
 
 # fmt: off
@@ -78,6 +79,7 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "pointer":          (NO,      NO,      NO,     OK,     NO,      OK,    OK,        NO),
     "set_trainee_chat": (NO,      NO,      NO,     OK,     OK,      OK,    OK,        OK),
     "end_session":      (NO,      NO,      NO,     OK,     OK,      OK,    OK,        NO),
+    "restart_subscribe":(OK,      OK,      OK,     OK,     OK,      OK,    OK,        NO),
 }
 # fmt: on
 
@@ -222,6 +224,9 @@ async def prepare(room: Room, event: str) -> Cell:
             assert (await spare.wait_for("trainee_chat_set"))["open"] is False
 
         return Cell({"open": False}, announced)
+    if event == "restart_subscribe":
+        # Nothing published in this room: nothing to restart, and nobody is told.
+        return Cell({})
     raise AssertionError(f"no preparation for {event}")
 
 

@@ -16,7 +16,9 @@ ONE = "/api/v1/consultations/{consultation_id}"
 
 class MediaStats(ResponseBody):
     """Per published track (with each subscriber's view of it) and per participant. Rates are
-    over the last second; `layer` is `full`, `low` or `audio_only`."""
+    over the last second; `layer` is `full`, `low` or `audio_only`. Each track's `intake` is
+    the loss on its publisher's link, each subscriber's figures the loss on that
+    subscriber's link (docs/protocol.md, Media, Loss per hop)."""
 
     tracks: list[dict[str, Any]]
     participants: list[dict[str, Any]]

@@ -188,6 +188,33 @@ def write_tone(path: Path, frequency: float, seconds: float = 2.0) -> None:
             out.mux(packet)
 
 
+def write_voice(path: Path, fundamental: float, seconds: float = 4.0) -> None:
+    """Something a speech codec takes for speech: harmonics of `fundamental` whose pitch glides,
+    under a syllable-rate envelope, with a little breath noise. Opus codes a pure tone (or
+    Chromium's fake beep) as music, in CELT mode, which never carries in-band FEC; this it
+    codes with SILK (hybrid mode), which does."""
+    rate = 48_000
+    t = np.arange(int(rate * seconds)) / rate
+    pitch = fundamental * (1 + 0.1 * np.sin(2 * math.pi * 0.7 * t))
+    phase = 2 * math.pi * np.cumsum(pitch) / rate
+    wave = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = np.clip(np.sin(2 * math.pi * 2.5 * t), 0, None) ** 0.5
+    noise = np.random.default_rng(int(fundamental)).standard_normal(t.size)
+    samples = (0.12 * wave * envelope + 0.01 * noise) * 32767
+    with av.open(str(path), "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            samples.astype(np.int16).reshape(1, -1), format="s16", layout="mono"
+        )
+        frame.sample_rate = rate
+        frame.pts = 0
+        frame.time_base = fractions.Fraction(1, rate)
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
 @dataclass
 class Party:
     name: str
@@ -223,20 +250,21 @@ class Browsers:
         executable: str = CHROMIUM,
         args: tuple[str, ...] = (),
         files: bool = True,
+        voice: bool = False,
     ) -> Party:
         """`executable` runs the browser elsewhere (`lab.chromium(clinic)`); `args` adds
-        launch flags; without `files` the page has Chromium's own fake devices (640x480 at
-        20 fps, a beep), not a clip of `colour` and `tone`."""
+        launch flags; without `files` the page has Chromium's own fake camera (640x480 at
+        20 fps) and beep, not a clip of `colour` and a `tone`. With `voice` the microphone
+        speaks (write_voice, pitched at `tone`), files or not."""
         media_files: list[str] = []
         if files:
             camera = self.tmp / f"cam-{name}.y4m"
-            mic = self.tmp / f"mic-{name}.wav"
             write_camera(camera, colour)
-            write_tone(mic, tone)
-            media_files = [
-                f"--use-file-for-fake-video-capture={camera}",
-                f"--use-file-for-fake-audio-capture={mic}",
-            ]
+            media_files.append(f"--use-file-for-fake-video-capture={camera}")
+        if files or voice:
+            mic = self.tmp / f"mic-{name}.wav"
+            (write_voice if voice else write_tone)(mic, tone)
+            media_files.append(f"--use-file-for-fake-audio-capture={mic}")
         browser = await self.playwright.chromium.launch(
             executable_path=executable, args=[*FLAGS, *media_files, *args]
         )

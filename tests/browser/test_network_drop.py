@@ -1,5 +1,6 @@
 """One page of a running room loses its network for a few seconds: its socket.io connection and
-its media. It reconnects by itself into the same seat, and video flows both ways again."""
+its media. It reconnects by itself into the same seat, with the same peer connections (ICE
+restarts on them), and video flows both ways again."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ pytestmark = pytest.mark.browser
 # well within the reconnect grace and the 30 s after which ICE (aioice's consent checks, and
 # Chromium's) gives the media connections up; seeing it go takes a few seconds already.
 OUTAGE_S = 2.0
+
+
+async def heard_churn(party: Party) -> dict[str, int]:
+    """How many seat and track announcements the page heard."""
+    counts: dict[str, int] = await party.debug("heard()")
+    names = ("participant_left", "participant_joined", "track_unpublished", "track_published")
+    return {name: counts.get(name, 0) for name in names}
 
 
 async def seated(party: Party) -> bool:
@@ -60,6 +68,7 @@ async def test_network_drop_and_reconnect(server: Server, browsers: Browsers) ->
         await p.page.locator("#layer").select_option("full")
     ids = {await p.participant_id(): p.name for p in everyone}
     await assert_video_flows(everyone, ids)
+    churn = {p.name: await heard_churn(p) for p in everyone}
 
     # Cut the county physician's page off: every packet of its peer connections' ICE ports and
     # of its TCP connections to the server (the socket.io websocket) is dropped, and the
@@ -102,4 +111,8 @@ async def test_network_drop_and_reconnect(server: Server, browsers: Browsers) ->
     for p in (village, specialist):
         await p.page.locator(f'#people li[data-participant="{seat}"]').wait_for()
     await assert_video_flows(everyone, ids)
+    # Its peer connections came back with it, ICE restarted on them: the others saw no track
+    # of it end or start again (docs/protocol.md, Connection changes).
+    assert {p.name: await heard_churn(p) for p in everyone} == churn
+    assert await county.debug("iceRestarts()") >= 1
     no_missing_strings(*everyone)

@@ -132,6 +132,21 @@ async def test_a_udp_block_lets_tcp_through(lab: Lab) -> None:
     assert len((await udp(lab, 50, 2))["returned"]) == 50
 
 
+async def test_a_clinic_that_moves_is_reached_at_its_new_address_only(lab: Lab) -> None:
+    old = lab.address("clinic")
+    assert len((await udp(lab, 20, 2))["returned"]) == 20
+    await lab.move("clinic", "10.99.0.42")
+    assert lab.address("clinic") == "10.99.0.42" != old
+    # From the new address, both ways (the echo answers whoever asked).
+    moved = await udp(lab, 50, 2)
+    assert len(moved["returned"]) == 50, moved
+    with pytest.raises(LabError, match=r"cannot move to .10\.99\.0\.42."):
+        await lab.move("clinic", "10.99.0.42")  # taken (by itself)
+    for elsewhere in ("10.99.0.1", "10.99.0.254", "192.168.1.5"):  # the server, the host, out
+        with pytest.raises(LabError, match="not a clinic address"):
+            await lab.move("clinic", elsewhere)
+
+
 async def test_nonsense_is_refused_by_name(lab: Lab) -> None:
     with pytest.raises(LabError, match="no impaired link named 'srv'"):
         await lab.impair("srv", up=Impairment(loss=0.5))

@@ -10,7 +10,8 @@ each into its endpoint's namespace (an open TUN descriptor keeps working when it
 An IPv4 packet read from endpoint A's device for endpoint B's address goes through A's uplink
 stage, then B's downlink stage (netlab.impairment.Stage), and is written to B's device when its
 time comes. Control is JSON lines on stdin, one answer line each on stdout:
-{"op": "impair", "link": NAME, "up": {...}, "down": {...}}, {"op": "counters"}, {"op": "stop"}.
+{"op": "impair", "link": NAME, "up": {...}, "down": {...}}, {"op": "move", "link": NAME,
+"address": "10.99.0.N"} (a clinic's new address), {"op": "counters"}, {"op": "stop"}.
 
 Bounded: what waits is bounded by the stages (a capped queue drops past `queue_ms`; a delay
 holds at most delay + jitter of traffic), and the hub stops when stdin closes (its lab went)."""
@@ -102,9 +103,11 @@ class Hub:
             leaves = source.up.admit(len(packet), protocol, now) if source.impaired else now
             if leaves is None:
                 continue
-            if leaves <= now:
+            if not source.impaired:
                 self._arrive(target, packet, protocol)
             else:
+                # Always through the timers, even when due now: a packet sent at once would
+                # overtake one of the stage's that is due but not yet run.
                 self._later(leaves, self._arrive, target, packet, protocol)
 
     def _arrive(self, target: Endpoint, packet: bytes, protocol: int) -> None:
@@ -112,7 +115,7 @@ class Hub:
         leaves = target.down.admit(len(packet), protocol, now) if target.impaired else now
         if leaves is None:
             return
-        if leaves <= now:
+        if not target.impaired:
             self._write(target, packet)
         else:
             self._later(leaves, self._write, target, packet)
@@ -149,6 +152,22 @@ class Hub:
                 return {"error": str(exc)}
             endpoint.up.set(up)
             endpoint.down.set(down)
+            return {"ok": True}
+        if op == "move":
+            # A clinic's new address (its namespace changes the device's address itself):
+            # packets for the old one are unroutable from now on, as after a real change.
+            endpoint = self.by_name.get(str(request.get("link")))
+            if endpoint is None or not endpoint.impaired:
+                return {"error": f"no impaired link named {request.get('link')!r}"}
+            try:
+                address = bytes(int(part) for part in str(request.get("address")).split("."))
+            except ValueError:
+                address = b""
+            if len(address) != 4 or address in self.by_address:
+                return {"error": f"cannot move to {request.get('address')!r}"}
+            del self.by_address[endpoint.address]
+            endpoint.address = address
+            self.by_address[address] = endpoint
             return {"ok": True}
         if op == "counters":
             return {

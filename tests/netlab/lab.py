@@ -128,6 +128,22 @@ class Lab:
         if "error" in answer:
             raise LabError(answer["error"])
 
+    async def move(self, name: str, address: str) -> None:
+        """`name`'s address changes to `address` (in 10.99.0.0/24, unused), as when a clinic's
+        4G router gets a new one: the old address goes from its device, then the new one comes;
+        connections bound to the old address are dead from then on."""
+        ns, tun, old = self._endpoints.get(name, (None, "", ""))
+        if ns is None or name not in self.clinics:
+            raise LabError(f"no clinic named {name!r}")
+        if not re.match(rf"^{re.escape(SUBNET)}\.([2-9]|[1-9]\d|1\d\d|2[0-4]\d|25[0-3])$", address):
+            raise LabError(f"{address!r} is not a clinic address in {SUBNET}.0/24")
+        answer = await self._ask({"op": "move", "link": name, "address": address})
+        if "error" in answer:
+            raise LabError(answer["error"])
+        await _run("ip", "-n", ns, "addr", "del", f"{old}/24", "dev", tun)
+        await _run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", tun)
+        self._endpoints[name] = (ns, tun, address)
+
     async def counters(self) -> dict[str, Any]:
         """Per link, per direction: packets, bytes, blocked, lost, queue_dropped, delivered."""
         return await self._ask({"op": "counters"})

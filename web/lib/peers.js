@@ -9,18 +9,34 @@
  * @typedef {import("./signaling.js").Signaling} Signaling
  */
 
-/** @param {RTCPeerConnection} pc */
-function gathered(pc) {
-  if (pc.iceGatheringState === "complete") return Promise.resolve();
+/**
+ * Resolves once ICE gathering has finished for the description just set (no trickle: the
+ * offer or answer sent carries every candidate). After an ICE restart the state may still read
+ * "complete" from the gathering before: then it waits for the new gathering to start and end.
+ * Gives up after `timeoutMs` (no network: the description goes without candidates).
+ * @param {RTCPeerConnection} pc @param {boolean} [restarted]
+ */
+function gathered(pc, restarted = false, timeoutMs = 10000) {
   return new Promise((resolve) => {
-    const check = () => {
-      if (pc.iceGatheringState === "complete") {
-        pc.removeEventListener("icegatheringstatechange", check);
-        resolve(undefined);
-      }
+    let started = !restarted || pc.iceGatheringState === "gathering";
+    const finish = () => {
+      clearTimeout(timer);
+      pc.removeEventListener("icegatheringstatechange", check);
+      resolve(undefined);
     };
+    const check = () => {
+      if (pc.iceGatheringState === "gathering") started = true;
+      if (started && pc.iceGatheringState === "complete") finish();
+    };
+    const timer = setTimeout(finish, timeoutMs);
     pc.addEventListener("icegatheringstatechange", check);
+    check();
   });
+}
+
+/** The ICE username fragment of a description (its first). @param {string | undefined} sdp */
+function iceUfrag(sdp) {
+  return sdp?.match(/a=ice-ufrag:(\S+)/)?.[1] ?? null;
 }
 
 /** Runs async steps one after another: one offer at a time per connection. */
@@ -92,10 +108,20 @@ export class Publisher {
     if (pairs.length) await this.negotiate();
   }
 
-  negotiate() {
+  /**
+   * Restarts ICE on this connection (docs/protocol.md, Connection changes): an offer with new
+   * credentials and the candidates of the network the browser is on now; the tracks stay.
+   * @param {number} [timeoutMs] how long to wait for the server's answer
+   */
+  restartIce(timeoutMs) {
+    return this.negotiate({ iceRestart: true }, timeoutMs);
+  }
+
+  /** @param {RTCOfferOptions} [options] @param {number} [timeoutMs] */
+  negotiate(options = {}, timeoutMs = undefined) {
     return this.queue.run(async () => {
-      await this.pc.setLocalDescription(await this.pc.createOffer());
-      await gathered(this.pc);
+      await this.pc.setLocalDescription(await this.pc.createOffer(options));
+      await gathered(this.pc, !!options.iceRestart);
       // Every sending section, those of earlier offers too: the server refuses an offer
       // that leaves one unnamed (docs/protocol.md, publish_offer).
       /** @type {Record<string, Source>} */
@@ -103,7 +129,7 @@ export class Publisher {
       for (const [source, t] of this.bySource) if (t.mid !== null) tracks[t.mid] = source;
       const answer = this.signaling.next("publish_answer");
       const sdp = /** @type {RTCSessionDescription} */ (this.pc.localDescription).sdp;
-      await this.signaling.request("publish_offer", { sdp, tracks });
+      await this.signaling.request("publish_offer", { sdp, tracks }, timeoutMs);
       const { sdp: answerSdp } = /** @type {{sdp: string}} */ (await answer);
       await this.pc.setRemoteDescription({ type: "answer", sdp: answerSdp });
     });
@@ -150,13 +176,24 @@ export class Subscriber extends EventTarget {
       this.pc.close();
       this.pc = this.newConnection();
     }
+    // New ICE credentials in the offer: the server restarts ICE (we asked, restart_subscribe).
+    const restarted = !!current && iceUfrag(current) !== iceUfrag(offer.sdp) && this.pc.remoteDescription !== null;
     await this.pc.setRemoteDescription({ type: "offer", sdp: offer.sdp });
     await this.pc.setLocalDescription(await this.pc.createAnswer());
-    await gathered(this.pc);
+    await gathered(this.pc, restarted);
     this.offered = offer.tracks;
     const sdp = /** @type {RTCSessionDescription} */ (this.pc.localDescription).sdp;
     await this.signaling.request("subscribe_answer", { sdp });
     this.dispatchEvent(new CustomEvent("tracks", { detail: this.received() }));
+  }
+
+  /**
+   * Asks the server to restart ICE on this connection: its next offer does (answered as any
+   * other), or, where its side is gone, a new connection comes. Resolves with the ack's result.
+   * @param {number} [timeoutMs]
+   */
+  restart(timeoutMs) {
+    return this.signaling.request("restart_subscribe", {}, timeoutMs);
   }
 
   /** What arrives now: the server reuses sections, so the mapping is read from the newest offer. @returns {Received[]} */

@@ -31,6 +31,8 @@ export class Signaling {
     this.handlers = new Map();
     /** Set once joined; a reconnect then joins again with the same device label. */
     this.joined = false;
+    /** Whether the next rejoin keeps the seat's media connections (docs/protocol.md, join). */
+    this.keepMedia = true;
     // @ts-ignore: the vendored socket.io client defines the global `io`.
     this.socket = /** @type {any} */ (globalThis.io)(`${url}/consult`, {
       auth: { token, consultation_id: consultationId },
@@ -38,7 +40,12 @@ export class Signaling {
       reconnectionDelay: 500,
       reconnectionDelayMax: 3000,
     });
-    this.socket.onAny((/** @type {string} */ event, /** @type {any} */ data) => this.fire(event, data));
+    /** How many of each server event arrived (for tests and support). @type {Map<string, number>} */
+    this.heard = new Map();
+    this.socket.onAny((/** @type {string} */ event, /** @type {any} */ data) => {
+      this.heard.set(event, (this.heard.get(event) ?? 0) + 1);
+      this.fire(event, data);
+    });
     this.socket.on("connect", () => {
       this.fire("_connected", { reconnect: this.joined });
       if (this.joined) this.rejoin();
@@ -117,8 +124,10 @@ export class Signaling {
   }
 
   async rejoin() {
+    const keepMedia = this.keepMedia;
+    this.keepMedia = true;
     try {
-      await this.request("join", { consultation_id: this.consultationId, device: this.device });
+      await this.request("join", { consultation_id: this.consultationId, device: this.device, keep_media: keepMedia });
     } catch (err) {
       this.fire("_rejoin_failed", err);
     }
@@ -126,10 +135,16 @@ export class Signaling {
 
   /**
    * Drops the transport so socket.io reconnects now: after a network loss the heartbeat alone
-   * would notice only after ping interval + timeout (45 s by default).
+   * would notice only after ping interval + timeout (45 s by default). The seat is taken back
+   * with its media connections, unless `keepMedia` is false (they then start afresh).
    */
-  reconnectNow() {
+  reconnectNow(keepMedia = true) {
+    this.keepMedia = keepMedia;
     if (this.socket.connected) this.socket.io.engine.close();
+  }
+
+  get connected() {
+    return !!this.socket.connected;
   }
 
   close() {

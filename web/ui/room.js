@@ -285,23 +285,129 @@ async function join() {
 function newSubscriber() {
   const s = new Subscriber(sig);
   s.addEventListener("tracks", (e) => { state.received = /** @type {CustomEvent} */ (e).detail; syncTracks(); });
-  s.addEventListener("connectionstatechange", () => recoverIfFailed(s.pc));
+  // The subscribe connection is replaced when the server's side was gone: watch each one.
+  s.addEventListener("connectionstatechange", () => watchMedia(s.pc));
   return s;
 }
 
-/** Media that stops reaching the server says the network went away, and the signaling socket
- * is likely dead too, unnoticed until the heartbeat times out (45 s). Reconnect it instead: the
- * seat comes back (same device label) with fresh media connections (see entered). */
-function recoverIfFailed(/** @type {RTCPeerConnection} */ pc) {
-  console.info(`peer connection ${pc === publisher?.pc ? "publish" : "subscribe"}: ${pc.connectionState}`);
+// --- connection changes (docs/protocol.md, Connection changes) -------------------------------
+// The network under the page changes (a new address, a few seconds offline): ICE restarts on
+// the same peer connections, the seat stays, nobody else notices. Never a new join for it.
+
+const media = {
+  /** @type {Set<RTCPeerConnection>} */ watched: new Set(),
+  /** A restart is being sent. */ restarting: false,
+  /** Restarts in a row that did not bring the media back. */ misses: 0,
+  /** @type {any} */ watchdog: 0,
+  /** ICE restarts sent, for tests. */ restarts: 0,
+};
+// The restart's requests double as a check of the socket: no answer by then, and it is dead
+// too (an address change ends its TCP connection unnoticed).
+const RESTART_ACK_MS = 5000;
+// A restart that has not brought both connections back by then is tried again; after a few,
+// the connections start afresh (a reconnect without keep_media).
+const RESTART_WAIT_MS = 20000;
+const RESTART_TRIES = 3;
+
+function mediaConnections() {
+  return [publisher?.pc, subscriber?.pc].filter((pc) => pc && pc.connectionState !== "closed");
+}
+
+const iceUp = (/** @type {RTCPeerConnection} */ pc) => pc.iceConnectionState === "connected" || pc.iceConnectionState === "completed";
+
+/** Watches a peer connection's ICE: a failure or a lasting disconnection restarts it. */
+function watchMedia(/** @type {RTCPeerConnection | undefined} */ pc) {
+  if (!pc || media.watched.has(pc)) return;
+  media.watched.add(pc);
+  pc.addEventListener("iceconnectionstatechange", () => {
+    const which = pc === publisher?.pc ? "publish" : "subscribe";
+    console.info(`peer connection ${which}: ice ${pc.iceConnectionState}`);
+    if (state.phase !== "room") return;
+    if (pc.iceConnectionState === "failed") {
+      mediaTrouble();
+    } else if (pc.iceConnectionState === "disconnected") {
+      // A short blip recovers by itself; a restart costs a renegotiation.
+      setTimeout(() => { if (pc.iceConnectionState === "disconnected") mediaTrouble(); }, 2000);
+    } else if (iceUp(pc)) {
+      mediaRecovered();
+    }
+  });
+}
+
+function showMediaBanner(/** @type {boolean} */ on) {
+  const banner = document.getElementById("media-reconnecting");
+  if (banner) banner.hidden = !on;
+}
+
+/** Both connections carry media again. */
+function mediaRecovered() {
+  if (!mediaConnections().every((pc) => pc && iceUp(pc))) return;
+  media.misses = 0;
+  clearTimeout(media.watchdog);
+  showMediaBanner(false);
+}
+
+/** A media connection went down: restart ICE over the socket as it is; if the socket is dead
+ * too (no answer), reconnect it: the seat comes back with its media (see entered). */
+function mediaTrouble() {
   if (state.phase !== "room") return;
-  if (pc.connectionState === "failed") {
-    say(t("room.mediaRestart"));
-    sig.reconnectNow();
-  } else if (pc.connectionState === "disconnected") {
-    // A short blip recovers by itself; restarting the media costs everyone a renegotiation.
-    setTimeout(() => { if (pc.connectionState === "disconnected" && state.phase === "room") sig.reconnectNow(); }, 2000);
+  showMediaBanner(true);
+  if (sig.connected) restartMedia();
+  // Otherwise socket.io is reconnecting already, and the resumed seat restarts its media.
+}
+
+/** The browser's network changed: the socket is likely dead (its address went), unnoticed
+ * until the heartbeat (45 s). Reconnect it now; the resumed seat restarts its media. */
+function networkChanged() {
+  if (state.phase !== "room" && state.phase !== "waiting") return;
+  if (state.phase === "room") showMediaBanner(true);
+  sig.reconnectNow();
+}
+
+/** ICE restarts on the publish connection and, asked of the server, on the subscribe one. */
+async function restartMedia() {
+  if (media.restarting || state.phase !== "room") return;
+  media.restarting = true;
+  showMediaBanner(true);
+  clearTimeout(media.watchdog);
+  try {
+    media.restarts += 1;
+    await Promise.all([
+      publisher && publisher.pc.connectionState !== "closed" ? publisher.restartIce(RESTART_ACK_MS) : null,
+      subscriber ? subscriber.restart(RESTART_ACK_MS) : null,
+    ]);
+  } catch (err) {
+    console.warn("ICE restart", err);
+    media.restarting = false;
+    if (err instanceof SignalError && (err.code === "timeout" || err.code === "disconnected")) {
+      sig.reconnectNow(); // the socket is dead too
+    } else {
+      restartAfresh(); // refused: this connection cannot restart
+    }
+    return;
   }
+  media.restarting = false;
+  // Until both connections are up again (ICE may stay "connected" through a restart, firing
+  // no event), or the wait runs out: then again, and after a few times afresh.
+  const until = Date.now() + RESTART_WAIT_MS;
+  const check = () => {
+    if (state.phase !== "room") return;
+    if (mediaConnections().every((pc) => pc && iceUp(pc))) { mediaRecovered(); return; }
+    if (Date.now() < until) { media.watchdog = setTimeout(check, 1000); return; }
+    media.misses += 1;
+    if (media.misses >= RESTART_TRIES) restartAfresh();
+    else restartMedia();
+  };
+  media.watchdog = setTimeout(check, 1000);
+}
+
+/** The connections cannot recover: new ones, through a reconnect that does not keep them (the
+ * room sees this seat's tracks end and come back). */
+function restartAfresh() {
+  media.misses = 0;
+  clearTimeout(media.watchdog);
+  say(t("room.mediaRestart"));
+  sig.reconnectNow(false);
 }
 
 // --- announcements -----------------------------------------------------------------------------
@@ -435,14 +541,20 @@ async function entered(/** @type {any} */ snapshot) {
     say(t("room.reconnected"));
   }
   renderAll();
-  // Every `joined` on a new connection (first entry, a resumed seat, a new seat) comes with
-  // fresh media connections on the server: our tracks are published again, and the subscribe
+  if (!firstTime && snapshot.media_kept && (publisher || !mayPublish())) {
+    // The seat came back with its media connections (a new socket, same page): the network
+    // may have changed under them, so ICE restarts on both.
+    restartMedia();
+    return;
+  }
+  // Otherwise the seat's media connections on the server are fresh (first entry, a seat
+  // resumed without them, a new seat): our tracks are published again, and the subscribe
   // connection follows the server's next offer.
   publisher?.close();
   publisher = null;
   state.ownCameraTrack = null;
   // The server keeps a video quality chosen without a track for the seat's media connections,
-  // so fresh ones (a resumed or new seat) are told again.
+  // so fresh ones are told again.
   if (state.layer !== "auto" && can("subscribe")) act("set_layer", { layer: state.layer });
   await publishAll();
   if (firstTime && (who?.role === "resident" || who?.role === "guardian") && !consentGiven("consultation")) {
@@ -453,7 +565,7 @@ async function entered(/** @type {any} */ snapshot) {
 async function publishAll() {
   if (!mayPublish()) return;
   publisher = new Publisher(sig, state.iceServers);
-  publisher.pc.addEventListener("connectionstatechange", () => publisher && recoverIfFailed(publisher.pc));
+  watchMedia(publisher.pc);
   /** @type {[import("../lib/peers.js").Source, MediaStreamTrack][]} */
   const pairs = [];
   if (state.camera && state.camOn) pairs.push(["camera", state.camera]);
@@ -470,6 +582,7 @@ async function publishAll() {
 function buildRoom() {
   main.replaceChildren(
     h("div", { id: "reconnecting", class: "banner", role: "status", hidden: true, text: t("room.reconnecting") }),
+    h("div", { id: "media-reconnecting", class: "banner", role: "status", hidden: true, text: t("room.mediaReconnecting") }),
     h("div", { class: "room" },
       h("section", { class: "stage", "aria-label": t("room.videos") },
         h("div", { id: "grid", class: "grid" }),
@@ -487,6 +600,8 @@ function renderAll() {
   pageHeader();
   const banner = document.getElementById("reconnecting");
   if (banner) banner.textContent = t("room.reconnecting");
+  const mediaBanner = document.getElementById("media-reconnecting");
+  if (mediaBanner) mediaBanner.textContent = t("room.mediaReconnecting");
   document.querySelector(".stage")?.setAttribute("aria-label", t("room.videos"));
   renderToolbar();
   renderPeople();
@@ -969,6 +1084,8 @@ function stopMedia() {
   phase: () => state.phase,
   /** The two peer connections, for tests that read their raw getStats(). */
   connections: () => ({ publish: publisher?.pc ?? null, subscribe: subscriber?.pc ?? null }),
+  /** Which section of the subscribe connection carries whose track now (sections are reused). */
+  sections: () => (subscriber ? subscriber.received().map((r) => ({ mid: r.mid, participant: r.info.participant })) : []),
   inbound: async () => (subscriber ? [...(await inbound(subscriber)).values()] : []),
   outbound: async () => {
     /** @type {any[]} */
@@ -1010,10 +1127,20 @@ function stopMedia() {
     return ports;
   },
   reconnecting: () => !byId("reconnecting")?.hidden,
+  mediaReconnecting: () => !byId("media-reconnecting")?.hidden,
+  /** How many of each server event this page heard. */
+  heard: () => Object.fromEntries(sig.heard),
+  /** ICE restarts this page has sent (both connections at once count one). */
+  iceRestarts: () => media.restarts,
+  /** Each connection's ICE state and the ICE ufrag its newest local description carries. */
+  ice: () => Object.fromEntries(Object.entries({ publish: publisher?.pc, subscribe: subscriber?.pc }).map(([k, pc]) => [k, pc ? {
+    state: pc.iceConnectionState, ufrag: pc.localDescription?.sdp.match(/a=ice-ufrag:(\S+)/)?.[1] ?? null } : null])),
 };
 
-// The browser knows the network went away before the heartbeat does.
+// The browser knows the network went away, or changed, before the heartbeat does.
 window.addEventListener("offline", () => { if (state.phase === "room" || state.phase === "waiting") sig.reconnectNow(); });
+window.addEventListener("online", () => networkChanged());
+/** @type {any} */ (navigator).connection?.addEventListener?.("change", () => networkChanged());
 
 applyStatic(document);
 start();

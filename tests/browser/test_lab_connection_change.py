@@ -1,0 +1,159 @@
+"""A clinic's network changes under a consultation, in the network lab: the village doctor's
+link first goes silent for a few seconds (every packet lost, both ways), then the clinic gets a
+new address (`Lab.move`: the old one goes from its device, connections bound to it are dead).
+Each time its page keeps its seat and, on the same two peer connections, ICE restarts and video
+flows both ways again: the seat id is the same, the county physician's page heard no
+participant leave or join and no track end or start, and receives the same track ids
+(docs/protocol.md, Connection changes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    Browsers,
+    Party,
+    Server,
+    assert_video_flows,
+    eventually,
+    start_server,
+    stop_server,
+)
+from labcall import CLINIC, PEER, open_pages, telemed_call
+from netlab import Impairment, Lab
+
+pytestmark = pytest.mark.browser
+
+CHURN = ("participant_left", "participant_joined", "track_unpublished", "track_published")
+SILENT_S = 6.0
+NEW_ADDRESS = "10.99.0.42"
+
+
+@pytest.fixture
+async def lab() -> AsyncIterator[Lab]:
+    async with Lab([CLINIC, PEER]) as lab:
+        yield lab
+
+
+@pytest.fixture
+async def lab_server(lab: Lab, tmp_path: Path) -> AsyncIterator[Server]:
+    server = await start_server(tmp_path, netns=lab.exec_prefix("srv"), address=lab.address("srv"))
+    yield server
+    await stop_server(server)
+
+
+async def heard(party: Party) -> dict[str, int]:
+    counts: dict[str, int] = await party.debug("heard()")
+    return {name: counts.get(name, 0) for name in CHURN}
+
+
+async def received_tracks(party: Party) -> set[str]:
+    return {s["info"]["track_id"] for s in await party.debug("inbound()")}
+
+
+async def stalled(party: Party) -> bool:
+    """No new video frame decoded for a second."""
+
+    async def frames() -> int:
+        return sum(
+            s["framesDecoded"]
+            for s in await party.debug("inbound()")
+            if s["info"]["kind"] == "video"
+        )
+
+    before = await frames()
+    await asyncio.sleep(1.0)
+    return await frames() == before
+
+
+async def test_a_clinic_keeps_its_seat_and_media_through_silence_and_a_new_address(
+    lab: Lab, lab_server: Server, browsers: Browsers
+) -> None:
+    village, county = await open_pages(lab, browsers, lab_server)
+    await telemed_call(lab_server, village, county)
+    ids = {await p.participant_id(): p.name for p in (village, county)}
+    await assert_video_flows([village, county], ids)
+    seat = await village.participant_id()
+    tracks_at_county = await received_tracks(county)
+    tracks_at_village = await received_tracks(village)
+    churn_at_county = await heard(county)
+    # The page's own peer connections, to tell a restart on them from new ones.
+    await village.page.evaluate("window.connectionsBefore = window.telemedDebug.connections()")
+    ufrags = await village.debug("ice()")
+
+    async def diagnose() -> str:
+        lines = [f"counters: {json.dumps((await lab.counters())['links'][CLINIC])}"]
+        for p in (village, county):
+            lines.append(f"{p.name} ice: {await p.debug('ice()')}")
+            lines.append(f"{p.name} console: " + " | ".join(p.console[-25:]))
+        return "\n".join(lines)
+
+    async def same_connections() -> bool:
+        return bool(
+            await village.page.evaluate(
+                "(() => { const now = window.telemedDebug.connections();"
+                " return now.publish === window.connectionsBefore.publish"
+                " && now.subscribe === window.connectionsBefore.subscribe; })()"
+            )
+        )
+
+    async def check_unchanged(what: str) -> None:
+        await assert_video_flows([village, county], ids)
+        assert await village.participant_id() == seat, what
+        assert await heard(county) == churn_at_county, (what, await heard(county))
+        assert await received_tracks(county) == tracks_at_county, what
+        assert await received_tracks(village) == tracks_at_village, what
+        assert await same_connections(), what
+        restarts = await village.debug("iceRestarts()")
+        print(f"{what}: ice {await village.debug('ice()')}, restarts {restarts}")
+
+    # 1. A few seconds of silence: nothing gets through either way.
+    silent = Impairment(loss=1.0)
+    await lab.impair(CLINIC, up=silent, down=silent)
+    try:
+        await eventually(
+            lambda: stalled(county), "the village's video to stop at the county", diagnose
+        )
+        await asyncio.sleep(SILENT_S)
+    finally:
+        await lab.impair(CLINIC)
+    await eventually(lambda: no_banner(village), "the media banner to go", diagnose)
+    await check_unchanged("after the silence")
+
+    # 2. A new address: the old one goes, with everything bound to it (the websocket too).
+    restarts = await village.debug("iceRestarts()")
+    await lab.move(CLINIC, NEW_ADDRESS)
+    await eventually(lambda: stalled(county), "the village's video to stop at the county", diagnose)
+
+    async def restarted() -> bool:
+        return bool(await village.debug("iceRestarts()") > restarts)
+
+    await eventually(restarted, "the village's page to restart ICE", diagnose)
+    await eventually(lambda: no_banner(village), "the media banner to go", diagnose)
+    await check_unchanged("after the move")
+    now = await village.debug("ice()")
+    # ICE restarted on both connections: each now carries new credentials.
+    assert now["publish"]["ufrag"] != ufrags["publish"]["ufrag"], (ufrags, now)
+    assert now["subscribe"]["ufrag"] != ufrags["subscribe"]["ufrag"], (ufrags, now)
+    candidates: list[dict[str, Any]] = await village.page.evaluate(
+        """async () => {
+          const out = [];
+          const report = await window.telemedDebug.connections().publish.getStats();
+          report.forEach((s) => {
+            if (s.type !== "transport" || !s.selectedCandidatePairId) return;
+            const pair = report.get(s.selectedCandidatePairId);
+            out.push(report.get(pair.localCandidateId));
+          });
+          return out;
+        }"""
+    )
+    assert [c["address"] for c in candidates] == [NEW_ADDRESS], candidates
+
+
+async def no_banner(party: Party) -> bool:
+    return not await party.debug("mediaReconnecting()") and not await party.debug("reconnecting()")
