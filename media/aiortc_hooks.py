@@ -7,8 +7,10 @@ What aiortc lacks and this module adds:
 - a receiver that hands out re-assembled *encoded* frames instead of decoding them;
 - releasing a video frame as soon as its last packet (marker bit) is in, instead of when the
   next frame starts, and giving up on a frame whose retransmission is lost;
-- a sender that packs pre-encoded frames and reports keyframe requests (PLI/FIR) and bitrate
-  feedback (REMB) to the relay instead of dropping them;
+- a sender that packs pre-encoded frames and reports keyframe requests (PLI/FIR), bitrate
+  feedback (REMB) and each receiver report's loss and round-trip time to the relay instead of
+  dropping them (aiortc smooths its round-trip time and measures it only from reports that
+  answer its newest sender report);
 - receiving RTP in the socket's callback, without aiortc's per-datagram queue and task;
 - choosing which host addresses ICE offers (aioice never offers loopback by itself).
 
@@ -51,8 +53,11 @@ from aiortc.rtcrtpsender import RTCRtpSender, random_sequence_number
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTP_HISTORY_SIZE,
+    AnyRtcpPacket,
     HeaderExtensionsMap,
     RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpSrPacket,
     RtpPacket,
     pack_remb_fci,
     wrap_rtx,
@@ -151,6 +156,12 @@ def check_internals() -> None:
             RTCRtpSender.stop
         ):
             problems.append(f"missing: {where}")
+    if "self.__lsr = ((self.__ntp_timestamp) >> 16) & 0xFFFFFFFF" not in inspect.getsource(
+        RTCRtpSender._run_rtcp
+    ) or "await self._send_rtcp(packets)" not in inspect.getsource(RTCRtpSender._run_rtcp):
+        problems.append("missing: RTCRtpSender._run_rtcp sends its reports with _send_rtcp")
+    if "await recipient._handle_rtcp_packet(packet)" not in inspect.getsource(RTCDtlsTransport):
+        problems.append("missing: RTCDtlsTransport hands RTCP to _handle_rtcp_packet")
     if "await self._retransmit(seq)" not in handle_rtcp:
         problems.append("missing: RTCRtpSender routes NACK to _retransmit")
     for needle in (
@@ -651,7 +662,7 @@ class _LeanReceive:
         anyreceiver: Any = receiver
         self._receiver = anyreceiver
         self._assembler = assembler
-        self._estimator = estimator
+        self.estimator = estimator
         # Filled by aiortc when the receiver starts; the same objects it reads.
         self._codecs: dict[int, RTCRtpCodecParameters] = anyreceiver._RTCRtpReceiver__codecs
         self._rtx_ssrc: dict[int, int] = anyreceiver._RTCRtpReceiver__rtx_ssrc
@@ -681,8 +692,8 @@ class _LeanReceive:
         if not receiver._enabled:
             return
         ssrc = packet.ssrc
-        if self._estimator is not None and abs_send_time is not None:
-            remb = self._estimator.add(
+        if self.estimator is not None and abs_send_time is not None:
+            remb = self.estimator.add(
                 arrival_ms, abs_send_time, len(packet.payload) + padding, ssrc
             )
             rtcp_ssrc = receiver._RTCRtpReceiver__rtcp_ssrc
@@ -765,6 +776,8 @@ class _ThrottledEstimator:
     def __init__(self, estimator: Any) -> None:
         self._estimator = estimator
         self._last_ms: int | None = None
+        # The newest estimate sent to the publisher (REMB), bits per second.
+        self.last_bps: int | None = None
         # The group being gathered: first and last send time, last arrival, size, SSRC.
         self._group: list[int] | None = None
 
@@ -789,7 +802,17 @@ class _ThrottledEstimator:
         if self._last_ms is not None and arrival_time_ms - self._last_ms < self.REMB_INTERVAL_MS:
             return None
         self._last_ms = arrival_time_ms
+        self.last_bps = remb[0]
         return remb
+
+
+def uplink_estimate_bps(receiver: RTCRtpReceiver) -> int | None:
+    """What the relay last told the publisher of this (video) track its uplink carries (the
+    REMB it sends), or None before it has told it anything."""
+    lean: _LeanReceive | None = getattr(receiver, "_telemed_rx", None)
+    if lean is None or lean.estimator is None:
+        return None
+    return lean.estimator.last_bps
 
 
 def media_ssrcs(receiver: RTCRtpReceiver) -> list[int]:
@@ -892,6 +915,17 @@ FrameSend = Callable[[PackedFrame], bool]
 # More unsent bytes than this queued at a subscriber's socket (asyncio buffers what the kernel
 # does not take at once): frames for it are dropped instead of queued without bound.
 MAX_UNSENT_BYTES = 256 * 1024
+# Retransmissions (NACK) towards one subscriber, bounded. On a link that drops what it cannot
+# carry, the subscriber asks again for every packet the queue dropped, and again when the
+# retransmission is dropped too; answered without a bound, the repairs kept a 400 kbit/s
+# link's queue full for ten seconds after its picture had stepped down (1,600 packets resent
+# in 8 s). So: at most RETRANSMIT_SHARE of the bytes sent (the budget may gather up to
+# RETRANSMIT_BURST), never a packet older than a live picture can still use, and one packet
+# at most once per RETRANSMIT_SPACING_S. Random loss of 10 % needs about a tenth.
+RETRANSMIT_SHARE = 0.25
+RETRANSMIT_BURST = 48 * 1024
+RETRANSMIT_MAX_AGE_S = 1.0
+RETRANSMIT_SPACING_S = 0.05
 _NTP_UNIX_OFFSET = 2_208_988_800  # seconds from 1900 to 1970
 _RTP_HEAD = struct.Struct("!BH")  # second byte (marker, payload type), sequence number
 _RTP_TIMESTAMP = struct.Struct("!I")
@@ -1003,6 +1037,11 @@ class _FrameSender:
         self._ext_map: HeaderExtensionsMap = anysender._RTCRtpSender__rtp_header_extensions_map
         # The unprotected packets last sent, by sequence number modulo the history size.
         self._history: list[bytes | None] = [None] * RTP_HISTORY_SIZE
+        # When each packet of the history was sent, and last sent again (monotonic clock).
+        self._sent_at = [0.0] * RTP_HISTORY_SIZE
+        self._resent_at = [float("-inf")] * RTP_HISTORY_SIZE
+        self._retransmit_budget = 0.0  # bytes
+        self.retransmissions_refused = 0
         self._header, self._abs_send_time_at = self._template(sender._ssrc)
         self._current: _Route | None = None
         self.closed = False
@@ -1076,12 +1115,18 @@ class _FrameSender:
         count = len(payloads)
         marked = count - 1
         packets = []
+        sent_at = self._sent_at
+        now = time.monotonic()
+        self._retransmit_budget = min(
+            RETRANSMIT_BURST, self._retransmit_budget + RETRANSMIT_SHARE * frame.payload_bytes
+        )
         for i, payload in enumerate(payloads):
             _RTP_HEAD.pack_into(
                 header, 1, payload_type | 0x80 if i == marked else payload_type, seq
             )
             plain = b"".join((header, payload))
             history[seq % RTP_HISTORY_SIZE] = plain
+            sent_at[seq % RTP_HISTORY_SIZE] = now
             packets.append(protect(plain))
             seq = (seq + 1) & 0xFFFF
         self._seq = seq
@@ -1100,14 +1145,25 @@ class _FrameSender:
         return True
 
     async def retransmit(self, sequence_number: int) -> bool:
-        """A packet the subscriber reported lost (NACK), again, over RTX when negotiated.
-        False if it is no longer in the history."""
-        plain = self._history[sequence_number % RTP_HISTORY_SIZE]
+        """A packet the subscriber reported lost (NACK), again, over RTX when negotiated,
+        within the bounds above. False if it is no longer in the history, or refused."""
+        slot = sequence_number % RTP_HISTORY_SIZE
+        plain = self._history[slot]
         if plain is None or self.closed:
+            return False
+        now = time.monotonic()
+        if (
+            now - self._sent_at[slot] > RETRANSMIT_MAX_AGE_S
+            or now - self._resent_at[slot] < RETRANSMIT_SPACING_S
+            or self._retransmit_budget < len(plain)
+        ):
+            self.retransmissions_refused += 1
             return False
         packet = RtpPacket.parse(plain, self._ext_map)
         if packet.sequence_number != sequence_number:
             return False
+        self._retransmit_budget -= len(plain)
+        self._resent_at[slot] = now
         sender = self._sender
         rtx_payload_type: int | None = sender._RTCRtpSender__rtx_payload_type
         if rtx_payload_type is not None:
@@ -1118,6 +1174,53 @@ class _FrameSender:
         return True
 
 
+@dataclass(frozen=True)
+class ReceiverReport:
+    """What one receiver report of the subscriber says about a stream the relay sends it."""
+
+    fraction_lost: float  # 0..1, since its previous report
+    rtt_s: float | None  # from the sender report it answers; None if that is unknown
+
+
+class _ReportTap:
+    """Round-trip times from a sender's receiver reports, one per report and unsmoothed. aiortc
+    keeps a smoothed figure (each report moves it 15 % of the way) and counts only reports
+    that answer its newest sender report, so a queue filling on the subscriber's path showed
+    seconds late, or not at all once the queue outlasted the report interval."""
+
+    KEEP = 8  # sender reports remembered, by their LSR (RFC 3550 6.4.1)
+
+    def __init__(self, ssrc: int) -> None:
+        self._ssrc = ssrc
+        # When each recent sender report left (wall clock, as aiortc's); None when two carried
+        # the same LSR (a paused track's reports repeat it) and a report cannot tell which.
+        self._sent: dict[int, float | None] = {}
+
+    def sent(self, packets: Iterable[AnyRtcpPacket]) -> None:
+        for packet in packets:
+            if isinstance(packet, RtcpSrPacket):
+                lsr = (packet.sender_info.ntp_timestamp >> 16) & 0xFFFFFFFF
+                self._sent[lsr] = None if lsr in self._sent else time.time()
+                while len(self._sent) > self.KEEP:
+                    del self._sent[next(iter(self._sent))]
+
+    def received(self, packet: AnyRtcpPacket) -> list[ReceiverReport]:
+        if not isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+            return []
+        reports = []
+        for block in packet.reports:
+            if block.ssrc != self._ssrc:
+                continue
+            rtt = None
+            left = self._sent.get(block.lsr) if block.lsr else None
+            if left is not None:
+                rtt = time.time() - left - block.dlsr / 65536
+                if rtt < 0:
+                    rtt = None  # clocks of a paused track's repeated reports
+            reports.append(ReceiverReport(block.fraction_lost / 256, rtt))
+        return reports
+
+
 @dataclass
 class _Forwarding:
     """What prepare_forwarding_sender set for a sender; the newest call wins. The counts
@@ -1125,6 +1228,7 @@ class _Forwarding:
 
     on_start: Callable[[FrameSend], None]
     on_keyframe_request: Callable[[], None]
+    on_report: Callable[[ReceiverReport], None]
     frame_sender: _FrameSender | None = None
     keyframe_requests: int = 0  # PLI/FIR from the subscriber
     retransmitted: int = 0  # packets sent again on the subscriber's NACK
@@ -1139,21 +1243,39 @@ def prepare_forwarding_sender(
     on_keyframe_request: Callable[[], None],
     on_remb: Callable[[int], None],
     on_start: Callable[[FrameSend], None],
+    on_report: Callable[[ReceiverReport], None],
 ) -> None:
     """The sender forwards `PackedFrame`s that the relay pushes: once the sender starts (the
     connection is up), `on_start` gets the function to push them to, which sends at once and
-    returns False for a frame it could not send. The subscriber's PLI/FIR and REMB reach the
-    callbacks. Calling this again on a running sender only changes the callbacks."""
+    returns False for a frame it could not send. The subscriber's PLI/FIR, REMB and receiver
+    reports reach the callbacks. Calling this again on a running sender only changes the
+    callbacks."""
     anysender: Any = sender
     anysender._RTCRtpSender__encoder = _PassThroughEncoder(on_remb)
     forwarding: _Forwarding | None = getattr(sender, "_telemed_forwarding", None)
     if forwarding is not None:
         forwarding.on_start = on_start
         forwarding.on_keyframe_request = on_keyframe_request
+        forwarding.on_report = on_report
         return
-    forwarding = _Forwarding(on_start, on_keyframe_request)
+    forwarding = _Forwarding(on_start, on_keyframe_request, on_report)
     anysender._telemed_forwarding = forwarding
     anysender._send_keyframe = forwarding.keyframe_requested
+    tap = _ReportTap(sender._ssrc)
+    send_rtcp = sender._send_rtcp
+    handle_rtcp = sender._handle_rtcp_packet
+
+    async def send_rtcp_noted(packets: list[AnyRtcpPacket]) -> None:
+        tap.sent(packets)
+        await send_rtcp(packets)
+
+    async def handle_rtcp_noted(packet: AnyRtcpPacket) -> None:
+        for report in tap.received(packet):
+            forwarding.on_report(report)
+        await handle_rtcp(packet)
+
+    anysender._send_rtcp = send_rtcp_noted
+    anysender._handle_rtcp_packet = handle_rtcp_noted
 
     # Replaces, for this sender only, the task aiortc runs to pull frames from the track and
     # send them packet by packet: the relay pushes frames instead.

@@ -5,17 +5,23 @@ called (signaling asks rooms/), so the hub only moves media."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from media.aiortc_hooks import intake_figures, subscriber_figures
+from media.aiortc_hooks import (
+    ReceiverReport,
+    intake_figures,
+    subscriber_figures,
+    uplink_estimate_bps,
+)
 from media.errors import MediaError as MediaError
 from media.forwarding import NodeCounters, Publication
 from media.ice_restart import IceRestartRefused
-from media.layers import LOW_BPS, Layer, congested, video_budget
+from media.layers import LOW_BPS, Layer, LayerChooser, LinkMonitor, LinkSample, video_budget
 from media.low_layer import LowLayer
 from media.offer_sections import offered_sections, publishing_sources
 from media.peer import (
@@ -29,6 +35,11 @@ from media.peer import (
 from media.stats import LossBook, RateBook
 
 log = logging.getLogger(__name__)
+
+# The once-a-second sampler woke this much late: the relay's event loop was held up.
+HELD_UP_S = 0.25
+# A low layer nobody receives is kept this long (longer than a probe's trial).
+LOW_LINGER_S = 8.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,11 @@ class _Member:
     pending_offer: tuple[str, dict[str, TrackInfo]] | None = None
     # Which outgoing transceiver (mid) carries which track, as last offered.
     mids: dict[str, str] = field(default_factory=dict)
+    # The subscriber's own choice for every video track it receives, those that come later
+    # included; None lets the bandwidth estimate decide.
+    layer_choice: Layer | None = None
+    # What its downlink reports, judged once a second for the layer decisions.
+    link: LinkMonitor = field(default_factory=LinkMonitor)
 
 
 INTAKE = "intake"
@@ -154,9 +170,14 @@ class MediaHub:
         self._intake_loss = LossBook()
         self._counters = NodeCounters()
         self._sampler: asyncio.Task[None] | None = None
-        # Low layers by id of their source publication; each exists while someone receives it.
+        # Low layers by id of their source publication; each exists while someone receives it
+        # (and for LOW_LINGER_S after).
         self._low: dict[int, LowLayer] = {}
+        # Since when (event loop time) each low layer has had no subscriber.
+        self._low_unused_since: dict[int, float] = {}
         self._watchers: dict[str, tuple[TrackPublished, TrackUnpublished]] = {}
+        # Announcements of layer changes made outside the sampler (a probe undone at once).
+        self._telling: set[asyncio.Future[None]] = set()
 
     def members(self, room: str) -> list[str]:
         return list(self._rooms.get(room, {}))
@@ -316,6 +337,7 @@ class MediaHub:
                 if other.subscribe is not None:
                     other.subscribe.remove(published.publication)
             low = self._low.pop(id(published.publication), None)
+            self._low_unused_since.pop(id(published.publication), None)
             if low is not None:
                 low.close()
         if member.publish is not None:
@@ -336,6 +358,9 @@ class MediaHub:
             await self.leave(room, participant, renegotiate=False)
 
     async def stop(self) -> None:
+        for task in list(self._telling):
+            task.cancel()
+        await asyncio.gather(*self._telling, return_exceptions=True)
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
@@ -381,9 +406,12 @@ class MediaHub:
     def set_layer(
         self, room: str, participant: str, track_id: str | None, layer: Layer | None
     ) -> int:
-        """The subscriber's own choice for one video track (or all of them); None hands the
-        choice back to the bandwidth estimate. Returns how many tracks it applies to."""
+        """The subscriber's own choice for one video track, or (without `track_id`) for every
+        video track it receives now and every one it receives later; None hands the choice
+        back to the bandwidth estimate. Returns how many tracks it applies to now."""
         member = self._member(room, participant)
+        if track_id is None:
+            member.layer_choice = layer
         if member.subscribe is None:
             if track_id is not None:
                 raise MediaError(f"you receive no video track {track_id}")
@@ -403,9 +431,16 @@ class MediaHub:
         if track_id is not None and not chosen:
             raise MediaError(f"you receive no video track {track_id}")
         for outgoing in chosen:
-            outgoing.fixed_layer = layer
-            self._apply_layer(outgoing, layer or outgoing.chooser.current)
+            self._fix_layer(outgoing, layer)
         return len(chosen)
+
+    def _fix_layer(self, outgoing: OutgoingTrack, layer: Layer | None) -> None:
+        outgoing.fixed_layer = layer
+        if layer is None:
+            # The estimate decides again, from what is being sent now.
+            outgoing.chooser = LayerChooser(current=outgoing.layer)
+        else:
+            self._apply_layer(outgoing, layer)
 
     def _info(self, room: str, publication: Publication) -> TrackInfo | None:
         return next(
@@ -439,45 +474,87 @@ class MediaHub:
         return low
 
     def _release_unused_low_layers(self) -> None:
+        """Closes the low layers nobody has received for LOW_LINGER_S: a probe of the full
+        picture that fails comes back to a running low layer (its next frame a keyframe),
+        not to a new one that must first wait for a keyframe of the publisher's."""
+        now = asyncio.get_running_loop().time()
         for key, low in list(self._low.items()):
-            if low.publication.subscriber_count == 0:
+            if low.publication.subscriber_count:
+                self._low_unused_since.pop(key, None)
+                continue
+            if now - self._low_unused_since.setdefault(key, now) >= LOW_LINGER_S:
                 del self._low[key]
+                del self._low_unused_since[key]
                 low.close()
 
-    async def _choose_layers(self, room: str, member: _Member) -> None:
-        """Once a second: each video track's layer from the subscriber's REMB and loss."""
+    async def _choose_layers(self, room: str, member: _Member, held_up: bool) -> None:
+        """Once a second: how the subscriber's link fares (media/layers.py), then each video
+        track's layer from its share of the estimate. A second in which the relay itself was
+        held up says nothing of the links: what it delayed looks like a queue on every one."""
         if member.subscribe is None:
             return
         outgoing = list(member.subscribe.tracks.values())
-        videos = [o for o in outgoing if o.publication.kind == "video"]
+        reports = [r for o in outgoing for r in o.take_reports()]
+        if held_up:
+            return
+        rtts = [r.rtt_s for r in reports if r.rtt_s is not None]
         estimates = [o.remb_bps for o in outgoing if o.remb_bps is not None]
+        remb = max(estimates) if estimates else None
+        sent_bps = sum(self._rates.rate(id(o)).bitrate_bps for o in outgoing)
+        verdict = member.link.update(
+            LinkSample(
+                remb_bps=remb,
+                sent_bps=sent_bps,
+                rtt_s=min(rtts) if rtts else None,
+                lost=max((r.fraction_lost for r in reports), default=None),
+            )
+        )
+        videos = [o for o in outgoing if o.publication.kind == "video"]
         if not videos:
             return
         budget = None
-        is_congested = False
-        if estimates:
+        if remb is not None:
             audio_bps = sum(
-                self._rates.rate(id(o.track)).bitrate_bps
+                self._rates.rate(id(o)).bitrate_bps
                 for o in outgoing
                 if o.publication.kind == "audio"
             )
-            sent_bps = sum(self._rates.rate(id(o.track)).bitrate_bps for o in outgoing)
-            budget = video_budget(max(estimates), audio_bps, len(videos))
-            is_congested = congested(max(estimates), sent_bps)
+            budget = video_budget(remb, audio_bps, len(videos))
         for o in videos:
             before = o.layer
+            if o.fixed_layer is not None:
+                self._apply_layer(o, o.fixed_layer)
+                continue
             full_bps = self._rates.rate(id(o.publication)).bitrate_bps or LOW_BPS
             needs = {
                 Layer.FULL: full_bps,
                 Layer.LOW: min(LOW_BPS, full_bps),
                 Layer.AUDIO_ONLY: 0.0,
             }
-            lost = subscriber_figures(o.transceiver.sender, CLOCK_RATE["video"]).fraction_lost
-            wanted = o.chooser.update(budget, lost, needs, is_congested)
-            self._apply_layer(o, o.fixed_layer or wanted)
+            self._apply_layer(o, o.chooser.update(budget, needs, verdict))
             info = self._info(room, o.publication)
             if o.layer is not before and info is not None:
                 await self._tell_layer(room, member.participant, info, o.layer)
+
+    def _report_arrived(
+        self, room: str, member: _Member, _: OutgoingTrack, report: ReceiverReport
+    ) -> None:
+        """A receiver report between two samples: if it shows a queue while a probe is on
+        trial, the probe caused it, and every second it stays costs the subscriber's audio (a
+        capped link's buffer fills within a second). Undone at once."""
+        if report.rtt_s is None or member.subscribe is None or not member.link.queued(report.rtt_s):
+            return
+        for o in list(member.subscribe.tracks.values()):
+            if o.fixed_layer is not None or not o.chooser.on_trial:
+                continue
+            self._apply_layer(o, o.chooser.undo_probe())
+            info = self._info(room, o.publication)
+            if info is not None:
+                task = asyncio.ensure_future(
+                    self._tell_layer(room, member.participant, info, o.layer)
+                )
+                self._telling.add(task)
+                task.add_done_callback(self._telling.discard)
 
     # --- statistics --------------------------------------------------------------------------
 
@@ -518,7 +595,7 @@ class MediaHub:
                     outgoing = other.subscribe.tracks.get(id(pub)) if other.subscribe else None
                     if outgoing is None:
                         continue
-                    out_rate = self._rates.rate(id(outgoing.track))
+                    out_rate = self._rates.rate(id(outgoing))
                     participants[other.participant]["received_bps"] += out_rate.bitrate_bps
                     subscribers.append(
                         {
@@ -526,8 +603,8 @@ class MediaHub:
                             "layer": outgoing.layer,
                             "fps": round(out_rate.fps, 1),
                             "bitrate_bps": round(out_rate.bitrate_bps),
-                            "frames": outgoing.track.frames_out,
-                            "frames_dropped": outgoing.track.frames_dropped,
+                            "frames": outgoing.frames_out,
+                            "frames_dropped": outgoing.frames_dropped,
                             "remb_bps": outgoing.remb_bps,
                             **self._subscriber(
                                 room, other.participant, published.info, outgoing
@@ -542,6 +619,7 @@ class MediaHub:
                         "frames": pub.frames_in,
                         "muted": pub.muted,
                         "keyframe_requests": pub.keyframe_requests,
+                        "uplink_estimate_bps": uplink_estimate_bps(published.incoming.receiver),
                         "intake": intake.public(),
                         "subscribers": subscribers,
                     }
@@ -606,14 +684,16 @@ class MediaHub:
         )
 
     async def _sample_every_second(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             await asyncio.sleep(1.0)
             try:
-                await self._sample()
+                await self._sample(held_up=loop.time() - started - 1.0 > HELD_UP_S)
             except Exception:
                 log.exception("media statistics sampling failed")
 
-    async def _sample(self) -> None:
+    async def _sample(self, held_up: bool = False) -> None:
         keys: set[int] = set()
         members = [(room, m) for room, ms in self._rooms.items() for m in ms.values()]
         for _, member in members:
@@ -626,14 +706,14 @@ class MediaHub:
                     self._intake_loss.sample(id(pub), intake.packets_expected, intake.packets_lost)
             if member.subscribe is not None:
                 for outgoing in member.subscribe.tracks.values():
-                    track = outgoing.track
-                    keys.add(id(track))
-                    self._rates.sample(id(track), track.frames_out, track.bytes_out)
+                    keys.add(id(outgoing))
+                    self._rates.sample(id(outgoing), outgoing.frames_out, outgoing.bytes_out)
         self._rates.keep_only(keys)
         self._intake_loss.keep_only(keys)
+        self._release_unused_low_layers()
         # Layer choices await statistics: the rooms may change meanwhile.
         for room, member in members:
-            await self._choose_layers(room, member)
+            await self._choose_layers(room, member, held_up)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -661,7 +741,10 @@ class MediaHub:
                 continue
             for published in other.published.values():
                 if id(published.publication) not in member.subscribe.tracks:
-                    member.subscribe.add(published.publication)
+                    outgoing = member.subscribe.add(published.publication)
+                    outgoing.on_report = functools.partial(self._report_arrived, room, member)
+                    if member.layer_choice is not None:
+                        self._fix_layer(outgoing, member.layer_choice)
 
     async def _negotiate(self, room: str, member: _Member, *, restart_ice: bool = False) -> None:
         """Offers the subscribe connection's current tracks; one offer at a time, and any

@@ -48,6 +48,10 @@ class LowLayer:
 
     def _on_source_frame(self, frame: EncodedFrame) -> None:
         if self._skipping and not frame.keyframe:
+            # Asked again while waiting (the publication spaces the requests): one request
+            # alone is dropped when another was made just before, and the keyframe that
+            # answered that one may have come before this layer listened.
+            self.source.want_keyframe()
             return
         self._skipping = False
         try:

@@ -26,6 +26,7 @@ from aiortc.sdp import SessionDescription
 from media.aiortc_hooks import (
     EncodedFrame,
     FrameSend,
+    ReceiverReport,
     demux_media_first,
     offer_host_addresses,
     prepare_forwarding_sender,
@@ -226,6 +227,10 @@ class PublishConnection:
         await self.pc.close()
 
 
+# Receiver reports kept between two layer decisions (a browser sends a few a second).
+REPORTS_KEPT = 32
+
+
 @dataclass
 class OutgoingTrack:
     # The published track this is (its full layer), and the track the sender reads now.
@@ -233,25 +238,65 @@ class OutgoingTrack:
     track: ForwardedTrack
     transceiver: RTCRtpTransceiver
     remb_bps: int | None = None
+    # The subscriber's receiver reports on this stream since the hub last took them.
+    reports: list[ReceiverReport] = field(default_factory=list)
     layer: Layer = Layer.FULL
     chooser: LayerChooser = field(default_factory=LayerChooser)
     # Set by the subscriber; None lets the chooser decide.
     fixed_layer: Layer | None = None
+    # Hears each receiver report as it comes (the hub undoes a failing probe at once).
+    on_report: Callable[[OutgoingTrack, ReceiverReport], None] | None = None
+    # What the layers fed before the current one sent.
+    _frames_before: int = 0
+    _bytes_before: int = 0
+    _dropped_before: int = 0
 
     def _remb(self, bps: int) -> None:
         self.remb_bps = bps
+
+    def _report(self, report: ReceiverReport) -> None:
+        if len(self.reports) >= REPORTS_KEPT:
+            del self.reports[0]
+        self.reports.append(report)
+        if self.on_report is not None:
+            self.on_report(self, report)
+
+    def take_reports(self) -> list[ReceiverReport]:
+        reports, self.reports = self.reports, []
+        return reports
 
     def _started(self, send: FrameSend) -> None:
         # The sender is up: the track it carries now pushes its frames to it.
         self.track.attach(send)
 
+    @property
+    def frames_out(self) -> int:
+        """Frames sent to the subscriber, whichever layers they came from."""
+        return self._frames_before + self.track.frames_out
+
+    @property
+    def bytes_out(self) -> int:
+        return self._bytes_before + self.track.bytes_out
+
+    @property
+    def frames_dropped(self) -> int:
+        return self._dropped_before + self.track.frames_dropped
+
     def feed_from(self, source: Publication) -> None:
         """Switches the sender to another layer of the same picture, without renegotiating."""
         if self.track.publication is source:
             return
+        # Counted across layers: a rate must not restart from nothing at each switch.
+        self._frames_before += self.track.frames_out
+        self._bytes_before += self.track.bytes_out
+        self._dropped_before += self.track.frames_dropped
         successor = source.subscribe()
         prepare_forwarding_sender(
-            self.transceiver.sender, successor.request_keyframe, self._remb, self._started
+            self.transceiver.sender,
+            successor.request_keyframe,
+            self._remb,
+            self._started,
+            self._report,
         )
         self.track.hand_over(successor)
         self.transceiver.sender.replaceTrack(successor)
@@ -288,7 +333,11 @@ class SubscribeConnection:
             prefer_codec(transceiver, publication.kind)
         outgoing = OutgoingTrack(publication, track, transceiver)
         prepare_forwarding_sender(
-            transceiver.sender, track.request_keyframe, outgoing._remb, outgoing._started
+            transceiver.sender,
+            track.request_keyframe,
+            outgoing._remb,
+            outgoing._started,
+            outgoing._report,
         )
         transceiver.sender.replaceTrack(track)
         self.tracks[id(publication)] = outgoing

@@ -11,7 +11,9 @@ from media_client import MediaClient
 from media_peers import Collector, ColourCounterTrack, ToneTrack, close_to, mean_colour
 from signaling_fixtures import SignalingServer, eventually
 
-from media.low_layer import MAX_HEIGHT, MAX_WIDTH
+from media.aiortc_hooks import EncodedFrame
+from media.forwarding import KEYFRAME_INTERVAL_S, Publication
+from media.low_layer import MAX_HEIGHT, MAX_WIDTH, LowLayer
 from server.demo import COUNTY, VILLAGE
 
 pytest_plugins = ["signaling_fixtures", "media_client"]
@@ -122,3 +124,30 @@ async def test_set_layer_names_an_unknown_track(media_server: SignalingServer) -
     assert error["code"] == "media_error"
     error = await county.refused("set_layer", {"layer": "medium"})
     assert error["code"] == "invalid_payload"
+
+
+async def test_a_low_layer_waiting_for_its_first_keyframe_keeps_asking() -> None:
+    # A subscriber's switch to the low layer just after someone else asked the publisher for a
+    # keyframe: the publication drops the low layer's own request (too soon after the other),
+    # and the keyframe that answers the other came before the low layer listened. Seen in a
+    # browser test: the low layer never started. It must ask again while it waits.
+    now = [100.0]
+    asked: list[float] = []
+
+    async def ask() -> None:
+        asked.append(now[0])
+
+    source = Publication("video", ask, clock=lambda: now[0])
+    source.want_keyframe()
+    low = LowLayer(source)
+    try:
+        await asyncio.sleep(0)
+        assert asked == [100.0]  # the low layer's request came too soon: dropped
+        delta = EncodedFrame(b"\x01" + bytes(99), 3000, keyframe=False)
+        for step in range(1, 5):
+            now[0] = 100.0 + step * (KEYFRAME_INTERVAL_S + 0.01)
+            source.push(delta)
+            await asyncio.sleep(0)
+        assert len(asked) == 5, asked
+    finally:
+        low.close()

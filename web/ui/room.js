@@ -55,6 +55,9 @@ const state = {
   phase: "start",
   /** @type {Promise<import("../lib/netcheck.js").NetworkCheck> | null} */ netCheck: null,
   /** @type {RTCIceServer[]} */ iceServers: [],
+  // The video quality chosen in the toolbar, for every video received (those that come later
+  // too; the server remembers it for the media connections it belongs to).
+  layer: "auto",
 };
 
 /** @type {Signaling} */ let sig;
@@ -552,6 +555,9 @@ async function entered(/** @type {any} */ snapshot) {
   publisher?.close();
   publisher = null;
   state.ownCameraTrack = null;
+  // The server keeps a video quality chosen without a track for the seat's media connections,
+  // so fresh ones are told again.
+  if (state.layer !== "auto" && can("subscribe")) act("set_layer", { layer: state.layer });
   await publishAll();
   if (firstTime && (who?.role === "resident" || who?.role === "guardian") && !consentGiven("consultation")) {
     openConsent();
@@ -658,8 +664,9 @@ function renderToolbar() {
   }
   if (can("subscribe")) {
     const layer = h("select", { id: "layer", "aria-label": t("tb.layer"), onchange: (/** @type {Event} */ e) => {
-      act("set_layer", { layer: /** @type {HTMLSelectElement} */ (e.target).value });
-    } }, ...["auto", "full", "low", "audio_only"].map((l) => h("option", { value: l, text: t(`layer.${l}`), selected: l === (bar.querySelector("#layer") instanceof HTMLSelectElement ? /** @type {HTMLSelectElement} */ (bar.querySelector("#layer")).value : "auto") })));
+      state.layer = /** @type {HTMLSelectElement} */ (e.target).value;
+      act("set_layer", { layer: state.layer });
+    } }, ...["auto", "full", "low", "audio_only"].map((l) => h("option", { value: l, text: t(`layer.${l}`), selected: l === state.layer })));
     items.push(h("label", { class: "layer" }, h("span", { text: t("tb.layer") }), layer));
   }
   items.push(h("button", { id: "leave", text: t("tb.leave"), onclick: async () => {
