@@ -154,6 +154,24 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
     await stop_server(s)
 
 
+@pytest.fixture
+async def lab() -> AsyncIterator[Any]:
+    """The network lab with the village clinic and the county hospital (tests/netlab)."""
+    from labcall import CLINIC, PEER  # labcall imports this module
+    from netlab import Lab
+
+    async with Lab([CLINIC, PEER]) as running:
+        yield running
+
+
+@pytest.fixture
+async def lab_server(lab: Any, tmp_path: Path) -> AsyncIterator[Server]:
+    """telemed in the lab's server namespace, on the lab's server address."""
+    server = await start_server(tmp_path, netns=lab.exec_prefix("srv"), address=lab.address("srv"))
+    yield server
+    await stop_server(server)
+
+
 def write_camera(path: Path, colour: tuple[int, int, int], frames: int = 30) -> None:
     """A y4m clip (320x240, 15 fps): a solid colour with a white square that moves, so every
     frame differs and the encoder keeps sending."""

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,10 +19,8 @@ from conftest import (
     Server,
     assert_video_flows,
     eventually,
-    start_server,
-    stop_server,
 )
-from labcall import CLINIC, PEER, open_pages, telemed_call
+from labcall import CLINIC, open_pages, telemed_call
 from netlab import Impairment, Lab
 
 pytestmark = pytest.mark.browser
@@ -32,19 +28,6 @@ pytestmark = pytest.mark.browser
 CHURN = ("participant_left", "participant_joined", "track_unpublished", "track_published")
 SILENT_S = 6.0
 NEW_ADDRESS = "10.99.0.42"
-
-
-@pytest.fixture
-async def lab() -> AsyncIterator[Lab]:
-    async with Lab([CLINIC, PEER]) as lab:
-        yield lab
-
-
-@pytest.fixture
-async def lab_server(lab: Lab, tmp_path: Path) -> AsyncIterator[Server]:
-    server = await start_server(tmp_path, netns=lab.exec_prefix("srv"), address=lab.address("srv"))
-    yield server
-    await stop_server(server)
 
 
 async def heard(party: Party) -> dict[str, int]:

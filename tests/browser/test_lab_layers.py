@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Browsers, Party, Server, eventually, start_server, stop_server
+from conftest import Browsers, Party, Server, eventually
 from labcall import CLINIC, PEER, PROFILES, direction, open_pages, snapshot, telemed_call
 from netlab import Lab
 
@@ -25,19 +23,6 @@ from media.low_layer import MAX_WIDTH
 pytestmark = pytest.mark.browser
 
 CAP_KBPS = 400
-
-
-@pytest.fixture
-async def lab() -> AsyncIterator[Lab]:
-    async with Lab([CLINIC, PEER]) as lab:
-        yield lab
-
-
-@pytest.fixture
-async def lab_server(lab: Lab, tmp_path: Path) -> AsyncIterator[Server]:
-    server = await start_server(tmp_path, netns=lab.exec_prefix("srv"), address=lab.address("srv"))
-    yield server
-    await stop_server(server)
 
 
 class Call:

@@ -8,14 +8,11 @@ cannot break."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-from conftest import Browsers, Server, start_server, stop_server
+from conftest import Browsers, Server
 from labcall import (
     CLINIC,
-    PEER,
     PROFILES,
     measure,
     media_stats,
@@ -27,19 +24,6 @@ from labcall import (
 from netlab import Lab
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture
-async def lab() -> AsyncIterator[Lab]:
-    async with Lab([CLINIC, PEER]) as lab:
-        yield lab
-
-
-@pytest.fixture
-async def lab_server(lab: Lab, tmp_path: Path) -> AsyncIterator[Server]:
-    server = await start_server(tmp_path, netns=lab.exec_prefix("srv"), address=lab.address("srv"))
-    yield server
-    await stop_server(server)
 
 
 async def test_audio_holds_up_and_is_recorded_at_5_percent_loss(
