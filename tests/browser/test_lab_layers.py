@@ -105,14 +105,19 @@ async def _audio_over(party: Party, seconds: float) -> float:
     return seen.audio_concealed
 
 
-@pytest.mark.parametrize("run", range(3))
-async def test_a_clean_link_stays_on_the_full_picture(
-    run: int, lab: Lab, lab_server: Server, browsers: Browsers
-) -> None:
+@pytest.fixture
+async def call(lab: Lab, lab_server: Server, browsers: Browsers) -> Call:
+    """The village doctor and the county physician in a consultation, both receiving."""
     village, county = await open_pages(lab, browsers, lab_server)
-    call = Call(lab_server, village, county)
-    await call.start()
-    await _both_receiving(call)
+    started = Call(lab_server, village, county)
+    await started.start()
+    await _both_receiving(started)
+    return started
+
+
+@pytest.mark.parametrize("run", range(3))
+async def test_a_clean_link_stays_on_the_full_picture(run: int, lab: Lab, call: Call) -> None:
+    village, county = call.village, call.county
 
     # Both pages' estimates exist and have settled (Chromium sends its first after ~5 s).
     async def estimated() -> bool:
@@ -134,12 +139,9 @@ async def test_a_clean_link_stays_on_the_full_picture(
 
 
 async def test_a_capped_downlink_gets_the_low_layer_and_keeps_its_audio(
-    lab: Lab, lab_server: Server, browsers: Browsers
+    lab: Lab, call: Call
 ) -> None:
-    village, county = await open_pages(lab, browsers, lab_server)
-    call = Call(lab_server, village, county)
-    await call.start()
-    await _both_receiving(call)
+    village = call.village
 
     # The full picture has grown past what the cap carries (Chromium starts at 300 kbit/s).
     async def grown() -> bool:
@@ -195,13 +197,8 @@ async def test_a_capped_downlink_gets_the_low_layer_and_keeps_its_audio(
     print(f"full picture {loop.time() - lifted_at:.1f} s after the cap lifted")
 
 
-async def test_a_capped_uplink_brings_the_publishers_rate_down(
-    lab: Lab, lab_server: Server, browsers: Browsers
-) -> None:
-    village, county = await open_pages(lab, browsers, lab_server)
-    call = Call(lab_server, village, county)
-    await call.start()
-    await _both_receiving(call)
+async def test_a_capped_uplink_brings_the_publishers_rate_down(lab: Lab, call: Call) -> None:
+    village, county = call.village, call.county
     # The relay's answer lets Chromium adapt by REMB alone: aiortc has no transport-cc.
     answer = await village.page.evaluate(
         "() => window.telemedDebug.connections().publish.remoteDescription.sdp"
