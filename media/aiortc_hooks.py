@@ -160,6 +160,8 @@ def check_internals() -> None:
         RTCRtpSender._run_rtcp
     ) or "await self._send_rtcp(packets)" not in inspect.getsource(RTCRtpSender._run_rtcp):
         problems.append("missing: RTCRtpSender._run_rtcp sends its reports with _send_rtcp")
+    if "fraction_lost=stream.fraction_lost" not in inspect.getsource(RTCRtpReceiver._run_rtcp):
+        problems.append("missing: RTCRtpReceiver._run_rtcp reports each stream's fraction_lost")
     if "await recipient._handle_rtcp_packet(packet)" not in inspect.getsource(RTCDtlsTransport):
         problems.append("missing: RTCDtlsTransport hands RTCP to _handle_rtcp_packet")
     if "await self._retransmit(seq)" not in handle_rtcp:
@@ -299,10 +301,14 @@ class AssemblyLimits:
     when `audio_reorder_s` has passed since it arrived, or when more than
     `audio_reorder_packets` are held (a burst after a stall), whichever comes first.
 
-    Video is repaired by NACK and retransmission: a missing packet is waited for about two
-    repair delays (NACK to retransmission, measured: about one RTT) plus a margin, within
-    `video_min_wait_s`..`video_max_wait_s`. What a frame may hold, and what may be held
-    behind a gap, is capped in packets and bytes (a 1080p keyframe is a few hundred packets).
+    Video is repaired by NACK and retransmission. The NACK or the retransmission can be lost
+    too (on a 5 % link, one repair in twenty), and aiortc asks again only when a new loss
+    appears, so the assembler asks again itself once a retry interval (the measured repair
+    delay, NACK to retransmission, about one RTT, and a quarter more) has passed,
+    `video_nack_retries` times. A missing packet is waited for as long as those asks take
+    plus a margin, within `video_min_wait_s`..`video_max_wait_s`. What a frame may hold,
+    and what may be held behind a gap, is capped in packets and bytes (a 1080p keyframe is
+    a few hundred packets).
     """
 
     audio_reorder_s: float = 0.015
@@ -310,6 +316,7 @@ class AssemblyLimits:
     video_min_wait_s: float = 0.05
     video_max_wait_s: float = 0.3
     video_margin_s: float = 0.02
+    video_nack_retries: int = 2
     # Before any retransmission has been seen: a repair delay typical of a clinic's 4G link.
     video_initial_repair_s: float = 0.06
     max_frame_packets: int = 512
@@ -357,9 +364,10 @@ class FrameAssembler:
         # Packets after a gap, by extended sequence number, and their payload bytes.
         self._held: dict[int, _Packet] = {}
         self._held_bytes = 0
-        # Per gap, oldest first: the packet that revealed it and when it arrived. Every
-        # missing number below that packet's was noticed then.
-        self._gaps: deque[tuple[int, float]] = deque()
+        # Per gap, oldest first: [the packet that revealed it, when it arrived, when its
+        # packets were last asked for (NACK), how often they were asked again]. Every missing
+        # number below that packet's was noticed then.
+        self._gaps: deque[list[Any]] = deque()
         # The last gaps given up (first and last missing number, when noticed): a packet
         # that comes after all still tells how long repairs take.
         self._given_up: deque[tuple[int, int, float]] = deque(maxlen=16)
@@ -387,11 +395,48 @@ class FrameAssembler:
         return 0 if self._highest is None else self._highest - self._first + 1
 
     @property
+    def video_retry_s(self) -> float:
+        """How long after a NACK a missing video packet is asked for again."""
+        return 1.25 * self._repair_s + 0.005
+
+    @property
     def video_wait_s(self) -> float:
-        """How long a missing video packet is waited for now."""
+        """How long a missing video packet is waited for now: its NACK and the asks again."""
         limits = self._limits
-        wait = 2 * self._repair_s + limits.video_margin_s
+        wait = (1 + limits.video_nack_retries) * self.video_retry_s + limits.video_margin_s
         return min(max(wait, limits.video_min_wait_s), limits.video_max_wait_s)
+
+    @property
+    def holding(self) -> bool:
+        """Whether packets wait behind a gap."""
+        return bool(self._held)
+
+    def wanted(self, sequence_number: int) -> bool:
+        """Whether a missing packet (16-bit number) is still waited for, not given up."""
+        highest = self._highest
+        if highest is None:
+            return True
+        delta = (sequence_number - highest) & 0xFFFF
+        ext = highest + (delta - 0x10000 if delta & 0x8000 else delta)
+        return ext >= self._next and ext not in self._held
+
+    def nack_again(self) -> list[int]:
+        """Video: the sequence numbers (16-bit) of the gaps last asked for a retry interval
+        ago, which are asked for again now. Called while packets are held."""
+        if not self._video:
+            return []
+        now = self._clock()
+        retry_s, retries = self.video_retry_s, self._limits.video_nack_retries
+        again: list[int] = []
+        low = self._next
+        for gap in self._gaps:
+            revealed_by = gap[0]
+            if gap[3] < retries and now - gap[2] >= retry_s:
+                gap[2] = now
+                gap[3] += 1
+                again.extend(e & 0xFFFF for e in range(low, revealed_by) if e not in self._held)
+            low = revealed_by + 1
+        return again
 
     # Same signature as aiortc's JitterBuffer.add; a frame is never returned here, it goes to
     # the sink, because one packet can complete several frames at once. True asks for a
@@ -429,7 +474,8 @@ class FrameAssembler:
             request = False
             if ext > highest:
                 if ext > highest + 1:
-                    self._gaps.append((ext, self._clock()))
+                    now = self._clock()
+                    self._gaps.append([ext, now, now, 0])
                 self._highest = ext
             elif self._video:
                 self._note_repair(ext)
@@ -456,7 +502,7 @@ class FrameAssembler:
         held = self._held
         request = False
         while held:
-            revealed_by, noticed = self._gaps[0]
+            revealed_by, noticed = self._gaps[0][:2]
             if self._video:
                 due = (
                     len(held) > limits.max_frame_packets
@@ -486,10 +532,10 @@ class FrameAssembler:
 
     def _note_repair(self, ext: int) -> None:
         """A missing video packet came (a retransmission, or reordered): how long after its
-        gap was noticed."""
-        for revealed_by, noticed in self._gaps:
+        gap was last asked for."""
+        for revealed_by, _, asked, _ in self._gaps:
             if ext < revealed_by:
-                self._add_repair_sample(self._clock() - noticed)
+                self._add_repair_sample(self._clock() - asked)
                 return
 
     def _note_late_repair(self, ext: int) -> None:
@@ -646,6 +692,21 @@ def _vp8_data(payload: bytes) -> bytes:
 _ACTIVE_REFRESH_MS = 500
 
 
+class _ReportedStream(StreamStatistics):
+    """An Opus stream's statistics whose receiver reports tell the publisher at least the
+    loss its subscribers see downstream (`report_downstream_loss`): aiortc builds each report
+    block's fraction lost from this property."""
+
+    def __init__(self, clockrate: int, lean: _LeanReceive) -> None:
+        super().__init__(clockrate)
+        self._lean = lean
+
+    @property
+    def fraction_lost(self) -> int:
+        own: int = super().fraction_lost  # also moves the interval on, as aiortc expects
+        return max(own, self._lean.downstream_loss_256)
+
+
 class _LeanReceive:
     """What RTCRtpReceiver._handle_rtp_packet does for a tapped receiver, synchronously, in the
     socket's callback: the bandwidth estimator (REMB), active sources, receiver statistics (for
@@ -679,6 +740,8 @@ class _LeanReceive:
         self.nacks_sent = 0  # NACK packets sent to the publisher
         self.plis_sent = 0  # keyframe requests (PLI) sent to the publisher, for any reason
         self.fec_packets = 0  # Opus packets carrying in-band FEC (media/opus.py)
+        # The subscribers' loss the receiver reports pass on (Opus only), in 1/256ths.
+        self.downstream_loss_256 = 0
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -717,7 +780,11 @@ class _LeanReceive:
             return
         stats = self._streams.get(ssrc)
         if stats is None:
-            stats = self._streams[ssrc] = StreamStatistics(codec.clockRate)
+            stats = self._streams[ssrc] = (
+                _ReportedStream(codec.clockRate, self)
+                if codec.name == "opus"
+                else StreamStatistics(codec.clockRate)
+            )
         stats.add(packet)  # type: ignore[arg-type]
         name = codec.name
         if name == "rtx":
@@ -744,6 +811,9 @@ class _LeanReceive:
                 self.packets_repaired += 1
         nack = self._nack
         if nack is not None and nack.add(packet):  # type: ignore[arg-type]
+            # aiortc keeps what the assembler has given up on among the missing, to be asked
+            # for again with every new loss: only what is still waited for is asked.
+            nack.missing = {s for s in nack.missing if self._assembler.wanted(s)}
             self.nacks_sent += 1
             self._spawn(receiver._send_rtcp_nack(ssrc, sorted(nack.missing)))
         if name == "VP8" and packet.payload:
@@ -753,7 +823,13 @@ class _LeanReceive:
                 return
         elif name == "opus" and has_fec(packet.payload):
             self.fec_packets += 1
-        request_keyframe, _ = self._assembler.add(packet)
+        assembler = self._assembler
+        request_keyframe, _ = assembler.add(packet)
+        if nack is not None and assembler.holding:
+            again = assembler.nack_again()
+            if again:
+                self.nacks_sent += 1
+                self._spawn(receiver._send_rtcp_nack(ssrc, again))
         if request_keyframe:
             self.plis_sent += 1
             self._spawn(receiver._send_rtcp_pli(ssrc))
@@ -813,6 +889,22 @@ def uplink_estimate_bps(receiver: RTCRtpReceiver) -> int | None:
     if lean is None or lean.estimator is None:
         return None
     return lean.estimator.last_bps
+
+
+def report_downstream_loss(receiver: RTCRtpReceiver, fraction: float) -> None:
+    """From now on the receiver reports to the publisher of this (audio) track say at least
+    `fraction` (0..1) lost: what its subscribers lose downstream (media/opus.py)."""
+    lean: _LeanReceive | None = getattr(receiver, "_telemed_rx", None)
+    if lean is None:
+        return
+    lean.downstream_loss_256 = min(255, int(fraction * 256))
+    for ssrc, stream in lean._streams.items():
+        if not isinstance(stream, _ReportedStream) and ssrc not in lean._rtx_ssrc:
+            # Its first packets came before the relay's intake was up, through aiortc's own
+            # receive path, which made a plain StreamStatistics: it becomes a reported one,
+            # counts and all.
+            stream.__class__ = _ReportedStream
+            stream._lean = lean  # type: ignore[attr-defined]
 
 
 def media_ssrcs(receiver: RTCRtpReceiver) -> list[int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 from media.aiortc_hooks import (
     ReceiverReport,
     intake_figures,
+    report_downstream_loss,
     subscriber_figures,
     uplink_estimate_bps,
 )
@@ -24,6 +26,7 @@ from media.ice_restart import IceRestartRefused
 from media.layers import LOW_BPS, Layer, LayerChooser, LinkMonitor, LinkSample, video_budget
 from media.low_layer import LowLayer
 from media.offer_sections import offered_sections, publishing_sources
+from media.opus import loss_to_report_upstream
 from media.peer import (
     IncomingTrack,
     OfferRefused,
@@ -487,6 +490,23 @@ class MediaHub:
                 del self._low_unused_since[key]
                 low.close()
 
+    def _pass_downstream_loss_upstream(self, members: list[tuple[str, _Member]]) -> None:
+        """Each audio publisher's receiver reports say the worst loss among its subscribers
+        (media/opus.py), so its encoder adds the in-band FEC their links need."""
+        reports: dict[int, list[tuple[float, float]]] = {}
+        for _, member in members:
+            if member.subscribe is None:
+                continue
+            for key, outgoing in member.subscribe.tracks.items():
+                if outgoing.latest_loss is not None:
+                    reports.setdefault(key, []).append(outgoing.latest_loss)
+        now = time.monotonic()
+        for _, member in members:
+            for published in member.published.values():
+                if published.publication.kind == "audio":
+                    worst = loss_to_report_upstream(reports.get(id(published.publication), []), now)
+                    report_downstream_loss(published.incoming.receiver, worst)
+
     async def _choose_layers(self, room: str, member: _Member, held_up: bool) -> None:
         """Once a second: how the subscriber's link fares (media/layers.py), then each video
         track's layer from its share of the estimate. A second in which the relay itself was
@@ -710,6 +730,7 @@ class MediaHub:
                     self._rates.sample(id(outgoing), outgoing.frames_out, outgoing.bytes_out)
         self._rates.keep_only(keys)
         self._intake_loss.keep_only(keys)
+        self._pass_downstream_loss_upstream(members)
         self._release_unused_low_layers()
         # Layer choices await statistics: the rooms may change meanwhile.
         for room, member in members:

@@ -1,6 +1,7 @@
 """What the relay reads of an Opus packet (RFC 6716) without decoding it: whether it carries
 in-band FEC, the LBRR ("low bit-rate redundancy") copy of the frame before it, which a receiver
-decodes when that frame was lost."""
+decodes when that frame was lost; and how much loss to tell an Opus publisher of, so that it
+adds the FEC its subscribers' links need."""
 
 from __future__ import annotations
 
@@ -86,3 +87,25 @@ def _frame_length(packet: bytes, at: int) -> tuple[int, int]:
     if at + 1 >= len(packet):
         return at + 1, 0
     return at + 2, first + 4 * packet[at + 1]
+
+
+# A subscriber's receiver report older than this no longer speaks for its link. libwebrtc
+# reports on a received audio stream every 5 s on average (0.5 to 1.5 times that): two of
+# its reports may be 7.5 s apart.
+DOWNSTREAM_REPORT_FRESH_S = 10.0
+# The most downstream loss told to a publisher: libwebrtc's Opus encoder sizes its FEC for
+# loss up to 20 % (it rounds the rate to 0, 1, 5, 10 or 20 %), and the same report feeds the
+# publisher's loss-based rate control, which should not take a subscriber's bad link for
+# congestion on its own uplink.
+DOWNSTREAM_LOSS_CAP = 0.20
+
+
+def loss_to_report_upstream(reports: list[tuple[float, float]], now: float) -> float:
+    """The loss the relay tells an Opus publisher about, besides its own uplink's: the worst
+    fresh `(arrival time, fraction lost)` report among the subscribers of its audio, capped.
+
+    The relay forwards the publisher's packets unchanged, so the in-band FEC a subscriber
+    needs on its own downlink can only come from the publisher, and the publisher's encoder
+    adds FEC only for the loss its receiver reports say (LiveKit does the same)."""
+    fresh = [lost for at, lost in reports if now - at <= DOWNSTREAM_REPORT_FRESH_S]
+    return min(max(fresh, default=0.0), DOWNSTREAM_LOSS_CAP)

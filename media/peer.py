@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,6 +247,8 @@ class OutgoingTrack:
     fixed_layer: Layer | None = None
     # Hears each receiver report as it comes (the hub undoes a failing probe at once).
     on_report: Callable[[OutgoingTrack, ReceiverReport], None] | None = None
+    # The newest receiver report's (time.monotonic(), fraction lost), kept past take_reports.
+    latest_loss: tuple[float, float] | None = None
     # What the layers fed before the current one sent.
     _frames_before: int = 0
     _bytes_before: int = 0
@@ -258,6 +261,7 @@ class OutgoingTrack:
         if len(self.reports) >= REPORTS_KEPT:
             del self.reports[0]
         self.reports.append(report)
+        self.latest_loss = (time.monotonic(), report.fraction_lost)
         if self.on_report is not None:
             self.on_report(self, report)
 

@@ -10,6 +10,7 @@ shows on that subscriber only."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -215,36 +216,61 @@ async def both_offered(client: TrackingMediaClient, publisher: str) -> tuple[str
     return audio_id, video_id
 
 
-async def test_a_subscribers_lossy_link_shows_on_that_subscriber_only(
-    media_room: MediaRoom,
-) -> None:
+@dataclass
+class LossyDownlink:
+    """County publishes a tone to two subscribers: village through `link`, specialist direct."""
+
+    cid: str
+    county: TrackingMediaClient
+    village: LossySubscriber
+    specialist: TrackingMediaClient
+    tone: StoppableTone
+    audio_id: str
+
+
+async def audio_to_a_lossy_subscriber(media_room: MediaRoom, link: LossyLink) -> LossyDownlink:
     server = media_room.server
     cid = (await server.scheduled()).id
     county = await media_room.seated(COUNTY, cid, label="county")
     specialist = await media_room.seated(SPECIALIST, cid, label="specialist")
+    village = LossySubscriber(await server.connect(VILLAGE, label="village"), link)
+    media_room.clients.append(village)
+    await village.peer.join(cid, "default")
+    await village.peer.wait_for("joined")
+    tone = StoppableTone(660.0)
+    assert await county.publish([(tone, "microphone")]) == {"ok": True}
+    county_pid = county.peer.participant_id
+    await eventually(
+        lambda: (
+            len(village.offered_from(county_pid, "audio")) == 1
+            and len(specialist.offered_from(county_pid, "audio")) == 1
+        ),
+        "both subscribers offered the audio",
+    )
+    (audio_id,) = village.offered_from(county_pid, "audio")
+    await eventually(
+        lambda: village.frames_of(audio_id) > 0 and specialist.frames_of(audio_id) > 0,
+        "audio at both subscribers",
+    )
+    return LossyDownlink(cid, county, village, specialist, tone, audio_id)
+
+
+async def test_a_subscribers_lossy_link_shows_on_that_subscriber_only(
+    media_room: MediaRoom,
+) -> None:
+    server = media_room.server
     link = LossyLink(Impairment(), Impairment(loss=LOSS), seed=9)
     await link.open()
     try:
-        village = LossySubscriber(await server.connect(VILLAGE, label="village"), link)
-        media_room.clients.append(village)
-        await village.peer.join(cid, "default")
-        await village.peer.wait_for("joined")
-        tone = StoppableTone(660.0)
-        assert await county.publish([(tone, "microphone")]) == {"ok": True}
-        county_pid = county.peer.participant_id
+        call = await audio_to_a_lossy_subscriber(media_room, link)
+        cid, village, specialist, tone, audio_id = (
+            call.cid,
+            call.village,
+            call.specialist,
+            call.tone,
+            call.audio_id,
+        )
         village_pid, specialist_pid = village.peer.participant_id, specialist.peer.participant_id
-        await eventually(
-            lambda: (
-                len(village.offered_from(county_pid, "audio")) == 1
-                and len(specialist.offered_from(county_pid, "audio")) == 1
-            ),
-            "both subscribers offered the audio",
-        )
-        (audio_id,) = village.offered_from(county_pid, "audio")
-        await eventually(
-            lambda: village.frames_of(audio_id) > 0 and specialist.frames_of(audio_id) > 0,
-            "audio at both subscribers",
-        )
         start = tone.frames_sent
         await eventually(
             lambda: tone.frames_sent - start >= WINDOW_FRAMES,
@@ -321,3 +347,43 @@ async def test_hop_series_go_with_their_track_and_node_counts_stay(
     assert node_count(text, "telemed_media_frames_received_total") >= received
     assert node_count(text, "telemed_media_frames_forwarded_total") >= forwarded
     assert node_count(text, "telemed_media_publications") == 0
+
+
+async def publishers_reported_loss(client: TrackingMediaClient) -> float | None:
+    """The fraction lost (0..1) in the newest receiver report the relay sent about the
+    client's published audio, as the client's own statistics show it (None before one)."""
+    sender = next(t.sender for t in client.publisher.getTransceivers() if t.kind == "audio")
+    stats = await sender.getStats()
+    remote = [s for s in stats.values() if s.type == "remote-inbound-rtp"]
+    return float(remote[0].fractionLost) / 256 if remote else None
+
+
+async def test_a_subscribers_loss_reaches_the_audio_publisher_for_its_fec(
+    media_room: MediaRoom,
+) -> None:
+    """The relay forwards the publisher's Opus packets as they are, so only the publisher can
+    add the in-band FEC that a subscriber's lossy downlink needs, and its encoder adds FEC for
+    the loss its receiver reports say: the relay's reports to it carry the worst subscriber's
+    loss while that is fresh, though the publisher's own uplink loses nothing."""
+    link = LossyLink(Impairment(), Impairment(loss=0.10), seed=11)
+    await link.open()
+    try:
+        call = await audio_to_a_lossy_subscriber(media_room, link)
+
+        async def told(at_least: float) -> bool:
+            lost = await publishers_reported_loss(call.county)
+            return lost is not None and lost >= at_least
+
+        await eventually(lambda: told(0.03), "the village's downlink loss told to the county")
+        intake = track_of(await media_stats(media_room.server, call.cid), call.audio_id)["intake"]
+        assert intake["packets_lost"] <= 1, intake  # the county's own link is clean
+
+        # Once the lossy subscriber is gone, the reports say the publisher's own loss again.
+        await call.village.peer.ok("leave")
+
+        async def clean() -> bool:
+            return await publishers_reported_loss(call.county) == 0
+
+        await eventually(clean, "the county told of no loss once the village left", within=15)
+    finally:
+        link.close()

@@ -26,7 +26,12 @@ from media_client import MediaRoom
 from signaling_fixtures import eventually
 
 from media.forwarding import Publication
-from media.opus import has_fec
+from media.opus import (
+    DOWNSTREAM_LOSS_CAP,
+    DOWNSTREAM_REPORT_FRESH_S,
+    has_fec,
+    loss_to_report_upstream,
+)
 from media.peer import PeerConfig, PublishConnection, SubscribeConnection
 from server.demo import COUNTY, VILLAGE
 
@@ -251,3 +256,13 @@ async def test_the_relay_counts_the_fec_packets_it_receives(
     carried = sum(1 for p in track.sent if lib.opus_packet_has_lbrr(p, len(p)))
     assert intake["fec_packets"] == carried
     assert (carried > len(track.sent) / 2) if fec else carried == 0
+
+
+def test_the_loss_told_upstream_is_the_worst_fresh_report_capped() -> None:
+    now = 100.0
+    stale = now - DOWNSTREAM_REPORT_FRESH_S - 0.1
+    assert loss_to_report_upstream([], now) == 0.0
+    assert loss_to_report_upstream([(now - 1, 0.02), (now - 0.5, 0.07)], now) == 0.07
+    assert loss_to_report_upstream([(stale, 0.15), (now, 0.01)], now) == 0.01
+    assert loss_to_report_upstream([(stale, 0.15)], now) == 0.0
+    assert loss_to_report_upstream([(now, 0.6)], now) == DOWNSTREAM_LOSS_CAP

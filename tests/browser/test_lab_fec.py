@@ -15,6 +15,7 @@ tests as music, in CELT mode, which carries no FEC whatever is negotiated."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,57 @@ async def received_audio(party: Party) -> dict[str, Any]:
     return max(streams, key=lambda s: s["packetsReceived"], default={})
 
 
+@dataclass
+class FecCall:
+    """The village doctor and the county physician in a call through the relay, both
+    speaking (Opus codes a pure tone as music, CELT, which has no in-band FEC)."""
+
+    server: Server
+    cid: str
+    token: str
+    village: Party
+    county: Party
+    village_pid: str
+    county_pid: str
+
+    async def audio_tracks(self) -> dict[str, dict[str, Any]]:
+        """The relay's figures of each participant's audio, by participant."""
+        stats = await self.server.api("GET", f"/consultations/{self.cid}/media", self.token)
+        return {t["participant"]: t for t in stats["tracks"] if t["kind"] == "audio"}
+
+    async def diagnose(self) -> str:
+        return (
+            f"relay: {await self.audio_tracks()}\n"
+            f"village receives: {await received_audio(self.village)}\n"
+            f"county receives: {await received_audio(self.county)}"
+        )
+
+
+async def fec_call(lab: Lab, server: Server, browsers: Browsers) -> FecCall:
+    demo = await server.demo()
+    cid = demo["consultation"]["id"]
+    tokens = {i["role"]: i["token"] for i in demo["identities"]}
+    # The server's address is no secure context to Chromium (no microphone otherwise).
+    secure = (f"--unsafely-treat-insecure-origin-as-secure={server.url}",)
+    village = await browsers.party(
+        "village", (200, 30, 30), 150, executable=lab.chromium("village"), args=secure, voice=True
+    )
+    county = await browsers.party(
+        "county", (30, 160, 40), 210, executable=lab.chromium("county"), args=secure, voice=True
+    )
+    await join(village, server, cid, tokens["village_doctor"])
+    await join(county, server, cid, tokens["county_physician"])
+    return FecCall(
+        server,
+        cid,
+        tokens["county_physician"],
+        village,
+        county,
+        await village.participant_id(),
+        await county.participant_id(),
+    )
+
+
 async def test_a_chromium_publisher_on_a_lossy_link_sends_fec_through_the_relay(
     tmp_path: Path, browsers: Browsers
 ) -> None:
@@ -96,29 +148,15 @@ async def test_a_chromium_publisher_on_a_lossy_link_sends_fec_through_the_relay(
         )
         try:
             await lab.impair("village", up=Impairment(loss=0.05))
-            await check_fec(lab, server, browsers)
+            await check_fec(await fec_call(lab, server, browsers))
         finally:
             # The browsers run in the lab's namespaces: they go before the lab does.
             await browsers.close()
             await stop_server(server)
 
 
-async def check_fec(lab: Lab, server: Server, browsers: Browsers) -> None:
-    demo = await server.demo()
-    cid = demo["consultation"]["id"]
-    tokens = {i["role"]: i["token"] for i in demo["identities"]}
-    # The server's address is no secure context to Chromium (no microphone otherwise).
-    secure = (f"--unsafely-treat-insecure-origin-as-secure={server.url}",)
-    # Both speak: Opus codes a pure tone as music (CELT), which has no in-band FEC.
-    village = await browsers.party(
-        "village", (200, 30, 30), 150, executable=lab.chromium("village"), args=secure, voice=True
-    )
-    county = await browsers.party(
-        "county", (30, 160, 40), 210, executable=lab.chromium("county"), args=secure, voice=True
-    )
-    await join(village, server, cid, tokens["village_doctor"])
-    await join(county, server, cid, tokens["county_physician"])
-    village_pid, county_pid = await village.participant_id(), await county.participant_id()
+async def check_fec(call: FecCall) -> None:
+    village, county = call.village, call.county
 
     async def negotiated(party: Party, connection: str) -> dict[str, str]:
         async def both() -> bool:
@@ -137,23 +175,18 @@ async def check_fec(lab: Lab, server: Server, browsers: Browsers) -> None:
     assert opus_fmtp(subscribe["remote"]), subscribe["remote"]
     assert set(opus_fmtp(subscribe["remote"])) == {"useinbandfec=1"}, subscribe["remote"]
 
-    async def audio_tracks() -> dict[str, dict[str, Any]]:
-        stats = await server.api("GET", f"/consultations/{cid}/media", tokens["county_physician"])
-        return {t["participant"]: t for t in stats["tracks"] if t["kind"] == "audio"}
-
-    async def diagnose() -> str:
-        return f"relay: {await audio_tracks()}\ncounty receives: {await received_audio(county)}"
-
     async def fec_through() -> bool:
-        tracks = await audio_tracks()
-        at_relay = tracks.get(village_pid, {}).get("intake", {}).get("fec_packets", 0)
+        tracks = await call.audio_tracks()
+        at_relay = tracks.get(call.village_pid, {}).get("intake", {}).get("fec_packets", 0)
         heard = await received_audio(county)
         return at_relay >= FEC_PACKETS and heard.get("fecPacketsReceived", 0) > 0
 
-    await eventually(fec_through, "FEC from the lossy publisher at the relay and beyond", diagnose)
-    tracks = await audio_tracks()
+    await eventually(
+        fec_through, "FEC from the lossy publisher at the relay and beyond", call.diagnose
+    )
+    tracks = await call.audio_tracks()
     heard = await received_audio(county)
-    village_in, county_in = tracks[village_pid]["intake"], tracks[county_pid]["intake"]
+    village_in, county_in = tracks[call.village_pid]["intake"], tracks[call.county_pid]["intake"]
     print(
         f"village (5 % up): intake {village_in}; county (clean): intake {county_in}; "
         f"county page receives village's audio: {heard}"
@@ -163,3 +196,47 @@ async def check_fec(lab: Lab, server: Server, browsers: Browsers) -> None:
     assert village_in["packets_lost"] > 0.02 * village_in["packets_expected"], village_in
     assert county_in["packets_lost"] <= 2, county_in
     assert county_in["fec_packets"] < 0.1 * village_in["fec_packets"], (county_in, village_in)
+
+
+async def test_a_subscribers_lossy_downlink_gets_fec_from_a_clean_publisher(
+    tmp_path: Path, browsers: Browsers
+) -> None:
+    """The relay forwards Opus packets as they come: the FEC a subscriber's lossy downlink
+    needs is added by the publisher, whose link is clean, once the relay's receiver reports
+    to it carry the subscriber's loss (media/opus.py). libwebrtc's encoder smooths the loss
+    it is told over about ten seconds, hence the patience."""
+    async with Lab(["village", "county"], seed=6) as lab:
+        server = await start_server(
+            tmp_path, netns=lab.exec_prefix("srv"), address=lab.address("srv")
+        )
+        try:
+            await lab.impair("village", down=Impairment(loss=0.10))
+            call = await fec_call(lab, server, browsers)
+
+            async def fec_to_the_village() -> bool:
+                tracks = await call.audio_tracks()
+                from_county = tracks.get(call.county_pid, {}).get("intake", {})
+                heard = await received_audio(call.village)
+                return (
+                    from_county.get("fec_packets", 0) >= FEC_PACKETS
+                    and heard.get("fecPacketsReceived", 0) > 0
+                )
+
+            await eventually(
+                fec_to_the_village,
+                "FEC from the clean publisher for the lossy subscriber",
+                call.diagnose,
+            )
+            tracks = await call.audio_tracks()
+            county_in = tracks[call.county_pid]["intake"]
+            (village_gets,) = [
+                s
+                for s in tracks[call.county_pid]["subscribers"]
+                if s["participant"] == call.village_pid
+            ]
+            print(f"county (clean) intake {county_in}; the village receives it: {village_gets}")
+            assert county_in["packets_lost"] <= 2, county_in  # the publisher's link is clean
+            assert village_gets["fraction_lost"] is not None, village_gets
+        finally:
+            await browsers.close()
+            await stop_server(server)
