@@ -369,3 +369,38 @@ async def media_stats(server: Server) -> Any:
     demo = await server.demo()
     cid = demo["consultation"]["id"]
     return await server.api("GET", f"/consultations/{cid}/media", _token(demo, "village_doctor"))
+
+
+# --- a page's view of the room, for connection changes --------------------------------------
+
+# Events that would show a participant left and came back, or its tracks were renewed.
+CHURN = ("participant_left", "participant_joined", "track_unpublished", "track_published")
+
+
+async def heard(party: Party) -> dict[str, int]:
+    """How often the page heard each CHURN event."""
+    counts: dict[str, int] = await party.debug("heard()")
+    return {name: counts.get(name, 0) for name in CHURN}
+
+
+async def received_tracks(party: Party) -> set[str]:
+    return {s["info"]["track_id"] for s in await party.debug("inbound()")}
+
+
+async def stalled(party: Party) -> bool:
+    """No new video frame decoded for a second."""
+
+    async def frames() -> int:
+        return sum(
+            s["framesDecoded"]
+            for s in await party.debug("inbound()")
+            if s["info"]["kind"] == "video"
+        )
+
+    before = await frames()
+    await asyncio.sleep(1.0)
+    return await frames() == before
+
+
+async def no_banner(party: Party) -> bool:
+    return not await party.debug("mediaReconnecting()") and not await party.debug("reconnecting()")

@@ -15,43 +15,25 @@ from typing import Any
 import pytest
 from conftest import (
     Browsers,
-    Party,
     Server,
     assert_video_flows,
     eventually,
 )
-from labcall import CLINIC, open_pages, telemed_call
+from labcall import (
+    CLINIC,
+    heard,
+    no_banner,
+    open_pages,
+    received_tracks,
+    stalled,
+    telemed_call,
+)
 from netlab import Impairment, Lab
 
 pytestmark = pytest.mark.browser
 
-CHURN = ("participant_left", "participant_joined", "track_unpublished", "track_published")
 SILENT_S = 6.0
 NEW_ADDRESS = "10.99.0.42"
-
-
-async def heard(party: Party) -> dict[str, int]:
-    counts: dict[str, int] = await party.debug("heard()")
-    return {name: counts.get(name, 0) for name in CHURN}
-
-
-async def received_tracks(party: Party) -> set[str]:
-    return {s["info"]["track_id"] for s in await party.debug("inbound()")}
-
-
-async def stalled(party: Party) -> bool:
-    """No new video frame decoded for a second."""
-
-    async def frames() -> int:
-        return sum(
-            s["framesDecoded"]
-            for s in await party.debug("inbound()")
-            if s["info"]["kind"] == "video"
-        )
-
-    before = await frames()
-    await asyncio.sleep(1.0)
-    return await frames() == before
 
 
 async def test_a_clinic_keeps_its_seat_and_media_through_silence_and_a_new_address(
@@ -136,7 +118,3 @@ async def test_a_clinic_keeps_its_seat_and_media_through_silence_and_a_new_addre
         }"""
     )
     assert [c["address"] for c in candidates] == [NEW_ADDRESS], candidates
-
-
-async def no_banner(party: Party) -> bool:
-    return not await party.debug("mediaReconnecting()") and not await party.debug("reconnecting()")

@@ -31,7 +31,16 @@ from conftest import (
     stop_server,
 )
 from coturn import Coturn, Transport, trust_for_chromium
-from labcall import CLINIC, PEER, lab_args, telemed_call
+from labcall import (
+    CLINIC,
+    PEER,
+    heard,
+    lab_args,
+    no_banner,
+    received_tracks,
+    stalled,
+    telemed_call,
+)
 from netlab import Impairment, Lab
 
 pytestmark = pytest.mark.browser
@@ -94,39 +103,58 @@ async def media_bytes(party: Party) -> tuple[int, int]:
     return int(sent), int(received)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "tls"])
-async def test_a_clinic_without_udp_consults_through_turn(
-    lab: Lab, turn: Coturn, browsers: Browsers, tmp_path: Path, transport: Transport
-) -> None:
-    server: Server = await start_server(
+async def turn_server(lab: Lab, turn: Coturn, tmp_path: Path, transport: Transport) -> Server:
+    """telemed in the server's namespace, telling pages of one TURN URL: `transport`'s."""
+    return await start_server(
         tmp_path,
         netns=lab.exec_prefix("srv"),
         address=lab.address("srv"),
         config=f'[turn]\nsecret = "{turn.secret}"\nurls = ["{turn.url(transport)}"]\n',
     )
+
+
+async def turn_call(
+    lab: Lab, turn: Coturn, browsers: Browsers, tmp_path: Path, server: Server
+) -> tuple[Party, Party]:
+    """The village doctor (no UDP; its browser trusts coturn's certificate) and the county
+    physician in a consultation through telemed, video flowing both ways."""
+    home = tmp_path / "village-home"
+    await trust_for_chromium(home, turn.cert)
+    village = await browsers.party(
+        CLINIC, executable=lab.chromium(CLINIC), args=lab_args(server), files=False, home=home
+    )
+    county = await browsers.party(
+        PEER, executable=lab.chromium(PEER), args=lab_args(server), files=False
+    )
+    await telemed_call(server, village, county)
+    ids = {await village.participant_id(): CLINIC, await county.participant_id(): PEER}
+    await assert_video_flows([village, county], ids)
+    return village, county
+
+
+async def assert_on_relays(village: Party, turn: Coturn, transport: Transport) -> None:
+    """The village's media runs on TURN allocations, over the transport under test."""
+
+    async def on_relays() -> bool:
+        pairs = await selected(village)
+        return all(p is not None and p["state"] == "succeeded" for p in pairs.values())
+
+    await eventually(on_relays, "the village's connections to select their pairs")
+    for name, local in (await selected(village)).items():
+        assert local["type"] == "relay", (name, local)
+        assert local["relayProtocol"] == transport, (name, local)
+        assert local["address"] == turn.address, (name, local)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+async def test_a_clinic_without_udp_consults_through_turn(
+    lab: Lab, turn: Coturn, browsers: Browsers, tmp_path: Path, transport: Transport
+) -> None:
+    server = await turn_server(lab, turn, tmp_path, transport)
     try:
-        home = tmp_path / "village-home"
-        await trust_for_chromium(home, turn.cert)
-        village = await browsers.party(
-            CLINIC, executable=lab.chromium(CLINIC), args=lab_args(server), files=False, home=home
-        )
-        county = await browsers.party(
-            PEER, executable=lab.chromium(PEER), args=lab_args(server), files=False
-        )
-        await telemed_call(server, village, county)
-        village_id, county_id = await village.participant_id(), await county.participant_id()
-        await assert_video_flows([village, county], {village_id: CLINIC, county_id: PEER})
-
-        # The village's media runs on TURN allocations, over the transport under test.
-        async def on_relays() -> bool:
-            pairs = await selected(village)
-            return all(p is not None and p["state"] == "succeeded" for p in pairs.values())
-
-        await eventually(on_relays, "the village's connections to select their pairs")
-        for name, local in (await selected(village)).items():
-            assert local["type"] == "relay", (name, local)
-            assert local["relayProtocol"] == transport, (name, local)
-            assert local["address"] == turn.address, (name, local)
+        village, _ = await turn_call(lab, turn, browsers, tmp_path, server)
+        village_id = await village.participant_id()
+        await assert_on_relays(village, turn, transport)
         link = (await lab.counters())["links"][CLINIC]
         assert link["up"]["blocked"] > 0, link  # the page did try UDP, and it was dropped
 
@@ -153,5 +181,47 @@ async def test_a_clinic_without_udp_consults_through_turn(
         assert sum(s.peer_received or 0 for s in sessions) >= received, (received, sessions)
         # Neither the shared secret nor a minted password reached telemed's log.
         assert turn.secret not in server.log.read_text(errors="replace")
+    finally:
+        await stop_server(server)
+
+
+async def test_a_clinic_on_turn_restarts_ice_through_new_allocations_on_a_new_address(
+    lab: Lab, turn: Coturn, browsers: Browsers, tmp_path: Path
+) -> None:
+    """The village's router gets a new address: its TCP connections to coturn die with the
+    old one, and its page restarts ICE on the same peer connections, gathering new relay
+    candidates from the new address. The seat and the tracks stay; nobody hears it leave."""
+    server = await turn_server(lab, turn, tmp_path, "tcp")
+    try:
+        village, county = await turn_call(lab, turn, browsers, tmp_path, server)
+        await assert_on_relays(village, turn, "tcp")
+        seat = await village.participant_id()
+        tracks_at_county, churn_at_county = await received_tracks(county), await heard(county)
+        restarts = await village.debug("iceRestarts()")
+        before = len([s for s in turn.sessions() if s.username.endswith(f":{seat}")])
+
+        async def diagnose() -> str:
+            return (
+                f"ice {await village.debug('ice()')}; selected {await selected(village)}\n"
+                + " | ".join(village.console[-25:])
+            )
+
+        await lab.move(CLINIC, "10.99.0.43")
+        await eventually(lambda: stalled(county), "the village's video to stop at the county")
+
+        async def restarted() -> bool:
+            return bool(await village.debug("iceRestarts()") > restarts)
+
+        await eventually(restarted, "the village's page to restart ICE", diagnose)
+        await eventually(lambda: no_banner(village), "the media banner to go", diagnose)
+        ids = {seat: CLINIC, await county.participant_id(): PEER}
+        await assert_video_flows([village, county], ids)
+        await assert_on_relays(village, turn, "tcp")
+        assert await village.participant_id() == seat
+        assert await heard(county) == churn_at_county, await heard(county)
+        assert await received_tracks(county) == tracks_at_county
+        # New allocations for the seat's two connections, made from the new address.
+        after = [s for s in turn.sessions() if s.username.endswith(f":{seat}")]
+        assert len(after) >= before + 2, (before, after)
     finally:
         await stop_server(server)
