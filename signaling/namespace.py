@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from media.hub import MediaError, MediaHub, TrackInfo
 from media.layers import Layer
 from media.peer import PeerConfig
-from rooms.errors import DomainError, RoomRefused
+from rooms.errors import DomainError, RoomRefused, Unavailable
 from rooms.model import ConsultationId, ParticipantId, TrackSource
 from rooms.outcome import Audience, Outcome, RecorderOrder, Target
 from rooms.policy import Actor
@@ -346,7 +346,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             )
             if identity.token_id in self._revoked_while_verifying:
                 raise Refused("invite has been revoked")
-        except Refused as exc:
+        except (Refused, Unavailable) as exc:
             log.info("connection %s refused: %s", sid, exc)
             raise socketio.exceptions.ConnectionRefusedError(str(exc)) from None
         except Exception:
