@@ -215,8 +215,14 @@ def _attach_signaling(
         on_session_ended=composites.render_later,
     )
     namespace.use_recorders(recordings)
+
+    async def end_revoked_meanwhile() -> None:
+        for token_id in namespace.token_ids():
+            if await is_revoked(token_id):
+                await namespace.end_token(token_id)
+
     revocations = (
-        RedisRevocations(config.redis_url, namespace.end_token)
+        RedisRevocations(config.redis_url, namespace.end_token, end_revoked_meanwhile)
         if config.redis_url
         else LocalRevocations(namespace.end_token)
     )
@@ -230,6 +236,8 @@ def _attach_signaling(
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await revocations.start()
+        if isinstance(presence, RedisPresence):
+            await presence.start(namespace.holds)
         yield
         await revocations.stop()
         await namespace.stop()
