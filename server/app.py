@@ -15,9 +15,8 @@ from aiohttp import hdrs, web
 from media.offer_sections import PublishLimits
 from media.peer import IceServer, PeerConfig
 from rooms.consultations import ConsultationService, RequestContext
-from rooms.errors import DomainError
 from rooms.live import InMemoryPresence
-from rooms.model import ConsultationId, SessionId
+from rooms.model import ConsultationId
 from rooms.room_service import LiveRoomService, RoomLimits
 from server.api.openapi import build_openapi
 from server.api.problems import (
@@ -37,6 +36,7 @@ from server.logs import redact_aiohttp_access_log, request_id_middleware
 from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
 from server.recording import SessionRecordings
+from server.recovery import CrashRecovery
 from server.revocations import LocalRevocations, RedisRevocations
 from server.turn import TurnCredentials, ice_servers_for_clients
 from server.web_routes import register_web
@@ -54,6 +54,7 @@ SIO = web.AppKey("sio", socketio.AsyncServer)
 NAMESPACE = web.AppKey("namespace", ConsultNamespace)
 RECORDINGS = web.AppKey("recordings", SessionRecordings)
 COMPOSITES = web.AppKey("composites", Composites)
+RECOVERY = web.AppKey("recovery", CrashRecovery)
 # The engine.io frame limit guards the transport; per-event limits are the namespace's.
 _MAX_FRAME_BYTES = 1024 * 1024
 
@@ -228,6 +229,11 @@ def _attach_signaling(
     )
     app[RECORDINGS] = recordings
     app[COMPOSITES] = composites
+    if isinstance(presence, InMemoryPresence):
+        # Alone, this node knows that nothing it left open is still being served.
+        app[RECOVERY] = CrashRecovery(
+            store, service, presence, recordings, composites, sig.empty_room_grace_s
+        )
     sio.register_namespace(namespace)
     sio.attach(app)
     app[ROOMS] = rooms
@@ -293,20 +299,12 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _recording_lifecycle(app: web.Application) -> AsyncIterator[None]:
     recordings, composites = app[RECORDINGS], app[COMPOSITES]
-    if not app[CONFIG].redis_url:
-        # Alone, this node knows that no recording it left open is still being written.
-        service = app[SERVICE]
-
-        async def abort(consultation_id: ConsultationId, session_id: SessionId) -> None:
-            try:
-                await service.end_session(None, consultation_id, session_id, "aborted")
-            except DomainError as exc:
-                log.warning("session %s left as it is: %s", session_id, exc)
-
-        await composites.resume()
-        for consultation_id, session_id in await recordings.recover(abort):
-            await composites.render_later(consultation_id, session_id)
+    recovery = app.get(RECOVERY)
+    if recovery is not None:
+        await recovery.start()
     yield
+    if recovery is not None:
+        await recovery.stop()
     await recordings.stop()
     await composites.stop()
 
