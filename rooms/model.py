@@ -92,6 +92,7 @@ class EventKind(StrEnum):
     ANNOTATION = "annotation"
     RECORDING_STARTED = "recording_started"
     RECORDING_STOPPED = "recording_stopped"
+    RECORDING_FAILED = "recording_failed"
 
 
 class AuditAction(StrEnum):

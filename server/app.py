@@ -93,6 +93,7 @@ def create_app(config: Config) -> web.Application:
         public_url=config.effective_public_url,
         data_dir=config.data_dir,
         revocations=revocations,
+        live=app[NAMESPACE],
     )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))
@@ -214,7 +215,7 @@ def _attach_signaling(
         config.data_dir,
         on_session_ended=composites.render_later,
     )
-    namespace.use_recorders(recordings)
+    rooms.use_recorders(recordings)
     revocations = (
         RedisRevocations(config.redis_url, namespace.end_token)
         if config.redis_url
@@ -299,7 +300,7 @@ async def _recording_lifecycle(app: web.Application) -> AsyncIterator[None]:
         for consultation_id, session_id in await recordings.recover(abort):
             await composites.render_later(consultation_id, session_id)
     yield
-    await recordings.stop()
+    await recordings.close()
     await composites.stop()
 
 

@@ -1,8 +1,10 @@
 """The session recorders: one media.recorder.RoomRecorder per recorded room, its segments kept
 in the record as they open and close, and crash recovery at startup.
 
-The room service decides when recording starts and stops (consent, permission) and says so
-in `Outcome.recorder`; this carries those orders out. Files live under
+The room service decides when recording starts and stops (consent, permission) and, under the
+room's lock, has this carry it out (rooms.room_service.RoomRecorders): a start either records
+or raises, a stop writes nothing more at once and closes and hashes the segments in the
+background, so that `session_ended` is not held back by hashing. Files live under
 `{data_dir}/recordings/{session_id}/`; the record keeps their path relative to `data_dir`,
 and clients only ever see recording ids."""
 
@@ -31,8 +33,8 @@ from rooms.model import (
     RecordingState,
     SessionId,
 )
-from rooms.outcome import RecorderOrder
 from rooms.store import RecordRepository, RecordStore
+from signaling.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -79,30 +81,63 @@ class SessionRecordings:
         self._on_session_ended = on_session_ended
         self._now = clock
         self._running: dict[ConsultationId, _Running] = {}
+        # Stopped recorders still closing and hashing their segments, per room.
+        self._closing: dict[ConsultationId, set[asyncio.Future[None]]] = {}
+        self._tasks = TaskSet("recording")
 
     @property
     def recording(self) -> list[ConsultationId]:
+        """The rooms being recorded now."""
         return list(self._running)
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Server shutdown: every open segment is closed and hashed (complete, not
-        interrupted); the sessions themselves stay as they are."""
+        interrupted), and pending composites handed over; the sessions stay as they are."""
         for consultation_id in list(self._running):
-            await self._stop(consultation_id)
+            await self.stop(consultation_id)
+        await self._tasks.wait()
 
-    async def carry_out(self, order: RecorderOrder) -> None:
-        if order.action == "start":
-            await self._start(order.consultation_id, order.session_id)
-        elif order.action == "stop":
-            await self._stop(order.consultation_id)
-        else:
-            await self._stop(order.consultation_id)
-            if self._on_session_ended is not None:
-                await self._on_session_ended(order.consultation_id, order.session_id)
+    async def wait(self) -> None:
+        """Until every stopped recorder has closed its segments and handed its session to the
+        composites (tests)."""
+        await self._tasks.wait()
 
-    async def _start(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
-        if consultation_id in self._running:
+    async def stop(self, consultation_id: ConsultationId) -> None:
+        running = self._running.pop(consultation_id, None)
+        if running is None:
             return
+        recorder = running.recorder
+        # Not one frame more from here on; closing and hashing go on in the background.
+        recorder.unfollow()
+        for info in recorder.recording:
+            recorder.remove_track(info.track_id)
+        closing = self._closing.setdefault(consultation_id, set())
+        task = self._tasks.start(self._finish(recorder))
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    def session_ended(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
+        if self._on_session_ended is not None:
+            closing = list(self._closing.get(consultation_id, ()))
+            self._tasks.start(self._render_after(closing, consultation_id, session_id))
+
+    async def _finish(self, recorder: RoomRecorder) -> None:
+        await recorder.stop()
+
+    async def _render_after(
+        self,
+        closing: list[asyncio.Future[None]],
+        consultation_id: ConsultationId,
+        session_id: SessionId,
+    ) -> None:
+        await asyncio.gather(*closing, return_exceptions=True)
+        assert self._on_session_ended is not None  # checked by session_ended
+        await self._on_session_ended(consultation_id, session_id)
+
+    async def start(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
+        if consultation_id in self._running:
+            # The room's lock orders starts and stops: the room says not recording.
+            raise RuntimeError(f"a recorder of {consultation_id} is still running")
         async with self._store.reading() as tx:
             sessions = await tx.list_sessions(consultation_id)
         session = next(s for s in sessions if s.id == session_id)
@@ -130,11 +165,6 @@ class SessionRecordings:
         self._running[consultation_id] = running
         # Tile labels come from the record (name, role) when the composite is made.
         recorder.follow(self._hub, consultation_id)
-
-    async def _stop(self, consultation_id: ConsultationId) -> None:
-        running = self._running.pop(consultation_id, None)
-        if running is not None:
-            await running.recorder.stop()
 
     async def _segment_opened(self, running: _Running, info: SegmentInfo) -> None:
         # When its first frame arrived, not when this callback got its turn.

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import socketio
 from pydantic import BaseModel, ValidationError
@@ -17,14 +17,17 @@ from pydantic import BaseModel, ValidationError
 from media.hub import MediaError, MediaHub, TrackInfo
 from media.layers import Layer
 from media.peer import PeerConfig
+from rooms.consultations import RequestContext
 from rooms.errors import DomainError, RoomRefused
-from rooms.model import ConsultationId, ParticipantId, TrackSource
-from rooms.outcome import Audience, Outcome, RecorderOrder, Target
+from rooms.lifecycle import Action
+from rooms.model import Consultation, ConsultationId, ParticipantId, TrackSource
+from rooms.outcome import Audience, Outcome, Target
 from rooms.policy import Actor
 from rooms.room_service import LiveRoomService, Stroke
 from signaling import events as ev
 from signaling.packets import Unreadable, event_problem, payload_problem
 from signaling.ratelimit import TokenBucket
+from signaling.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +63,6 @@ class Limits:
     annotation_max_points: int = 500
 
 
-class Recorders(Protocol):
-    """Carries out the room service's recording orders (the server's session recorders)."""
-
-    async def carry_out(self, order: RecorderOrder) -> None: ...
-
-
 @dataclass
 class Connection:
     identity: Identity
@@ -89,23 +86,6 @@ class EventSpec:
     needs_room: bool = True
 
 
-@dataclass
-class _Timers:
-    tasks: set[asyncio.Future[None]] = field(default_factory=set)
-
-    def start(self, coro: Awaitable[None]) -> None:
-        self.track(asyncio.ensure_future(coro))
-
-    def track(self, task: asyncio.Future[None]) -> None:
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def cancel_all(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
 class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     def __init__(
         self,
@@ -117,8 +97,6 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         super().__init__(NAMESPACE)
         self._rooms = rooms
         self._media = MediaHub(peer_config, self._send_subscribe_offer, self._send_layer)
-        # Set by the app once its recorders (which follow this namespace's media) exist.
-        self._recorders: Recorders | None = None
         # Which connection holds each seat, to deliver its subscribe offers.
         self._seats: dict[tuple[str, str], str] = {}
         self._authenticate = authenticate
@@ -129,7 +107,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         # whenever no connect is in flight, so it stays as small as the overlap.
         self._verifying = 0
         self._revoked_while_verifying: set[str] = set()
-        self._timers = _Timers()
+        self._timers = TaskSet("signaling timer")
         self._empty_watch: dict[ConsultationId, asyncio.Future[None]] = {}
         self._events: dict[str, EventSpec] = {
             "join": EventSpec(ev.Join, self._join, needs_room=False),
@@ -166,8 +144,22 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     def media(self) -> MediaHub:
         return self._media
 
-    def use_recorders(self, recorders: Recorders) -> None:
-        self._recorders = recorders
+    async def transition(
+        self,
+        ctx: RequestContext,
+        consultation_id: ConsultationId,
+        action: Action,
+        *,
+        reason: str | None = None,
+        scheduled_time: datetime | None = None,
+    ) -> Consultation:
+        """A life-cycle action from the API, through the live room when it ends the open
+        session (LiveRoomService.transition); what comes of it is delivered here."""
+        consultation, outcome = await self._rooms.transition(
+            ctx, consultation_id, action, reason=reason, scheduled_time=scheduled_time
+        )
+        await self._apply(outcome)
+        return consultation
 
     async def stop(self) -> None:
         await self._timers.cancel_all()
@@ -264,6 +256,8 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         for m in outcome.memberships:
             room = _room_name(m.audience, m.consultation_id)
             if m.enter:
+                if m.connection not in self._connections:
+                    continue  # gone while its event ran; its seat is dropped (_on_disconnect)
                 await self.enter_room(m.connection, room)
             else:
                 await self.leave_room(m.connection, room)
@@ -299,9 +293,6 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         for cid, participant, kind in outcome.muted:
             if participant in self._media.members(cid):
                 self._media.pause(cid, participant, kind, paused=True)
-        if self._recorders is not None:
-            for order in outcome.recorder:
-                await self._recorders.carry_out(order)
 
     async def _send_subscribe_offer(
         self, room: str, participant: str, sdp: str, tracks: dict[str, TrackInfo]
@@ -393,13 +384,32 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 
     async def _on_disconnect(self, sid: str) -> None:
         conn = self._connections.pop(sid, None)
-        if conn is None or conn.consultation_id is None:
+        if conn is None:
             return
+        if conn.lock.locked():
+            # One of its events (a join, say) is still running and may yet take a seat: the
+            # seat is seen to, as dropped, once that event is done.
+            self._timers.start(self._dropped_after_events(sid, conn))
+            return
+        await self._dropped(sid, conn)
+
+    async def _dropped_after_events(self, sid: str, conn: Connection) -> None:
+        async with conn.lock:
+            await self._dropped(sid, conn)
+
+    async def _dropped(self, sid: str, conn: Connection) -> None:
         cid = conn.consultation_id
+        if cid is None:
+            return
         seat = await self._rooms.disconnected(sid, cid)
         if seat is not None:
             participant, since = seat
             self._timers.start(self._expire_later(cid, participant, since))
+            return
+        # No seat (the room ended, perhaps on another node): its media here goes with it.
+        for (room, held), holder in list(self._seats.items()):
+            if holder == sid and room == cid:
+                await self._apply_media(_unseated(cid, ParticipantId(held)))
 
     async def _expire_later(
         self, cid: ConsultationId, participant: ParticipantId, since: datetime
@@ -513,8 +523,6 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         )
 
     async def _start_recording(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
-        if self._recorders is None:
-            raise RoomRefused("recording_unavailable", "this server does not record")
         return await self._rooms.start_recording(sid, conn.actor, _room(conn))
 
     async def _stop_recording(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
@@ -583,6 +591,12 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 def _room(conn: Connection) -> ConsultationId:
     assert conn.consultation_id is not None  # checked by the dispatcher (needs_room)
     return conn.consultation_id
+
+
+def _unseated(consultation_id: ConsultationId, participant: ParticipantId) -> Outcome:
+    out = Outcome()
+    out.unseated.append((consultation_id, participant))
+    return out
 
 
 def _room_name(audience: Audience, consultation_id: str) -> str:

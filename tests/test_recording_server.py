@@ -49,7 +49,7 @@ from rooms.model import (
 )
 from rooms.roles import Role
 from server.api.recording_routes import PlaybackGrants
-from server.app import COMPOSITES, CONFIG, STORE
+from server.app import COMPOSITES, CONFIG, RECORDINGS, STORE
 from server.auth import AuthError, TokenService
 from server.config import JwtConfig, load_config
 
@@ -451,6 +451,7 @@ async def run_recorded_consultation(room: MediaRoom) -> None:
     ]
 
     # The composite, made when the session ended.
+    await server.app[RECORDINGS].wait()  # the segments hashed, the render handed over
     await server.app[COMPOSITES].wait()
     composites = [r for r in await recordings_of(server.app, cid) if r[0].kind == "composite"]
     assert len(composites) == 1, composites
