@@ -34,7 +34,7 @@ from server.config import Config
 from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.logs import redact_aiohttp_access_log, request_id_middleware
-from server.metrics import metrics_handler
+from server.metrics import ServerMetrics, metrics_handler
 from server.presence_redis import RedisPresence
 from server.recording import SessionRecordings
 from server.revocations import LocalRevocations, RedisRevocations
@@ -54,6 +54,7 @@ SIO = web.AppKey("sio", socketio.AsyncServer)
 NAMESPACE = web.AppKey("namespace", ConsultNamespace)
 RECORDINGS = web.AppKey("recordings", SessionRecordings)
 COMPOSITES = web.AppKey("composites", Composites)
+METRICS = web.AppKey("metrics", ServerMetrics)
 # The engine.io frame limit guards the transport; per-event limits are the namespace's.
 _MAX_FRAME_BYTES = 1024 * 1024
 
@@ -114,7 +115,9 @@ def create_app(config: Config) -> web.Application:
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler(app[NAMESPACE], app[NAMESPACE].media))
+    metrics = app[METRICS]
+    metrics.watch(app[NAMESPACE], app[NAMESPACE].media)
+    app.router.add_get("/metrics", metrics_handler(metrics))
     app.router.add_get("/api/v1/openapi.json", get_openapi)
     register_web(app, config, service, tokens)
     app.cleanup_ctx.append(_store_lifecycle)
@@ -147,6 +150,8 @@ def _attach_signaling(
     socket.io fan-out are shared by every node. Returns what ends a revoked token's
     connections, for the API."""
     sig = config.signaling
+    metrics = ServerMetrics()
+    app[METRICS] = metrics
     presence: InMemoryPresence | RedisPresence
     if config.redis_url:
         presence = RedisPresence(config.redis_url)
@@ -206,6 +211,7 @@ def _attach_signaling(
             annotation_max_points=sig.annotation_max_points,
         ),
         peer_config,
+        counts=metrics,
     )
     composites = Composites(store, config.data_dir)
     recordings = SessionRecordings(

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import socketio
 from pydantic import BaseModel, ValidationError
@@ -23,6 +23,7 @@ from rooms.lifecycle import Action
 from rooms.model import Consultation, ConsultationId, ParticipantId, TrackSource
 from rooms.outcome import Audience, Outcome, Target
 from rooms.policy import Actor
+from rooms.recording_rules import RECORDER_ID
 from rooms.room_service import LiveRoomService, Stroke
 from signaling import events as ev
 from signaling.packets import Unreadable, event_problem, payload_problem
@@ -63,6 +64,29 @@ class Limits:
     annotation_max_points: int = 500
 
 
+class EventCounts(Protocol):
+    """Counts what happens, where it happens (the server's metrics)."""
+
+    def event(self, name: str, ok: bool) -> None:
+        """A client event was handled (`name` one of the namespace's events) or refused."""
+
+    def happened(self, what: str) -> None:
+        """Something happened in a room: `seat_taken`, `participant_left`, `chat_message`,
+        `recording_started`, `recording_failed`, `session_ended`."""
+
+
+# Announcements that count as something happening (each once per outcome where it is sent to
+# every connection: a session ends once, however many are told).
+_COUNTED = {
+    "participant_joined": "seat_taken",
+    "participant_left": "participant_left",
+    "chat_message": "chat_message",
+    "recording_started": "recording_started",
+    "recording_failed": "recording_failed",
+}
+_COUNTED_ONCE = {"session_ended": "session_ended"}
+
+
 @dataclass
 class Connection:
     identity: Identity
@@ -93,8 +117,10 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         authenticate: Authenticate,
         limits: Limits,
         peer_config: PeerConfig,
+        counts: EventCounts | None = None,
     ) -> None:
         super().__init__(NAMESPACE)
+        self._counts = counts
         self._rooms = rooms
         self._media = MediaHub(peer_config, self._send_subscribe_offer, self._send_layer)
         # Which connection holds each seat, to deliver its subscribe offers.
@@ -189,7 +215,12 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             return await self._error(sid, name, "not_connected", "connect first")
         async with conn.lock:
             try:
-                return await self._dispatch(sid, conn, event, name, data)
+                ack = await self._dispatch(sid, conn, event, name, data)
+                if self._counts is not None:
+                    # Only the namespace's own event names: a client cannot add series.
+                    known = name if name in self._events else "other"
+                    self._counts.event(known, ack.get("ok") is True)
+                return ack
             except Exception:
                 # Nothing a client sends may take the namespace down.
                 log.exception("event %r failed", name[:64])
@@ -253,6 +284,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         return {"ok": False, "error": error}
 
     async def _apply(self, outcome: Outcome) -> None:
+        self._count(outcome)
         for m in outcome.memberships:
             room = _room_name(m.audience, m.consultation_id)
             if m.enter:
@@ -272,6 +304,18 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         if outcome.disconnects:
             # In a task of its own, so the ack of the event that caused it goes out first.
             self._timers.start(self._disconnect(outcome.disconnects))
+
+    def _count(self, outcome: Outcome) -> None:
+        if self._counts is None:
+            return
+        once: set[str] = set()
+        for a in outcome.announcements:
+            who = a.payload.get("participant_id", a.payload.get("participant"))
+            if a.event in _COUNTED and who != RECORDER_ID:
+                self._counts.happened(_COUNTED[a.event])
+            elif a.event in _COUNTED_ONCE and a.event not in once:
+                once.add(a.event)
+                self._counts.happened(_COUNTED_ONCE[a.event])
 
     async def _apply_media(self, outcome: Outcome) -> None:
         """Media follows seats: a seat gone takes its tracks with it, a new seat receives the
