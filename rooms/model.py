@@ -289,6 +289,8 @@ class Recording:
     offset_s: float | None = None
     # How far a composite's rendering got (0..1).
     progress: float | None = None
+    # The server node writing the file (config node_id): whose to recover after a crash.
+    node: str | None = None
 
 
 @dataclass(frozen=True)

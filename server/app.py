@@ -26,6 +26,7 @@ from server.api.problems import (
     problem_middleware,
     request_body_middleware,
 )
+from server.api.recording_routes import link_key
 from server.api.routes import build_api
 from server.api.schemas import Health
 from server.auth import AuthError, TokenService, bearer_token, check_not_revoked, check_scope
@@ -95,6 +96,7 @@ def create_app(config: Config) -> web.Application:
         data_dir=config.data_dir,
         revocations=revocations,
         live=app[NAMESPACE],
+        link_key=_link_key(config),
     )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))
@@ -213,13 +215,15 @@ def _attach_signaling(
         peer_config,
         counts=metrics,
     )
-    composites = Composites(store, config.data_dir)
+    node = config.effective_node_id
+    composites = Composites(store, config.data_dir, node=node)
     recordings = SessionRecordings(
         store,
         namespace.media,
         presence,
         config.data_dir,
         on_session_ended=composites.render_later,
+        node=node,
     )
     rooms.use_recorders(recordings)
     revocations = (
@@ -248,6 +252,17 @@ def _attach_signaling(
 
     app.cleanup_ctx.append(lifecycle)
     return revocations
+
+
+def _link_key(config: Config) -> bytes | None:
+    material = config.link_secret_material
+    if material is None:
+        if config.redis_url:
+            log.warning(
+                "playback links play only on the node that made them: set TELEMED_LINK_SECRET"
+            )
+        return None
+    return link_key(material)
 
 
 def _peer_config(config: Config) -> PeerConfig:
@@ -292,19 +307,20 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _recording_lifecycle(app: web.Application) -> AsyncIterator[None]:
     recordings, composites = app[RECORDINGS], app[COMPOSITES]
-    if not app[CONFIG].redis_url:
-        # Alone, this node knows that no recording it left open is still being written.
-        service = app[SERVICE]
+    # What this node left open when it stopped is no longer being written: each node (by its
+    # node_id) recovers its own; alone, everything left open.
+    alone = not app[CONFIG].redis_url
+    namespace = app[NAMESPACE]
 
-        async def abort(consultation_id: ConsultationId, session_id: SessionId) -> None:
-            try:
-                await service.end_session(None, consultation_id, session_id, "aborted")
-            except DomainError as exc:
-                log.warning("session %s left as it is: %s", session_id, exc)
+    async def abort(consultation_id: ConsultationId, session_id: SessionId) -> None:
+        try:
+            await namespace.end_after_crash(consultation_id, session_id)
+        except DomainError as exc:
+            log.warning("session %s left as it is: %s", session_id, exc)
 
-        await composites.resume()
-        for consultation_id, session_id in await recordings.recover(abort):
-            await composites.render_later(consultation_id, session_id)
+    await composites.resume(lambda row: recordings.mine(row, alone))
+    for consultation_id, session_id in await recordings.recover(abort, alone=alone):
+        await composites.render_later(consultation_id, session_id)
     yield
     await recordings.close()
     await composites.stop()

@@ -45,9 +45,13 @@ ROLE_LABELS = {
 
 
 class Composites:
-    def __init__(self, store: RecordStore, data_dir: Path, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, store: RecordStore, data_dir: Path, clock: Clock = utc_now, node: str | None = None
+    ) -> None:
+        """`node` names this server in the composite rows it renders (config node_id)."""
         self._store = store
         self._data_dir = data_dir
+        self._node = node
         self._now = clock
         self._tasks: set[asyncio.Task[Recording | None]] = set()
         # One render at a time: each takes a core for a while.
@@ -59,12 +63,14 @@ class Composites:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def resume(self) -> None:
-        """After a crash: renders that were under way start again."""
+    async def resume(self, mine: Callable[[Recording], bool] = lambda _: True) -> None:
+        """After a crash: renders that were under way (those `mine` says this node was
+        making) start again."""
         async with self._store.reading() as tx:
             stale = await tx.list_stored_recordings(state=RecordingState.RENDERING.value)
         for s in stale:
-            await self.render_later(s.consultation_id, s.recording.session_id)
+            if mine(s.recording):
+                await self.render_later(s.consultation_id, s.recording.session_id)
 
     async def wait(self) -> None:
         """Until the background renders are done (tests, shutdown)."""
@@ -200,6 +206,7 @@ class Composites:
             ),
             state=RecordingState.RENDERING.value,
             progress=0.0,
+            node=self._node,
         )
         async with self._store.transaction() as tx:
             if existing is None:

@@ -73,7 +73,11 @@ class SessionRecordings:
         data_dir: Path,
         on_session_ended: SessionEnded | None = None,
         clock: Clock = utc_now,
+        node: str | None = None,
     ) -> None:
+        """`node` names this server in the segment rows it writes (config node_id), so that
+        after a crash it recovers its own."""
+        self._node = node
         self._store = store
         self._hub = hub
         self._presence = presence
@@ -189,6 +193,7 @@ class SessionRecordings:
             role=who.role.value if who else None,
             source=info.source,
             offset_s=round(running.offset_s + info.start_s, 3),
+            node=self._node,
         )
         async with self._store.transaction() as tx:
             await tx.add_recording(row, path=self._relative(info.path))
@@ -206,19 +211,29 @@ class SessionRecordings:
 
     # --- crash recovery -----------------------------------------------------------------
 
+    def mine(self, row: Recording, alone: bool) -> bool:
+        """Whether this node wrote `row`: alone (no other node shares the record), every row
+        is; otherwise those that name its node id."""
+        return alone or row.node == self._node
+
     async def recover(
-        self, end_session: Callable[[ConsultationId, SessionId], Awaitable[None]]
+        self,
+        end_session: Callable[[ConsultationId, SessionId], Awaitable[None]],
+        *,
+        alone: bool = True,
     ) -> list[tuple[ConsultationId, SessionId]]:
-        """After a crash: every segment the record still shows as being written is closed,
-        hashed and marked interrupted (its file is read, never rewritten), the stop is written
-        to its session's log, and the session is ended as aborted (`end_session`). Returns the
-        sessions so aborted, with their consultations."""
+        """After a crash: every segment the record still shows as being written by this node
+        (`mine`) is closed, hashed and marked interrupted (its file is read, never
+        rewritten), the stop is written to its session's log, and the session is ended as
+        aborted (`end_session`). Not `alone` (other nodes share the record), another node's
+        segments are left to it, and so is a session whose log alone says it is recorded.
+        Returns the sessions so aborted, with their consultations."""
         async with self._store.reading() as tx:
             open_rows = await tx.list_stored_recordings(state=RecordingState.RECORDING.value)
         sessions: dict[SessionId, ConsultationId] = {}
         for s in open_rows:
             row = s.recording
-            if row.kind != RecordingKind.TRACK.value:
+            if row.kind != RecordingKind.TRACK.value or not self.mine(row, alone):
                 continue
             sessions[row.session_id] = s.consultation_id
             recovered = await _recover_row(row, self._data_dir / s.path if s.path else None)
@@ -226,7 +241,7 @@ class SessionRecordings:
                 await tx.update_recording(replace(recovered, ended_at=self._now()))
         async with self._store.reading() as tx:
             open_sessions = await tx.list_open_sessions()
-            for session in open_sessions:
+            for session in open_sessions if alone else ():
                 # Recording, but no segment had opened yet: the log alone says so.
                 if session.id not in sessions and await _recording_was_on(tx, session.id):
                     sessions[session.id] = session.consultation_id

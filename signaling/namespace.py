@@ -20,7 +20,7 @@ from media.peer import PeerConfig
 from rooms.consultations import RequestContext
 from rooms.errors import DomainError, RoomRefused
 from rooms.lifecycle import Action
-from rooms.model import Consultation, ConsultationId, ParticipantId, TrackSource
+from rooms.model import Consultation, ConsultationId, ParticipantId, SessionId, TrackSource
 from rooms.outcome import Audience, Outcome, Target
 from rooms.policy import Actor
 from rooms.recording_rules import RECORDER_ID
@@ -97,6 +97,8 @@ class Connection:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Set once the token is revoked, for events already queued behind the revocation.
     revoked: bool = False
+    # Set once the connection dropped, for the event still running (a join, say).
+    gone: bool = False
 
     @property
     def actor(self) -> Actor:
@@ -283,13 +285,16 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         await self.emit("error", error, to=sid)
         return {"ok": False, "error": error}
 
+    async def end_after_crash(self, consultation_id: ConsultationId, session_id: str) -> None:
+        """Recovery ended a session this node was recording when it died (its room, if other
+        nodes still hold it, is told and closed)."""
+        await self._apply(await self._rooms.end_after_crash(consultation_id, SessionId(session_id)))
+
     async def _apply(self, outcome: Outcome) -> None:
         self._count(outcome)
         for m in outcome.memberships:
             room = _room_name(m.audience, m.consultation_id)
             if m.enter:
-                if m.connection not in self._connections:
-                    continue  # gone while its event ran; its seat is dropped (_on_disconnect)
                 await self.enter_room(m.connection, room)
             else:
                 await self.leave_room(m.connection, room)
@@ -430,6 +435,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         conn = self._connections.pop(sid, None)
         if conn is None:
             return
+        conn.gone = True
         if conn.lock.locked():
             # One of its events (a join, say) is still running and may yet take a seat: the
             # seat is seen to, as dropped, once that event is done.
@@ -497,6 +503,10 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             sid, conn.actor, cid, body.device, keep_media if body.keep_media else None
         )
         conn.consultation_id = cid
+        if conn.gone:
+            # Dropped while joining: no audiences for a connection that is no more (the seat
+            # is seen to as dropped once this is done, _on_disconnect).
+            outcome.memberships = [m for m in outcome.memberships if m.connection != sid]
         return outcome
 
     async def _leave(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:

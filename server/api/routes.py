@@ -22,7 +22,7 @@ from server.api.fhir_routes import FhirRoutes
 from server.api.framework import Api, Authenticate, Call, Endpoint, Handler
 from server.api.media_routes import MediaRoutes
 from server.api.problems import BadRequest
-from server.api.recording_routes import RecordingRoutes
+from server.api.recording_routes import PlaybackGrants, RecordingRoutes
 from server.api.retention_routes import LegalHoldRoutes
 from server.api.schemas import (
     AuditEntryOut,
@@ -350,14 +350,16 @@ def build_api(
     data_dir: Path = Path("data"),
     revocations: Revocations | None = None,
     live: LiveTransitions | None = None,
+    link_key: bytes | None = None,
 ) -> Api:
     """`public_url` is the base of links in exports; empty, the request's own origin.
     `data_dir` holds the recordings. `revocations` ends the connections of a revoked invite;
     without it (an API built only to be described) revoking touches the record alone. `live`
-    carries out life-cycle actions through the live room."""
+    carries out life-cycle actions through the live room. `link_key` signs playback links (a
+    key of this process's own without it)."""
     api = Api(authenticate)
     for endpoint in [
-        *RecordingRoutes(service, data_dir, authenticate).endpoints(),
+        *RecordingRoutes(service, data_dir, authenticate, PlaybackGrants(key=link_key)).endpoints(),
         *ConsultationRoutes(service, tokens, invite_ttl_s, revocations, live).endpoints(),
         *MediaRoutes(service, hub).endpoints(),
         *FhirRoutes(service, public_url).endpoints(),
