@@ -37,6 +37,7 @@ from server.db.store import SqlRecordStore
 from server.logs import redact_aiohttp_access_log, request_id_middleware
 from server.metrics import ServerMetrics, metrics_handler
 from server.presence_redis import RedisPresence
+from server.recorder_relay import RedisRecorderRelay
 from server.recording import SessionRecordings
 from server.revocations import LocalRevocations, RedisRevocations
 from server.turn import TurnCredentials, ice_servers_for_clients
@@ -225,7 +226,8 @@ def _attach_signaling(
         on_session_ended=composites.render_later,
         node=node,
     )
-    rooms.use_recorders(recordings)
+    relay = RedisRecorderRelay(config.redis_url, recordings, node) if config.redis_url else None
+    rooms.use_recorders(relay or recordings)
     revocations = (
         RedisRevocations(config.redis_url, namespace.end_token)
         if config.redis_url
@@ -241,8 +243,12 @@ def _attach_signaling(
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await revocations.start()
+        if relay is not None:
+            await relay.start_listening()
         yield
         await revocations.stop()
+        if relay is not None:
+            await relay.stop_listening()
         await namespace.stop()
         await sio.shutdown()
         if isinstance(manager, socketio.AsyncRedisManager):

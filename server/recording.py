@@ -87,6 +87,8 @@ class SessionRecordings:
         self._running: dict[ConsultationId, _Running] = {}
         # Stopped recorders still closing and hashing their segments, per room.
         self._closing: dict[ConsultationId, set[asyncio.Future[None]]] = {}
+        # Sessions this node recorded: it makes their composites when they end.
+        self._recorded: set[SessionId] = set()
         self._tasks = TaskSet("recording")
 
     @property
@@ -121,6 +123,9 @@ class SessionRecordings:
         task.add_done_callback(closing.discard)
 
     def session_ended(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
+        if session_id not in self._recorded:
+            return  # nothing recorded here (another node's, or none)
+        self._recorded.discard(session_id)
         if self._on_session_ended is not None:
             closing = list(self._closing.get(consultation_id, ()))
             self._tasks.start(self._render_after(closing, consultation_id, session_id))
@@ -167,6 +172,7 @@ class SessionRecordings:
             offset_s=recorder.started_at - session.started_at.timestamp(),
         )
         self._running[consultation_id] = running
+        self._recorded.add(session_id)
         # Tile labels come from the record (name, role) when the composite is made.
         recorder.follow(self._hub, consultation_id)
 

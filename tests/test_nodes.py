@@ -17,11 +17,18 @@ from typing import Any
 import aiohttp
 import pytest
 from recording_helpers import ManualClock, opus_frames, record_track
-from signaling_fixtures import VILLAGE, SignalingServer, start_signaling_server
+from signaling_fixtures import (
+    SPECIALIST,
+    VILLAGE,
+    SignalingServer,
+    eventually,
+    start_signaling_server,
+)
 
 from media.recording import DiskWriter
 from rooms.consultations import RequestContext
 from rooms.model import (
+    ConsultationId,
     ConsultationStatus,
     EventKind,
     Recording,
@@ -30,7 +37,8 @@ from rooms.model import (
     RecordingState,
     SessionId,
 )
-from server.app import CONFIG, STORE
+from rooms.roles import Role
+from server.app import CONFIG, RECORDINGS, STORE
 from server.config import load_config
 
 pytest_plugins = ["signaling_fixtures", "redis_fixtures"]
@@ -110,6 +118,18 @@ async def http(server: SignalingServer, method: str, path: str, token: str | Non
         session.request(method, f"{server.url}{path}", headers=headers) as resp,
     ):
         return resp.status, await resp.read()
+
+
+async def http_post(server: SignalingServer, path: str, body: Any) -> Any:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{server.url}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {server.token(VILLAGE)}"},
+        ) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
 
 
 async def test_a_playback_link_plays_on_every_node_and_after_a_restart(start_node: Start) -> None:
@@ -202,3 +222,37 @@ async def test_each_node_recovers_what_it_was_writing_and_only_that(start_node: 
     assert (await row_of(a2, theirs)).state == RecordingState.RECORDING.value
     assert await a2.status(cid_b) is ConsultationStatus.LIVE
     assert (await row_of(b, theirs)).state == RecordingState.RECORDING.value
+
+
+async def test_a_stop_or_abort_on_one_node_stops_the_recorder_on_the_other(
+    start_node: Start,
+) -> None:
+    a = await start_node("node-a")
+    b = await start_node("node-b")
+    cid = (await a.scheduled()).id
+    village = await a.seated(VILLAGE, cid, label="village@A")
+    specialist = await b.seated(SPECIALIST, cid, label="specialist@B")
+    token, _ = await a.invite(cid, Role.RESIDENT)
+    resident = await a.admitted(token, cid, village, label="resident@A")
+    await resident.ok("consent", {"kind": "recording", "granted": True})
+    await village.ok("start_recording")
+    assert ConsultationId(cid) in a.app[RECORDINGS].recording
+    # Stopped from B: A's recorder stops.
+    await specialist.ok("stop_recording")
+    await eventually(
+        lambda: ConsultationId(cid) not in a.app[RECORDINGS].recording, "A's recorder stops"
+    )
+    await village.ok("start_recording")
+    # Aborted over REST on B: A's recorder stops, A's clients are told and disconnected.
+    status, body = await http_post(b, f"/api/v1/consultations/{cid}/abort", {"reason": "停电"})
+    assert status == 200, body
+    for peer in (village, resident, specialist):
+        ended = await peer.wait_for("session_ended")
+        assert (ended["reason"], ended["detail"]) == ("aborted", "停电")
+        await eventually(lambda p=peer: not p.connected, f"{peer.label} is disconnected")
+    await eventually(
+        lambda: ConsultationId(cid) not in a.app[RECORDINGS].recording, "A's recorder stops"
+    )
+    assert await a.presence(cid) is None
+    kinds = [k for k in await a.event_kinds(cid) if k.startswith("recording_")]
+    assert kinds == ["recording_started", "recording_stopped"] * 2, kinds
