@@ -278,6 +278,59 @@ async def test_a_start_that_fails_is_logged_and_announced_as_failed(
     assert ConsultationId(cid) in server.app[RECORDINGS].recording
 
 
+class GatedWrites(GatedReads):
+    """The recorders' store with a gate before each write (the segment rows' closing)."""
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        if self.gate:
+            self.held.set()
+            await self.release.wait()
+        async with self._inner.transaction() as tx:
+            yield tx
+
+
+async def test_session_ended_is_not_held_back_while_segments_are_hashed(
+    media_room: MediaRoom,
+) -> None:
+    server = media_room.server
+    cid = (await server.scheduled()).id
+    village = await media_room.seated(VILLAGE, cid, label="village")
+    token, _ = await server.invite(cid, Role.RESIDENT)
+    resident = await media_room.admitted(token, cid, village.peer, label="resident")
+    ack = await village.publish([(ToneTrack(300.0), "microphone")])
+    assert ack == {"ok": True}, ack
+    await resident.peer.ok("consent", {"kind": "recording", "granted": True})
+    await village.peer.ok("start_recording")
+
+    async def open_segment() -> Any:
+        rows = [r for r in await recordings_of(server.app, cid) if r[0].kind == "track"]
+        return rows if rows else None
+
+    await eventually(open_segment, "the segment is open", within=MEDIA_WAIT)
+    recordings = server.app[RECORDINGS]
+    gated = GatedWrites(recordings._store)
+    recordings._store = gated
+    gated.gate = True
+    # Ended while the segment's closing cannot reach the record: everyone hears of it all
+    # the same.
+    await village.peer.ok("end_session")
+    for peer in (village.peer, resident.peer):
+        await peer.wait_for("session_ended")
+    await gated.held.wait()
+    [(row, _)] = await open_segment()
+    assert row.state == RecordingState.RECORDING.value, row
+    gated.gate = False
+    gated.release.set()
+
+    async def closed() -> Any:
+        rows = [r for r in await recordings_of(server.app, cid) if r[0].kind == "track"]
+        return rows if all(r.state == RecordingState.COMPLETE.value for r, _ in rows) else None
+
+    [(row, path)] = await eventually(closed, "the segment is closed", within=MEDIA_WAIT)
+    assert path is not None and row.sha256 == sha256_of(path)
+
+
 # --- 3. a disconnect while `join` runs --------------------------------------------------------
 
 
