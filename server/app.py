@@ -15,9 +15,8 @@ from aiohttp import hdrs, web
 from media.offer_sections import PublishLimits
 from media.peer import IceServer, PeerConfig
 from rooms.consultations import ConsultationService, RequestContext
-from rooms.errors import DomainError
 from rooms.live import InMemoryPresence
-from rooms.model import ConsultationId, SessionId
+from rooms.model import ConsultationId
 from rooms.room_service import LiveRoomService, RoomLimits
 from server.api.openapi import build_openapi
 from server.api.problems import (
@@ -39,6 +38,7 @@ from server.metrics import ServerMetrics, metrics_handler
 from server.presence_redis import RedisPresence
 from server.recorder_relay import RedisRecorderRelay
 from server.recording import SessionRecordings
+from server.recovery import CrashRecovery
 from server.revocations import LocalRevocations, RedisRevocations
 from server.turn import TurnCredentials, ice_servers_for_clients
 from server.web_routes import register_web
@@ -57,6 +57,7 @@ NAMESPACE = web.AppKey("namespace", ConsultNamespace)
 RECORDINGS = web.AppKey("recordings", SessionRecordings)
 COMPOSITES = web.AppKey("composites", Composites)
 METRICS = web.AppKey("metrics", ServerMetrics)
+RECOVERY = web.AppKey("recovery", CrashRecovery)
 # The engine.io frame limit guards the transport; per-event limits are the namespace's.
 _MAX_FRAME_BYTES = 1024 * 1024
 
@@ -228,13 +229,32 @@ def _attach_signaling(
     )
     relay = RedisRecorderRelay(config.redis_url, recordings, node) if config.redis_url else None
     rooms.use_recorders(relay or recordings)
+
+    async def end_revoked_meanwhile() -> None:
+        for token_id in namespace.token_ids():
+            if await is_revoked(token_id):
+                await namespace.end_token(token_id)
+
     revocations = (
-        RedisRevocations(config.redis_url, namespace.end_token)
+        RedisRevocations(config.redis_url, namespace.end_token, end_revoked_meanwhile)
         if config.redis_url
         else LocalRevocations(namespace.end_token)
     )
     app[RECORDINGS] = recordings
     app[COMPOSITES] = composites
+    # Alone, this node knows that nothing it left open is still being served; behind Redis,
+    # it knows that of the recordings it was writing itself (its node_id).
+    alone = isinstance(presence, InMemoryPresence)
+    app[RECOVERY] = CrashRecovery(
+        store,
+        service,
+        presence,
+        recordings,
+        composites,
+        sig.empty_room_grace_s,
+        alone=alone,
+        end_recorded=None if alone else namespace.end_after_crash,
+    )
     sio.register_namespace(namespace)
     sio.attach(app)
     app[ROOMS] = rooms
@@ -245,6 +265,8 @@ def _attach_signaling(
         await revocations.start()
         if relay is not None:
             await relay.start_listening()
+        if isinstance(presence, RedisPresence):
+            await presence.start(namespace.holds)
         yield
         await revocations.stop()
         if relay is not None:
@@ -313,21 +335,10 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _recording_lifecycle(app: web.Application) -> AsyncIterator[None]:
     recordings, composites = app[RECORDINGS], app[COMPOSITES]
-    # What this node left open when it stopped is no longer being written: each node (by its
-    # node_id) recovers its own; alone, everything left open.
-    alone = not app[CONFIG].redis_url
-    namespace = app[NAMESPACE]
-
-    async def abort(consultation_id: ConsultationId, session_id: SessionId) -> None:
-        try:
-            await namespace.end_after_crash(consultation_id, session_id)
-        except DomainError as exc:
-            log.warning("session %s left as it is: %s", session_id, exc)
-
-    await composites.resume(lambda row: recordings.mine(row, alone))
-    for consultation_id, session_id in await recordings.recover(abort, alone=alone):
-        await composites.render_later(consultation_id, session_id)
+    recovery = app[RECOVERY]
+    await recovery.start()
     yield
+    await recovery.stop()
     await recordings.close()
     await composites.stop()
 

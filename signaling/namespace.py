@@ -4,6 +4,7 @@ hands it to the live-room service and delivers what comes back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from media.hub import MediaError, MediaHub, TrackInfo
 from media.layers import Layer
 from media.peer import PeerConfig
 from rooms.consultations import RequestContext
-from rooms.errors import DomainError, RoomRefused
+from rooms.errors import DomainError, RoomRefused, Unavailable
 from rooms.lifecycle import Action
 from rooms.model import Consultation, ConsultationId, ParticipantId, SessionId, TrackSource
 from rooms.outcome import Audience, Outcome, Target
@@ -33,6 +34,8 @@ from signaling.tasks import TaskSet
 log = logging.getLogger(__name__)
 
 NAMESPACE = "/consult"
+# How often a disconnect that presence could not take (Redis away) is tried again.
+UNAVAILABLE_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,10 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    def holds(self, connection: str) -> bool:
+        """Whether `connection` (a socket id) is one of this node's."""
+        return connection in self._connections
 
     @property
     def media(self) -> MediaHub:
@@ -386,7 +393,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             )
             if identity.token_id in self._revoked_while_verifying:
                 raise Refused("invite has been revoked")
-        except Refused as exc:
+        except (Refused, Unavailable) as exc:
             log.info("connection %s refused: %s", sid, exc)
             raise socketio.exceptions.ConnectionRefusedError(str(exc)) from None
         except Exception:
@@ -411,6 +418,10 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             self._revoked_while_verifying.add(token_id)
         ended = [sid for sid, c in self._connections.items() if c.identity.token_id == token_id]
         await asyncio.gather(*(self._end_revoked(sid) for sid in ended))
+
+    def token_ids(self) -> set[str]:
+        """The token ids this node's connections presented (invites, mostly)."""
+        return {c.identity.token_id for c in self._connections.values() if c.identity.token_id}
 
     async def _end_revoked(self, sid: str) -> None:
         conn = self._connections.get(sid)
@@ -451,6 +462,15 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         cid = conn.consultation_id
         if cid is None:
             return
+        try:
+            await self._seat_disconnected(sid, cid)
+        except Unavailable:
+            # The seat must not stay "connected" for a connection that is gone: try again
+            # until presence is back.
+            log.warning("disconnect of %s not yet recorded: presence is unavailable", sid)
+            self._timers.start(self._seat_disconnected_later(sid, cid))
+
+    async def _seat_disconnected(self, sid: str, cid: ConsultationId) -> None:
         seat = await self._rooms.disconnected(sid, cid)
         if seat is not None:
             participant, since = seat
@@ -460,6 +480,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         for (room, held), holder in list(self._seats.items()):
             if holder == sid and room == cid:
                 await self._apply_media(_unseated(cid, ParticipantId(held)))
+
+    async def _seat_disconnected_later(self, sid: str, cid: ConsultationId) -> None:
+        while True:
+            await asyncio.sleep(UNAVAILABLE_RETRY_S)
+            with contextlib.suppress(Unavailable):
+                await self._seat_disconnected(sid, cid)
+                return
 
     async def _expire_later(
         self, cid: ConsultationId, participant: ParticipantId, since: datetime
