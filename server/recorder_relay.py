@@ -11,6 +11,7 @@ import json
 import logging
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from rooms.model import ConsultationId, SessionId
 from server.recording import SessionRecordings
@@ -19,6 +20,9 @@ from signaling.tasks import TaskSet
 log = logging.getLogger(__name__)
 
 _CHANNEL = "telemed:recording-orders"
+# How often a node tries to subscribe again while Redis is away.
+RESUBSCRIBE_S = 1.0
+_REDIS_AWAY = (RedisConnectionError, OSError)
 
 
 class RedisRecorderRelay:
@@ -61,11 +65,21 @@ class RedisRecorderRelay:
         )
 
     async def _publish(self, order: dict[str, str]) -> None:
-        await self._redis.publish(_CHANNEL, json.dumps({**order, "node": self._node}))
+        try:
+            await self._redis.publish(_CHANNEL, json.dumps({**order, "node": self._node}))
+        except _REDIS_AWAY:
+            # Lost; each node checks its recorders against the room once subscribed again.
+            log.warning("recording orders: Redis is unreachable; %s not published", order["op"])
 
     async def _listen(self) -> None:
         while True:
-            message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            try:
+                message = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=None
+                )
+            except _REDIS_AWAY:
+                await self._subscribe_again()
+                continue
             if message is None or message.get("type") != "message":
                 continue
             try:
@@ -73,6 +87,22 @@ class RedisRecorderRelay:
             except Exception:
                 # One failed order must not stop this node hearing the next.
                 log.exception("a recording order from another node failed")
+
+    async def _subscribe_again(self) -> None:
+        while True:
+            await asyncio.sleep(RESUBSCRIBE_S)
+            with contextlib.suppress(*_REDIS_AWAY):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._pubsub = self._redis.pubsub()
+            try:
+                await self._pubsub.subscribe(_CHANNEL)
+                break
+            except _REDIS_AWAY:
+                continue
+        try:
+            await self._local.reconcile()
+        except Exception:
+            log.exception("checking the recorders after Redis came back failed")
 
     async def _carry_out(self, order: dict[str, str]) -> None:
         if order.get("node") == self._node:

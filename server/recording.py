@@ -122,6 +122,17 @@ class SessionRecordings:
         closing.add(task)
         task.add_done_callback(closing.discard)
 
+    async def reconcile(self) -> None:
+        """Orders from other nodes may have been lost (Redis away): a recorder whose room no
+        longer shows it recording is stopped, and one whose session is over wraps it up."""
+        for consultation_id, running in list(self._running.items()):
+            room = await self._presence.get(consultation_id)
+            if room is not None and room.recording is not None:
+                continue
+            await self.stop(consultation_id)
+            if room is None or room.session_id != running.session_id:
+                self.session_ended(consultation_id, running.session_id)
+
     def session_ended(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
         if session_id not in self._recorded:
             return  # nothing recorded here (another node's, or none)
