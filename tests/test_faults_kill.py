@@ -1,5 +1,6 @@
 """`kill -9` of a real `telemed serve` while people join and while a session is live (the
-recording phase has its own test in test_recording_server.py; rendering and retention below),
+recording phase has its own test in test_recording_server.py, rendering test_faults_render.py),
+and of a `telemed retention run` half way,
 then a restart on the same data directory: what the record says afterwards, field by field.
 
 After the restart (embedded mode) every seat the log still showed is closed as `server_lost`,
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +22,7 @@ from typing import Any
 
 from api_helpers import consultation_body
 from pydantic import SecretStr
-from recording_server_helpers import ServerProcess, write_config
+from recording_server_helpers import ServerProcess, telemed_command, write_config
 from signaling_fixtures import (
     COUNTY,
     SPECIALIST,
@@ -31,17 +34,23 @@ from signaling_fixtures import (
     start_signaling_server,
 )
 from test_recording_server import rest
+from test_retention import consultation as old_consultation
+from test_retention import recording as old_recording
 
 from rooms.model import (
+    AuditAction,
     CloseReason,
     ConsultationId,
     ConsultationStatus,
     EventKind,
+    Session,
     SessionEvent,
+    SessionId,
 )
 from server.app import RECOVERY
 from server.auth import TokenService
 from server.config import JwtConfig, load_config
+from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 
 pytest_plugins = ["signaling_fixtures"]
@@ -277,3 +286,121 @@ async def test_kill_9_in_a_live_session_and_the_clinic_comes_back(tmp_path: Path
         ], after
     finally:
         await server.close()
+
+
+# --- a retention run --------------------------------------------------------------------------
+
+EXPIRED = 300
+
+
+async def test_kill_9_during_a_retention_run_leaves_each_record_whole_or_gone(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    url = f"sqlite+aiosqlite:///{data / 'telemed.db'}"
+    await upgrade(url)
+    store = SqlRecordStore(url)
+    await store.start()
+    try:
+        (data / "recordings").mkdir(parents=True)
+        cids = [f"old-{n:04d}" for n in range(EXPIRED)]
+        async with store.transaction() as tx:
+            for cid in cids:
+                closed = datetime(2025, 1, 1, 8, tzinfo=UTC)
+                await tx.add_consultation(
+                    old_consultation(cid, ConsultationStatus.ARCHIVED, closed)
+                )
+                sid = SessionId(f"s-{cid}")
+                await tx.add_session(Session(sid, ConsultationId(cid), 1, closed, closed))
+                (data / "recordings" / f"rec-{cid}.webm").write_bytes(b"webm")
+                await tx.add_recording(
+                    old_recording(f"rec-{cid}", sid, closed), path=f"recordings/rec-{cid}.webm"
+                )
+
+        async def destroyed() -> set[str]:
+            async with store.reading() as tx:
+                entries = await tx.list_audit(None, 10 * EXPIRED, 0)
+            return {
+                str(e.consultation_id)
+                for e in entries
+                if e.action is AuditAction.DESTROY and e.target == "record"
+            }
+
+        run = retention_run(data)
+        try:
+            await eventually(
+                lambda: _at_least(destroyed, 3), "the first records destroyed", within=WAIT
+            )
+            run.kill()
+            run.wait()
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+        assert run.returncode == -9, "the run had finished before it could be killed"
+
+        gone = await destroyed()
+        assert 3 <= len(gone) < EXPIRED, len(gone)
+        missing_files = []
+        async with store.reading() as tx:
+            kept = {
+                cid: (
+                    await tx.get_consultation(ConsultationId(cid)),
+                    await tx.list_recordings(ConsultationId(cid)),
+                )
+                for cid in cids
+            }
+        for cid, (found, recordings) in kept.items():
+            file = data / "recordings" / f"rec-{cid}.webm"
+            if cid in gone:
+                assert found is None and not file.exists(), cid
+            else:
+                # Whole: the consultation, its recording row; its file unless the kill fell
+                # inside its transaction (the file is deleted first, the row at the commit).
+                assert found is not None, cid
+                assert [r.id for r in recordings] == [f"rec-{cid}"], cid
+                if not file.exists():
+                    missing_files.append(cid)
+        assert len(missing_files) <= 1, missing_files
+
+        again = await asyncio.to_thread(
+            subprocess.run,
+            retention_argv(),
+            env=retention_env(data),
+            capture_output=True,
+            text=True,
+        )
+        assert again.returncode == 0, again.stderr
+        assert await destroyed() == set(cids)
+        async with store.reading() as tx:
+            entries = await tx.list_audit(None, 10 * EXPIRED, 0)
+        records = [e for e in entries if e.action is AuditAction.DESTROY and e.target == "record"]
+        assert len(records) == EXPIRED, "one destruction entry per record, none twice"
+        for cid in missing_files:
+            (entry,) = [e for e in records if e.consultation_id == cid]
+            assert entry.detail["recordings"][0]["file"] == "already gone", entry
+        assert list((data / "recordings").iterdir()) == []
+    finally:
+        await store.stop()
+
+
+async def _at_least(count: Callable[[], Awaitable[set[str]]], n: int) -> bool:
+    return len(await count()) >= n
+
+
+def retention_argv() -> list[str]:
+    return [*telemed_command(), "retention", "run", "--now", "2041-01-01T08:00:00+08:00"]
+
+
+def retention_env(data: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
+    return env | {"TELEMED_DATA_DIR": str(data)}
+
+
+def retention_run(data: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        retention_argv(),
+        env=retention_env(data),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
