@@ -632,6 +632,16 @@ class LiveRoomService:
             await self._stop_recording(room, me, "stopped", out)
             return out
 
+    async def recording_failed(self, consultation_id: ConsultationId, why: str) -> Outcome:
+        """The recorder could not go on (`why`: `disk_full`, `write_failed`): the recording
+        stops as if stopped in the room, the log and everyone are told why; the room goes on."""
+        async with self._presence.lock(consultation_id):
+            room = await self._presence.get(consultation_id)
+            out = Outcome()
+            if room is not None and room.recording is not None:
+                await self._stop_recording(room, None, why, out)
+            return out
+
     async def transition(
         self,
         ctx: RequestContext,

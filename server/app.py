@@ -226,6 +226,7 @@ def _attach_signaling(
         config.data_dir,
         on_session_ended=composites.render_later,
         node=node,
+        on_failure=namespace.recording_failed,
     )
     relay = RedisRecorderRelay(config.redis_url, recordings, node) if config.redis_url else None
     rooms.use_recorders(relay or recordings)

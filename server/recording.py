@@ -20,7 +20,7 @@ from pathlib import Path
 
 from media.hub import MediaHub
 from media.recorder import RoomRecorder
-from media.recording import SegmentInfo, SegmentState, recover_segment
+from media.recording import SegmentInfo, SegmentState, WriteFailure, recover_segment
 from rooms.clock import Clock, utc_now
 from rooms.live import PresenceStore
 from rooms.model import (
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # Called with a session whose recording ended, to make its composite.
 SessionEnded = Callable[[ConsultationId, SessionId], Awaitable[None]]
+# Called when a room's recorder cannot go on, with why (media.recording.WriteFailure).
+RecordingFailed = Callable[[ConsultationId, str], Awaitable[None]]
 
 _STATE_OF_SEGMENT = {
     SegmentState.RECORDING: RecordingState.RECORDING,
@@ -74,10 +76,13 @@ class SessionRecordings:
         on_session_ended: SessionEnded | None = None,
         clock: Clock = utc_now,
         node: str | None = None,
+        on_failure: RecordingFailed | None = None,
     ) -> None:
         """`node` names this server in the segment rows it writes (config node_id), so that
-        after a crash it recovers its own."""
+        after a crash it recovers its own. `on_failure(room, why)` is told when a room's
+        recorder fails (the disk full), to stop the recording through the room."""
         self._node = node
+        self._on_failure = on_failure
         self._store = store
         self._hub = hub
         self._presence = presence
@@ -171,8 +176,16 @@ class SessionRecordings:
         async def closed(info: SegmentInfo) -> None:
             await self._segment_closed(running, info)
 
+        def failed(why: WriteFailure) -> None:
+            if self._on_failure is not None:
+                self._tasks.start(self._on_failure(consultation_id, why.value))
+
         recorder = RoomRecorder(
-            directory, recording_id, on_segment_opened=opened, on_segment_closed=closed
+            directory,
+            recording_id,
+            on_segment_opened=opened,
+            on_segment_closed=closed,
+            on_failed=failed,
         )
         await recorder.start()
         assert recorder.started_at is not None  # set by start()

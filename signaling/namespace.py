@@ -411,6 +411,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         )
         return True
 
+    async def recording_failed(self, consultation_id: ConsultationId, why: str) -> None:
+        """This node's recorder of the room failed (see LiveRoomService.recording_failed)."""
+        try:
+            await self._apply(await self._rooms.recording_failed(consultation_id, why))
+        except DomainError as exc:
+            log.warning("the failed recording of %s was not stopped: %s", consultation_id, exc)
+
     async def end_token(self, token_id: str) -> None:
         """The token `token_id` was revoked: every connection of this node that presented it
         is told, its seat closes with reason `revoked`, and it is disconnected."""
