@@ -16,7 +16,13 @@ from pathlib import Path
 from media.aiortc_hooks import EncodedFrame
 from media.forwarding import Publication
 from media.hub import MediaHub, TrackInfo
-from media.recording import DEFAULT_MAX_PENDING, DiskWriter, SegmentInfo, SegmentWriter
+from media.recording import (
+    DEFAULT_MAX_PENDING,
+    DiskWriter,
+    SegmentInfo,
+    SegmentWriter,
+    WriteFailure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,8 @@ class RoomRecorder:
     `on_segment_opened(info)` is awaited when a segment's first frame arrives (state
     RECORDING, `start_s` set: store it, so that a crash leaves the record pointing at the file);
     `on_segment_closed(info)` when it is closed and hashed. Both run on the event loop, one at a
-    time, opened before closed."""
+    time, opened before closed. `on_failed(why)` is called once, on the loop, when a segment's
+    writer first fails (the disk full): the recording cannot go on as it was."""
 
     def __init__(
         self,
@@ -55,6 +62,7 @@ class RoomRecorder:
         *,
         on_segment_opened: SegmentCallback | None = None,
         on_segment_closed: SegmentCallback | None = None,
+        on_failed: Callable[[WriteFailure], None] | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         if not _SAFE_ID.fullmatch(recording_id):
@@ -63,6 +71,8 @@ class RoomRecorder:
         self.recording_id = recording_id
         self._on_opened = on_segment_opened
         self._on_closed = on_segment_closed
+        self._on_failed = on_failed
+        self.failure: WriteFailure | None = None
         self._writer = DiskWriter(max_pending, name=f"recording-{recording_id}")
         self._tracks: dict[str, _Recorded] = {}
         self._closing: set[asyncio.Future[SegmentInfo | None]] = set()
@@ -150,6 +160,7 @@ class RoomRecorder:
             session_clock=self.session_time,
             request_keyframe=publication.want_keyframe,
             on_opened=self._opened,
+            on_failed=self._failed,
             track_id=info.track_id,
             participant=info.participant,
             source=info.source,
@@ -167,6 +178,13 @@ class RoomRecorder:
         self._tracks[info.track_id] = _Recorded(info, publication, segment, listener)
         if info.kind == "video":
             publication.want_keyframe()
+
+    def _failed(self, info: SegmentInfo, why: WriteFailure) -> None:
+        log.warning("recording %s: segment %s failed (%s)", self.recording_id, info.path.name, why)
+        if self.failure is None:
+            self.failure = why
+            if self._on_failed is not None:
+                self._on_failed(why)
 
     def remove_track(self, track_id: str) -> asyncio.Future[SegmentInfo | None] | None:
         """Stops recording a track and closes its segment. Returns a future of the closed

@@ -15,6 +15,8 @@ the file's `TELEMED_SESSION_START_S` tag (written with the header, so it survive
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import fractions
 import hashlib
 import logging
@@ -50,6 +52,19 @@ DEFAULT_MAX_PENDING = 2000
 # A video gap longer than this (RTP time) means frames went missing (a forced mute, a drop):
 # the segment resumes at the next keyframe rather than record a broken picture.
 VIDEO_GAP_S = 0.5
+
+
+class WriteFailure(StrEnum):
+    """Why a segment's writer gave up: said to the room and written to the record."""
+
+    DISK_FULL = "disk_full"
+    WRITE_FAILED = "write_failed"
+
+
+def failure_of(exc: BaseException) -> WriteFailure:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return WriteFailure.DISK_FULL
+    return WriteFailure.WRITE_FAILED
 
 
 class SegmentState(StrEnum):
@@ -170,6 +185,7 @@ class _SegmentFile:
         self.container: Any = None
         self.stream: Any = None
         self.error: str | None = None
+        self.failure: WriteFailure | None = None
         self.frames = 0
         self.last_pts = 0
         self.last_step = 0
@@ -187,7 +203,11 @@ class _SegmentFile:
             packet.is_keyframe = keyframe
             self.container.mux_one(packet)
         except Exception as exc:
-            log.exception("writing %s failed", self.path)
+            self.failure = failure_of(exc)
+            if self.failure is WriteFailure.DISK_FULL:
+                log.warning("writing %s failed: the disk is full", self.path)
+            else:
+                log.exception("writing %s failed", self.path)
             self.error = f"{type(exc).__name__}: {exc}"
             return
         if self.frames:
@@ -229,7 +249,11 @@ class _SegmentFile:
             try:
                 self.container.close()
             except Exception as exc:
-                log.exception("closing %s failed", self.path)
+                if failure_of(exc) is WriteFailure.DISK_FULL:
+                    log.warning("closing %s failed: the disk is full", self.path)
+                else:
+                    log.exception("closing %s failed", self.path)
+                self.failure = self.failure or failure_of(exc)
                 self.error = self.error or f"{type(exc).__name__}: {exc}"
             self.container = None
         if not self.path.exists():
@@ -246,7 +270,9 @@ class SegmentWriter:
     gap or a frame dropped for a full queue. `session_clock` gives seconds since the recording
     started; it places the first frame. `on_opened` is called (on the loop) with the segment's
     info when its first frame is accepted; the file is created by the writer thread just
-    after. Nothing is created if no frame ever comes."""
+    after. `on_failed(info, why)` is called (on the loop) when the writer first fails (the
+    disk full, ...): later frames are not written, and `close` reports the segment FAILED.
+    Nothing is created if no frame ever comes."""
 
     def __init__(
         self,
@@ -257,6 +283,7 @@ class SegmentWriter:
         session_clock: Callable[[], float],
         request_keyframe: Callable[[], None] | None = None,
         on_opened: Callable[[SegmentInfo], None] | None = None,
+        on_failed: Callable[[SegmentInfo, WriteFailure], None] | None = None,
         track_id: str = "",
         participant: str = "",
         source: str = "",
@@ -269,6 +296,7 @@ class SegmentWriter:
         self._session_clock = session_clock
         self._request_keyframe = request_keyframe
         self._on_opened = on_opened
+        self._on_failed = on_failed
         self._info = SegmentInfo(
             path=path,
             kind=kind,
@@ -316,7 +344,7 @@ class SegmentWriter:
         segment_file = self._file
         data = frame.data
         keyframe = frame.keyframe
-        if not self._writer.try_submit(lambda: segment_file.write(data, pts, keyframe)):
+        if not self._writer.try_submit(lambda: self._write(segment_file, data, pts, keyframe)):
             self.dropped += 1
             if self._info.kind == "video":
                 # Whatever follows refers to the frame just lost.
@@ -325,6 +353,16 @@ class SegmentWriter:
             return
         self.frames += 1
         self._last_pts = pts
+
+    def _write(self, segment_file: _SegmentFile, data: bytes, pts: int, keyframe: bool) -> None:
+        """In the writer thread: one frame, and the first failure told to the loop."""
+        failed_before = segment_file.failure is not None
+        segment_file.write(data, pts, keyframe)
+        failure = segment_file.failure
+        if failure is None or failed_before or self._on_failed is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody to tell
+            self._writer.loop.call_soon_threadsafe(self._on_failed, self._info, failure)
 
     def _begin(self, frame: EncodedFrame) -> None:
         start_s = self._session_clock()

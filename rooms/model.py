@@ -94,6 +94,7 @@ class EventKind(StrEnum):
     ANNOTATION = "annotation"
     RECORDING_STARTED = "recording_started"
     RECORDING_STOPPED = "recording_stopped"
+    RECORDING_FAILED = "recording_failed"
 
 
 class AuditAction(StrEnum):
@@ -290,6 +291,8 @@ class Recording:
     offset_s: float | None = None
     # How far a composite's rendering got (0..1).
     progress: float | None = None
+    # The server node writing the file (config node_id): whose to recover after a crash.
+    node: str | None = None
 
 
 @dataclass(frozen=True)

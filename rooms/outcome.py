@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
-from rooms.model import ConsultationId, SessionId
+from rooms.model import ConsultationId
 
 
 class Audience(StrEnum):
@@ -62,17 +62,6 @@ class Seat:
     may_subscribe: bool
 
 
-@dataclass(frozen=True)
-class RecorderOrder:
-    """What the session's recorder must do: start, stop, or wrap up an ended session (stop if
-    recording, then make the composite of what was recorded)."""
-
-    consultation_id: ConsultationId
-    session_id: SessionId
-    action: Literal["start", "stop", "session_ended"]
-    reason: str
-
-
 @dataclass
 class Outcome:
     """Applied by the transport in this order: memberships, media, announcements,
@@ -88,7 +77,6 @@ class Outcome:
     moved: list[Seat] = field(default_factory=list)
     # Forced mutes: (consultation, participant, "audio" | "video").
     muted: list[tuple[ConsultationId, str, str]] = field(default_factory=list)
-    recorder: list[RecorderOrder] = field(default_factory=list)
     # A reply to the connection that sent the event (the ack), if any.
     reply: dict[str, Any] | None = None
 

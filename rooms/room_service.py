@@ -4,16 +4,19 @@ and only then returned as announcements for the transport to deliver."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
+from rooms import lifecycle
 from rooms.clock import Clock, utc_now
-from rooms.consultations import ConsultationService, RequestContext
+from rooms.consultations import ACTION_PERMISSION, ConsultationService, RequestContext
 from rooms.errors import Forbidden, IllegalTransition, NotFound, RoomRefused
+from rooms.lifecycle import Action
 from rooms.live import (
     LiveParticipant,
     ParticipantState,
@@ -32,9 +35,10 @@ from rooms.model import (
     ParticipantId,
     Participation,
     SessionEvent,
+    SessionId,
     TrackSource,
 )
-from rooms.outcome import Audience, Outcome, RecorderOrder, Seat, Target
+from rooms.outcome import Audience, Outcome, Seat, Target
 from rooms.policy import Actor, can, require
 from rooms.recording_rules import (
     RECORDER_ID,
@@ -46,6 +50,8 @@ from rooms.roles import CLINICIAN_ROLES, SOURCE_PERMISSION, Permission, Role
 from rooms.store import RecordRepository, RecordStore
 from rooms.visibility import audience_of, project, teaching_consent_given
 
+log = logging.getLogger(__name__)
+
 # How long a room trusts its copy of the consultation (team, status) for permission checks.
 CONSULTATION_TTL_S = 2.0
 
@@ -56,6 +62,21 @@ IceServersFor = Callable[[ParticipantId], Sequence[Mapping[str, Any]]]
 
 def no_ice_servers(_participant: ParticipantId) -> Sequence[Mapping[str, Any]]:
     return ()
+
+
+class RoomRecorders(Protocol):
+    """The server's recorders. The room drives them under its lock, deciding and carrying out
+    in one step, so that what the log and the room are told is what the recorder did."""
+
+    async def start(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
+        """Records the room from now on; raises if the recorder could not start."""
+
+    async def stop(self, consultation_id: ConsultationId) -> None:
+        """Writes nothing more from now on; the open segments are closed and hashed in the
+        background (the record is updated when each is)."""
+
+    def session_ended(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
+        """The session is over: its composite is made once its segments are closed."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +118,13 @@ class LiveRoomService:
         self._ice_servers = ice_servers
         self._monotonic = time.monotonic
         self._consultations_seen: dict[ConsultationId, tuple[Consultation, float]] = {}
+        self._recorders: RoomRecorders | None = None
         consultations.watch(self._forget)
+
+    def use_recorders(self, recorders: RoomRecorders) -> None:
+        """Set by the app once its recorders (which follow the media) exist; without them the
+        room does not record."""
+        self._recorders = recorders
 
     @property
     def limits(self) -> RoomLimits:
@@ -217,6 +244,21 @@ class LiveRoomService:
             if room is None or await self.clinician_present(consultation_id):
                 return Outcome()
             return await self._end(None, room, "no clinician left")
+
+    async def end_after_crash(
+        self, consultation_id: ConsultationId, session_id: SessionId
+    ) -> Outcome:
+        """A node died recording this session (its recovery wrote the stop): the session ends
+        as aborted, through its room where one is still open on other nodes."""
+        async with self._presence.lock(consultation_id):
+            room = await self._presence.get(consultation_id)
+            if room is None or room.session_id != session_id:
+                await self._consultations.end_session(None, consultation_id, session_id, "aborted")
+                return Outcome()
+            # The recorder died with its node; the log says so already.
+            room.recording = None
+            await self._presence.set_recording(consultation_id, None)
+            return await self._end(None, room, "aborted")
 
     # --- the waiting room --------------------------------------------------------------------
 
@@ -422,6 +464,13 @@ class LiveRoomService:
                     me,
                     {"kind": kind.value, "granted": granted, "on_behalf_of": subject},
                 )
+                # Withdrawing consent stops the recording at once, in the same transaction.
+                stops = (
+                    not granted
+                    and room.recording is not None
+                    and kind in consents_needed(consultation)
+                )
+                stopped = await self._log_stop(tx, room, me, "consent_withdrawn") if stops else None
             out = Outcome()
             out.announce(
                 "consent_recorded",
@@ -436,9 +485,8 @@ class LiveRoomService:
                 },
                 Target.room(consultation_id),
             )
-            if not granted and room.recording is not None and kind in consents_needed(consultation):
-                # Withdrawing consent stops the recording at once.
-                await self._stop_recording(room, me, "consent_withdrawn", out)
+            if stopped is not None:
+                await self._recording_stopped(room, stopped, out)
             return out
 
     async def annotate(
@@ -525,24 +573,43 @@ class LiveRoomService:
     async def start_recording(
         self, conn: str, actor: Actor, consultation_id: ConsultationId
     ) -> Outcome:
+        """The recorder starts under the room's lock, before the log says so; a start that
+        fails is logged and announced as `recording_failed`, and nothing says recording."""
+        recorders = self._recorders
+        if recorders is None:
+            raise RoomRefused("recording_unavailable", "this server does not record")
+        out = Outcome()
         async with self._presence.lock(consultation_id):
             room, me = await self._member(conn, consultation_id)
             consultation = await self._check(actor, Permission.START_RECORDING, consultation_id)
             if room.recording is not None:
                 raise RoomRefused("already_recording", "the session is already being recorded")
-            async with self._store.transaction() as tx:
+            async with self._store.reading() as tx:
+                # Consent changes only under this lock: it still holds when the log is written.
                 missing = missing_consent(consultation, await tx.list_consents(consultation_id))
-                if missing is not None:
-                    raise RoomRefused(
-                        "consent_missing",
-                        f"the resident has not given (or has withdrawn) the {missing.value} "
-                        "consent this recording needs",
-                    )
-                event = await self._append(tx, room, EventKind.RECORDING_STARTED, me, {})
+            if missing is not None:
+                raise RoomRefused(
+                    "consent_missing",
+                    f"the resident has not given (or has withdrawn) the {missing.value} "
+                    "consent this recording needs",
+                )
+            try:
+                await recorders.start(consultation_id, room.session_id)
+            except Exception as exc:
+                log.exception("the recorder of %s did not start", consultation_id)
+                why = f"the recorder could not start ({type(exc).__name__})"
+                await self._start_failed(room, me, why, out)
+                return out
+            try:
+                async with self._store.transaction() as tx:
+                    event = await self._append(tx, room, EventKind.RECORDING_STARTED, me, {})
+            except BaseException:
+                # Nothing records that the log does not show.
+                await recorders.stop(consultation_id)
+                raise
             recording = RecordingOn(me.participant_id, event.at)
             await self._presence.set_recording(consultation_id, recording)
-        out = Outcome()
-        out.recorder.append(RecorderOrder(consultation_id, room.session_id, "start", "started"))
+        out.reply = {"recording": True}
         out.announce(
             "participant_joined", recorder_participant(recording), Target.room(room.consultation_id)
         )
@@ -565,6 +632,54 @@ class LiveRoomService:
             await self._stop_recording(room, me, "stopped", out)
             return out
 
+    async def recording_failed(self, consultation_id: ConsultationId, why: str) -> Outcome:
+        """The recorder could not go on (`why`: `disk_full`, `write_failed`): the recording
+        stops as if stopped in the room, the log and everyone are told why; the room goes on."""
+        async with self._presence.lock(consultation_id):
+            room = await self._presence.get(consultation_id)
+            out = Outcome()
+            if room is not None and room.recording is not None:
+                await self._stop_recording(room, None, why, out)
+            return out
+
+    async def transition(
+        self,
+        ctx: RequestContext,
+        consultation_id: ConsultationId,
+        action: Action,
+        *,
+        reason: str | None = None,
+        scheduled_time: datetime | None = None,
+    ) -> tuple[Consultation, Outcome]:
+        """A life-cycle action from the API. One that ends the open session (an abort while
+        live) ends it through its room, as `end_session` does: the recording stops, everyone
+        is told why and disconnected, the composite follows."""
+        async with self._presence.lock(consultation_id):
+            room = await self._presence.get(consultation_id)
+            out = Outcome()
+            if room is not None:
+                # Checked before anything stops: the same checks the service makes.
+                current = await self._consultations.authorize(
+                    ctx, consultation_id, ACTION_PERMISSION[action]
+                )
+                after = lifecycle.next_status(current.status, action, reason)
+                if after is ConsultationStatus.LIVE:
+                    room = None
+            if room is not None and room.recording is not None:
+                by = next(
+                    (p for p in room.participants.values() if p.user_id == ctx.actor.user_id),
+                    None,
+                )
+                await self._stop_recording(room, by, "session_ended", out)
+            consultation = await self._consultations.transition(
+                ctx, consultation_id, action, reason=reason, scheduled_time=scheduled_time
+            )
+            if room is not None:
+                # The reason is the state the consultation went to (`aborted`).
+                why = {"reason": consultation.status.value, "detail": reason}
+                await self._close_room(room, why, out)
+            return consultation, out
+
     async def end_session(
         self, conn: str, actor: Actor, consultation_id: ConsultationId
     ) -> Outcome:
@@ -577,32 +692,61 @@ class LiveRoomService:
     async def _stop_recording(
         self, room: RoomState, by: LiveParticipant | None, reason: str, out: Outcome
     ) -> None:
-        """Records that the recording stopped and why, and tells the room (under its lock)."""
-        cid = room.consultation_id
+        """Records that the recording stopped and why, stops the recorder and tells the room
+        (under its lock)."""
         async with self._store.transaction() as tx:
-            event = await tx.append_event(
-                room.session_id,
-                self._now(),
-                EventKind.RECORDING_STOPPED,
-                by.user_id if by else None,
-                by.participant_id if by else None,
-                {"reason": reason},
-            )
+            event = await self._log_stop(tx, room, by, reason)
+        await self._recording_stopped(room, event, out)
+
+    async def _log_stop(
+        self, tx: RecordRepository, room: RoomState, by: LiveParticipant | None, reason: str
+    ) -> SessionEvent:
+        return await tx.append_event(
+            room.session_id,
+            self._now(),
+            EventKind.RECORDING_STOPPED,
+            by.user_id if by else None,
+            by.participant_id if by else None,
+            {"reason": reason},
+        )
+
+    async def _recording_stopped(self, room: RoomState, event: SessionEvent, out: Outcome) -> None:
+        """The stop is in the log: the recorder writes nothing more (its segments are hashed
+        in the background), presence and the room hear of it."""
+        cid = room.consultation_id
+        if self._recorders is not None:
+            await self._recorders.stop(cid)
         await self._presence.set_recording(cid, None)
         room.recording = None
-        out.recorder.append(RecorderOrder(cid, room.session_id, "stop", reason))
         out.announce(
             "recording_stopped",
             {
                 "seq": event.seq,
-                "reason": reason,
-                "by": by.participant_id if by else None,
+                "reason": event.data["reason"],
+                "by": event.participant_id,
                 "at": event.at.isoformat(),
             },
             Target.room(cid),
         )
         out.announce(
             "participant_left", {"participant": RECORDER_ID, "reason": "left"}, Target.room(cid)
+        )
+
+    async def _start_failed(
+        self, room: RoomState, me: LiveParticipant, reason: str, out: Outcome
+    ) -> None:
+        async with self._store.transaction() as tx:
+            event = await self._append(tx, room, EventKind.RECORDING_FAILED, me, {"reason": reason})
+        out.reply = {"recording": False, "reason": reason}
+        out.announce(
+            "recording_failed",
+            {
+                "seq": event.seq,
+                "reason": reason,
+                "by": me.participant_id,
+                "at": event.at.isoformat(),
+            },
+            Target.room(room.consultation_id),
         )
 
     async def _room_for_join(self, actor: Actor, consultation: Consultation) -> RoomState:
@@ -795,18 +939,22 @@ class LiveRoomService:
             await self._stop_recording(room, by, "session_ended", out)
         ctx = RequestContext(actor) if actor else None
         await self._consultations.end_session(ctx, room.consultation_id, room.session_id, reason)
+        await self._close_room(room, {"reason": reason}, out)
+        return out
+
+    async def _close_room(self, room: RoomState, why: dict[str, Any], out: Outcome) -> None:
+        """The session is over in the record: everyone is told `why` and disconnected, the
+        room's media and presence go, the composite follows."""
         self._forget(room.consultation_id)
-        out.recorder.append(
-            RecorderOrder(room.consultation_id, room.session_id, "session_ended", reason)
-        )
-        payload = {"session_id": room.session_id, "reason": reason}
+        if self._recorders is not None:
+            self._recorders.session_ended(room.consultation_id, room.session_id)
+        payload = {"session_id": room.session_id, **why}
         # To every connection, waiting or seated, whichever audiences it is in.
         for p in room.participants.values():
             out.announce("session_ended", payload, Target.connection(p.connection))
         out.disconnects.extend(p.connection for p in room.participants.values())
         out.unseated.extend((room.consultation_id, p) for p in room.participants)
         await self._presence.close(room.consultation_id)
-        return out
 
     async def _snapshot(
         self,

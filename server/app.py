@@ -25,6 +25,7 @@ from server.api.problems import (
     problem_middleware,
     request_body_middleware,
 )
+from server.api.recording_routes import link_key
 from server.api.routes import build_api
 from server.api.schemas import Health
 from server.auth import AuthError, TokenService, bearer_token, check_not_revoked, check_scope
@@ -33,8 +34,9 @@ from server.config import Config
 from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.logs import redact_aiohttp_access_log, request_id_middleware
-from server.metrics import metrics_handler
+from server.metrics import ServerMetrics, metrics_handler
 from server.presence_redis import RedisPresence
+from server.recorder_relay import RedisRecorderRelay
 from server.recording import SessionRecordings
 from server.recovery import CrashRecovery
 from server.revocations import LocalRevocations, RedisRevocations
@@ -54,6 +56,7 @@ SIO = web.AppKey("sio", socketio.AsyncServer)
 NAMESPACE = web.AppKey("namespace", ConsultNamespace)
 RECORDINGS = web.AppKey("recordings", SessionRecordings)
 COMPOSITES = web.AppKey("composites", Composites)
+METRICS = web.AppKey("metrics", ServerMetrics)
 RECOVERY = web.AppKey("recovery", CrashRecovery)
 # The engine.io frame limit guards the transport; per-event limits are the namespace's.
 _MAX_FRAME_BYTES = 1024 * 1024
@@ -94,6 +97,8 @@ def create_app(config: Config) -> web.Application:
         public_url=config.effective_public_url,
         data_dir=config.data_dir,
         revocations=revocations,
+        live=app[NAMESPACE],
+        link_key=_link_key(config),
     )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))
@@ -114,7 +119,9 @@ def create_app(config: Config) -> web.Application:
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler(app[NAMESPACE], app[NAMESPACE].media))
+    metrics = app[METRICS]
+    metrics.watch(app[NAMESPACE], app[NAMESPACE].media)
+    app.router.add_get("/metrics", metrics_handler(metrics))
     app.router.add_get("/api/v1/openapi.json", get_openapi)
     register_web(app, config, service, tokens)
     app.cleanup_ctx.append(_store_lifecycle)
@@ -147,6 +154,8 @@ def _attach_signaling(
     socket.io fan-out are shared by every node. Returns what ends a revoked token's
     connections, for the API."""
     sig = config.signaling
+    metrics = ServerMetrics()
+    app[METRICS] = metrics
     presence: InMemoryPresence | RedisPresence
     if config.redis_url:
         presence = RedisPresence(config.redis_url)
@@ -206,16 +215,21 @@ def _attach_signaling(
             annotation_max_points=sig.annotation_max_points,
         ),
         peer_config,
+        counts=metrics,
     )
-    composites = Composites(store, config.data_dir)
+    node = config.effective_node_id
+    composites = Composites(store, config.data_dir, node=node)
     recordings = SessionRecordings(
         store,
         namespace.media,
         presence,
         config.data_dir,
         on_session_ended=composites.render_later,
+        node=node,
+        on_failure=namespace.recording_failed,
     )
-    namespace.use_recorders(recordings)
+    relay = RedisRecorderRelay(config.redis_url, recordings, node) if config.redis_url else None
+    rooms.use_recorders(relay or recordings)
 
     async def end_revoked_meanwhile() -> None:
         for token_id in namespace.token_ids():
@@ -229,11 +243,19 @@ def _attach_signaling(
     )
     app[RECORDINGS] = recordings
     app[COMPOSITES] = composites
-    if isinstance(presence, InMemoryPresence):
-        # Alone, this node knows that nothing it left open is still being served.
-        app[RECOVERY] = CrashRecovery(
-            store, service, presence, recordings, composites, sig.empty_room_grace_s
-        )
+    # Alone, this node knows that nothing it left open is still being served; behind Redis,
+    # it knows that of the recordings it was writing itself (its node_id).
+    alone = isinstance(presence, InMemoryPresence)
+    app[RECOVERY] = CrashRecovery(
+        store,
+        service,
+        presence,
+        recordings,
+        composites,
+        sig.empty_room_grace_s,
+        alone=alone,
+        end_recorded=None if alone else namespace.end_after_crash,
+    )
     sio.register_namespace(namespace)
     sio.attach(app)
     app[ROOMS] = rooms
@@ -242,10 +264,14 @@ def _attach_signaling(
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await revocations.start()
+        if relay is not None:
+            await relay.start_listening()
         if isinstance(presence, RedisPresence):
             await presence.start(namespace.holds)
         yield
         await revocations.stop()
+        if relay is not None:
+            await relay.stop_listening()
         await namespace.stop()
         await sio.shutdown()
         if isinstance(manager, socketio.AsyncRedisManager):
@@ -255,6 +281,17 @@ def _attach_signaling(
 
     app.cleanup_ctx.append(lifecycle)
     return revocations
+
+
+def _link_key(config: Config) -> bytes | None:
+    material = config.link_secret_material
+    if material is None:
+        if config.redis_url:
+            log.warning(
+                "playback links play only on the node that made them: set TELEMED_LINK_SECRET"
+            )
+        return None
+    return link_key(material)
 
 
 def _peer_config(config: Config) -> PeerConfig:
@@ -299,13 +336,11 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _recording_lifecycle(app: web.Application) -> AsyncIterator[None]:
     recordings, composites = app[RECORDINGS], app[COMPOSITES]
-    recovery = app.get(RECOVERY)
-    if recovery is not None:
-        await recovery.start()
+    recovery = app[RECOVERY]
+    await recovery.start()
     yield
-    if recovery is not None:
-        await recovery.stop()
-    await recordings.stop()
+    await recovery.stop()
+    await recordings.close()
     await composites.stop()
 
 

@@ -155,7 +155,7 @@ async def _render_sessions(
                 print(f"telemed: no session {only} in {consultation_id}", file=sys.stderr)
                 return 2
             sessions = [SessionId(only)]
-        composites = Composites(store, config.data_dir)
+        composites = Composites(store, config.data_dir, node=config.effective_node_id)
         made = 0
         for session_id in sessions:
             print(f"session {session_id}", file=sys.stderr)

@@ -52,9 +52,13 @@ ROLE_LABELS = {
 
 
 class Composites:
-    def __init__(self, store: RecordStore, data_dir: Path, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, store: RecordStore, data_dir: Path, clock: Clock = utc_now, node: str | None = None
+    ) -> None:
+        """`node` names this server in the composite rows it renders (config node_id)."""
         self._store = store
         self._data_dir = data_dir
+        self._node = node
         self._now = clock
         self._tasks: set[asyncio.Task[Recording | None]] = set()
         # One render at a time: each takes a core for a while.
@@ -66,11 +70,14 @@ class Composites:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def resume(self) -> None:
-        """After a crash: renders that were under way start again."""
+    async def resume(self, mine: Callable[[Recording], bool] = lambda _: True) -> None:
+        """After a crash: renders that were under way (those `mine` says this node was
+        making) start again."""
         async with self._store.reading() as tx:
             stale = await tx.list_stored_recordings(state=RecordingState.RENDERING.value)
         for s in stale:
+            if not mine(s.recording):
+                continue
             if s.path is not None:
                 # The dead server's renderer died with it, perhaps before its clean-up.
                 await asyncio.to_thread(remove_partial_outputs, self._data_dir / s.path)
@@ -210,6 +217,7 @@ class Composites:
             ),
             state=RecordingState.RENDERING.value,
             progress=0.0,
+            node=self._node,
         )
         async with self._store.transaction() as tx:
             if existing is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -195,6 +196,11 @@ class Config(_Section):
     # Empty: an SQLite file under data_dir.
     database_url: str = ""
     redis_url: str | None = None
+    # This node's name in the record (who writes a recording, whose to recover after a
+    # crash); empty: host name and port. Each node behind one Redis needs its own.
+    node_id: str = Field(default="", max_length=128)
+    # Signs playback links on every node; empty: derived from the JWT secret or private key.
+    link_secret: SecretStr | None = None
     public_url: str = ""
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
@@ -214,6 +220,20 @@ class Config(_Section):
         return f"sqlite+aiosqlite:///{(self.data_dir / 'telemed.db').resolve()}"
 
     @property
+    def effective_node_id(self) -> str:
+        return self.node_id or f"{socket.gethostname()}:{self.port}"
+
+    @property
+    def link_secret_material(self) -> str | None:
+        """What playback links are signed with: the same on every node and across restarts,
+        or None where nothing secret is configured (a key of the process's own then)."""
+        if self.link_secret is not None:
+            return self.link_secret.get_secret_value()
+        if self.jwt.algorithm == "HS256":
+            return self.jwt.secret.get_secret_value()
+        return self.jwt.private_key.get_secret_value() if self.jwt.private_key else None
+
+    @property
     def effective_public_url(self) -> str:
         return self.public_url or f"http://{self.host}:{self.port}"
 
@@ -227,6 +247,8 @@ class Config(_Section):
                 )
             if len(self.jwt.secret.get_secret_value()) < 32:
                 raise ConfigError("TELEMED_JWT_SECRET must be at least 32 characters")
+        if self.link_secret is not None and len(self.link_secret.get_secret_value()) < 32:
+            raise ConfigError("TELEMED_LINK_SECRET must be at least 32 characters")
 
 
 class ConfigError(Exception):
@@ -241,6 +263,8 @@ _ENV_FIELDS: dict[str, tuple[str, ...]] = {
     "DATA_DIR": ("data_dir",),
     "DATABASE_URL": ("database_url",),
     "REDIS_URL": ("redis_url",),
+    "NODE_ID": ("node_id",),
+    "LINK_SECRET": ("link_secret",),
     "PUBLIC_URL": ("public_url",),
     "LOG_FORMAT": ("log_format",),
     "LOG_LEVEL": ("log_level",),

@@ -1,12 +1,13 @@
-"""Prometheus metrics at /metrics, read from the live objects at scrape time (a registry per
-app, nothing process-global)."""
+"""Prometheus metrics at /metrics, in a registry per app (nothing process-global): counters
+incremented where things happen (ServerMetrics, fed by the signaling namespace; the media
+hub's own node counters), gauges read from the live objects at scrape time."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -104,15 +105,50 @@ class _TelemedCollector(Collector):
         )
 
 
-def metrics_handler(
-    namespace: ConsultNamespace, hub: MediaHub
-) -> Callable[[web.Request], Awaitable[web.Response]]:
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(_TelemedCollector(namespace, hub))
+# What happened in rooms (signaling.namespace.EventCounts.happened) -> counter and help.
+_HAPPENINGS = {
+    "seat_taken": ("telemed_seats_taken", "Seats taken in live rooms (a seat resumed is not new)"),
+    "participant_left": ("telemed_participants_left", "Seats closed (left, removed, lost)"),
+    "chat_message": ("telemed_chat_messages", "Chat messages sent"),
+    "recording_started": ("telemed_recordings_started", "Recordings started"),
+    "recording_failed": ("telemed_recordings_failed", "Recordings that could not start"),
+    "session_ended": ("telemed_sessions_ended", "Live sessions ended, for any reason"),
+}
 
-    async def metrics(_: web.Request) -> web.Response:
+
+class ServerMetrics:
+    """The app's registry and its counters (signaling.namespace.EventCounts)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._events = Counter(
+            "telemed_signaling_events",
+            "Client events handled, by event and result (ok or refused)",
+            ["event", "result"],
+            registry=self.registry,
+        )
+        self._happenings = {
+            what: Counter(name, text, registry=self.registry)
+            for what, (name, text) in _HAPPENINGS.items()
+        }
+
+    def event(self, name: str, ok: bool) -> None:
+        self._events.labels(event=name, result="ok" if ok else "refused").inc()
+
+    def happened(self, what: str) -> None:
+        self._happenings[what].inc()
+
+    def watch(self, namespace: ConsultNamespace, hub: MediaHub) -> None:
+        """Adds the figures read at scrape time (gauges, the hub's node counters)."""
+        self.registry.register(_TelemedCollector(namespace, hub))
+
+
+def metrics_handler(metrics: ServerMetrics) -> Callable[[web.Request], Awaitable[web.Response]]:
+    registry = metrics.registry
+
+    async def scrape(_: web.Request) -> web.Response:
         response = web.Response(body=generate_latest(registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
-    return metrics
+    return scrape

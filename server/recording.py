@@ -1,8 +1,10 @@
 """The session recorders: one media.recorder.RoomRecorder per recorded room, its segments kept
 in the record as they open and close, and crash recovery at startup.
 
-The room service decides when recording starts and stops (consent, permission) and says so
-in `Outcome.recorder`; this carries those orders out. Files live under
+The room service decides when recording starts and stops (consent, permission) and, under the
+room's lock, has this carry it out (rooms.room_service.RoomRecorders): a start either records
+or raises, a stop writes nothing more at once and closes and hashes the segments in the
+background, so that `session_ended` is not held back by hashing. Files live under
 `{data_dir}/recordings/{session_id}/`; the record keeps their path relative to `data_dir`,
 and clients only ever see recording ids."""
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from media.hub import MediaHub
 from media.recorder import RoomRecorder
-from media.recording import SegmentInfo, SegmentState, recover_segment
+from media.recording import SegmentInfo, SegmentState, WriteFailure, recover_segment
 from rooms.clock import Clock, utc_now
 from rooms.live import PresenceStore
 from rooms.model import (
@@ -31,13 +33,15 @@ from rooms.model import (
     RecordingState,
     SessionId,
 )
-from rooms.outcome import RecorderOrder
 from rooms.store import RecordRepository, RecordStore
+from signaling.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
 # Called with a session whose recording ended, to make its composite.
 SessionEnded = Callable[[ConsultationId, SessionId], Awaitable[None]]
+# Called when a room's recorder cannot go on, with why (media.recording.WriteFailure).
+RecordingFailed = Callable[[ConsultationId, str], Awaitable[None]]
 
 _STATE_OF_SEGMENT = {
     SegmentState.RECORDING: RecordingState.RECORDING,
@@ -71,7 +75,14 @@ class SessionRecordings:
         data_dir: Path,
         on_session_ended: SessionEnded | None = None,
         clock: Clock = utc_now,
+        node: str | None = None,
+        on_failure: RecordingFailed | None = None,
     ) -> None:
+        """`node` names this server in the segment rows it writes (config node_id), so that
+        after a crash it recovers its own. `on_failure(room, why)` is told when a room's
+        recorder fails (the disk full), to stop the recording through the room."""
+        self._node = node
+        self._on_failure = on_failure
         self._store = store
         self._hub = hub
         self._presence = presence
@@ -79,30 +90,79 @@ class SessionRecordings:
         self._on_session_ended = on_session_ended
         self._now = clock
         self._running: dict[ConsultationId, _Running] = {}
+        # Stopped recorders still closing and hashing their segments, per room.
+        self._closing: dict[ConsultationId, set[asyncio.Future[None]]] = {}
+        # Sessions this node recorded: it makes their composites when they end.
+        self._recorded: set[SessionId] = set()
+        self._tasks = TaskSet("recording")
 
     @property
     def recording(self) -> list[ConsultationId]:
+        """The rooms being recorded now."""
         return list(self._running)
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Server shutdown: every open segment is closed and hashed (complete, not
-        interrupted); the sessions themselves stay as they are."""
+        interrupted), and pending composites handed over; the sessions stay as they are."""
         for consultation_id in list(self._running):
-            await self._stop(consultation_id)
+            await self.stop(consultation_id)
+        await self._tasks.wait()
 
-    async def carry_out(self, order: RecorderOrder) -> None:
-        if order.action == "start":
-            await self._start(order.consultation_id, order.session_id)
-        elif order.action == "stop":
-            await self._stop(order.consultation_id)
-        else:
-            await self._stop(order.consultation_id)
-            if self._on_session_ended is not None:
-                await self._on_session_ended(order.consultation_id, order.session_id)
+    async def wait(self) -> None:
+        """Until every stopped recorder has closed its segments and handed its session to the
+        composites (tests)."""
+        await self._tasks.wait()
 
-    async def _start(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
-        if consultation_id in self._running:
+    async def stop(self, consultation_id: ConsultationId) -> None:
+        running = self._running.pop(consultation_id, None)
+        if running is None:
             return
+        recorder = running.recorder
+        # Not one frame more from here on; closing and hashing go on in the background.
+        recorder.unfollow()
+        for info in recorder.recording:
+            recorder.remove_track(info.track_id)
+        closing = self._closing.setdefault(consultation_id, set())
+        task = self._tasks.start(self._finish(recorder))
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    async def reconcile(self) -> None:
+        """Orders from other nodes may have been lost (Redis away): a recorder whose room no
+        longer shows it recording is stopped, and one whose session is over wraps it up."""
+        for consultation_id, running in list(self._running.items()):
+            room = await self._presence.get(consultation_id)
+            if room is not None and room.recording is not None:
+                continue
+            await self.stop(consultation_id)
+            if room is None or room.session_id != running.session_id:
+                self.session_ended(consultation_id, running.session_id)
+
+    def session_ended(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
+        if session_id not in self._recorded:
+            return  # nothing recorded here (another node's, or none)
+        self._recorded.discard(session_id)
+        if self._on_session_ended is not None:
+            closing = list(self._closing.get(consultation_id, ()))
+            self._tasks.start(self._render_after(closing, consultation_id, session_id))
+
+    async def _finish(self, recorder: RoomRecorder) -> None:
+        await recorder.stop()
+
+    async def _render_after(
+        self,
+        closing: list[asyncio.Future[None]],
+        consultation_id: ConsultationId,
+        session_id: SessionId,
+    ) -> None:
+        await asyncio.gather(*closing, return_exceptions=True)
+        assert self._on_session_ended is not None  # checked by session_ended
+        await self._on_session_ended(consultation_id, session_id)
+
+    async def start(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
+        if consultation_id in self._running:
+            # The room's lock orders starts and stops: the room says not recording.
+            raise RuntimeError(f"a recorder of {consultation_id} is still running")
         async with self._store.reading() as tx:
             sessions = await tx.list_sessions(consultation_id)
         session = next(s for s in sessions if s.id == session_id)
@@ -116,8 +176,16 @@ class SessionRecordings:
         async def closed(info: SegmentInfo) -> None:
             await self._segment_closed(running, info)
 
+        def failed(why: WriteFailure) -> None:
+            if self._on_failure is not None:
+                self._tasks.start(self._on_failure(consultation_id, why.value))
+
         recorder = RoomRecorder(
-            directory, recording_id, on_segment_opened=opened, on_segment_closed=closed
+            directory,
+            recording_id,
+            on_segment_opened=opened,
+            on_segment_closed=closed,
+            on_failed=failed,
         )
         await recorder.start()
         assert recorder.started_at is not None  # set by start()
@@ -128,13 +196,9 @@ class SessionRecordings:
             offset_s=recorder.started_at - session.started_at.timestamp(),
         )
         self._running[consultation_id] = running
+        self._recorded.add(session_id)
         # Tile labels come from the record (name, role) when the composite is made.
         recorder.follow(self._hub, consultation_id)
-
-    async def _stop(self, consultation_id: ConsultationId) -> None:
-        running = self._running.pop(consultation_id, None)
-        if running is not None:
-            await running.recorder.stop()
 
     async def _segment_opened(self, running: _Running, info: SegmentInfo) -> None:
         # When its first frame arrived, not when this callback got its turn.
@@ -159,6 +223,7 @@ class SessionRecordings:
             role=who.role.value if who else None,
             source=info.source,
             offset_s=round(running.offset_s + info.start_s, 3),
+            node=self._node,
         )
         async with self._store.transaction() as tx:
             await tx.add_recording(row, path=self._relative(info.path))
@@ -176,19 +241,29 @@ class SessionRecordings:
 
     # --- crash recovery -----------------------------------------------------------------
 
+    def mine(self, row: Recording, alone: bool) -> bool:
+        """Whether this node wrote `row`: alone (no other node shares the record), every row
+        is; otherwise those that name its node id."""
+        return alone or row.node == self._node
+
     async def recover(
-        self, end_session: Callable[[ConsultationId, SessionId], Awaitable[None]]
+        self,
+        end_session: Callable[[ConsultationId, SessionId], Awaitable[None]],
+        *,
+        alone: bool = True,
     ) -> list[tuple[ConsultationId, SessionId]]:
-        """After a crash: every segment the record still shows as being written is closed,
-        hashed and marked interrupted (its file is read, never rewritten), the stop is written
-        to its session's log, and the session is ended as aborted (`end_session`). Returns the
-        sessions so aborted, with their consultations."""
+        """After a crash: every segment the record still shows as being written by this node
+        (`mine`) is closed, hashed and marked interrupted (its file is read, never
+        rewritten), the stop is written to its session's log, and the session is ended as
+        aborted (`end_session`). Not `alone` (other nodes share the record), another node's
+        segments are left to it, and so is a session whose log alone says it is recorded.
+        Returns the sessions so aborted, with their consultations."""
         async with self._store.reading() as tx:
             open_rows = await tx.list_stored_recordings(state=RecordingState.RECORDING.value)
         sessions: dict[SessionId, ConsultationId] = {}
         for s in open_rows:
             row = s.recording
-            if row.kind != RecordingKind.TRACK.value:
+            if row.kind != RecordingKind.TRACK.value or not self.mine(row, alone):
                 continue
             sessions[row.session_id] = s.consultation_id
             recovered = await _recover_row(row, self._data_dir / s.path if s.path else None)
@@ -196,7 +271,7 @@ class SessionRecordings:
                 await tx.update_recording(replace(recovered, ended_at=self._now()))
         async with self._store.reading() as tx:
             open_sessions = await tx.list_open_sessions()
-            for session in open_sessions:
+            for session in open_sessions if alone else ():
                 # Recording, but no segment had opened yet: the log alone says so.
                 if session.id not in sessions and await _recording_was_on(tx, session.id):
                     sessions[session.id] = session.consultation_id

@@ -18,14 +18,18 @@ from pydantic import BaseModel, ValidationError
 from media.hub import MediaError, MediaHub, TrackInfo
 from media.layers import Layer
 from media.peer import PeerConfig
+from rooms.consultations import RequestContext
 from rooms.errors import DomainError, RoomRefused, Unavailable
-from rooms.model import ConsultationId, ParticipantId, TrackSource
-from rooms.outcome import Audience, Outcome, RecorderOrder, Target
+from rooms.lifecycle import Action
+from rooms.model import Consultation, ConsultationId, ParticipantId, SessionId, TrackSource
+from rooms.outcome import Audience, Outcome, Target
 from rooms.policy import Actor
+from rooms.recording_rules import RECORDER_ID
 from rooms.room_service import LiveRoomService, Stroke
 from signaling import events as ev
 from signaling.packets import Unreadable, event_problem, payload_problem
 from signaling.ratelimit import TokenBucket
+from signaling.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +67,27 @@ class Limits:
     annotation_max_points: int = 500
 
 
-class Recorders(Protocol):
-    """Carries out the room service's recording orders (the server's session recorders)."""
+class EventCounts(Protocol):
+    """Counts what happens, where it happens (the server's metrics)."""
 
-    async def carry_out(self, order: RecorderOrder) -> None: ...
+    def event(self, name: str, ok: bool) -> None:
+        """A client event was handled (`name` one of the namespace's events) or refused."""
+
+    def happened(self, what: str) -> None:
+        """Something happened in a room: `seat_taken`, `participant_left`, `chat_message`,
+        `recording_started`, `recording_failed`, `session_ended`."""
+
+
+# Announcements that count as something happening (each once per outcome where it is sent to
+# every connection: a session ends once, however many are told).
+_COUNTED = {
+    "participant_joined": "seat_taken",
+    "participant_left": "participant_left",
+    "chat_message": "chat_message",
+    "recording_started": "recording_started",
+    "recording_failed": "recording_failed",
+}
+_COUNTED_ONCE = {"session_ended": "session_ended"}
 
 
 @dataclass
@@ -79,6 +100,8 @@ class Connection:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Set once the token is revoked, for events already queued behind the revocation.
     revoked: bool = False
+    # Set once the connection dropped, for the event still running (a join, say).
+    gone: bool = False
 
     @property
     def actor(self) -> Actor:
@@ -92,23 +115,6 @@ class EventSpec:
     needs_room: bool = True
 
 
-@dataclass
-class _Timers:
-    tasks: set[asyncio.Future[None]] = field(default_factory=set)
-
-    def start(self, coro: Awaitable[None]) -> None:
-        self.track(asyncio.ensure_future(coro))
-
-    def track(self, task: asyncio.Future[None]) -> None:
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def cancel_all(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
 class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     def __init__(
         self,
@@ -116,12 +122,12 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         authenticate: Authenticate,
         limits: Limits,
         peer_config: PeerConfig,
+        counts: EventCounts | None = None,
     ) -> None:
         super().__init__(NAMESPACE)
+        self._counts = counts
         self._rooms = rooms
         self._media = MediaHub(peer_config, self._send_subscribe_offer, self._send_layer)
-        # Set by the app once its recorders (which follow this namespace's media) exist.
-        self._recorders: Recorders | None = None
         # Which connection holds each seat, to deliver its subscribe offers.
         self._seats: dict[tuple[str, str], str] = {}
         self._authenticate = authenticate
@@ -132,7 +138,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         # whenever no connect is in flight, so it stays as small as the overlap.
         self._verifying = 0
         self._revoked_while_verifying: set[str] = set()
-        self._timers = _Timers()
+        self._timers = TaskSet("signaling timer")
         self._empty_watch: dict[ConsultationId, asyncio.Future[None]] = {}
         self._events: dict[str, EventSpec] = {
             "join": EventSpec(ev.Join, self._join, needs_room=False),
@@ -173,8 +179,22 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     def media(self) -> MediaHub:
         return self._media
 
-    def use_recorders(self, recorders: Recorders) -> None:
-        self._recorders = recorders
+    async def transition(
+        self,
+        ctx: RequestContext,
+        consultation_id: ConsultationId,
+        action: Action,
+        *,
+        reason: str | None = None,
+        scheduled_time: datetime | None = None,
+    ) -> Consultation:
+        """A life-cycle action from the API, through the live room when it ends the open
+        session (LiveRoomService.transition); what comes of it is delivered here."""
+        consultation, outcome = await self._rooms.transition(
+            ctx, consultation_id, action, reason=reason, scheduled_time=scheduled_time
+        )
+        await self._apply(outcome)
+        return consultation
 
     async def stop(self) -> None:
         await self._timers.cancel_all()
@@ -204,7 +224,12 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             return await self._error(sid, name, "not_connected", "connect first")
         async with conn.lock:
             try:
-                return await self._dispatch(sid, conn, event, name, data)
+                ack = await self._dispatch(sid, conn, event, name, data)
+                if self._counts is not None:
+                    # Only the namespace's own event names: a client cannot add series.
+                    known = name if name in self._events else "other"
+                    self._counts.event(known, ack.get("ok") is True)
+                return ack
             except Exception:
                 # Nothing a client sends may take the namespace down.
                 log.exception("event %r failed", name[:64])
@@ -267,7 +292,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         await self.emit("error", error, to=sid)
         return {"ok": False, "error": error}
 
+    async def end_after_crash(self, consultation_id: ConsultationId, session_id: str) -> None:
+        """Recovery ended a session this node was recording when it died (its room, if other
+        nodes still hold it, is told and closed)."""
+        await self._apply(await self._rooms.end_after_crash(consultation_id, SessionId(session_id)))
+
     async def _apply(self, outcome: Outcome) -> None:
+        self._count(outcome)
         for m in outcome.memberships:
             room = _room_name(m.audience, m.consultation_id)
             if m.enter:
@@ -285,6 +316,18 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         if outcome.disconnects:
             # In a task of its own, so the ack of the event that caused it goes out first.
             self._timers.start(self._disconnect(outcome.disconnects))
+
+    def _count(self, outcome: Outcome) -> None:
+        if self._counts is None:
+            return
+        once: set[str] = set()
+        for a in outcome.announcements:
+            who = a.payload.get("participant_id", a.payload.get("participant"))
+            if a.event in _COUNTED and who != RECORDER_ID:
+                self._counts.happened(_COUNTED[a.event])
+            elif a.event in _COUNTED_ONCE and a.event not in once:
+                once.add(a.event)
+                self._counts.happened(_COUNTED_ONCE[a.event])
 
     async def _apply_media(self, outcome: Outcome) -> None:
         """Media follows seats: a seat gone takes its tracks with it, a new seat receives the
@@ -306,9 +349,6 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         for cid, participant, kind in outcome.muted:
             if participant in self._media.members(cid):
                 self._media.pause(cid, participant, kind, paused=True)
-        if self._recorders is not None:
-            for order in outcome.recorder:
-                await self._recorders.carry_out(order)
 
     async def _send_subscribe_offer(
         self, room: str, participant: str, sdp: str, tracks: dict[str, TrackInfo]
@@ -371,6 +411,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         )
         return True
 
+    async def recording_failed(self, consultation_id: ConsultationId, why: str) -> None:
+        """This node's recorder of the room failed (see LiveRoomService.recording_failed)."""
+        try:
+            await self._apply(await self._rooms.recording_failed(consultation_id, why))
+        except DomainError as exc:
+            log.warning("the failed recording of %s was not stopped: %s", consultation_id, exc)
+
     async def end_token(self, token_id: str) -> None:
         """The token `token_id` was revoked: every connection of this node that presented it
         is told, its seat closes with reason `revoked`, and it is disconnected."""
@@ -404,21 +451,42 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 
     async def _on_disconnect(self, sid: str) -> None:
         conn = self._connections.pop(sid, None)
-        if conn is None or conn.consultation_id is None:
+        if conn is None:
+            return
+        conn.gone = True
+        if conn.lock.locked():
+            # One of its events (a join, say) is still running and may yet take a seat: the
+            # seat is seen to, as dropped, once that event is done.
+            self._timers.start(self._dropped_after_events(sid, conn))
+            return
+        await self._dropped(sid, conn)
+
+    async def _dropped_after_events(self, sid: str, conn: Connection) -> None:
+        async with conn.lock:
+            await self._dropped(sid, conn)
+
+    async def _dropped(self, sid: str, conn: Connection) -> None:
+        cid = conn.consultation_id
+        if cid is None:
             return
         try:
-            await self._seat_disconnected(sid, conn.consultation_id)
+            await self._seat_disconnected(sid, cid)
         except Unavailable:
             # The seat must not stay "connected" for a connection that is gone: try again
             # until presence is back.
             log.warning("disconnect of %s not yet recorded: presence is unavailable", sid)
-            self._timers.start(self._seat_disconnected_later(sid, conn.consultation_id))
+            self._timers.start(self._seat_disconnected_later(sid, cid))
 
     async def _seat_disconnected(self, sid: str, cid: ConsultationId) -> None:
         seat = await self._rooms.disconnected(sid, cid)
         if seat is not None:
             participant, since = seat
             self._timers.start(self._expire_later(cid, participant, since))
+            return
+        # No seat (the room ended, perhaps on another node): its media here goes with it.
+        for (room, held), holder in list(self._seats.items()):
+            if holder == sid and room == cid:
+                await self._apply_media(_unseated(cid, ParticipantId(held)))
 
     async def _seat_disconnected_later(self, sid: str, cid: ConsultationId) -> None:
         while True:
@@ -469,6 +537,10 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             sid, conn.actor, cid, body.device, keep_media if body.keep_media else None
         )
         conn.consultation_id = cid
+        if conn.gone:
+            # Dropped while joining: no audiences for a connection that is no more (the seat
+            # is seen to as dropped once this is done, _on_disconnect).
+            outcome.memberships = [m for m in outcome.memberships if m.connection != sid]
         return outcome
 
     async def _leave(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
@@ -539,8 +611,6 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         )
 
     async def _start_recording(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
-        if self._recorders is None:
-            raise RoomRefused("recording_unavailable", "this server does not record")
         return await self._rooms.start_recording(sid, conn.actor, _room(conn))
 
     async def _stop_recording(self, sid: str, conn: Connection, _: ev.Empty) -> Outcome:
@@ -609,6 +679,12 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 def _room(conn: Connection) -> ConsultationId:
     assert conn.consultation_id is not None  # checked by the dispatcher (needs_room)
     return conn.consultation_id
+
+
+def _unseated(consultation_id: ConsultationId, participant: ParticipantId) -> Outcome:
+    out = Outcome()
+    out.unseated.append((consultation_id, participant))
+    return out
 
 
 def _room_name(audience: Audience, consultation_id: str) -> str:

@@ -48,8 +48,8 @@ from rooms.model import (
     SessionId,
 )
 from rooms.roles import Role
-from server.api.recording_routes import PlaybackGrants
-from server.app import COMPOSITES, CONFIG, STORE
+from server.api.recording_routes import PlaybackGrants, link_key
+from server.app import COMPOSITES, CONFIG, RECORDINGS, STORE
 from server.auth import AuthError, TokenService
 from server.config import JwtConfig, load_config
 
@@ -323,10 +323,25 @@ def test_playback_links_expire() -> None:
     with pytest.raises(AuthError) as other:
         grants.check(token, "rec_b", now=1000.0)
     assert other.value.status == 403
-    # Another process's key does not verify this one's links.
+    # Another key does not verify these links; the same configured key does, anywhere.
     with pytest.raises(AuthError) as foreign:
         PlaybackGrants().check(token, "rec_a", now=1000.0)
     assert foreign.value.status == 401
+    # The key derived from the JWT secret: the same on every node and after a restart.
+    jwt_config = JwtConfig()
+    key = link_key(jwt_config.secret.get_secret_value())
+    shared, _ = PlaybackGrants(key=key).grant(actor, "rec_a", now=1000.0)
+    assert PlaybackGrants(key=key).check(shared, "rec_a", now=1001.0).user_id == VILLAGE.user_id
+    # A link is no access token, nor an access token a link, though both come of that secret.
+    tokens = TokenService(jwt_config)
+    access = tokens.mint(
+        user_id=VILLAGE.user_id, name=VILLAGE.name, role=VILLAGE.role, org=VILLAGE.org
+    )
+    with pytest.raises(AuthError) as not_a_link:
+        PlaybackGrants(key=key).check(access, "rec_a", now=1000.0)
+    assert not_a_link.value.status == 401
+    with pytest.raises(AuthError):
+        tokens.verify(shared)
 
 
 # --- 2. real media through the server -------------------------------------------------------
@@ -451,6 +466,7 @@ async def run_recorded_consultation(room: MediaRoom) -> None:
     ]
 
     # The composite, made when the session ended.
+    await server.app[RECORDINGS].wait()  # the segments hashed, the render handed over
     await server.app[COMPOSITES].wait()
     composites = [r for r in await recordings_of(server.app, cid) if r[0].kind == "composite"]
     assert len(composites) == 1, composites

@@ -5,11 +5,8 @@ is checked (the caller may download recordings of that consultation) and audited
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import hmac
-import json
 import os
 import re
 import secrets
@@ -19,6 +16,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any, Literal
 
+import jwt
 from aiohttp import hdrs, web
 
 from rooms.consultations import ConsultationService, RequestContext
@@ -36,6 +34,7 @@ PREFIX = "/api/v1/recordings/{recording_id}"
 # What can be played: closed files (a crash-closed segment holds what was written).
 _PLAYABLE = {RecordingState.COMPLETE.value, RecordingState.INTERRUPTED.value}
 PLAYBACK_TTL_S = 600
+_LINK_AUDIENCE = "telemed-playback"
 
 
 class PlaybackLink(ResponseBody):
@@ -47,16 +46,18 @@ class PlaybackLink(ResponseBody):
 
 
 class PlaybackGrants:
-    """Signed grants for one recording and one person, short-lived. The key is this process's
-    own: a link works on the node that made it, which is the node holding the files."""
+    """Signed grants (JWT, HS256) for one recording and one person, short-lived. Signed with
+    `key`, from the configuration (`link_key`), so that a link made on one node plays on
+    every node and after a restart; without one, with a key of this process's own."""
 
-    def __init__(self, ttl_s: int = PLAYBACK_TTL_S) -> None:
-        self._key = secrets.token_bytes(32)
+    def __init__(self, ttl_s: int = PLAYBACK_TTL_S, key: bytes | None = None) -> None:
+        self._key = key or secrets.token_bytes(32)
         self.ttl_s = ttl_s
 
     def grant(self, actor: Actor, recording_id: str, now: float | None = None) -> tuple[str, float]:
         expires = (time.time() if now is None else now) + self.ttl_s
         claims = {
+            "aud": _LINK_AUDIENCE,
             "rec": recording_id,
             "sub": actor.user_id,
             "name": actor.name,
@@ -65,26 +66,28 @@ class PlaybackGrants:
             "cid": actor.scope,
             "exp": expires,
         }
-        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
-        return f"{payload}.{self._sign(payload)}", expires
+        return jwt.encode(claims, self._key, algorithm="HS256"), expires
 
     def check(self, token: str, recording_id: str, now: float | None = None) -> Actor:
-        # Links are base64url; anything else (non-ASCII above all, which compare_digest
-        # refuses to compare) is not one of ours.
+        # Links are base64url; anything else is not one of ours.
         if not token.isascii() or not token.isprintable():
             raise AuthError(401, "the playback link is not valid")
-        payload, _, signature = token.partition(".")
-        if not payload or not hmac.compare_digest(signature, self._sign(payload)):
-            raise AuthError(401, "the playback link is not valid")
         try:
-            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        except (binascii.Error, ValueError):
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=["HS256"],
+                audience=_LINK_AUDIENCE,
+                # Expiry against `now` below (the caller's clock, for tests).
+                options={"verify_exp": False, "require": ["exp", "rec", "sub", "role"]},
+            )
+        except jwt.InvalidTokenError:
             raise AuthError(401, "the playback link is not valid") from None
         if claims["rec"] != recording_id:
             raise AuthError(403, "the playback link is for another recording")
         if claims["exp"] < (time.time() if now is None else now):
             raise AuthError(401, "the playback link has expired; ask for a new one")
-        cid = claims["cid"]
+        cid = claims.get("cid")
         return Actor(
             UserId(claims["sub"]),
             claims["name"],
@@ -93,8 +96,12 @@ class PlaybackGrants:
             ConsultationId(cid) if cid else None,
         )
 
-    def _sign(self, payload: str) -> str:
-        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
+
+def link_key(secret: str) -> bytes:
+    """The playback links' key from configured secret material (TELEMED_LINK_SECRET, or the
+    JWT secret or private key): a key of their own, so a link is never an access token nor
+    an access token a link."""
+    return hmac.new(secret.encode(), b"telemed playback links v1", hashlib.sha256).digest()
 
 
 _RangePlan = Literal["serve", "ignore", "unsatisfiable"]
@@ -160,10 +167,6 @@ async def _whole_file(path: Path, headers: dict[str, str]) -> web.StreamResponse
     response = web.Response(body=handle, headers=headers)
     response.headers[hdrs.ACCEPT_RANGES] = "bytes"
     return response
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 class RecordingRoutes:

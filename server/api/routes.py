@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 from media.hub import MediaHub
-from rooms.consultations import ConsultationService, NewConsultation, NewTeamMember
+from rooms.consultations import (
+    ConsultationService,
+    NewConsultation,
+    NewTeamMember,
+    RequestContext,
+)
 from rooms.lifecycle import Action
 from rooms.model import Consultation, ConsultationId, OpinionContent, Resident, UserId
 from rooms.roles import Role
@@ -17,7 +22,7 @@ from server.api.fhir_routes import FhirRoutes
 from server.api.framework import Api, Authenticate, Call, Endpoint, Handler
 from server.api.media_routes import MediaRoutes
 from server.api.problems import BadRequest
-from server.api.recording_routes import RecordingRoutes
+from server.api.recording_routes import PlaybackGrants, RecordingRoutes
 from server.api.retention_routes import LegalHoldRoutes
 from server.api.schemas import (
     AuditEntryOut,
@@ -54,6 +59,21 @@ class Revocations(Protocol):
     async def revoked(self, token_id: str) -> None: ...
 
 
+class LiveTransitions(Protocol):
+    """Carries out a life-cycle action through the live room where it ends an open session
+    (announced, everyone disconnected, the recording stopped; signaling)."""
+
+    async def transition(
+        self,
+        ctx: RequestContext,
+        consultation_id: ConsultationId,
+        action: Action,
+        *,
+        reason: str | None = None,
+        scheduled_time: datetime | None = None,
+    ) -> Consultation: ...
+
+
 def _cid(call: Call[Any, Any]) -> ConsultationId:
     return ConsultationId(call.path("consultation_id"))
 
@@ -65,11 +85,14 @@ class ConsultationRoutes:
         tokens: TokenService,
         invite_ttl_s: int,
         revocations: Revocations | None,
+        live: LiveTransitions | None,
     ) -> None:
         self._service = service
         self._tokens = tokens
         self._invite_ttl_s = invite_ttl_s
         self._revocations = revocations
+        # Without it (an API built only to be described) a transition touches the record alone.
+        self._transitions: LiveTransitions | ConsultationService = live or service
 
     def endpoints(self) -> list[Endpoint]:
         tags = ("consultations",)
@@ -235,7 +258,7 @@ class ConsultationRoutes:
     def _transition_handler(self, action: Action) -> Handler:
         async def handle(call: Call[NoBody | ReasonBody | ScheduleBody, None]) -> ConsultationOut:
             body = call.body
-            consultation = await self._service.transition(
+            consultation = await self._transitions.transition(
                 call.ctx,
                 _cid(call),
                 action,
@@ -326,14 +349,18 @@ def build_api(
     public_url: str = "",
     data_dir: Path = Path("data"),
     revocations: Revocations | None = None,
+    live: LiveTransitions | None = None,
+    link_key: bytes | None = None,
 ) -> Api:
     """`public_url` is the base of links in exports; empty, the request's own origin.
     `data_dir` holds the recordings. `revocations` ends the connections of a revoked invite;
-    without it (an API built only to be described) revoking touches the record alone."""
+    without it (an API built only to be described) revoking touches the record alone. `live`
+    carries out life-cycle actions through the live room. `link_key` signs playback links (a
+    key of this process's own without it)."""
     api = Api(authenticate)
     for endpoint in [
-        *RecordingRoutes(service, data_dir, authenticate).endpoints(),
-        *ConsultationRoutes(service, tokens, invite_ttl_s, revocations).endpoints(),
+        *RecordingRoutes(service, data_dir, authenticate, PlaybackGrants(key=link_key)).endpoints(),
+        *ConsultationRoutes(service, tokens, invite_ttl_s, revocations, live).endpoints(),
         *MediaRoutes(service, hub).endpoints(),
         *FhirRoutes(service, public_url).endpoints(),
         *LegalHoldRoutes(service).endpoints(),

@@ -300,6 +300,7 @@ def recording_values(r: Recording) -> Values:
         "source": r.source,
         "offset_s": r.offset_s,
         "progress": r.progress,
+        "node": r.node,
     }
 
 
@@ -322,6 +323,7 @@ def recording_from_row(row: RowMapping) -> Recording:
         source=row["source"],
         offset_s=row["offset_s"],
         progress=row["progress"],
+        node=row["node"],
     )
 
 

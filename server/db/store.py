@@ -469,6 +469,7 @@ class SqlRecordRepository(RecordRepository):
             "ended_at",
             "progress",
             "offset_s",
+            "node",
         )
         result = await self._conn.execute(
             update(recordings)

@@ -253,6 +253,7 @@ recordings = Table(
     Column("source", String(ENUM), nullable=True),
     Column("offset_s", Double, nullable=True),
     Column("progress", Double, nullable=True),
+    Column("node", String(NAME), nullable=True),
     Index(None, "session_id"),
     Index(None, "state"),
 )

@@ -1,0 +1,258 @@
+"""Several nodes behind one Redis and one database (as docker-compose.yml runs them): a
+playback link made on one node plays on the other and after a restart (signed with the
+configured key), and each node recovers after a crash what it was writing itself — and only
+that. Real aiohttp apps on ephemeral ports, a private redis-server, one SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from recording_helpers import ManualClock, opus_frames, record_track
+from signaling_fixtures import (
+    SPECIALIST,
+    VILLAGE,
+    SignalingServer,
+    eventually,
+    start_signaling_server,
+)
+
+from media.recording import DiskWriter
+from rooms.consultations import RequestContext
+from rooms.model import (
+    ConsultationId,
+    ConsultationStatus,
+    EventKind,
+    Recording,
+    RecordingId,
+    RecordingKind,
+    RecordingState,
+    SessionId,
+)
+from rooms.roles import Role
+from server.app import CONFIG, RECORDINGS, STORE
+from server.config import load_config
+
+pytest_plugins = ["signaling_fixtures", "redis_fixtures"]
+
+Start = Callable[[str], Awaitable[SignalingServer]]
+
+
+@pytest.fixture
+async def start_node(tmp_path: Path, redis_url: str) -> AsyncIterator[Start]:
+    """Starts a node named `node_id` on the shared database, data directory and Redis; every
+    node still running is stopped after the test."""
+    running: list[SignalingServer] = []
+
+    async def start(node_id: str) -> SignalingServer:
+        config = load_config(
+            env={},
+            overrides={
+                "dev": True,
+                "data_dir": str(tmp_path),
+                "redis_url": redis_url,
+                "node_id": node_id,
+            },
+        )
+        server = await start_signaling_server(config)
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        await server.close()
+
+
+async def stop(server: SignalingServer) -> None:
+    """A node that stops (its cleanup runs once: the fixture skips a node stopped here)."""
+    await server.close()
+
+
+async def live_session(server: SignalingServer) -> tuple[str, str]:
+    consultation = await server.scheduled()
+    session = await server.service.start_session(RequestContext(VILLAGE.actor()), consultation.id)
+    return consultation.id, session.id
+
+
+async def add_file(
+    server: SignalingServer, session_id: str, data: bytes, state: RecordingState, node: str
+) -> str:
+    recording_id = f"rec_{secrets.token_hex(8)}"
+    relative = f"recordings/{session_id}/{recording_id}.webm"
+    path: Path = server.app[CONFIG].data_dir / relative
+    await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(path.write_bytes, data)
+    now = datetime.now(UTC)
+    done = state is not RecordingState.RECORDING
+    row = Recording(
+        id=RecordingId(recording_id),
+        session_id=SessionId(session_id),
+        track="t-video",
+        kind=RecordingKind.TRACK.value,
+        media_type="video/webm",
+        sha256=None,
+        duration_s=1.0 if done else None,
+        size_bytes=len(data) if done else None,
+        state=state.value,
+        started_at=now,
+        ended_at=now if done else None,
+        node=node,
+    )
+    async with server.app[STORE].transaction() as tx:
+        await tx.add_recording(row, path=relative)
+    return recording_id
+
+
+async def http(server: SignalingServer, method: str, path: str, token: str | None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, f"{server.url}{path}", headers=headers) as resp,
+    ):
+        return resp.status, await resp.read()
+
+
+async def http_post(server: SignalingServer, path: str, body: Any) -> Any:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{server.url}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {server.token(VILLAGE)}"},
+        ) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_a_playback_link_plays_on_every_node_and_after_a_restart(start_node: Start) -> None:
+    a = await start_node("node-a")
+    b = await start_node("node-b")
+    _, session_id = await live_session(a)
+    data = secrets.token_bytes(2000)
+    rec = await add_file(a, session_id, data, RecordingState.COMPLETE, "node-a")
+    status, body = await http(a, "POST", f"/api/v1/recordings/{rec}/playback", a.token(VILLAGE))
+    assert status == 200, body
+    url = json.loads(body)["url"]
+    # Made on A, played on B.
+    assert await http(b, "GET", url, None) == (200, data)
+    # A restarts: its links still play, on it and on B.
+    await stop(a)
+    a2 = await start_node("node-a")
+    assert await http(a2, "GET", url, None) == (200, data)
+    assert await http(b, "GET", url, None) == (200, data)
+
+
+async def open_segment(server: SignalingServer, session_id: str, node: str) -> str:
+    """A track segment as a node that died while writing it leaves it: a real WebM file, its
+    row still `recording`, naming the node."""
+    recording_id = f"rec_{secrets.token_hex(8)}"
+    relative = f"recordings/{session_id}/{recording_id}.webm"
+    path: Path = server.app[CONFIG].data_dir / relative
+    await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+    writer = DiskWriter()
+    writer.start()
+    try:
+        await record_track(
+            writer, path, "audio", opus_frames(440.0, 1.0), clock=ManualClock(), start_s=0.5
+        )
+    finally:
+        await writer.stop()
+    row = Recording(
+        id=RecordingId(recording_id),
+        session_id=SessionId(session_id),
+        track="t-audio",
+        kind=RecordingKind.TRACK.value,
+        media_type="audio/webm",
+        sha256=None,
+        duration_s=None,
+        size_bytes=None,
+        state=RecordingState.RECORDING.value,
+        started_at=datetime.now(UTC),
+        ended_at=None,
+        node=node,
+    )
+    async with server.app[STORE].transaction() as tx:
+        await tx.add_recording(row, path=relative)
+        await tx.append_event(
+            SessionId(session_id),
+            datetime.now(UTC),
+            EventKind.RECORDING_STARTED,
+            VILLAGE.user_id,
+            None,
+            {},
+        )
+    return recording_id
+
+
+async def row_of(server: SignalingServer, recording_id: str) -> Recording:
+    async with server.app[STORE].reading() as tx:
+        found = await tx.get_recording(RecordingId(recording_id))
+    assert found is not None
+    return found.recording
+
+
+async def test_each_node_recovers_what_it_was_writing_and_only_that(start_node: Start) -> None:
+    a = await start_node("node-a")
+    b = await start_node("node-b")
+    cid_a, session_a = await live_session(a)
+    cid_b, session_b = await live_session(a)
+    mine = await open_segment(a, session_a, "node-a")
+    theirs = await open_segment(a, session_b, "node-b")
+    # Node A goes (its recorder's rows stay open, as after kill -9) and comes back.
+    await stop(a)
+    a2 = await start_node("node-a")
+
+    recovered = await row_of(a2, mine)
+    assert recovered.state == RecordingState.INTERRUPTED.value, recovered
+    path = a2.app[CONFIG].data_dir / f"recordings/{session_a}/{mine}.webm"
+    assert recovered.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert recovered.size_bytes == path.stat().st_size
+    assert await a2.status(cid_a) is ConsultationStatus.OPINION_PENDING
+    kinds = await a2.event_kinds(cid_a)
+    assert kinds[-2:] == ["recording_stopped", "session_ended"], kinds
+    # Node B is still writing its own: untouched, its session still live.
+    assert (await row_of(a2, theirs)).state == RecordingState.RECORDING.value
+    assert await a2.status(cid_b) is ConsultationStatus.LIVE
+    assert (await row_of(b, theirs)).state == RecordingState.RECORDING.value
+
+
+async def test_a_stop_or_abort_on_one_node_stops_the_recorder_on_the_other(
+    start_node: Start,
+) -> None:
+    a = await start_node("node-a")
+    b = await start_node("node-b")
+    cid = (await a.scheduled()).id
+    village = await a.seated(VILLAGE, cid, label="village@A")
+    specialist = await b.seated(SPECIALIST, cid, label="specialist@B")
+    token, _ = await a.invite(cid, Role.RESIDENT)
+    resident = await a.admitted(token, cid, village, label="resident@A")
+    await resident.ok("consent", {"kind": "recording", "granted": True})
+    await village.ok("start_recording")
+    assert ConsultationId(cid) in a.app[RECORDINGS].recording
+    # Stopped from B: A's recorder stops.
+    await specialist.ok("stop_recording")
+    await eventually(
+        lambda: ConsultationId(cid) not in a.app[RECORDINGS].recording, "A's recorder stops"
+    )
+    await village.ok("start_recording")
+    # Aborted over REST on B: A's recorder stops, A's clients are told and disconnected.
+    status, body = await http_post(b, f"/api/v1/consultations/{cid}/abort", {"reason": "停电"})
+    assert status == 200, body
+    for peer in (village, resident, specialist):
+        ended = await peer.wait_for("session_ended")
+        assert (ended["reason"], ended["detail"]) == ("aborted", "停电")
+        await eventually(lambda p=peer: not p.connected, f"{peer.label} is disconnected")
+    await eventually(
+        lambda: ConsultationId(cid) not in a.app[RECORDINGS].recording, "A's recorder stops"
+    )
+    assert await a.presence(cid) is None
+    kinds = [k for k in await a.event_kinds(cid) if k.startswith("recording_")]
+    assert kinds == ["recording_started", "recording_stopped"] * 2, kinds
