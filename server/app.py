@@ -38,6 +38,7 @@ from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
 from server.recording import SessionRecordings
 from server.revocations import LocalRevocations, RedisRevocations
+from server.signing import OpinionKeys, load_opinion_keys
 from server.turn import TurnCredentials, ice_servers_for_clients
 from server.web_routes import register_web
 from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
@@ -54,6 +55,7 @@ SIO = web.AppKey("sio", socketio.AsyncServer)
 NAMESPACE = web.AppKey("namespace", ConsultNamespace)
 RECORDINGS = web.AppKey("recordings", SessionRecordings)
 COMPOSITES = web.AppKey("composites", Composites)
+SIGNER = web.AppKey("signer", OpinionKeys)
 # The engine.io frame limit guards the transport; per-event limits are the namespace's.
 _MAX_FRAME_BYTES = 1024 * 1024
 
@@ -72,7 +74,9 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(_response_headers)
     store = SqlRecordStore(config.effective_database_url)
     tokens = TokenService(config.jwt)
-    service = ConsultationService(store)
+    signer = load_opinion_keys(config.signing, dev=config.dev)
+    service = ConsultationService(store, signer)
+    app[SIGNER] = signer
     app[CONFIG] = config
     app[STORE] = store
     app[TOKENS] = tokens

@@ -225,6 +225,10 @@ opinion_signatures = Table(
     Column("signer_role", String(ENUM), nullable=False),
     Column("signed_at", UtcDateTime, nullable=False),
     Column("content_hash", String(ID), nullable=False),
+    # Ed25519 (base64) over rooms.opinion.signed_form and the signing key's id; NULL for
+    # signatures made before migration 0005 (which had only the content hash).
+    Column("key_id", String(ID), nullable=True),
+    Column("signature", Text, nullable=True),
     # A signature belongs to one existing version; signing twice is refused by the database.
     ForeignKeyConstraint(
         ["consultation_id", "version"],
