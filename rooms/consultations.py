@@ -611,6 +611,15 @@ class ConsultationService:
             )
         return entries
 
+    async def verify_record(self, ctx: RequestContext, consultation_id: ConsultationId) -> None:
+        """May the caller have the consultation's record verified (an operator's right, like
+        the audit log: verification shows hashes and positions, no clinical content)? The
+        request is audited; NotFound for an unknown consultation."""
+        require(ctx.actor, Permission.VIEW_AUDIT)
+        async with self._store.transaction() as tx:
+            await self._existing(tx, consultation_id)
+            await self._audit(tx, ctx, AuditAction.VERIFY_RECORD, consultation_id)
+
     async def legal_hold(
         self, ctx: RequestContext, consultation_id: ConsultationId
     ) -> LegalHold | None:

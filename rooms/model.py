@@ -100,6 +100,7 @@ class AuditAction(StrEnum):
     EXPORT_RECORD = "export_record"
     DOWNLOAD_RECORDING = "download_recording"
     VIEW_AUDIT = "view_audit"
+    VERIFY_RECORD = "verify_record"
     CREATE_CONSULTATION = "create_consultation"
     TRANSITION = "transition"
     ADD_TEAM_MEMBER = "add_team_member"

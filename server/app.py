@@ -40,6 +40,7 @@ from server.recording import SessionRecordings
 from server.revocations import LocalRevocations, RedisRevocations
 from server.signing import OpinionKeys, load_opinion_keys
 from server.turn import TurnCredentials, ice_servers_for_clients
+from server.verify import verify_consultation
 from server.web_routes import register_web
 from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
 from signaling.packets import CheckedServer
@@ -97,6 +98,7 @@ def create_app(config: Config) -> web.Application:
         public_url=config.effective_public_url,
         data_dir=config.data_dir,
         revocations=revocations,
+        verifier=lambda cid: verify_consultation(store, signer, config.data_dir, cid),
     )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))

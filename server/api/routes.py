@@ -41,6 +41,7 @@ from server.api.schemas import (
     SignIn,
     TeamMemberIn,
 )
+from server.api.verify_routes import Verifier, VerifyRoutes
 from server.auth import TokenService
 
 PREFIX = "/api/v1"
@@ -326,10 +327,12 @@ def build_api(
     public_url: str = "",
     data_dir: Path = Path("data"),
     revocations: Revocations | None = None,
+    verifier: Verifier | None = None,
 ) -> Api:
     """`public_url` is the base of links in exports; empty, the request's own origin.
     `data_dir` holds the recordings. `revocations` ends the connections of a revoked invite;
-    without it (an API built only to be described) revoking touches the record alone."""
+    without it (an API built only to be described) revoking touches the record alone.
+    `verifier` checks a record (server/verify.py); an API without one is only described."""
     api = Api(authenticate)
     for endpoint in [
         *RecordingRoutes(service, data_dir, authenticate).endpoints(),
@@ -337,6 +340,7 @@ def build_api(
         *MediaRoutes(service, hub).endpoints(),
         *FhirRoutes(service, public_url).endpoints(),
         *LegalHoldRoutes(service).endpoints(),
+        *VerifyRoutes(service, verifier).endpoints(),
     ]:
         api.add(endpoint)
     return api

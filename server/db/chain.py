@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -178,6 +178,10 @@ async def verify_audit(conn: AsyncConnection) -> list[ChainProblem]:
     )
     problems += _check_head(await read_head(conn, AUDIT_CHAIN), last, "audit entry")
     return problems
+
+
+async def count_audit(conn: AsyncConnection) -> int:
+    return int(await conn.scalar(select(func.count()).select_from(audit_log)) or 0)
 
 
 def _walk(

@@ -117,6 +117,19 @@ class SqlRecordStore(RecordStore):
             yield SqlRecordRepository(conn)
 
     @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[SqlRecordRepository]:
+        """A read-only transaction whose every statement sees the same committed state (for
+        verification: the chain heads and the rows must agree). SQLite's read transaction in
+        WAL mode already does; PostgreSQL needs REPEATABLE READ for it."""
+        async with self.engine.connect() as plain:
+            options: dict[str, Any] = {READ_ONLY: True}
+            if plain.dialect.name == "postgresql":
+                options["isolation_level"] = "REPEATABLE READ"
+            conn = await plain.execution_options(**options)
+            async with conn.begin():
+                yield SqlRecordRepository(conn)
+
+    @asynccontextmanager
     async def reading(self) -> AsyncIterator[SqlRecordRepository]:
         async with self.engine.connect() as plain:
             conn = await plain.execution_options(**{READ_ONLY: True})
