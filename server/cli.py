@@ -219,6 +219,9 @@ async def _retention(config: Config, now: datetime, dry_run: bool) -> RetentionR
 
 
 def _verify(config: Config, args: argparse.Namespace) -> int:
+    if config.signing.key_file is None and not config.dev:
+        # A key made for this run would find every signature "unknown_key".
+        raise ConfigError("set TELEMED_SIGNING_KEY_FILE (the server's) to verify signatures")
     report = asyncio.run(_verify_record(config, ConsultationId(args.consultation)))
     if report is None:
         print(f"telemed: no consultation {args.consultation}", file=sys.stderr)

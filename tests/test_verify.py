@@ -141,14 +141,15 @@ async def test_each_tampering_is_reported_precisely(c: Consulted) -> None:
 # -- the command -------------------------------------------------------------------------------
 
 
-def telemed_verify(c: Consulted, *args: str) -> subprocess.CompletedProcess[str]:
+def telemed_verify(c: Consulted, *args: str, key: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
     env |= {
         "TELEMED_DATA_DIR": str(c.config.data_dir),
         "TELEMED_DATABASE_URL": c.config.effective_database_url,
-        "TELEMED_SIGNING_KEY_FILE": str(c.config.signing.key_file),
         "PYTHONIOENCODING": "utf-8",
     }
+    if key:
+        env["TELEMED_SIGNING_KEY_FILE"] = str(c.config.signing.key_file)
     code = "import sys; from server.cli import main; sys.exit(main())"
     return subprocess.run(
         [sys.executable, "-c", code, "verify", *args],
@@ -163,6 +164,9 @@ async def test_the_command_exits_0_1_or_2_and_says_what_does_not_match(c: Consul
     assert clean.stdout.rstrip().endswith("all match")
 
     assert telemed_verify(c, "c_nope").returncode == 2
+    keyless = telemed_verify(c, c.cid, "--json", key=False)
+    assert keyless.returncode == 2 and keyless.stdout == ""
+    assert keyless.stderr.startswith("telemed: set TELEMED_SIGNING_KEY_FILE")
 
     where = await tamper_everything(c)
     text_report = telemed_verify(c, c.cid)
