@@ -164,6 +164,24 @@ async def test_concurrent_appends_do_not_fork_the_chains(sql_store: SqlRecordSto
     assert len(set(rows)) == len(rows) == 13  # no two rows extend the same hash
 
 
+async def test_concurrent_events_and_audit_entries_neither_fork_nor_deadlock(
+    sql_store: SqlRecordStore, tmp_path: Path
+) -> None:
+    await build_world(sql_store, tmp_path / "data")
+
+    async def one(i: int) -> None:
+        # Two consultations' chains and the audit chain, locked in the one order.
+        sid, cid = ("s-old", "old") if i % 2 else ("s-recent", "recent")
+        async with sql_store.transaction() as tx:
+            await tx.append_event(SessionId(sid), t(2030), EventKind.CHAT, None, None, {"i": i})
+            await tx.append_audit(entry(cid, AuditAction.VIEW_RECORD, t(2030)))
+
+    await asyncio.gather(*(one(i) for i in range(16)))
+    assert await problems(sql_store, "old") == [] and await problems(sql_store, "recent") == []
+    async with sql_store.reading() as tx:
+        assert len(await tx.list_events(ConsultationId("old"))) == 8
+
+
 async def test_events_after_audit_in_one_transaction_are_refused(
     sql_store: SqlRecordStore, tmp_path: Path
 ) -> None:
