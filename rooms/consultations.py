@@ -33,7 +33,6 @@ from rooms.model import (
     SessionEvent,
     SessionId,
     SessionRecord,
-    Signature,
     TeamMember,
     UserId,
 )
@@ -111,8 +110,11 @@ class RequestContext:
 
 
 class ConsultationService:
-    def __init__(self, store: RecordStore, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, store: RecordStore, signer: opinion.OpinionSigner, clock: Clock = utc_now
+    ) -> None:
         self._store = store
+        self._signer = signer
         self._now = clock
         self._watchers: list[Callable[[ConsultationId], None]] = []
 
@@ -544,28 +546,23 @@ class ConsultationService:
             consultation = await self._load(
                 tx, actor, Permission.SIGN_OPINION, consultation_id, for_update=True
             )
-            newest = opinion.check_signature(
-                opinion.latest(await tx.list_opinion_versions(consultation_id)),
-                actor.user_id,
-                version,
-            )
-            signature = Signature(
-                version=newest.version,
-                signer=actor.user_id,
-                signer_name=actor.name,
-                signer_role=actor.role,
-                signed_at=self._now(),
-                content_hash=newest.content_hash,
+            versions = await tx.list_opinion_versions(consultation_id)
+            newest = opinion.check_signature(opinion.latest(versions), actor.user_id, version)
+            previous = next((v for v in versions if v.version == newest.version - 1), None)
+            signature = opinion.sign(
+                self._signer, newest, previous, actor.user_id, actor.name, actor.role, self._now()
             )
             await tx.add_signature(consultation_id, signature)
-            signed = replace(newest, signatures=(*newest.signatures, signature))
+            with_signature = replace(newest, signatures=(*newest.signatures, signature))
+            others = [v for v in versions if v.version != newest.version]
+            signed = opinion.verified(self._signer, [*others, with_signature])[-1]
             await self._audit(
                 tx,
                 ctx,
                 AuditAction.SIGN_OPINION,
                 consultation_id,
                 target=str(newest.version),
-                detail={"content_hash": newest.content_hash},
+                detail={"content_hash": newest.content_hash, "key_id": signature.key_id},
             )
             if consultation.status is ConsultationStatus.OPINION_PENDING and opinion.fully_signed(
                 consultation, signed
@@ -608,7 +605,7 @@ class ConsultationService:
         async with self._store.transaction() as tx:
             consultation = await self._load(tx, ctx.actor, Permission.VIEW_RECORD, consultation_id)
             await self._audit(tx, ctx, AuditAction.VIEW_RECORD, consultation_id)
-            return await _filtered_record(tx, ctx.actor, consultation)
+            return await _filtered_record(tx, ctx.actor, consultation, self._signer)
 
     async def export_record(
         self, ctx: RequestContext, consultation_id: ConsultationId
@@ -620,7 +617,7 @@ class ConsultationService:
                 tx, ctx.actor, Permission.EXPORT_RECORD, consultation_id
             )
             await self._audit(tx, ctx, AuditAction.EXPORT_RECORD, consultation_id)
-            return await _filtered_record(tx, ctx.actor, consultation)
+            return await _filtered_record(tx, ctx.actor, consultation, self._signer)
 
     async def open_recording(
         self, ctx: RequestContext, recording_id: RecordingId, detail: dict[str, Any]
@@ -652,6 +649,15 @@ class ConsultationService:
                 tx, ctx, AuditAction.VIEW_AUDIT, consultation_id, detail={"after": after_seq}
             )
         return entries
+
+    async def verify_record(self, ctx: RequestContext, consultation_id: ConsultationId) -> None:
+        """May the caller have the consultation's record verified (an operator's right, like
+        the audit log: verification shows hashes and positions, no clinical content)? The
+        request is audited; NotFound for an unknown consultation."""
+        require(ctx.actor, Permission.VIEW_AUDIT)
+        async with self._store.transaction() as tx:
+            await self._existing(tx, consultation_id)
+            await self._audit(tx, ctx, AuditAction.VERIFY_RECORD, consultation_id)
 
     async def legal_hold(
         self, ctx: RequestContext, consultation_id: ConsultationId
@@ -772,11 +778,12 @@ class ConsultationService:
 
 
 async def _filtered_record(
-    tx: RecordRepository, actor: Actor, consultation: Consultation
+    tx: RecordRepository, actor: Actor, consultation: Consultation, signer: opinion.OpinionSigner
 ) -> SessionRecord:
-    """The whole record of `consultation` as `actor` may see it (record() and exports)."""
+    """The whole record of `consultation` as `actor` may see it (record() and exports), every
+    opinion signature verified."""
     consultation_id = consultation.id
-    opinions = await tx.list_opinion_versions(consultation_id)
+    opinions = opinion.verified(signer, await tx.list_opinion_versions(consultation_id))
     if actor.role in PATIENT_ROLES:
         # Drafts are the physicians' working notes; the resident sees what was signed.
         opinions = [v for v in opinions if v.locked]

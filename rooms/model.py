@@ -103,6 +103,7 @@ class AuditAction(StrEnum):
     EXPORT_RECORD = "export_record"
     DOWNLOAD_RECORDING = "download_recording"
     VIEW_AUDIT = "view_audit"
+    VERIFY_RECORD = "verify_record"
     CREATE_CONSULTATION = "create_consultation"
     TRANSITION = "transition"
     ADD_TEAM_MEMBER = "add_team_member"
@@ -219,6 +220,19 @@ class OpinionContent:
     referral_advice: str
 
 
+class SignatureCheck(StrEnum):
+    """What verifying a signature found (rooms/opinion.py, on every read)."""
+
+    VALID = "valid"
+    # The signed form does not match: the version, the signer, the time or an earlier version
+    # changed since, or the signature itself.
+    INVALID = "invalid"
+    # Signed with a key the server no longer knows (not among the previous public keys).
+    UNKNOWN_KEY = "unknown_key"
+    # Made before signatures were keyed (migration 0005): only the content hash is there.
+    UNSIGNED = "unsigned"
+
+
 @dataclass(frozen=True)
 class Signature:
     version: int
@@ -227,6 +241,11 @@ class Signature:
     signer_role: Role
     signed_at: datetime
     content_hash: str
+    # The Ed25519 signature (base64) over rooms.opinion.signed_form, and the key's id.
+    key_id: str | None = None
+    value: str | None = None
+    # Set when read: the result of verifying value (never stored).
+    check: SignatureCheck | None = None
 
 
 @dataclass(frozen=True)

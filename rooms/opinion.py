@@ -1,15 +1,44 @@
-"""Rules of the opinion (会诊意见): versions, signatures, locking, amendments."""
+"""Rules of the opinion (会诊意见): versions, signatures, locking, amendments.
+
+A signature is Ed25519 over signed_form(): the version's content, amendment reason, content
+hash, author and time, the previous version's content hash, and the signer, their role, the
+signing time and the key id. The key is the server's (server/signing.py, behind
+OpinionSigner); every read verifies every signature (verified())."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
+from typing import Protocol
 
 from rooms.errors import Conflict, InvalidInput
-from rooms.model import Consultation, OpinionContent, OpinionVersion, UserId
-from rooms.roles import INVITED_PHYSICIAN_ROLES
+from rooms.model import (
+    Consultation,
+    OpinionContent,
+    OpinionVersion,
+    Signature,
+    SignatureCheck,
+    UserId,
+)
+from rooms.roles import INVITED_PHYSICIAN_ROLES, Role
+
+
+class OpinionSigner(Protocol):
+    """The key that signs opinion versions and the keys that verify them."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+    def verify(self, key_id: str, data: bytes, signature: bytes) -> bool | None:
+        """Whether `signature` is key_id's over `data`; None if key_id is not known."""
+        ...
 
 
 def content_hash(
@@ -27,13 +56,113 @@ def content_hash(
     }
     if amendment_reason is not None:
         fields["amendment_reason"] = amendment_reason
-    canonical = json.dumps(
-        fields,
-        sort_keys=True,
-        ensure_ascii=False,
-        separators=(",", ":"),
+    return hashlib.sha256(_canonical(fields)).hexdigest()
+
+
+def _canonical(fields: dict[str, object]) -> bytes:
+    return json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _time(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat()
+
+
+def signed_form(
+    version: OpinionVersion,
+    previous: OpinionVersion | None,
+    signer: UserId,
+    signer_name: str,
+    signer_role: Role,
+    signed_at: datetime,
+    key_id: str,
+) -> bytes:
+    """The bytes a signature covers (canonical JSON)."""
+    return _canonical(
+        {
+            "consultation": version.consultation_id,
+            "version": version.version,
+            "content": asdict(version.content),
+            "amendment_reason": version.amendment_reason,
+            "content_hash": version.content_hash,
+            "author": version.author,
+            "created_at": _time(version.created_at),
+            "previous_version_hash": previous.content_hash if previous is not None else None,
+            "signer": signer,
+            "signer_name": signer_name,
+            "signer_role": signer_role.value,
+            "signed_at": _time(signed_at),
+            "key_id": key_id,
+        }
     )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def sign(
+    signer: OpinionSigner,
+    version: OpinionVersion,
+    previous: OpinionVersion | None,
+    by: UserId,
+    name: str,
+    role: Role,
+    at: datetime,
+) -> Signature:
+    key_id = signer.key_id
+    data = signed_form(version, previous, by, name, role, at, key_id)
+    return Signature(
+        version=version.version,
+        signer=by,
+        signer_name=name,
+        signer_role=role,
+        signed_at=at,
+        content_hash=version.content_hash,
+        key_id=key_id,
+        value=base64.b64encode(signer.sign(data)).decode("ascii"),
+        check=SignatureCheck.VALID,
+    )
+
+
+def check(
+    signer: OpinionSigner,
+    version: OpinionVersion,
+    previous: OpinionVersion | None,
+    signature: Signature,
+) -> SignatureCheck:
+    if signature.key_id is None or signature.value is None:
+        return SignatureCheck.UNSIGNED
+    if signature.content_hash != version.content_hash:
+        return SignatureCheck.INVALID
+    try:
+        raw = base64.b64decode(signature.value, validate=True)
+    except (binascii.Error, ValueError):
+        return SignatureCheck.INVALID
+    data = signed_form(
+        version,
+        previous,
+        signature.signer,
+        signature.signer_name,
+        signature.signer_role,
+        signature.signed_at,
+        signature.key_id,
+    )
+    result = signer.verify(signature.key_id, data, raw)
+    if result is None:
+        return SignatureCheck.UNKNOWN_KEY
+    return SignatureCheck.VALID if result else SignatureCheck.INVALID
+
+
+def verified(signer: OpinionSigner, versions: Sequence[OpinionVersion]) -> list[OpinionVersion]:
+    """Every version (of one consultation) with each signature's check set."""
+    ordered = sorted(versions, key=lambda v: v.version)
+    by_number = {v.version: v for v in ordered}
+    return [
+        replace(
+            v,
+            signatures=tuple(
+                replace(s, check=check(signer, v, by_number.get(v.version - 1), s))
+                for s in v.signatures
+            ),
+        )
+        for v in ordered
+    ]
 
 
 def check_new_version(versions: Sequence[OpinionVersion], amendment_reason: str | None) -> None:

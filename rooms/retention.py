@@ -89,6 +89,7 @@ ACCESS_ACTIONS = frozenset(
         AuditAction.EXPORT_RECORD,
         AuditAction.DOWNLOAD_RECORDING,
         AuditAction.VIEW_AUDIT,
+        AuditAction.VERIFY_RECORD,
     }
 )
 # Kept for ever: the destruction log is what proves that destruction followed the rules.

@@ -40,7 +40,9 @@ from server.recorder_relay import RedisRecorderRelay
 from server.recording import SessionRecordings
 from server.recovery import CrashRecovery
 from server.revocations import LocalRevocations, RedisRevocations
+from server.signing import OpinionKeys, load_opinion_keys
 from server.turn import TurnCredentials, ice_servers_for_clients
+from server.verify import verify_consultation
 from server.web_routes import register_web
 from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
 from signaling.packets import CheckedServer
@@ -58,6 +60,7 @@ RECORDINGS = web.AppKey("recordings", SessionRecordings)
 COMPOSITES = web.AppKey("composites", Composites)
 METRICS = web.AppKey("metrics", ServerMetrics)
 RECOVERY = web.AppKey("recovery", CrashRecovery)
+SIGNER = web.AppKey("signer", OpinionKeys)
 # The engine.io frame limit guards the transport; per-event limits are the namespace's.
 _MAX_FRAME_BYTES = 1024 * 1024
 
@@ -76,7 +79,9 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(_response_headers)
     store = SqlRecordStore(config.effective_database_url)
     tokens = TokenService(config.jwt)
-    service = ConsultationService(store)
+    signer = load_opinion_keys(config.signing, dev=config.dev)
+    service = ConsultationService(store, signer)
+    app[SIGNER] = signer
     app[CONFIG] = config
     app[STORE] = store
     app[TOKENS] = tokens
@@ -99,6 +104,7 @@ def create_app(config: Config) -> web.Application:
         revocations=revocations,
         live=app[NAMESPACE],
         link_key=_link_key(config),
+        verifier=lambda cid: verify_consultation(store, signer, config.data_dir, cid),
     )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))

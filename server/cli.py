@@ -1,9 +1,10 @@
-"""The `telemed` command: serve, db upgrade, token, render, retention run."""
+"""The `telemed` command: serve, db upgrade, token, render, retention run, verify."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -25,6 +26,8 @@ from server.db.store import SqlRecordStore
 from server.demo import describe, ensure_demo
 from server.logs import configure_logging
 from server.retention import RetentionError, RetentionReport, run_retention
+from server.signing import load_opinion_keys
+from server.verify import VerifyReport, verify_consultation
 
 log = logging.getLogger("telemed")
 
@@ -93,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
         "--now", type=_aware_time, help="count periods back from this ISO time (default: now)"
     )
     run.set_defaults(run=_retention_run)
+
+    verify = commands.add_parser(
+        "verify",
+        help="check a consultation's record: event and audit chains, opinion signatures, "
+        "recording files (exit 0 all match, 1 a mismatch, 2 no such consultation)",
+    )
+    verify.add_argument("consultation", help="consultation id")
+    verify.add_argument("--json", action="store_true", help="the report as JSON")
+    verify.set_defaults(run=_verify)
     return parser
 
 
@@ -202,6 +214,40 @@ async def _retention(config: Config, now: datetime, dry_run: bool) -> RetentionR
         return await run_retention(
             store, config.retention.periods, config.data_dir, now, dry_run=dry_run
         )
+    finally:
+        await store.stop()
+
+
+def _verify(config: Config, args: argparse.Namespace) -> int:
+    if config.signing.key_file is None and not config.dev:
+        # A key made for this run would find every signature "unknown_key".
+        raise ConfigError("set TELEMED_SIGNING_KEY_FILE (the server's) to verify signatures")
+    report = asyncio.run(_verify_record(config, ConsultationId(args.consultation)))
+    if report is None:
+        print(f"telemed: no consultation {args.consultation}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.as_json(), ensure_ascii=False, indent=2))
+    else:
+        checked = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in report.checked.items())
+        print(f"consultation {report.consultation_id}: checked {checked}")
+        for m in report.mismatches:
+            print(f"MISMATCH {m.check} {m.where}: {m.problem}")
+            if m.expected is not None or m.found is not None:
+                print(f"  expected: {m.expected}\n  found:    {m.found}")
+        for note in report.notes:
+            print(f"note: {note}")
+        print("all match" if report.ok else f"{len(report.mismatches)} mismatches")
+    return 0 if report.ok else 1
+
+
+async def _verify_record(config: Config, consultation_id: ConsultationId) -> VerifyReport | None:
+    await upgrade(config.effective_database_url)
+    store = SqlRecordStore(config.effective_database_url)
+    await store.start()
+    try:
+        signer = load_opinion_keys(config.signing, dev=config.dev)
+        return await verify_consultation(store, signer, config.data_dir, consultation_id)
     finally:
         await store.stop()
 

@@ -188,6 +188,18 @@ class RetentionConfig(_Section):
         )
 
 
+class SigningConfig(_Section):
+    """The key that signs opinion versions (server/signing.py)."""
+
+    # PEM file of the Ed25519 private key; required outside development mode (--dev makes a
+    # key for the process). Its public key's id is stored with every signature.
+    key_file: Path | None = None
+    # PEM files of public keys signed with before a rotation, so their signatures still verify.
+    previous_public_keys: list[Path] = []
+
+    _keys_from_one_string = field_validator("previous_public_keys", mode="before")(_split_list)
+
+
 class Config(_Section):
     dev: bool = False
     host: str = "127.0.0.1"
@@ -209,6 +221,7 @@ class Config(_Section):
     signaling: SignalingConfig = SignalingConfig()
     media: MediaConfig = MediaConfig()
     retention: RetentionConfig = RetentionConfig()
+    signing: SigningConfig = SigningConfig()
     # Static STUN/TURN servers, for the relay and the clients; [turn] mints credentials instead.
     ice_servers: list[IceServer] = []
     turn: TurnConfig = TurnConfig()
@@ -249,6 +262,11 @@ class Config(_Section):
                 raise ConfigError("TELEMED_JWT_SECRET must be at least 32 characters")
         if self.link_secret is not None and len(self.link_secret.get_secret_value()) < 32:
             raise ConfigError("TELEMED_LINK_SECRET must be at least 32 characters")
+        if not self.dev and self.signing.key_file is None:
+            raise ConfigError(
+                "set TELEMED_SIGNING_KEY_FILE (or signing.key_file) to the PEM file of an "
+                "Ed25519 private key, or run with --dev: opinions are signed with it"
+            )
 
 
 class ConfigError(Exception):
@@ -288,6 +306,8 @@ _ENV_FIELDS: dict[str, tuple[str, ...]] = {
     "RETENTION_RECORDS": ("retention", "records"),
     "RETENTION_RECORDINGS": ("retention", "recordings"),
     "RETENTION_ACCESS_LOGS": ("retention", "access_logs"),
+    "SIGNING_KEY_FILE": ("signing", "key_file"),
+    "SIGNING_PREVIOUS_PUBLIC_KEYS": ("signing", "previous_public_keys"),
 }
 
 

@@ -144,14 +144,17 @@ class _Run:
                 return False
             record = found[0]
             files = [await self._remove(r) for r in await tx.retention.recordings_of(cid)]
-            rows = {} if self.dry_run else await tx.retention.delete_record(cid)
+            detail: dict[str, Any] = {"rows": {}}
+            if not self.dry_run:
+                destroyed = await tx.retention.delete_record(cid)
+                detail = {"rows": destroyed.rows, "event_chain_head": destroyed.event_chain_head}
             reason = (
                 f"the record period ({self.periods.records}) has passed since the consultation "
                 f"was {record.status} on {record.closed_at.date().isoformat()}"
             )
             await self._destroyed(
                 tx,
-                Destruction("record", cid, "record", reason, {"rows": rows, "recordings": files}),
+                Destruction("record", cid, "record", reason, detail | {"recordings": files}),
             )
         return True
 
@@ -187,12 +190,15 @@ class _Run:
                 f"entries of destroyed records older than the record period "
                 f"({self.periods.records})"
             )
-            detail = {
+            detail: dict[str, Any] = {
                 "count": purged.count,
                 "first_seq": purged.first_seq,
                 "last_seq": purged.last_seq,
                 "actions": purged.actions,
             }
+            if purged.runs:
+                # What verification needs to tell these gaps in the audit chain from tampering.
+                detail["chain_runs"] = [run.as_json() for run in purged.runs]
             await self._destroyed(
                 tx, Destruction("audit_entries", cid, "audit_log", reason, detail)
             )

@@ -21,6 +21,7 @@ from typing import IO, Any
 import aiohttp
 import av
 import numpy as np
+from record_helpers import signing_key_file
 from recording_helpers import Decoded, decode, has_tone
 
 from rooms.model import ConsultationId, Recording
@@ -142,6 +143,10 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
         env["TELEMED_JWT_SECRET"] = secret
+        key = log_path.parent / "signing-key.pem"
+        env["TELEMED_SIGNING_KEY_FILE"] = str(
+            key if key.exists() else signing_key_file(log_path.parent)
+        )
         argv = [*telemed_command(), "--config", str(config), "serve"]
         argv += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.log_path = log_path

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from record_helpers import signing_key_file
 
 from rooms.model import ConsultationId, UserId
 from rooms.roles import Role
@@ -392,6 +393,31 @@ def test_serve_refuses_a_short_secret(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+def test_serve_refuses_to_start_without_an_ed25519_signing_key(tmp_path: Path) -> None:
+    env = _env(tmp_path, TELEMED_JWT_SECRET=STRONG_SECRET)
+    missing = _telemed(["serve", "--port", str(_free_port())], env, tmp_path)
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.startswith("telemed: set TELEMED_SIGNING_KEY_FILE")
+
+    ec_key = tmp_path / "ec.pem"
+    ec_key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    for path, message in (
+        (ec_key, f"telemed: signing key file {ec_key} holds a "),
+        (tmp_path / "absent.pem", f"telemed: cannot read the signing key file {tmp_path}"),
+    ):
+        env["TELEMED_SIGNING_KEY_FILE"] = str(path)
+        wrong = _telemed(["serve", "--port", str(_free_port())], env, tmp_path)
+        assert wrong.returncode == 2 and wrong.stdout == ""
+        assert wrong.stderr.startswith(message), wrong.stderr
+        assert "PRIVATE KEY" not in wrong.stderr
+
+
 def test_serve_dev_prints_a_working_demo(tmp_path: Path) -> None:
     env = _env(tmp_path)
 
@@ -425,6 +451,11 @@ def test_serve_dev_prints_a_working_demo(tmp_path: Path) -> None:
     assert f"{server.url}/api/v1/consultations/{demo.consultation_id}/record" in stdout
     assert DEV_JWT_SECRET not in stdout
     assert DEV_JWT_SECRET not in server.stderr
+    # No key file in development mode: one is made, said so in the log, never shown.
+    assert "opinions are signed with a key made for this process (key id ed25519:" in (
+        server.stderr
+    )
+    assert "PRIVATE KEY" not in server.stderr + stdout
 
 
 def test_serve_dev_reuses_the_demo_consultation_after_a_restart(tmp_path: Path) -> None:
@@ -456,7 +487,12 @@ def test_serve_dev_reuses_the_demo_consultation_after_a_restart(tmp_path: Path) 
 
 
 def test_serve_json_logs_access_lines_without_tokens(tmp_path: Path) -> None:
-    env = _env(tmp_path, TELEMED_JWT_SECRET=STRONG_SECRET, TELEMED_LOG_FORMAT="json")
+    env = _env(
+        tmp_path,
+        TELEMED_JWT_SECRET=STRONG_SECRET,
+        TELEMED_LOG_FORMAT="json",
+        TELEMED_SIGNING_KEY_FILE=str(signing_key_file(tmp_path)),
+    )
     minted = _telemed(
         ["token", "--user", "c1", "--name", "张医生", "--role", "county_physician"], env, tmp_path
     )

@@ -383,6 +383,9 @@ def test_public_url_defaults_to_host_and_port() -> None:
 
 # --- check_safe_to_serve -----------------------------------------------------------------
 
+# Only its presence is checked here; reading it is server/signing.py's (tests/test_cli.py).
+SIGNING = {"TELEMED_SIGNING_KEY_FILE": "/keys/signing.pem"}
+
 
 def test_default_secret_is_refused_outside_dev_mode() -> None:
     config = load_config(env={})
@@ -406,7 +409,7 @@ def test_short_secret_is_refused_outside_dev_mode(secret: str) -> None:
 
 @pytest.mark.parametrize("secret", ["y" * 32, STRONG_SECRET])
 def test_secret_of_32_or_more_characters_is_accepted(secret: str) -> None:
-    config = load_config(env={"TELEMED_JWT_SECRET": secret})
+    config = load_config(env={"TELEMED_JWT_SECRET": secret, **SIGNING})
 
     config.check_safe_to_serve()  # does not raise
     assert config.dev is False
@@ -426,11 +429,26 @@ def test_dev_mode_accepts_any_secret(secret: str | None) -> None:
 
 def test_asymmetric_algorithm_does_not_need_the_hmac_secret() -> None:
     config = load_config(
-        env={"TELEMED_JWT_ALGORITHM": "ES256", "TELEMED_JWT_PUBLIC_KEY": _es256_public_pem()}
+        env={
+            "TELEMED_JWT_ALGORITHM": "ES256",
+            "TELEMED_JWT_PUBLIC_KEY": _es256_public_pem(),
+            **SIGNING,
+        }
     )
 
     assert config.jwt.secret.get_secret_value() == DEV_JWT_SECRET
     config.check_safe_to_serve()  # does not raise
+
+
+def test_a_signing_key_file_is_required_outside_dev_mode() -> None:
+    config = load_config(env={"TELEMED_JWT_SECRET": STRONG_SECRET})
+    with pytest.raises(ConfigError, match=r"set TELEMED_SIGNING_KEY_FILE .* or run with --dev"):
+        config.check_safe_to_serve()
+    rotated = load_config(
+        env={**SIGNING, "TELEMED_SIGNING_PREVIOUS_PUBLIC_KEYS": "/keys/2025.pem, /keys/2026.pem"}
+    )
+    assert rotated.signing.key_file == Path("/keys/signing.pem")
+    assert rotated.signing.previous_public_keys == [Path("/keys/2025.pem"), Path("/keys/2026.pem")]
 
 
 # --- secrets stay secret -----------------------------------------------------------------

@@ -40,7 +40,7 @@ from rooms.store import NewAuditEntry
 from server.app import STORE
 from server.config import ConfigError, load_config
 from server.db.migrate import upgrade
-from server.db.retention import RetentionRepository
+from server.db.retention import DestroyedRecord, RetentionRepository
 from server.db.store import SqlRecordStore
 from server.retention import RetentionError, run_retention
 
@@ -317,7 +317,7 @@ async def test_a_crash_inside_a_record_leaves_it_whole_and_the_next_run_finishes
 ) -> None:
     real = RetentionRepository.delete_record
 
-    async def dies_half_way(self: RetentionRepository, cid: ConsultationId) -> dict[str, int]:
+    async def dies_half_way(self: RetentionRepository, cid: ConsultationId) -> DestroyedRecord:
         await real(self, cid)  # every row deleted, then the process "dies" before commit
         raise RuntimeError("killed")
 

@@ -645,8 +645,9 @@ def test_repository_implements_every_protocol_method() -> None:
 
 
 def test_append_only_tables_have_no_update_or_delete_path() -> None:
-    # The one exception is destruction under retention, in its own module that only
-    # `telemed retention run` uses (tests/test_retention.py checks both).
+    # The database refuses such statements anyway (tests/test_record_chain.py); this keeps the
+    # store from even trying. The one exception is destruction under retention, in its own
+    # module that only `telemed retention run` uses (tests/test_retention.py checks both).
     source = "\n".join(
         p.read_text(encoding="utf-8")
         for p in Path(server.db.__file__).parent.glob("*.py")

@@ -46,6 +46,7 @@ from server.api.schemas import (
     SignIn,
     TeamMemberIn,
 )
+from server.api.verify_routes import Verifier, VerifyRoutes
 from server.auth import TokenService
 
 PREFIX = "/api/v1"
@@ -351,12 +352,14 @@ def build_api(
     revocations: Revocations | None = None,
     live: LiveTransitions | None = None,
     link_key: bytes | None = None,
+    verifier: Verifier | None = None,
 ) -> Api:
     """`public_url` is the base of links in exports; empty, the request's own origin.
     `data_dir` holds the recordings. `revocations` ends the connections of a revoked invite;
     without it (an API built only to be described) revoking touches the record alone. `live`
     carries out life-cycle actions through the live room. `link_key` signs playback links (a
-    key of this process's own without it)."""
+    key of this process's own without it). `verifier` checks a record (server/verify.py); an
+    API without one is only described."""
     api = Api(authenticate)
     for endpoint in [
         *RecordingRoutes(service, data_dir, authenticate, PlaybackGrants(key=link_key)).endpoints(),
@@ -364,6 +367,7 @@ def build_api(
         *MediaRoutes(service, hub).endpoints(),
         *FhirRoutes(service, public_url).endpoints(),
         *LegalHoldRoutes(service).endpoints(),
+        *VerifyRoutes(service, verifier).endpoints(),
     ]:
         api.add(endpoint)
     return api

@@ -33,6 +33,8 @@ from rooms.model import (
     SessionEvent,
     SessionRecord,
     Sex,
+    Signature,
+    SignatureCheck,
     TeamMember,
 )
 from rooms.roles import Role
@@ -294,6 +296,27 @@ class SignatureOut(ResponseBody):
     signer_role: Role
     signed_at: datetime
     content_hash: str
+    # Ed25519 over the signed form (docs/domain.md), base64, and the key's id; null for
+    # signatures made before signatures were keyed.
+    key_id: str | None
+    signature: str | None
+    # Verified on this read: valid, invalid, unknown_key or unsigned.
+    verification: SignatureCheck
+
+    @classmethod
+    def of(cls, s: Signature) -> SignatureOut:
+        if s.check is None:
+            raise RuntimeError("an opinion signature left unverified on its way out")
+        return cls(
+            signer=s.signer,
+            signer_name=s.signer_name,
+            signer_role=s.signer_role,
+            signed_at=s.signed_at,
+            content_hash=s.content_hash,
+            key_id=s.key_id,
+            signature=s.value,
+            verification=s.check,
+        )
 
 
 class OpinionOut(ResponseBody):
@@ -322,16 +345,7 @@ class OpinionOut(ResponseBody):
             amendment_reason=v.amendment_reason,
             content_hash=v.content_hash,
             locked=v.locked,
-            signatures=[
-                SignatureOut(
-                    signer=s.signer,
-                    signer_name=s.signer_name,
-                    signer_role=s.signer_role,
-                    signed_at=s.signed_at,
-                    content_hash=s.content_hash,
-                )
-                for s in v.signatures
-            ],
+            signatures=[SignatureOut.of(s) for s in v.signatures],
         )
 
 

@@ -249,6 +249,8 @@ def signature_values(consultation_id: ConsultationId, s: Signature) -> Values:
         "signer_role": s.signer_role.value,
         "signed_at": s.signed_at,
         "content_hash": s.content_hash,
+        "key_id": s.key_id,
+        "signature": s.value,
     }
 
 
@@ -260,6 +262,8 @@ def signature_from_row(row: RowMapping) -> Signature:
         signer_role=Role(row["signer_role"]),
         signed_at=row["signed_at"],
         content_hash=row["content_hash"],
+        key_id=row["key_id"],
+        value=row["signature"],
     )
 
 

@@ -1,8 +1,12 @@
 """Destruction of expired records: the one module that deletes from the record.
 
-Everything else in server/db only ever inserts into the event log and the audit log
-(tests/test_store.py checks that by scanning the source, and names this file as the only
-exception). Destruction is kept apart from the store the server runs on so that no request
+Everything else in server/db only ever inserts into the event log and the audit log, and the
+database refuses anything else (triggers, migration 0004) except a DELETE made while the
+`retention_marker` row exists. That row is inserted and deleted by _destroying() around each
+delete here, inside the retention transaction, so it is never committed and no other
+transaction sees it: this is the one path by which rows leave those tables.
+
+Destruction is kept apart from the store the server runs on so that no request
 can reach it: only `telemed retention run` (server/retention.py) uses it, always inside one
 transaction per consultation that has first locked the consultation's row and checked its
 legal hold.
@@ -14,11 +18,13 @@ for why access entries expire and the destruction log does not."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, exists, func, or_, select, true
+from sqlalchemy import delete, exists, func, insert, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ColumnElement
 
@@ -30,10 +36,12 @@ from rooms.retention import (
     UNFINISHED_RECORDING_STATES,
 )
 from rooms.store import StoredRecording
+from server.db import chain
 from server.db import mapping as m
 from server.db.store import select_stored_recordings
 from server.db.tables import (
     audit_log,
+    chain_heads,
     consents,
     consultations,
     final_decisions,
@@ -42,6 +50,7 @@ from server.db.tables import (
     opinion_versions,
     participations,
     recordings,
+    retention_marker,
     session_events,
     sessions,
     team_members,
@@ -64,6 +73,16 @@ class PurgedAudit:
     first_seq: int
     last_seq: int
     actions: dict[str, int]
+    # The deleted rows as runs of the audit chain (empty in a dry run): their destroy entry
+    # keeps them so that verification can bridge exactly these gaps.
+    runs: tuple[chain.ChainRun, ...] = ()
+
+
+@dataclass(frozen=True)
+class DestroyedRecord:
+    rows: dict[str, int]
+    # The head of the consultation's event chain, gone with the events.
+    event_chain_head: str | None
 
 
 def _not_held(consultation_id: Any) -> ColumnElement[bool]:
@@ -202,12 +221,21 @@ class RetentionRepository:
 
     # -- the deletes ------------------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def _destroying(self) -> AsyncIterator[None]:
+        """Lets the append-only triggers pass this transaction's deletes (see the module)."""
+        await self._conn.execute(insert(retention_marker).values(id=1))
+        try:
+            yield
+        finally:
+            await self._conn.execute(delete(retention_marker))
+
     async def delete_recording(self, recording_id: RecordingId) -> None:
         await self._conn.execute(delete(recordings).where(recordings.c.id == recording_id))
 
-    async def delete_record(self, consultation_id: ConsultationId) -> dict[str, int]:
+    async def delete_record(self, consultation_id: ConsultationId) -> DestroyedRecord:
         """Every row of the consultation's record (its audit entries stay: they have their own
-        period); how many rows of each table went."""
+        period) and its event chain's head; how many rows of each table went."""
         session_ids = select(sessions.c.id).where(sessions.c.consultation_id == consultation_id)
         by_session = (session_events, participations, recordings)
         by_consultation = (
@@ -219,12 +247,15 @@ class RetentionRepository:
             sessions,
         )
         counts: dict[str, int] = {}
-        # Children before parents: the foreign keys are checked on both backends.
-        for table in by_session:
-            result = await self._conn.execute(
-                delete(table).where(table.c.session_id.in_(session_ids))
-            )
-            counts[table.name] = result.rowcount
+        event_chain = chain.event_chain(consultation_id)
+        head = await chain.read_head(self._conn, event_chain)
+        async with self._destroying():
+            # Children before parents: the foreign keys are checked on both backends.
+            for table in by_session:
+                result = await self._conn.execute(
+                    delete(table).where(table.c.session_id.in_(session_ids))
+                )
+                counts[table.name] = result.rowcount
         for table in by_consultation:
             result = await self._conn.execute(
                 delete(table).where(table.c.consultation_id == consultation_id)
@@ -234,7 +265,10 @@ class RetentionRepository:
             delete(consultations).where(consultations.c.id == consultation_id)
         )
         counts[consultations.name] = result.rowcount
-        return {name: n for name, n in counts.items() if n}
+        await self._conn.execute(delete(chain_heads).where(chain_heads.c.chain == event_chain))
+        return DestroyedRecord(
+            {name: n for name, n in counts.items() if n}, head[0] if head is not None else None
+        )
 
     async def purge_audit(
         self,
@@ -246,11 +280,16 @@ class RetentionRepository:
         purged = await self.expired_audit(consultation_id, access_cutoff, record_cutoff)
         if purged is None:
             return None
-        await self._conn.execute(
-            delete(audit_log).where(
-                self._of(consultation_id),
-                self._expired_audit(access_cutoff, record_cutoff),
-                audit_log.c.id <= purged.last_seq,
-            )
+        a = audit_log.c
+        which = (
+            self._of(consultation_id),
+            self._expired_audit(access_cutoff, record_cutoff),
+            a.id <= purged.last_seq,
         )
-        return purged
+        doomed = await self._conn.execute(
+            select(a.id, a.prev_hash, a.hash).where(*which).order_by(a.id)
+        )
+        runs = chain.runs_of(doomed.mappings())
+        async with self._destroying():
+            await self._conn.execute(delete(audit_log).where(*which))
+        return replace(purged, runs=tuple(runs))

@@ -46,6 +46,7 @@ from rooms.store import (
     RecordStore,
     StoredRecording,
 )
+from server.db import chain
 from server.db import mapping as m
 from server.db.engine import READ_ONLY, make_engine, sqlite_path
 from server.db.tables import (
@@ -120,6 +121,20 @@ class SqlRecordStore(RecordStore):
                 yield SqlRecordRepository(conn)
 
     @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[SqlRecordRepository]:
+        """A read-only transaction whose every statement sees the same committed state (for
+        verification: the chain heads and the rows must agree). SQLite's read transaction in
+        WAL mode already does; PostgreSQL needs REPEATABLE READ for it."""
+        with _reachable():
+            async with self.engine.connect() as plain:
+                options: dict[str, Any] = {READ_ONLY: True}
+                if plain.dialect.name == "postgresql":
+                    options["isolation_level"] = "REPEATABLE READ"
+                conn = await plain.execution_options(**options)
+                async with conn.begin():
+                    yield SqlRecordRepository(conn)
+
+    @asynccontextmanager
     async def reading(self) -> AsyncIterator[SqlRecordRepository]:
         with _reachable():
             async with self.engine.connect() as plain:
@@ -150,10 +165,14 @@ def _reachable() -> Iterator[None]:
 class SqlRecordRepository(RecordRepository):
     """Bound to one connection inside one transaction; commit and rollback belong to the store.
 
-    Events and audit entries are only ever inserted: nothing here updates or deletes them."""
+    Events and audit entries are only ever inserted (the database refuses anything else), each
+    onto its hash chain (server/db/chain.py). Within one transaction events come before audit
+    entries, so that every transaction locks chain heads in the same order and two of them
+    cannot deadlock on PostgreSQL."""
 
     def __init__(self, conn: AsyncConnection) -> None:
         self._conn = conn
+        self._audit_appended = False
 
     @property
     def connection(self) -> AsyncConnection:
@@ -344,6 +363,13 @@ class SqlRecordRepository(RecordRepository):
         participant_id: ParticipantId | None,
         data: dict[str, Any],
     ) -> SessionEvent:
+        if self._audit_appended:
+            raise RuntimeError("append events before audit entries in one transaction")
+        consultation_id = await self._conn.scalar(
+            select(sessions.c.consultation_id).where(sessions.c.id == session_id)
+        )
+        if consultation_id is None:
+            raise Conflict(f"event of session {session_id} refers to a record that does not exist")
         values = {
             "session_id": session_id,
             "at": at,
@@ -352,13 +378,9 @@ class SqlRecordRepository(RecordRepository):
             "participant_id": participant_id,
             "data": data,
         }
-        try:
-            seq = await self._conn.scalar(
-                insert(session_events).values(values).returning(session_events.c.id)
-            )
-        except IntegrityError as exc:
-            raise _conflict(exc, "duplicate event", f"event of session {session_id}") from exc
-        assert seq is not None
+        seq = await self._append_linked(
+            session_events, values, chain.event_chain(consultation_id), chain.EVENT_FIELDS
+        )
         return SessionEvent(
             session_id=session_id,
             seq=seq,
@@ -559,10 +581,10 @@ class SqlRecordRepository(RecordRepository):
     # -- the audit log (append-only) ---------------------------------------------------------
 
     async def append_audit(self, entry: NewAuditEntry) -> AuditEntry:
-        seq = await self._conn.scalar(
-            insert(audit_log).values(m.audit_values(entry)).returning(audit_log.c.id)
+        self._audit_appended = True
+        seq = await self._append_linked(
+            audit_log, m.audit_values(entry), chain.AUDIT_CHAIN, chain.AUDIT_FIELDS
         )
-        assert seq is not None
         return AuditEntry(
             seq=seq,
             at=entry.at.astimezone(UTC),
@@ -584,6 +606,21 @@ class SqlRecordRepository(RecordRepository):
             query = query.where(audit_log.c.consultation_id == consultation_id)
         rows = await self._rows(query.order_by(audit_log.c.id).limit(limit))
         return [m.audit_from_row(row) for row in rows]
+
+    async def _append_linked(
+        self, table: Table, values: dict[str, Any], chain_name: str, fields: tuple[str, ...]
+    ) -> int:
+        """Inserts a row onto its chain: head locked, hash of the row and the head, head moved."""
+        prev_hash = await chain.lock_head(self._conn, chain_name)
+        digest = chain.row_hash(prev_hash, values, fields)
+        seq = await self._conn.scalar(
+            insert(table)
+            .values({**values, "prev_hash": prev_hash, "hash": digest})
+            .returning(table.c.id)
+        )
+        assert seq is not None
+        await chain.move_head(self._conn, chain_name, digest, seq)
+        return int(seq)
 
     async def _exists(self, condition: ColumnElement[bool]) -> bool:
         return bool(await self._conn.scalar(select(exists().where(condition))))

@@ -153,8 +153,20 @@ participations = Table(
     Column("close_reason", String(ENUM), nullable=True),
 )
 
-# Append-only: the store has no code path that updates or deletes a row here. `id` is the
-# event's seq; AUTOINCREMENT on SQLite so a seq is never handed out twice.
+# SHA-256 hex digests: the chain columns of the append-only tables (server/db/chain.py).
+HASH = 64
+
+
+def _chain_columns() -> tuple[Column[str], Column[str]]:
+    return (
+        Column("prev_hash", String(HASH), nullable=False),
+        Column("hash", String(HASH), nullable=False),
+    )
+
+
+# Append-only, enforced by triggers (migration 0004): only retention deletes, through the
+# marker below. Each row holds the hash of the consultation's previous event (a chain per
+# consultation). `id` is the event's seq; AUTOINCREMENT on SQLite so a seq is never reused.
 session_events = Table(
     "session_events",
     metadata,
@@ -165,6 +177,7 @@ session_events = Table(
     Column("actor", String(USER), nullable=True),
     Column("participant_id", String(USER), nullable=True),
     Column("data", Json, nullable=False),
+    *_chain_columns(),
     Index(None, "session_id"),
     sqlite_autoincrement=True,
 )
@@ -212,6 +225,10 @@ opinion_signatures = Table(
     Column("signer_role", String(ENUM), nullable=False),
     Column("signed_at", UtcDateTime, nullable=False),
     Column("content_hash", String(ID), nullable=False),
+    # Ed25519 (base64) over rooms.opinion.signed_form and the signing key's id; NULL for
+    # signatures made before migration 0005 (which had only the content hash).
+    Column("key_id", String(ID), nullable=True),
+    Column("signature", Text, nullable=True),
     # A signature belongs to one existing version; signing twice is refused by the database.
     ForeignKeyConstraint(
         ["consultation_id", "version"],
@@ -268,8 +285,9 @@ revoked_tokens = Table(
     Index(None, "expires_at"),
 )
 
-# Append-only, like session_events. No foreign key on consultation_id: the trail must outlive
-# a consultation's record (retention may destroy the record, never its audit).
+# Append-only, like session_events, and one chain over all rows. No foreign key on
+# consultation_id: the trail must outlive a consultation's record (retention may destroy the
+# record, never its audit).
 audit_log = Table(
     "audit_log",
     metadata,
@@ -282,8 +300,28 @@ audit_log = Table(
     Column("target", Text, nullable=True),
     Column("remote_addr", String(USER), nullable=True),
     Column("detail", Json, nullable=False),
+    *_chain_columns(),
     Index(None, "consultation_id"),
     sqlite_autoincrement=True,
+)
+
+# The newest hash of each chain ("audit", "events:<consultation>"), updated in the transaction
+# that appends; its row is locked first (SELECT ... FOR UPDATE) so two appends cannot fork it.
+chain_heads = Table(
+    "chain_heads",
+    metadata,
+    Column("chain", String(96), primary_key=True),
+    Column("head_hash", String(HASH), nullable=False),
+    Column("head_seq", BigInteger, nullable=False),
+)
+
+# Holds a row only inside a retention transaction, which inserts and deletes it around its
+# deletes: the append-only triggers let a DELETE through only while it is there. Never
+# committed with a row, so no other transaction ever sees one (server/db/retention.py).
+retention_marker = Table(
+    "retention_marker",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
 )
 
 # Legal holds, placed and released; a released hold stays as history (released_* set). No

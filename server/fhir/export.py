@@ -12,14 +12,19 @@ Where FHIR has no element for what we keep, we say so in an extension rather tha
   `sha256` extension on Media.content (hex) and never in `hash`.
 - Attachment.size is a 32-bit unsignedInt in R4B; larger files give their size in the
   `size-bytes` extension instead.
-- A signature over an opinion is the signer, the time and the SHA-256 of the opinion's
-  canonical content (rooms/opinion.py), not a cryptographic signature: Provenance.signature
-  carries no `data`, and the hash goes in the `content-sha256` extension.
+- A signature over an opinion is Ed25519 over its signed form (rooms/opinion.py):
+  Provenance.signature.data is the signature, `sigFormat` application/octet-stream (FHIR
+  names no type for a raw Ed25519 signature), `targetFormat` application/json; the signed form
+  itself (base64, `signed-form`), the `signature-key-id`, `signature-algorithm` and the
+  result of verifying it for this export (`signature-verification`) are extensions, the
+  version's hash is in `content-sha256`. Signatures made before signatures were keyed carry
+  no `data` and verify as `unsigned`.
 - telemed schedules a start time, not a length; FHIR wants an end on a booked appointment
   (invariant app-3), so Appointment.end is the start plus a nominal slot of NOMINAL_SLOT."""
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import uuid
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from rooms import opinion
 from rooms.model import (
     AuditAction,
     AuditEntry,
@@ -578,6 +584,33 @@ class _Exporter:
         # Author's signature for the one who wrote this version, coauthor's for the others.
         code = "1.2.840.10065.1.12.1.1" if s.signer == v.author else "1.2.840.10065.1.12.1.2"
         who = self.someone(s.signer, s.signer_name)
+        signature: Resource = {
+            "type": [{"system": SIGNATURE_TYPE, "code": code}],
+            "when": fhir_time(s.signed_at),
+            "who": who,
+            "extension": [
+                self.extension("content-sha256", valueString=s.content_hash),
+                # What the server found when it verified the signature for this export.
+                self.extension("signature-verification", valueCode=str(s.check)),
+            ],
+        }
+        previous = next((p for p in self.record.opinions if p.version == v.version - 1), None)
+        if s.key_id is not None and s.value is not None and (v.version == 1 or previous):
+            # Ed25519 over the signed form, which travels with it (targetFormat: what `data`
+            # signs) so that anyone with the public key of key-id can check it.
+            form = opinion.signed_form(
+                v, previous, s.signer, s.signer_name, s.signer_role, s.signed_at, s.key_id
+            )
+            signature["extension"] += [
+                self.extension("signature-key-id", valueString=s.key_id),
+                self.extension("signature-algorithm", valueCode="Ed25519"),
+                self.extension(
+                    "signed-form", valueBase64Binary=base64.b64encode(form).decode("ascii")
+                ),
+            ]
+            signature["targetFormat"] = "application/json"
+            signature["sigFormat"] = "application/octet-stream"
+            signature["data"] = s.value
         self.entries.add(
             "Provenance",
             f"{self.c.id}/opinion/{v.version}/{s.signer}",
@@ -585,14 +618,7 @@ class _Exporter:
                 "target": [_ref(composition)],
                 "recorded": fhir_time(s.signed_at),
                 "agent": [{"who": who}],
-                "signature": [
-                    {
-                        "type": [{"system": SIGNATURE_TYPE, "code": code}],
-                        "when": fhir_time(s.signed_at),
-                        "who": who,
-                        "extension": [self.extension("content-sha256", valueString=s.content_hash)],
-                    }
-                ],
+                "signature": [signature],
             },
         )
 
