@@ -17,6 +17,7 @@ from media.aiortc_hooks import EncodedFrame
 from media.forwarding import Publication
 from media.hub import MediaHub, TrackInfo
 from media.recording import DEFAULT_MAX_PENDING, DiskWriter, SegmentInfo, SegmentWriter
+from media.sealed import SealKeys
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ class RoomRecorder:
     `on_segment_opened(info)` is awaited when a segment's first frame arrives (state
     RECORDING, `start_s` set: store it, so that a crash leaves the record pointing at the file);
     `on_segment_closed(info)` when it is closed and hashed. Both run on the event loop, one at a
-    time, opened before closed."""
+    time, opened before closed.
+
+    With `keys`, every segment is sealed as it is written (media/sealed.py); without, plain
+    WebM files (tools and tests that read them directly)."""
 
     def __init__(
         self,
@@ -56,6 +60,7 @@ class RoomRecorder:
         on_segment_opened: SegmentCallback | None = None,
         on_segment_closed: SegmentCallback | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        keys: SealKeys | None = None,
     ) -> None:
         if not _SAFE_ID.fullmatch(recording_id):
             raise ValueError("a recording id is 1-64 letters, digits, '_' or '-'")
@@ -63,6 +68,7 @@ class RoomRecorder:
         self.recording_id = recording_id
         self._on_opened = on_segment_opened
         self._on_closed = on_segment_closed
+        self._keys = keys
         self._writer = DiskWriter(max_pending, name=f"recording-{recording_id}")
         self._tracks: dict[str, _Recorded] = {}
         self._closing: set[asyncio.Future[SegmentInfo | None]] = set()
@@ -150,6 +156,7 @@ class RoomRecorder:
             session_clock=self.session_time,
             request_keyframe=publication.want_keyframe,
             on_opened=self._opened,
+            keys=self._keys,
             track_id=info.track_id,
             participant=info.participant,
             source=info.source,
