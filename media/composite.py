@@ -1,6 +1,11 @@
-"""The composite of a recorded session: one MP4 (H.264 + AAC, `faststart`) with a grid of
-the video tiles, each labelled, placed on the session clock, the audio tracks mixed, and
-optionally annotation strokes burnt in (the teaching copy).
+"""The composite of a recorded session: one MP4 (H.264 + AAC) with a grid of the video tiles,
+each labelled, placed on the session clock, the audio tracks mixed, and optionally annotation
+strokes burnt in (the teaching copy).
+
+Given `SealKeys`, the segments are read through their seal and the MP4 is sealed as it is
+written (media/sealed.py), so no plaintext reaches the disk. Its index then goes at the end
+(no `faststart`, which rereads the file): players fetch it with a Range request. The child
+process gets the keys on its stdin, never in the job file.
 
 Rendering decodes and encodes, so it never runs in the server's process: `run_composite`
 starts `python -m media.composite JOB.json` and reads its progress; `render_composite` is the
@@ -32,6 +37,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 
 from media.recording import SegmentInfo, file_sha256
+from media.sealed import SealedWriter, SealKeys, media_input, plaintext_sha256
 
 CJK_FONT = Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc")
 AUDIO_RATE = 48_000
@@ -301,9 +307,9 @@ def _placeholder(box: Rect) -> Planes:
 # --- video ----------------------------------------------------------------------------------
 
 
-def _video_frames(ref: SegmentRef) -> Iterator[tuple[float, av.VideoFrame]]:
+def _video_frames(ref: SegmentRef, keys: SealKeys | None) -> Iterator[tuple[float, av.VideoFrame]]:
     """Decoded frames of one segment with their session-clock times."""
-    with av.open(ref.path) as container:
+    with media_input(Path(ref.path), keys, unfinished_ok=True) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         first: float | None = None
@@ -322,8 +328,9 @@ class _TileSource:
     """What one tile shows at each output time: the newest frame at or before it (within half
     an output frame) while a segment is running, else the placeholder."""
 
-    def __init__(self, tile: Tile, box: Rect, half_frame_s: float) -> None:
+    def __init__(self, tile: Tile, box: Rect, half_frame_s: float, keys: SealKeys | None) -> None:
         self.box = box
+        self.keys = keys
         self.segments = sorted(tile.segments, key=lambda s: s.start_s)
         self.half = half_frame_s
         self.track_ids = {s.track_id for s in self.segments}
@@ -337,7 +344,7 @@ class _TileSource:
 
     def _all_frames(self) -> Iterator[tuple[float, int, av.VideoFrame]]:
         for index, ref in enumerate(self.segments):
-            for t, frame in _video_frames(ref):
+            for t, frame in _video_frames(ref, self.keys):
                 yield t, index, frame
 
     def draw(self, canvas: Planes, t: float, strokes: list[Stroke]) -> None:
@@ -403,8 +410,9 @@ def _draw_strokes(tile: Image8, strokes: list[Stroke], fit: Rect) -> Image8:
 class _AudioSource:
     """One audio segment decoded to stereo float samples, positioned on the session clock."""
 
-    def __init__(self, ref: SegmentRef) -> None:
+    def __init__(self, ref: SegmentRef, keys: SealKeys | None) -> None:
         self.ref = ref
+        self.keys = keys
         self._chunks: deque[tuple[int, Samples]] = deque()
         self._decoded = self._decode()
         self._done = False
@@ -413,7 +421,7 @@ class _AudioSource:
     def _decode(self) -> Iterator[tuple[int, Samples]]:
         base = round(self.ref.start_s * AUDIO_RATE)
         resampler = av.AudioResampler(format="flt", layout="stereo", rate=AUDIO_RATE)
-        with av.open(self.ref.path) as container:
+        with media_input(Path(self.ref.path), self.keys, unfinished_ok=True) as container:
             stream = container.streams.audio[0]
             first: int | None = None
             position: int | None = None
@@ -458,9 +466,12 @@ class _AudioSource:
 # --- rendering ------------------------------------------------------------------------------
 
 
-def render_composite(job: CompositeJob, progress: Progress | None = None) -> CompositeResult:
+def render_composite(
+    job: CompositeJob, progress: Progress | None = None, keys: SealKeys | None = None
+) -> CompositeResult:
     """Renders the job into `job.output` (replaced atomically), calling `progress` with
-    0..1 as it goes and 1.0 at the end. Blocking and CPU-heavy: run it in a worker process
+    0..1 as it goes and 1.0 at the end; segments and output sealed with `keys` if given (the
+    SHA-256 is then of the plaintext). Blocking and CPU-heavy: run it in a worker process
     (see `run_composite`)."""
     began = time.monotonic()
     ends = [s.start_s + s.duration_s for t in job.tiles for s in t.segments]
@@ -475,11 +486,11 @@ def render_composite(job: CompositeJob, progress: Progress | None = None) -> Com
     os.close(fd)
     temp = Path(temp_name)
     try:
-        _render(job, temp, duration, frames, progress)
+        _render(job, temp, duration, frames, progress, keys)
         os.replace(temp, output)
     finally:
         temp.unlink(missing_ok=True)
-    digest, size = file_sha256(output)
+    digest, size = file_sha256(output) if keys is None else plaintext_sha256(output, keys)
     if progress is not None:
         progress(1.0)
     return CompositeResult(
@@ -488,12 +499,33 @@ def render_composite(job: CompositeJob, progress: Progress | None = None) -> Com
 
 
 def _render(
-    job: CompositeJob, path: Path, duration: float, frames: int, progress: Progress | None
+    job: CompositeJob,
+    path: Path,
+    duration: float,
+    frames: int,
+    progress: Progress | None,
+    keys: SealKeys | None,
+) -> None:
+    if keys is None:
+        _encode(job, str(path), {"movflags": "+faststart"}, duration, frames, progress, keys)
+        return
+    with SealedWriter(path, keys) as sink:
+        _encode(job, sink, {}, duration, frames, progress, keys)
+
+
+def _encode(
+    job: CompositeJob,
+    target: Any,
+    options: dict[str, str],
+    duration: float,
+    frames: int,
+    progress: Progress | None,
+    keys: SealKeys | None,
 ) -> None:
     half = 0.5 / job.fps
     boxes = grid(len(job.tiles), job.width, job.height)
-    tiles = [_TileSource(tile, box, half) for tile, box in zip(job.tiles, boxes, strict=True)]
-    audio = [_AudioSource(ref) for ref in job.audio]
+    tiles = [_TileSource(tile, box, half, keys) for tile, box in zip(job.tiles, boxes, strict=True)]
+    audio = [_AudioSource(ref, keys) for ref in job.audio]
     strokes = sorted(job.strokes, key=lambda s: s.at_s)
     buffer = np.zeros(job.width * job.height * 3 // 2, dtype=np.uint8)
     area = job.width * job.height
@@ -502,7 +534,7 @@ def _render(
         buffer[area : area * 5 // 4].reshape(job.height // 2, job.width // 2),
         buffer[area * 5 // 4 :].reshape(job.height // 2, job.width // 2),
     )
-    with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
+    with av.open(target, mode="w", format="mp4", options=options) as out:
         video = out.add_stream("libx264", rate=job.fps)
         video.width, video.height, video.pix_fmt = job.width, job.height, "yuv420p"
         video.options = {"preset": job.preset, "crf": str(job.crf)}
@@ -554,23 +586,30 @@ def _mixed(sources: list[_AudioSource], start: int) -> av.AudioFrame:
 
 
 async def run_composite(
-    job: CompositeJob, on_progress: Progress | None = None, *, python: str = sys.executable
+    job: CompositeJob,
+    on_progress: Progress | None = None,
+    *,
+    keys: SealKeys | None = None,
+    python: str = sys.executable,
 ) -> CompositeResult:
     """Renders `job` in a child process (`python -m media.composite`), calling `on_progress`
-    on the event loop as it reports. Raises CompositeError if the render fails; cancelling
-    kills the child."""
+    on the event loop as it reports; sealed with `keys` if given. Raises CompositeError if
+    the render fails; cancelling kills the child."""
     job_path = await asyncio.to_thread(_write_job, job)
     result: CompositeResult | None = None
     try:
+        argv = [python, "-m", "media.composite", str(job_path)]
         child = await asyncio.create_subprocess_exec(
-            python,
-            "-m",
-            "media.composite",
-            str(job_path),
+            *argv,
+            *(["--keys-on-stdin"] if keys is not None else []),
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        assert child.stdout is not None and child.stderr is not None
+        assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+        if keys is not None:
+            child.stdin.write(keys.to_json().encode())
+        child.stdin.close()
         errors = asyncio.ensure_future(child.stderr.read())
         try:
             async for line in child.stdout:
@@ -605,18 +644,19 @@ def _write_job(job: CompositeJob) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m media.composite JOB.json`: renders, printing JSON lines
-    {"progress": f} and finally {"result": {...}}."""
+    """`python -m media.composite JOB.json [--keys-on-stdin]`: renders, printing JSON lines
+    {"progress": f} and finally {"result": {...}}; sealed with the keys read from stdin."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m media.composite JOB.json", file=sys.stderr)
+    if len(args) not in (1, 2) or args[1:] not in ([], ["--keys-on-stdin"]):
+        print("usage: python -m media.composite JOB.json [--keys-on-stdin]", file=sys.stderr)
         return 2
     job = CompositeJob.from_json(Path(args[0]).read_text(encoding="utf-8"))
+    keys = SealKeys.from_json(sys.stdin.read()) if len(args) == 2 else None
 
     def report(fraction: float) -> None:
         print(json.dumps({"progress": round(fraction, 4)}), flush=True)
 
-    result = render_composite(job, report)
+    result = render_composite(job, report, keys)
     print(json.dumps({"result": dataclasses.asdict(result)}), flush=True)
     return 0
 

@@ -346,6 +346,10 @@ class SealedReader(io.RawIOBase):
             yield piece
             start += len(piece)
 
+    def read_span(self, start: int, end: int) -> bytes:
+        """The plaintext bytes [start, end) at once."""
+        return b"".join(self.read_range(start, end))
+
     # --- a file for PyAV ---------------------------------------------------------------------
 
     def readable(self) -> bool:
@@ -364,7 +368,7 @@ class SealedReader(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         end = self.size if n is None or n < 0 else min(self.size, self._pos + n)
-        data = b"".join(self.read_range(self._pos, end))
+        data = self.read_span(self._pos, end)
         self._pos += len(data)
         return data
 

@@ -14,6 +14,7 @@ from aiohttp import hdrs, web
 
 from media.offer_sections import PublishLimits
 from media.peer import IceServer, PeerConfig
+from media.sealed import SealKeys
 from rooms.consultations import ConsultationService, RequestContext
 from rooms.errors import DomainError
 from rooms.live import InMemoryPresence
@@ -37,6 +38,7 @@ from server.logs import redact_aiohttp_access_log, request_id_middleware
 from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
 from server.recording import SessionRecordings
+from server.recording_keys import load_recording_keys
 from server.revocations import LocalRevocations, RedisRevocations
 from server.turn import TurnCredentials, ice_servers_for_clients
 from server.web_routes import register_web
@@ -54,6 +56,8 @@ SIO = web.AppKey("sio", socketio.AsyncServer)
 NAMESPACE = web.AppKey("namespace", ConsultNamespace)
 RECORDINGS = web.AppKey("recordings", SessionRecordings)
 COMPOSITES = web.AppKey("composites", Composites)
+# What recordings are sealed with at rest (media/sealed.py): downloads, composites, verify.
+RECORDING_KEYS = web.AppKey("recording_keys", SealKeys)
 # The engine.io frame limit guards the transport; per-event limits are the namespace's.
 _MAX_FRAME_BYTES = 1024 * 1024
 
@@ -73,6 +77,7 @@ def create_app(config: Config) -> web.Application:
     store = SqlRecordStore(config.effective_database_url)
     tokens = TokenService(config.jwt)
     service = ConsultationService(store)
+    app[RECORDING_KEYS] = load_recording_keys(config)
     app[CONFIG] = config
     app[STORE] = store
     app[TOKENS] = tokens
@@ -92,6 +97,7 @@ def create_app(config: Config) -> web.Application:
         app[NAMESPACE].media,
         public_url=config.effective_public_url,
         data_dir=config.data_dir,
+        recording_keys=app[RECORDING_KEYS],
         revocations=revocations,
     )
     api.register(app)
@@ -206,12 +212,14 @@ def _attach_signaling(
         ),
         peer_config,
     )
-    composites = Composites(store, config.data_dir)
+    keys = app[RECORDING_KEYS]
+    composites = Composites(store, config.data_dir, keys)
     recordings = SessionRecordings(
         store,
         namespace.media,
         presence,
         config.data_dir,
+        keys,
         on_session_ended=composites.render_later,
     )
     namespace.use_recorders(recordings)

@@ -24,6 +24,7 @@ from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.demo import describe, ensure_demo
 from server.logs import configure_logging
+from server.recording_keys import load_recording_keys
 from server.retention import RetentionError, RetentionReport, run_retention
 
 log = logging.getLogger("telemed")
@@ -155,7 +156,7 @@ async def _render_sessions(
                 print(f"telemed: no session {only} in {consultation_id}", file=sys.stderr)
                 return 2
             sessions = [SessionId(only)]
-        composites = Composites(store, config.data_dir)
+        composites = Composites(store, config.data_dir, load_recording_keys(config))
         made = 0
         for session_id in sessions:
             print(f"session {session_id}", file=sys.stderr)

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from media.composite import CompositeJob, SegmentRef, Stroke, Tile, run_composite
+from media.sealed import SealKeys
 from rooms.clock import Clock, utc_now
 from rooms.model import (
     ConsultationId,
@@ -45,9 +46,12 @@ ROLE_LABELS = {
 
 
 class Composites:
-    def __init__(self, store: RecordStore, data_dir: Path, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, store: RecordStore, data_dir: Path, keys: SealKeys, clock: Clock = utc_now
+    ) -> None:
         self._store = store
         self._data_dir = data_dir
+        self._keys = keys
         self._now = clock
         self._tasks: set[asyncio.Task[Recording | None]] = set()
         # One render at a time: each takes a core for a while.
@@ -103,7 +107,7 @@ class Composites:
                     task.add_done_callback(pending.discard)
 
             try:
-                result = await run_composite(job, progress)
+                result = await run_composite(job, progress, keys=self._keys)
             except Exception as exc:
                 log.error("composite of session %s failed: %s", session_id, exc)
                 await asyncio.gather(*pending, return_exceptions=True)

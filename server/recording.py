@@ -3,8 +3,9 @@ in the record as they open and close, and crash recovery at startup.
 
 The room service decides when recording starts and stops (consent, permission) and says so
 in `Outcome.recorder`; this carries those orders out. Files live under
-`{data_dir}/recordings/{session_id}/`; the record keeps their path relative to `data_dir`,
-and clients only ever see recording ids."""
+`{data_dir}/recordings/{session_id}/`, sealed with the configured keys (media/sealed.py); the
+record keeps their path relative to `data_dir` and the SHA-256 of what was recorded (the
+plaintext), and clients only ever see recording ids."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from media.hub import MediaHub
 from media.recorder import RoomRecorder
 from media.recording import SegmentInfo, SegmentState, recover_segment
+from media.sealed import SealKeys
 from rooms.clock import Clock, utc_now
 from rooms.live import PresenceStore
 from rooms.model import (
@@ -69,10 +71,12 @@ class SessionRecordings:
         hub: MediaHub,
         presence: PresenceStore,
         data_dir: Path,
+        keys: SealKeys,
         on_session_ended: SessionEnded | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self._store = store
+        self._keys = keys
         self._hub = hub
         self._presence = presence
         self._data_dir = data_dir
@@ -117,7 +121,11 @@ class SessionRecordings:
             await self._segment_closed(running, info)
 
         recorder = RoomRecorder(
-            directory, recording_id, on_segment_opened=opened, on_segment_closed=closed
+            directory,
+            recording_id,
+            on_segment_opened=opened,
+            on_segment_closed=closed,
+            keys=self._keys,
         )
         await recorder.start()
         assert recorder.started_at is not None  # set by start()
@@ -191,7 +199,8 @@ class SessionRecordings:
             if row.kind != RecordingKind.TRACK.value:
                 continue
             sessions[row.session_id] = s.consultation_id
-            recovered = await _recover_row(row, self._data_dir / s.path if s.path else None)
+            path = self._data_dir / s.path if s.path else None
+            recovered = await _recover_row(row, path, self._keys)
             async with self._store.transaction() as tx:
                 await tx.update_recording(replace(recovered, ended_at=self._now()))
         async with self._store.reading() as tx:
@@ -225,12 +234,12 @@ async def _recording_was_on(tx: RecordRepository, session_id: SessionId) -> bool
     return bool(started) and (not stopped or stopped[-1].seq < started[-1].seq)
 
 
-async def _recover_row(row: Recording, path: Path | None) -> Recording:
+async def _recover_row(row: Recording, path: Path | None, keys: SealKeys) -> Recording:
     if path is None or not await asyncio.to_thread(path.exists):
         log.warning("recording %s: its file is gone", row.id)
         return replace(row, state=RecordingState.FAILED.value, size_bytes=0)
     try:
-        info = await asyncio.to_thread(recover_segment, path)
+        info = await asyncio.to_thread(recover_segment, path, keys)
     except Exception:
         log.exception("recording %s could not be recovered", row.id)
         return replace(row, state=RecordingState.FAILED.value)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from media.hub import MediaHub
+from media.sealed import SealKeys
 from rooms.consultations import ConsultationService, NewConsultation, NewTeamMember
 from rooms.lifecycle import Action
 from rooms.model import Consultation, ConsultationId, OpinionContent, Resident, UserId
@@ -325,14 +326,16 @@ def build_api(
     *,
     public_url: str = "",
     data_dir: Path = Path("data"),
+    recording_keys: SealKeys | None = None,
     revocations: Revocations | None = None,
 ) -> Api:
     """`public_url` is the base of links in exports; empty, the request's own origin.
-    `data_dir` holds the recordings. `revocations` ends the connections of a revoked invite;
-    without it (an API built only to be described) revoking touches the record alone."""
+    `data_dir` holds the recordings, sealed with `recording_keys`. `revocations` ends the
+    connections of a revoked invite. Without them (an API built only to be described),
+    recording content is refused and revoking touches the record alone."""
     api = Api(authenticate)
     for endpoint in [
-        *RecordingRoutes(service, data_dir, authenticate).endpoints(),
+        *RecordingRoutes(service, data_dir, authenticate, recording_keys).endpoints(),
         *ConsultationRoutes(service, tokens, invite_ttl_s, revocations).endpoints(),
         *MediaRoutes(service, hub).endpoints(),
         *FhirRoutes(service, public_url).endpoints(),
