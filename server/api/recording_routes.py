@@ -199,8 +199,6 @@ async def _send(
         response.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{reader.size}"
     response.content_length = end - start
     await response.prepare(request)
-    if request.method == hdrs.METH_HEAD:
-        return response
     digest = hashlib.sha256() if span is None and sha256 is not None else None
     position = start
     try:
