@@ -236,14 +236,15 @@ class _SegmentFile:
     def close(self) -> tuple[str | None, int]:
         """Closes the container and returns the SHA-256 of what was recorded (None if there
         is no file) and its size."""
-        try:
-            if self.container is not None:
-                self.container.close()
-            if self.sink is not None:
-                self.sink.close()
-        except Exception as exc:
-            log.exception("closing %s failed", self.path)
-            self.error = self.error or f"{type(exc).__name__}: {exc}"
+        # The sink too when the container fails: it writes the final record.
+        for closing in (self.container, self.sink):
+            if closing is None:
+                continue
+            try:
+                closing.close()
+            except Exception as exc:
+                log.exception("closing %s failed", self.path)
+                self.error = self.error or f"{type(exc).__name__}: {exc}"
         self.container = self.sink = None
         if not self.path.exists():
             return None, 0
@@ -433,11 +434,14 @@ def recover_segment(path: Path, keys: SealKeys | None = None) -> SegmentInfo:
     of what demuxes, the session-clock start from its tag, SHA-256 and size (of the plaintext,
     up to its last whole chunk, if sealed); state INTERRUPTED. Blocking (it reads the whole
     file): call it off the event loop, e.g. with `asyncio.to_thread`."""
+    info = SegmentInfo(path=path, kind="", codec="", start_s=0.0, state=SegmentState.INTERRUPTED)
+    if keys is not None and path.stat().st_size == 0:
+        # Killed before the seal's header was out: nothing was recorded.
+        return replace(info, sha256=hashlib.sha256(b"").hexdigest(), error="unreadable: empty")
     if keys is None:
         digest, size = file_sha256(path)
     else:
         digest, size = plaintext_sha256(path, keys, unfinished_ok=True)
-    info = SegmentInfo(path=path, kind="", codec="", start_s=0.0, state=SegmentState.INTERRUPTED)
     info = replace(info, sha256=digest, size_bytes=size)
     with contextlib.ExitStack() as stack:
         try:

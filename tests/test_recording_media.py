@@ -235,10 +235,13 @@ def test_a_killed_writer_leaves_segments_that_recover(tmp_path: Path, sealed: bo
             assert abs(dominant_frequency(decoded.audio) - 660.0) < 10
 
 
-def test_an_empty_file_left_by_a_crash_is_recovered_as_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+def test_an_empty_file_left_by_a_crash_is_recovered_as_nothing(
+    tmp_path: Path, sealed: bool
+) -> None:
     path = tmp_path / "empty.webm"
     path.write_bytes(b"")
-    info = recover_segment(path)
+    info = recover_segment(path, SealKeys(os.urandom(32)) if sealed else None)
     assert info.state is SegmentState.INTERRUPTED
     assert (info.duration_s, info.size_bytes) == (0.0, 0)
     assert info.sha256 == hashlib.sha256(b"").hexdigest()
