@@ -357,6 +357,22 @@ def check_track_file(
     return got.duration_s
 
 
+async def check_download(server: SignalingServer, row: Recording, recorded: bytes) -> None:
+    """Downloads are of what was recorded: a byte range is exactly those bytes of it."""
+    middle = len(recorded) // 3
+    url = f"{server.url}/api/v1/recordings/{row.id}/content"
+    auth = {"Authorization": f"Bearer {server.token(VILLAGE)}"}
+    async with aiohttp.ClientSession() as http:
+        span = {"Range": f"bytes={middle}-{middle + 99_999}"}
+        async with http.get(url, headers={**auth, **span}) as reply:
+            assert reply.status == 206, reply
+            end = min(len(recorded), middle + 100_000)
+            assert reply.headers["Content-Range"] == f"bytes {middle}-{end - 1}/{len(recorded)}"
+            assert await reply.read() == recorded[middle:end]
+        async with http.get(url, headers=auth) as reply:
+            assert reply.status == 200 and await reply.read() == recorded
+
+
 async def test_recorded_consultation_leaves_checked_tracks_and_a_composite(
     media_room: MediaRoom,
 ) -> None:
@@ -425,20 +441,9 @@ async def run_recorded_consultation(room: MediaRoom) -> None:
         ("recording_stopped", {"reason": "session_ended"}),
     ]
 
-    # Downloads are of what was recorded: a byte range is exactly those bytes of it.
     row, path = next((r, p) for r, p in rows if r.media_type == "video/webm")
     assert path is not None
-    recorded = plaintext(server.app, path)
-    middle = len(recorded) // 3
-    url = f"{server.url}/api/v1/recordings/{row.id}/content"
-    auth = {"Authorization": f"Bearer {server.token(VILLAGE)}"}
-    async with aiohttp.ClientSession() as http:
-        span = {"Range": f"bytes={middle}-{middle + 99_999}"}
-        async with http.get(url, headers={**auth, **span}) as reply:
-            assert reply.status == 206, reply
-            assert await reply.read() == recorded[middle : middle + 100_000]
-        async with http.get(url, headers=auth) as reply:
-            assert reply.status == 200 and await reply.read() == recorded
+    await check_download(server, row, plaintext(server.app, path))
 
     # The composite, made when the session ended.
     await server.app[COMPOSITES].wait()
@@ -578,6 +583,8 @@ async def check_recovered(
         colour, tone = LOOKS[label_of[str(row.participant_id)]]
         length = check_track_file(server.app, path, row, colour, tone, unfinished_ok=True)
         assert length >= 7.0, (row, length)
+        # Served as recorded up to the crash, ranges included.
+        await check_download(server, row, plaintext(server.app, path, unfinished_ok=True))
 
     record = await server.record(cid)
     (session,) = record.sessions
