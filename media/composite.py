@@ -56,12 +56,14 @@ Samples = NDArray[np.float32]
 
 @dataclass(frozen=True)
 class SegmentRef:
-    """A segment file and where it sits on the session clock."""
+    """A segment file and where it sits on the session clock; `sha256`, what the record says
+    was recorded into it (checked before a sealed segment is used)."""
 
     path: str
     start_s: float
     duration_s: float
     track_id: str = ""
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def job_from_segments(
             tiles.setdefault((s.participant or s.track_id, s.source), []).append(s)
 
     def ref(s: SegmentInfo) -> SegmentRef:
-        return SegmentRef(str(s.path), s.start_s, s.duration_s, s.track_id)
+        return SegmentRef(str(s.path), s.start_s, s.duration_s, s.track_id, s.sha256)
 
     return CompositeJob(
         output=str(output),
@@ -479,6 +481,8 @@ def render_composite(
     if not ends:
         raise CompositeError("the job has no segments")
     duration = max(ends)
+    if keys is not None:
+        _check_recorded(job, keys)
     frames = max(1, math.ceil(duration * job.fps))
     output = Path(job.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -496,6 +500,18 @@ def render_composite(
     return CompositeResult(
         str(output), frames / job.fps, frames, size, digest, time.monotonic() - began
     )
+
+
+def _check_recorded(job: CompositeJob, keys: SealKeys) -> None:
+    """Every segment reads back as the record says it was recorded."""
+    for ref in [*(s for t in job.tiles for s in t.segments), *job.audio]:
+        if ref.sha256 is None:
+            continue
+        digest, _ = plaintext_sha256(Path(ref.path), keys, unfinished_ok=True)
+        if digest != ref.sha256:
+            raise CompositeError(
+                f"segment {ref.track_id or ref.path} does not match the SHA-256 in the record"
+            )
 
 
 def _render(

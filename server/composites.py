@@ -166,7 +166,9 @@ class Composites:
 
         def ref(r: Recording) -> SegmentRef:
             path = str(self._data_dir / paths[r.id])
-            return SegmentRef(path, (r.offset_s or 0.0) - base, r.duration_s or 0.0, r.track)
+            return SegmentRef(
+                path, (r.offset_s or 0.0) - base, r.duration_s or 0.0, r.track, r.sha256
+            )
 
         strokes = tuple(
             Stroke(

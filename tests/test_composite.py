@@ -5,6 +5,7 @@ burnt in for a while, progress to 1.0, and a rerun that replaces the file whole.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -264,3 +265,10 @@ async def test_sealed_segments_make_a_sealed_composite(tmp_path: Path) -> None:
         )
     assert has_tone(samples, 48_000, tone)
     assert hidden_files(tmp_path) == []  # no temporary (or job) files left
+
+    # A segment that does not read back as the record says it was recorded is not used.
+    altered = replace(
+        job, audio=(replace(job.audio[0], sha256=hashlib.sha256(b"other").hexdigest()),)
+    )
+    with pytest.raises(CompositeError, match="segment ta does not match the SHA-256"):
+        await run_composite(altered, keys=keys)
