@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -469,12 +471,15 @@ class _AudioSource:
 
 
 def render_composite(
-    job: CompositeJob, progress: Progress | None = None, keys: SealKeys | None = None
+    job: CompositeJob,
+    progress: Progress | None = None,
+    partial: Callable[[Path], None] | None = None,
+    keys: SealKeys | None = None,
 ) -> CompositeResult:
     """Renders the job into `job.output` (replaced atomically), calling `progress` with
-    0..1 as it goes and 1.0 at the end; segments and output sealed with `keys` if given (the
-    SHA-256 is then of the plaintext). Blocking and CPU-heavy: run it in a worker process
-    (see `run_composite`)."""
+    0..1 as it goes and 1.0 at the end, and `partial` with the temporary file it writes
+    first; segments and output sealed with `keys` if given (the SHA-256 is then of the
+    plaintext). Blocking and CPU-heavy: run it in a worker process (see `run_composite`)."""
     began = time.monotonic()
     ends = [s.start_s + s.duration_s for t in job.tiles for s in t.segments]
     ends += [s.start_s + s.duration_s for s in job.audio]
@@ -489,6 +494,8 @@ def render_composite(
     fd, temp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
     temp = Path(temp_name)
+    if partial is not None:
+        partial(temp)
     try:
         _render(job, temp, duration, frames, progress, keys)
         os.replace(temp, output)
@@ -613,6 +620,8 @@ async def run_composite(
     the render fails; cancelling kills the child."""
     job_path = await asyncio.to_thread(_write_job, job)
     result: CompositeResult | None = None
+    # The child's temporary output, named as soon as it exists.
+    partial: Path | None = None
     try:
         argv = [python, "-m", "media.composite", str(job_path)]
         child = await asyncio.create_subprocess_exec(
@@ -630,7 +639,9 @@ async def run_composite(
         try:
             async for line in child.stdout:
                 message = json.loads(line)
-                if "progress" in message and on_progress is not None:
+                if "partial" in message:
+                    partial = Path(message["partial"])
+                elif "progress" in message and on_progress is not None:
                     on_progress(float(message["progress"]))
                 elif "result" in message:
                     result = CompositeResult(**message["result"])
@@ -645,6 +656,9 @@ async def run_composite(
     finally:
         await asyncio.to_thread(job_path.unlink, True)
     if code != 0 or result is None:
+        # A child that was killed had no chance to remove its half-written output.
+        if partial is not None:
+            await asyncio.to_thread(partial.unlink, True)
         raise CompositeError(f"the composite render failed ({code}): {stderr[-2000:]}")
     return result
 
@@ -668,13 +682,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = CompositeJob.from_json(Path(args[0]).read_text(encoding="utf-8"))
     keys = SealKeys.from_json(sys.stdin.read()) if len(args) == 2 else None
+    _die_with_parent()
 
     def report(fraction: float) -> None:
         print(json.dumps({"progress": round(fraction, 4)}), flush=True)
 
-    result = render_composite(job, report, keys)
+    def writing(temp: Path) -> None:
+        # If this process is killed, its parent removes what it leaves.
+        print(json.dumps({"partial": str(temp)}), flush=True)
+
+    result = render_composite(job, report, writing, keys)
     print(json.dumps({"result": dataclasses.asdict(result)}), flush=True)
     return 0
+
+
+def _die_with_parent() -> None:
+    """A server killed with -9 takes its renderer along (Linux: the parent-death signal), and
+    SIGTERM unwinds the render, so its temporary file goes too; the restarted server renders
+    again. Elsewhere the renderer notices at its next progress line, when the pipe breaks."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if sys.platform != "linux":
+        return
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before the signal was asked for
+        sys.exit(143)
+
+
+def remove_partial_outputs(output: Path) -> None:
+    """Temporary files a renderer of `output` left when it was killed (call only when no
+    renderer of it can be running, e.g. at start-up)."""
+    for partial in output.parent.glob(f".{output.name}.*.tmp"):
+        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

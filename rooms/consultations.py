@@ -26,9 +26,11 @@ from rooms.model import (
     FinalDecision,
     OpinionContent,
     OpinionVersion,
+    ParticipantId,
     RecordingId,
     Resident,
     Session,
+    SessionEvent,
     SessionId,
     SessionRecord,
     Signature,
@@ -452,6 +454,43 @@ class ConsultationService:
                 )
         self._changed(consultation_id)
         return consultation
+
+    async def close_seats_of_a_lost_server(self, session: Session) -> list[ParticipantId]:
+        """After a crash: whoever the log still shows in the room, seated or waiting, went
+        with the server's connections. Each gets a `left` entry (reason `server_lost`) and a
+        closed participation, in one transaction; the session itself stays open for them to
+        come back. Returns the participants so closed."""
+        async with self._store.transaction() as tx:
+            present: dict[ParticipantId, SessionEvent] = {}
+            for event in await tx.list_events(session.consultation_id):
+                if event.session_id != session.id or event.participant_id is None:
+                    continue
+                if event.kind in (EventKind.JOINED, EventKind.WAITING):
+                    present[event.participant_id] = event
+                elif event.kind in (EventKind.LEFT, EventKind.DENIED):
+                    present.pop(event.participant_id, None)
+            if not present:
+                return []
+            now = self._now()
+            seated = {
+                p.participant_id
+                for p in await tx.list_participations(session.consultation_id)
+                if p.session_id == session.id and p.left_at is None
+            }
+            for participant_id in present:
+                if participant_id in seated:
+                    await tx.close_participation(
+                        session.id, participant_id, now, CloseReason.SERVER_LOST
+                    )
+                await tx.append_event(
+                    session.id,
+                    now,
+                    EventKind.LEFT,
+                    None,
+                    participant_id,
+                    {"reason": CloseReason.SERVER_LOST.value},
+                )
+        return list(present)
 
     async def open_session(self, consultation_id: ConsultationId) -> Session | None:
         async with self._store.reading() as tx:

@@ -47,3 +47,11 @@ class RoomRefused(DomainError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Unavailable(DomainError):
+    """A store the action needs cannot be reached (the database restarting, a full disk).
+
+    Nothing of the action was kept; the caller may try again."""
+
+    code = "unavailable"

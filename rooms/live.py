@@ -170,6 +170,9 @@ class InMemoryPresence:
     def lock(self, consultation_id: ConsultationId) -> asyncio.Lock:
         return self._locks.setdefault(consultation_id, asyncio.Lock())
 
+    def rooms(self) -> list[ConsultationId]:
+        return list(self._rooms)
+
     async def get(self, consultation_id: ConsultationId) -> RoomState | None:
         room = self._rooms.get(consultation_id)
         if room is None:

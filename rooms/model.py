@@ -54,6 +54,8 @@ class CloseReason(StrEnum):
     SESSION_ENDED = "session_ended"
     DENIED = "denied"
     REVOKED = "revoked"
+    # The server holding the room died; its seats were closed when a server started again.
+    SERVER_LOST = "server_lost"
 
 
 class TrackSource(StrEnum):

@@ -16,9 +16,8 @@ from media.offer_sections import PublishLimits
 from media.peer import IceServer, PeerConfig
 from media.sealed import SealKeys
 from rooms.consultations import ConsultationService, RequestContext
-from rooms.errors import DomainError
 from rooms.live import InMemoryPresence
-from rooms.model import ConsultationId, SessionId
+from rooms.model import ConsultationId
 from rooms.room_service import LiveRoomService, RoomLimits
 from server.api.openapi import build_openapi
 from server.api.problems import (
@@ -39,6 +38,7 @@ from server.metrics import metrics_handler
 from server.presence_redis import RedisPresence
 from server.recording import SessionRecordings
 from server.recording_keys import load_recording_keys
+from server.recovery import CrashRecovery
 from server.revocations import LocalRevocations, RedisRevocations
 from server.turn import TurnCredentials, ice_servers_for_clients
 from server.web_routes import register_web
@@ -56,6 +56,7 @@ SIO = web.AppKey("sio", socketio.AsyncServer)
 NAMESPACE = web.AppKey("namespace", ConsultNamespace)
 RECORDINGS = web.AppKey("recordings", SessionRecordings)
 COMPOSITES = web.AppKey("composites", Composites)
+RECOVERY = web.AppKey("recovery", CrashRecovery)
 # What recordings are sealed with at rest (media/sealed.py): downloads, composites, verify.
 RECORDING_KEYS = web.AppKey("recording_keys", SealKeys)
 # The engine.io frame limit guards the transport; per-event limits are the namespace's.
@@ -223,13 +224,24 @@ def _attach_signaling(
         on_session_ended=composites.render_later,
     )
     namespace.use_recorders(recordings)
+
+    async def end_revoked_meanwhile() -> None:
+        for token_id in namespace.token_ids():
+            if await is_revoked(token_id):
+                await namespace.end_token(token_id)
+
     revocations = (
-        RedisRevocations(config.redis_url, namespace.end_token)
+        RedisRevocations(config.redis_url, namespace.end_token, end_revoked_meanwhile)
         if config.redis_url
         else LocalRevocations(namespace.end_token)
     )
     app[RECORDINGS] = recordings
     app[COMPOSITES] = composites
+    if isinstance(presence, InMemoryPresence):
+        # Alone, this node knows that nothing it left open is still being served.
+        app[RECOVERY] = CrashRecovery(
+            store, service, presence, recordings, composites, sig.empty_room_grace_s
+        )
     sio.register_namespace(namespace)
     sio.attach(app)
     app[ROOMS] = rooms
@@ -238,6 +250,8 @@ def _attach_signaling(
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await revocations.start()
+        if isinstance(presence, RedisPresence):
+            await presence.start(namespace.holds)
         yield
         await revocations.stop()
         await namespace.stop()
@@ -293,20 +307,12 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _recording_lifecycle(app: web.Application) -> AsyncIterator[None]:
     recordings, composites = app[RECORDINGS], app[COMPOSITES]
-    if not app[CONFIG].redis_url:
-        # Alone, this node knows that no recording it left open is still being written.
-        service = app[SERVICE]
-
-        async def abort(consultation_id: ConsultationId, session_id: SessionId) -> None:
-            try:
-                await service.end_session(None, consultation_id, session_id, "aborted")
-            except DomainError as exc:
-                log.warning("session %s left as it is: %s", session_id, exc)
-
-        await composites.resume()
-        for consultation_id, session_id in await recordings.recover(abort):
-            await composites.render_later(consultation_id, session_id)
+    recovery = app.get(RECOVERY)
+    if recovery is not None:
+        await recovery.start()
     yield
+    if recovery is not None:
+        await recovery.stop()
     await recordings.stop()
     await composites.stop()
 

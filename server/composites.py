@@ -13,7 +13,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from media.composite import CompositeJob, SegmentRef, Stroke, Tile, run_composite
+from media.composite import (
+    CompositeJob,
+    SegmentRef,
+    Stroke,
+    Tile,
+    remove_partial_outputs,
+    run_composite,
+)
 from media.sealed import SealKeys
 from rooms.clock import Clock, utc_now
 from rooms.model import (
@@ -68,6 +75,9 @@ class Composites:
         async with self._store.reading() as tx:
             stale = await tx.list_stored_recordings(state=RecordingState.RENDERING.value)
         for s in stale:
+            if s.path is not None:
+                # The dead server's renderer died with it, perhaps before its clean-up.
+                await asyncio.to_thread(remove_partial_outputs, self._data_dir / s.path)
             await self.render_later(s.consultation_id, s.recording.session_id)
 
     async def wait(self) -> None:

@@ -10,13 +10,18 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 log = logging.getLogger(__name__)
 
 # Ends this node's connections of one token id.
 EndToken = Callable[[str], Awaitable[None]]
+# Ends this node's connections of every token revoked while it was not listening.
+Recheck = Callable[[], Awaitable[None]]
 
 _CHANNEL = "telemed:revoked-tokens"
+# Between attempts to subscribe again while Redis is away.
+RESUBSCRIBE_S = 1.0
 
 
 class LocalRevocations:
@@ -39,10 +44,11 @@ class RedisRevocations:
     """Several nodes: a revocation is published; every node, this one included, receives it
     and ends its own connections of that token."""
 
-    def __init__(self, url: str, end_token: EndToken) -> None:
+    def __init__(self, url: str, end_token: EndToken, recheck: Recheck) -> None:
         self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
         self._pubsub = self._redis.pubsub()
         self._end_token = end_token
+        self._recheck = recheck
         self._listener: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -59,11 +65,22 @@ class RedisRevocations:
         await self._redis.aclose()
 
     async def revoked(self, token_id: str) -> None:
-        await self._redis.publish(_CHANNEL, token_id)
+        try:
+            await self._redis.publish(_CHANNEL, token_id)
+        except (RedisConnectionError, OSError):
+            # The deny list in the database has it: every node checks its connections
+            # against it once it has subscribed again.
+            log.warning("revocations: Redis is unreachable; nodes end the token when back")
 
     async def _listen(self) -> None:
         while True:
-            message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            try:
+                message = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=None
+                )
+            except (RedisConnectionError, OSError):
+                await self._subscribe_again()
+                continue
             if message is None or message.get("type") != "message":
                 continue
             try:
@@ -71,3 +88,23 @@ class RedisRevocations:
             except Exception:
                 # One failed revocation must not stop this node hearing the next.
                 log.exception("ending the connections of a revoked token failed")
+
+    async def _subscribe_again(self) -> None:
+        """Redis went away: what was published meanwhile is lost, so once subscribed again the
+        deny list in the database decides for every connection this node holds."""
+        log.warning("revocations: Redis is unreachable; subscribing again")
+        while True:
+            await asyncio.sleep(RESUBSCRIBE_S)
+            with contextlib.suppress(RedisConnectionError, OSError):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            try:
+                self._pubsub = self._redis.pubsub()
+                await self._pubsub.subscribe(_CHANNEL)
+                break
+            except (RedisConnectionError, OSError):
+                continue
+        log.info("revocations: subscribed again; checking the connections' tokens")
+        try:
+            await self._recheck()
+        except Exception:
+            log.exception("checking the tokens after Redis came back failed")

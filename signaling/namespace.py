@@ -4,6 +4,7 @@ hands it to the live-room service and delivers what comes back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from media.hub import MediaError, MediaHub, TrackInfo
 from media.layers import Layer
 from media.peer import PeerConfig
-from rooms.errors import DomainError, RoomRefused
+from rooms.errors import DomainError, RoomRefused, Unavailable
 from rooms.model import ConsultationId, ParticipantId, TrackSource
 from rooms.outcome import Audience, Outcome, RecorderOrder, Target
 from rooms.policy import Actor
@@ -29,6 +30,8 @@ from signaling.ratelimit import TokenBucket
 log = logging.getLogger(__name__)
 
 NAMESPACE = "/consult"
+# How often a disconnect that presence could not take (Redis away) is tried again.
+UNAVAILABLE_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,10 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    def holds(self, connection: str) -> bool:
+        """Whether `connection` (a socket id) is one of this node's."""
+        return connection in self._connections
 
     @property
     def media(self) -> MediaHub:
@@ -346,7 +353,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             )
             if identity.token_id in self._revoked_while_verifying:
                 raise Refused("invite has been revoked")
-        except Refused as exc:
+        except (Refused, Unavailable) as exc:
             log.info("connection %s refused: %s", sid, exc)
             raise socketio.exceptions.ConnectionRefusedError(str(exc)) from None
         except Exception:
@@ -372,6 +379,10 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         ended = [sid for sid, c in self._connections.items() if c.identity.token_id == token_id]
         await asyncio.gather(*(self._end_revoked(sid) for sid in ended))
 
+    def token_ids(self) -> set[str]:
+        """The token ids this node's connections presented (invites, mostly)."""
+        return {c.identity.token_id for c in self._connections.values() if c.identity.token_id}
+
     async def _end_revoked(self, sid: str) -> None:
         conn = self._connections.get(sid)
         if conn is None:
@@ -395,11 +406,26 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         conn = self._connections.pop(sid, None)
         if conn is None or conn.consultation_id is None:
             return
-        cid = conn.consultation_id
+        try:
+            await self._seat_disconnected(sid, conn.consultation_id)
+        except Unavailable:
+            # The seat must not stay "connected" for a connection that is gone: try again
+            # until presence is back.
+            log.warning("disconnect of %s not yet recorded: presence is unavailable", sid)
+            self._timers.start(self._seat_disconnected_later(sid, conn.consultation_id))
+
+    async def _seat_disconnected(self, sid: str, cid: ConsultationId) -> None:
         seat = await self._rooms.disconnected(sid, cid)
         if seat is not None:
             participant, since = seat
             self._timers.start(self._expire_later(cid, participant, since))
+
+    async def _seat_disconnected_later(self, sid: str, cid: ConsultationId) -> None:
+        while True:
+            await asyncio.sleep(UNAVAILABLE_RETRY_S)
+            with contextlib.suppress(Unavailable):
+                await self._seat_disconnected(sid, cid)
+                return
 
     async def _expire_later(
         self, cid: ConsultationId, participant: ParticipantId, since: datetime

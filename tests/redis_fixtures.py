@@ -93,7 +93,8 @@ def _wait_until_ready(server: RedisServer) -> bool:
     )
 
 
-def _start(workdir: Path) -> RedisServer:
+def _start(workdir: Path, port: int | None = None) -> RedisServer:
+    """On a free port, or on `port` (a restart: one attempt)."""
     binary = shutil.which(REDIS_BINARY)
     if binary is None:
         pytest.fail(
@@ -101,11 +102,13 @@ def _start(workdir: Path) -> RedisServer:
             "`make system-deps` (as root) or `apt-get install redis-server`.",
             pytrace=False,
         )
-    for attempt in range(1, START_ATTEMPTS + 1):
-        port = _free_port()
+    attempts = START_ATTEMPTS if port is None else 1
+    wanted = port
+    for attempt in range(1, attempts + 1):
+        port = wanted or _free_port()
         log = workdir / f"redis-{port}.log"
         # The log file is inherited by the child; closing our handle right away is fine.
-        with log.open("wb") as out:
+        with log.open("ab") as out:
             process = subprocess.Popen(
                 [
                     binary,
@@ -134,10 +137,9 @@ def _start(workdir: Path) -> RedisServer:
             _stop(process)
             raise
         _stop(process)
-        if attempt == START_ATTEMPTS:
+        if attempt == attempts:
             raise RuntimeError(
-                f"redis-server exited at start-up {START_ATTEMPTS} times; last log:\n"
-                + _log_tail(log)
+                f"redis-server exited at start-up {attempts} times; last log:\n" + _log_tail(log)
             )
     raise AssertionError("unreachable")
 
@@ -158,3 +160,35 @@ def redis_url(redis_server: RedisServer) -> str:
     with redis_server.client() as client:
         client.flushall()
     return redis_server.url
+
+
+class RestartableRedis:
+    """A private redis-server of one test's own, to kill and start again on the same port
+    (empty: it keeps nothing on disk, as the deployments' Redis need not)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self._workdir = workdir
+        self.server = _start(workdir)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def kill(self) -> None:
+        """SIGKILL: every client's connection is cut, everything it held is gone."""
+        self.server.process.kill()
+        self.server.process.wait(timeout=STOP_TIMEOUT_S)
+
+    def start_again(self) -> None:
+        self.server = _start(self._workdir, self.server.port)
+
+
+@pytest.fixture
+def restartable_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    started = RestartableRedis(redis_dir)
+    try:
+        yield started
+    finally:
+        _stop(started.server.process)

@@ -9,6 +9,7 @@ ephemeral 127.0.0.1 ports, sharing an SQLite file in tmp_path and a private redi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -280,8 +281,10 @@ class Cluster:
             await probe.close()
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, redis_url: str) -> AsyncIterator[Cluster]:
+@contextlib.asynccontextmanager
+async def running_cluster(tmp_path: Path, redis_url: str) -> AsyncIterator[Cluster]:
+    """Nodes A and B on one SQLite file and `redis_url`, linked, the demo consultation made;
+    every peer closed and both nodes stopped afterwards."""
     config = node_config(tmp_path, redis_url)
     nodes: list[Node] = []
     presence = RedisPresence(redis_url)
@@ -312,6 +315,12 @@ async def cluster(tmp_path: Path, redis_url: str) -> AsyncIterator[Cluster]:
             for node in reversed(nodes):
                 await stop_node(node)
             await presence.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, redis_url: str) -> AsyncIterator[Cluster]:
+    async with running_cluster(tmp_path, redis_url) as started:
+        yield started
 
 
 # --- tests -----------------------------------------------------------------------------------

@@ -601,6 +601,9 @@ async def check_recovered(
     assert chats == ["开始录制前的留言", "录制中的留言"], chats
     tail = after[len(before["events"]) :]
     assert [(k, d) for _, k, d in tail] == [
+        # The two seats the dead server held, then the recording it was writing.
+        ("left", {"reason": "server_lost"}),
+        ("left", {"reason": "server_lost"}),
         ("recording_stopped", {"reason": "interrupted"}),
         ("session_ended", {"reason": "aborted"}),
     ], tail

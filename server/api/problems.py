@@ -17,7 +17,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from pydantic import ValidationError
 
-from rooms.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound
+from rooms.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound, Unavailable
 from server.api.schemas import Problem, ProblemField
 from server.auth import AuthError
 
@@ -30,7 +30,10 @@ _DOMAIN_STATUS: list[tuple[type[DomainError], int]] = [
     (Forbidden, 403),
     (Conflict, 409),
     (InvalidInput, 400),
+    (Unavailable, 503),
 ]
+# What a 503 asks the client to wait before trying again, in seconds.
+RETRY_AFTER_S = 2
 
 
 # The `code` of problems that do not come from a domain error.
@@ -45,6 +48,7 @@ _STATUS_CODE = {
     415: "unsupported_content_encoding",
     416: "range_not_satisfiable",
     500: "internal",
+    503: "unavailable",
     504: "timeout",
 }
 
@@ -121,7 +125,10 @@ async def problem_middleware(request: web.Request, handler: _Handler) -> web.Str
         return response
     except DomainError as exc:
         status = next((s for kind, s in _DOMAIN_STATUS if isinstance(exc, kind)), 400)
-        return problem_response(status, str(exc), request, code=exc.code)
+        response = problem_response(status, str(exc), request, code=exc.code)
+        if status == 503:
+            response.headers[hdrs.RETRY_AFTER] = str(RETRY_AFTER_S)
+        return response
     except web.HTTPRequestEntityTooLarge as exc:
         return problem_response(413, f"request body too large: {exc.text}", request)
     except web.HTTPException as exc:

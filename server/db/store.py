@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Executable, Select, Table, and_, exists, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import ColumnElement
 
-from rooms.errors import Conflict, NotFound
+from rooms.errors import Conflict, NotFound, Unavailable
 from rooms.model import (
     AuditEntry,
     CloseReason,
@@ -75,6 +76,8 @@ def select_stored_recordings() -> Select[Any]:
 _PG_UNIQUE = "23505"
 _SQLITE_UNIQUE = {1555, 2067}  # SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE
 
+log = logging.getLogger(__name__)
+
 
 class SqlRecordStore(RecordStore):
     """Opens the engine on start(); each transaction() is one database transaction."""
@@ -108,19 +111,40 @@ class SqlRecordStore(RecordStore):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqlRecordRepository]:
-        if self._sqlite_writer is None:
-            async with self.engine.begin() as conn:
+        with _reachable():
+            if self._sqlite_writer is None:
+                async with self.engine.begin() as conn:
+                    yield SqlRecordRepository(conn)
+                return
+            async with self._sqlite_writer, self.engine.begin() as conn:
                 yield SqlRecordRepository(conn)
-            return
-        async with self._sqlite_writer, self.engine.begin() as conn:
-            yield SqlRecordRepository(conn)
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[SqlRecordRepository]:
-        async with self.engine.connect() as plain:
-            conn = await plain.execution_options(**{READ_ONLY: True})
-            async with conn.begin():
-                yield SqlRecordRepository(conn)
+        with _reachable():
+            async with self.engine.connect() as plain:
+                conn = await plain.execution_options(**{READ_ONLY: True})
+                async with conn.begin():
+                    yield SqlRecordRepository(conn)
+
+
+@contextmanager
+def _reachable() -> Iterator[None]:
+    """The database being away (PostgreSQL restarting, SQLite's disk full or locked too long)
+    becomes Unavailable: the transaction was rolled back, nothing of it was kept, and the
+    caller answers "try again" instead of an internal error with a traceback."""
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except (OperationalError, InterfaceError, OSError) as exc:
+        log.warning("the database is unavailable: %s", type(exc).__name__)
+        raise Unavailable("the record store is unavailable; try again shortly") from None
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        log.warning("the database connection was lost: %s", type(exc.orig).__name__)
+        raise Unavailable("the record store is unavailable; try again shortly") from None
 
 
 class SqlRecordRepository(RecordRepository):
