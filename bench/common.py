@@ -336,6 +336,13 @@ async def drop_scratch_database(admin_url: str, name: str) -> None:
         await conn.close()
 
 
+def recording_key_env(directory: Path) -> dict[str, str]:
+    """A fresh recording key file in `directory`, as `telemed serve` outside --dev needs one."""
+    key_file = directory / "recording.key"
+    key_file.write_bytes(os.urandom(32))
+    return {"TELEMED_RECORDING_KEY_FILE": str(key_file)}
+
+
 def telemed_command() -> list[str]:
     """The `telemed` console script of the interpreter running the benchmark."""
     script = Path(sys.executable).parent / "telemed"

@@ -107,6 +107,7 @@ from bench.common import (  # noqa: E402
     machine_busy_seconds,
     machine_info,
     percentile,
+    recording_key_env,
     rss_bytes,
     telemed_command,
     wait_for_quiet,
@@ -183,6 +184,7 @@ class Run:
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
         env |= {"TELEMED_DATA_DIR": str(self.tmp / "data"), "TELEMED_JWT_SECRET": self.secret}
+        env |= recording_key_env(self.tmp)
         argv = [*telemed_command(), "--config", str(config), "serve"]
         argv += ["--host", "127.0.0.1", "--port", str(port)]
         self.server = ManagedProcess(

@@ -80,6 +80,7 @@ from bench.common import (  # noqa: E402
     median,
     processes_named,
     raise_fd_limit,
+    recording_key_env,
     rss_bytes,
     start_redis,
     summarize,
@@ -603,6 +604,7 @@ class Run:
             "TELEMED_DATA_DIR": str(self.tmp / "data"),
             "TELEMED_JWT_SECRET": secret,
             "TELEMED_LOG_LEVEL": args.log_level,
+            **recording_key_env(self.tmp),
         }
         if scenario.db == "postgres":
             self.database, url = await create_scratch_database(args.pg_url)

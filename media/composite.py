@@ -1,6 +1,11 @@
-"""The composite of a recorded session: one MP4 (H.264 + AAC, `faststart`) with a grid of
-the video tiles, each labelled, placed on the session clock, the audio tracks mixed, and
-optionally annotation strokes burnt in (the teaching copy).
+"""The composite of a recorded session: one MP4 (H.264 + AAC) with a grid of the video tiles,
+each labelled, placed on the session clock, the audio tracks mixed, and optionally annotation
+strokes burnt in (the teaching copy).
+
+Given `SealKeys`, the segments are read through their seal and the MP4 is sealed as it is
+written (media/sealed.py), so no plaintext reaches the disk. Its index then goes at the end
+(no `faststart`, which rereads the file): players fetch it with a Range request. The child
+process gets the keys on its stdin, never in the job file.
 
 Rendering decodes and encodes, so it never runs in the server's process: `run_composite`
 starts `python -m media.composite JOB.json` and reads its progress; `render_composite` is the
@@ -34,6 +39,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 
 from media.recording import SegmentInfo, file_sha256
+from media.sealed import SealedWriter, SealKeys, media_input, plaintext_sha256
 
 CJK_FONT = Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc")
 AUDIO_RATE = 48_000
@@ -52,12 +58,14 @@ Samples = NDArray[np.float32]
 
 @dataclass(frozen=True)
 class SegmentRef:
-    """A segment file and where it sits on the session clock."""
+    """A segment file and where it sits on the session clock; `sha256`, what the record says
+    was recorded into it (checked before a sealed segment is used)."""
 
     path: str
     start_s: float
     duration_s: float
     track_id: str = ""
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,7 @@ def job_from_segments(
             tiles.setdefault((s.participant or s.track_id, s.source), []).append(s)
 
     def ref(s: SegmentInfo) -> SegmentRef:
-        return SegmentRef(str(s.path), s.start_s, s.duration_s, s.track_id)
+        return SegmentRef(str(s.path), s.start_s, s.duration_s, s.track_id, s.sha256)
 
     return CompositeJob(
         output=str(output),
@@ -303,9 +311,9 @@ def _placeholder(box: Rect) -> Planes:
 # --- video ----------------------------------------------------------------------------------
 
 
-def _video_frames(ref: SegmentRef) -> Iterator[tuple[float, av.VideoFrame]]:
+def _video_frames(ref: SegmentRef, keys: SealKeys | None) -> Iterator[tuple[float, av.VideoFrame]]:
     """Decoded frames of one segment with their session-clock times."""
-    with av.open(ref.path) as container:
+    with media_input(Path(ref.path), keys, unfinished_ok=True) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         first: float | None = None
@@ -324,8 +332,9 @@ class _TileSource:
     """What one tile shows at each output time: the newest frame at or before it (within half
     an output frame) while a segment is running, else the placeholder."""
 
-    def __init__(self, tile: Tile, box: Rect, half_frame_s: float) -> None:
+    def __init__(self, tile: Tile, box: Rect, half_frame_s: float, keys: SealKeys | None) -> None:
         self.box = box
+        self.keys = keys
         self.segments = sorted(tile.segments, key=lambda s: s.start_s)
         self.half = half_frame_s
         self.track_ids = {s.track_id for s in self.segments}
@@ -339,7 +348,7 @@ class _TileSource:
 
     def _all_frames(self) -> Iterator[tuple[float, int, av.VideoFrame]]:
         for index, ref in enumerate(self.segments):
-            for t, frame in _video_frames(ref):
+            for t, frame in _video_frames(ref, self.keys):
                 yield t, index, frame
 
     def draw(self, canvas: Planes, t: float, strokes: list[Stroke]) -> None:
@@ -405,8 +414,9 @@ def _draw_strokes(tile: Image8, strokes: list[Stroke], fit: Rect) -> Image8:
 class _AudioSource:
     """One audio segment decoded to stereo float samples, positioned on the session clock."""
 
-    def __init__(self, ref: SegmentRef) -> None:
+    def __init__(self, ref: SegmentRef, keys: SealKeys | None) -> None:
         self.ref = ref
+        self.keys = keys
         self._chunks: deque[tuple[int, Samples]] = deque()
         self._decoded = self._decode()
         self._done = False
@@ -415,7 +425,7 @@ class _AudioSource:
     def _decode(self) -> Iterator[tuple[int, Samples]]:
         base = round(self.ref.start_s * AUDIO_RATE)
         resampler = av.AudioResampler(format="flt", layout="stereo", rate=AUDIO_RATE)
-        with av.open(self.ref.path) as container:
+        with media_input(Path(self.ref.path), self.keys, unfinished_ok=True) as container:
             stream = container.streams.audio[0]
             first: int | None = None
             position: int | None = None
@@ -464,16 +474,20 @@ def render_composite(
     job: CompositeJob,
     progress: Progress | None = None,
     partial: Callable[[Path], None] | None = None,
+    keys: SealKeys | None = None,
 ) -> CompositeResult:
     """Renders the job into `job.output` (replaced atomically), calling `progress` with
     0..1 as it goes and 1.0 at the end, and `partial` with the temporary file it writes
-    first. Blocking and CPU-heavy: run it in a worker process (see `run_composite`)."""
+    first; segments and output sealed with `keys` if given (the SHA-256 is then of the
+    plaintext). Blocking and CPU-heavy: run it in a worker process (see `run_composite`)."""
     began = time.monotonic()
     ends = [s.start_s + s.duration_s for t in job.tiles for s in t.segments]
     ends += [s.start_s + s.duration_s for s in job.audio]
     if not ends:
         raise CompositeError("the job has no segments")
     duration = max(ends)
+    if keys is not None:
+        _check_recorded(job, keys)
     frames = max(1, math.ceil(duration * job.fps))
     output = Path(job.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -483,11 +497,11 @@ def render_composite(
     if partial is not None:
         partial(temp)
     try:
-        _render(job, temp, duration, frames, progress)
+        _render(job, temp, duration, frames, progress, keys)
         os.replace(temp, output)
     finally:
         temp.unlink(missing_ok=True)
-    digest, size = file_sha256(output)
+    digest, size = file_sha256(output) if keys is None else plaintext_sha256(output, keys)
     if progress is not None:
         progress(1.0)
     return CompositeResult(
@@ -495,13 +509,46 @@ def render_composite(
     )
 
 
+def _check_recorded(job: CompositeJob, keys: SealKeys) -> None:
+    """Every segment reads back as the record says it was recorded."""
+    for ref in [*(s for t in job.tiles for s in t.segments), *job.audio]:
+        if ref.sha256 is None:
+            continue
+        digest, _ = plaintext_sha256(Path(ref.path), keys, unfinished_ok=True)
+        if digest != ref.sha256:
+            raise CompositeError(
+                f"segment {ref.track_id or ref.path} does not match the SHA-256 in the record"
+            )
+
+
 def _render(
-    job: CompositeJob, path: Path, duration: float, frames: int, progress: Progress | None
+    job: CompositeJob,
+    path: Path,
+    duration: float,
+    frames: int,
+    progress: Progress | None,
+    keys: SealKeys | None,
+) -> None:
+    if keys is None:
+        _encode(job, str(path), {"movflags": "+faststart"}, duration, frames, progress, keys)
+        return
+    with SealedWriter(path, keys) as sink:
+        _encode(job, sink, {}, duration, frames, progress, keys)
+
+
+def _encode(
+    job: CompositeJob,
+    target: Any,
+    options: dict[str, str],
+    duration: float,
+    frames: int,
+    progress: Progress | None,
+    keys: SealKeys | None,
 ) -> None:
     half = 0.5 / job.fps
     boxes = grid(len(job.tiles), job.width, job.height)
-    tiles = [_TileSource(tile, box, half) for tile, box in zip(job.tiles, boxes, strict=True)]
-    audio = [_AudioSource(ref) for ref in job.audio]
+    tiles = [_TileSource(tile, box, half, keys) for tile, box in zip(job.tiles, boxes, strict=True)]
+    audio = [_AudioSource(ref, keys) for ref in job.audio]
     strokes = sorted(job.strokes, key=lambda s: s.at_s)
     buffer = np.zeros(job.width * job.height * 3 // 2, dtype=np.uint8)
     area = job.width * job.height
@@ -510,7 +557,7 @@ def _render(
         buffer[area : area * 5 // 4].reshape(job.height // 2, job.width // 2),
         buffer[area * 5 // 4 :].reshape(job.height // 2, job.width // 2),
     )
-    with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
+    with av.open(target, mode="w", format="mp4", options=options) as out:
         video = out.add_stream("libx264", rate=job.fps)
         video.width, video.height, video.pix_fmt = job.width, job.height, "yuv420p"
         video.options = {"preset": job.preset, "crf": str(job.crf)}
@@ -562,25 +609,32 @@ def _mixed(sources: list[_AudioSource], start: int) -> av.AudioFrame:
 
 
 async def run_composite(
-    job: CompositeJob, on_progress: Progress | None = None, *, python: str = sys.executable
+    job: CompositeJob,
+    on_progress: Progress | None = None,
+    *,
+    keys: SealKeys | None = None,
+    python: str = sys.executable,
 ) -> CompositeResult:
     """Renders `job` in a child process (`python -m media.composite`), calling `on_progress`
-    on the event loop as it reports. Raises CompositeError if the render fails; cancelling
-    kills the child."""
+    on the event loop as it reports; sealed with `keys` if given. Raises CompositeError if
+    the render fails; cancelling kills the child."""
     job_path = await asyncio.to_thread(_write_job, job)
     result: CompositeResult | None = None
     # The child's temporary output, named as soon as it exists.
     partial: Path | None = None
     try:
+        argv = [python, "-m", "media.composite", str(job_path)]
         child = await asyncio.create_subprocess_exec(
-            python,
-            "-m",
-            "media.composite",
-            str(job_path),
+            *argv,
+            *(["--keys-on-stdin"] if keys is not None else []),
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        assert child.stdout is not None and child.stderr is not None
+        assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+        if keys is not None:
+            child.stdin.write(keys.to_json().encode())
+        child.stdin.close()
         errors = asyncio.ensure_future(child.stderr.read())
         try:
             async for line in child.stdout:
@@ -620,13 +674,14 @@ def _write_job(job: CompositeJob) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m media.composite JOB.json`: renders, printing JSON lines
-    {"progress": f} and finally {"result": {...}}."""
+    """`python -m media.composite JOB.json [--keys-on-stdin]`: renders, printing JSON lines
+    {"progress": f} and finally {"result": {...}}; sealed with the keys read from stdin."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m media.composite JOB.json", file=sys.stderr)
+    if len(args) not in (1, 2) or args[1:] not in ([], ["--keys-on-stdin"]):
+        print("usage: python -m media.composite JOB.json [--keys-on-stdin]", file=sys.stderr)
         return 2
     job = CompositeJob.from_json(Path(args[0]).read_text(encoding="utf-8"))
+    keys = SealKeys.from_json(sys.stdin.read()) if len(args) == 2 else None
     _die_with_parent()
 
     def report(fraction: float) -> None:
@@ -636,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         # If this process is killed, its parent removes what it leaves.
         print(json.dumps({"partial": str(temp)}), flush=True)
 
-    result = render_composite(job, report, writing)
+    result = render_composite(job, report, writing, keys)
     print(json.dumps({"result": dataclasses.asdict(result)}), flush=True)
     return 0
 

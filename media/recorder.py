@@ -23,6 +23,7 @@ from media.recording import (
     SegmentWriter,
     WriteFailure,
 )
+from media.sealed import SealKeys
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,10 @@ class RoomRecorder:
     RECORDING, `start_s` set: store it, so that a crash leaves the record pointing at the file);
     `on_segment_closed(info)` when it is closed and hashed. Both run on the event loop, one at a
     time, opened before closed. `on_failed(why)` is called once, on the loop, when a segment's
-    writer first fails (the disk full): the recording cannot go on as it was."""
+    writer first fails (the disk full): the recording cannot go on as it was.
+
+    With `keys`, every segment is sealed as it is written (media/sealed.py); without, plain
+    WebM files (tools and tests that read them directly)."""
 
     def __init__(
         self,
@@ -64,6 +68,7 @@ class RoomRecorder:
         on_segment_closed: SegmentCallback | None = None,
         on_failed: Callable[[WriteFailure], None] | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        keys: SealKeys | None = None,
     ) -> None:
         if not _SAFE_ID.fullmatch(recording_id):
             raise ValueError("a recording id is 1-64 letters, digits, '_' or '-'")
@@ -73,6 +78,7 @@ class RoomRecorder:
         self._on_closed = on_segment_closed
         self._on_failed = on_failed
         self.failure: WriteFailure | None = None
+        self._keys = keys
         self._writer = DiskWriter(max_pending, name=f"recording-{recording_id}")
         self._tracks: dict[str, _Recorded] = {}
         self._closing: set[asyncio.Future[SegmentInfo | None]] = set()
@@ -161,6 +167,7 @@ class RoomRecorder:
             request_keyframe=publication.want_keyframe,
             on_opened=self._opened,
             on_failed=self._failed,
+            keys=self._keys,
             track_id=info.track_id,
             participant=info.participant,
             source=info.source,

@@ -7,6 +7,9 @@ Crash safety (facts in docs/media.md): Matroska with short clusters and every pa
 keeps all but the open cluster (here at most half a second) after a `kill -9`;
 `recover_segment` reads such a file back without rewriting it.
 
+Given `SealKeys`, files are sealed as they are written (media/sealed.py): the muxer writes into
+a `SealedWriter`, never a plaintext file, and `sha256`/`size_bytes` describe the plaintext.
+
 Timestamps: each segment's first frame is placed on the recording's *session clock* (seconds
 since the recording started) at its arrival time; later frames follow by their RTP timestamp
 deltas. Inside the file, timestamps start at 0; the offset is in `SegmentInfo.start_s` and in
@@ -31,6 +34,7 @@ from typing import Any
 import av
 
 from media.aiortc_hooks import EncodedFrame
+from media.sealed import SealedWriter, SealKeys, media_input, plaintext_sha256
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +66,12 @@ class WriteFailure(StrEnum):
 
 
 def failure_of(exc: BaseException) -> WriteFailure:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return WriteFailure.DISK_FULL
+    """A full disk wherever it shows: our sealed file's write, or PyAV's error for it."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return WriteFailure.DISK_FULL
+        cause = cause.__cause__ or cause.__context__
     return WriteFailure.WRITE_FAILED
 
 
@@ -82,7 +90,8 @@ class SegmentInfo:
 
     `start_s` is where the segment's first frame sits on the session clock; `duration_s` is
     measured from the frames written (or, when recovered, demuxed). `sha256` and `size_bytes`
-    describe the file as closed (None / 0 while recording). `frames` counts frames written,
+    describe what was recorded, as closed (None / 0 while recording): the WebM itself, also
+    when the file on disk is sealed. `frames` counts frames written,
     `dropped` frames the segment lost (full queue, waiting for a keyframe, out of order)."""
 
     path: Path
@@ -176,10 +185,12 @@ class DiskWriter:
 class _SegmentFile:
     """The writer-thread half of a segment: the open container. Touched only in that thread."""
 
-    def __init__(self, path: Path, kind: str, start_s: float) -> None:
+    def __init__(self, path: Path, kind: str, start_s: float, keys: SealKeys | None) -> None:
         self.path = path
         self.kind = kind
         self.start_s = start_s
+        self.keys = keys
+        self.sink: SealedWriter | None = None
         self.clock = CLOCK_RATE[kind]
         self.time_base = fractions.Fraction(1, self.clock)
         self.container: Any = None
@@ -216,7 +227,10 @@ class _SegmentFile:
         self.last_pts = pts
 
     def _open(self, first: bytes) -> None:
-        container = av.open(str(self.path), mode="w", format="webm", options=MUXER_OPTIONS)
+        if self.keys is not None:
+            self.sink = SealedWriter(self.path, self.keys)
+        target: Any = self.sink or str(self.path)
+        container = av.open(target, mode="w", format="webm", options=MUXER_OPTIONS)
         try:
             container.metadata[START_TAG] = f"{self.start_s:.6f}"
             stream: Any
@@ -243,21 +257,29 @@ class _SegmentFile:
         return (self.last_pts + step) / self.clock
 
     def close(self) -> tuple[str | None, int]:
-        """Closes the container and returns the file's SHA-256 (None if there is no file) and
-        size."""
-        if self.container is not None:
+        """Closes the container and returns the SHA-256 of what was recorded (None if there
+        is no file) and its size."""
+        # The sink too when the container fails: it writes the final record.
+        for closing in (self.container, self.sink):
+            if closing is None:
+                continue
             try:
-                self.container.close()
+                closing.close()
             except Exception as exc:
-                if failure_of(exc) is WriteFailure.DISK_FULL:
+                # A writer that already found the disk full fails to close for the same reason
+                # (PyAV reports our file's error as its own callback error).
+                self.failure = self.failure or failure_of(exc)
+                if self.failure is WriteFailure.DISK_FULL:
                     log.warning("closing %s failed: the disk is full", self.path)
                 else:
                     log.exception("closing %s failed", self.path)
-                self.failure = self.failure or failure_of(exc)
                 self.error = self.error or f"{type(exc).__name__}: {exc}"
-            self.container = None
+        self.container = self.sink = None
         if not self.path.exists():
             return None, 0
+        if self.keys is not None:
+            # Read back through the seal: what is hashed is what a reader will get.
+            return plaintext_sha256(self.path, self.keys, unfinished_ok=self.error is not None)
         return file_sha256(self.path)
 
 
@@ -284,6 +306,7 @@ class SegmentWriter:
         request_keyframe: Callable[[], None] | None = None,
         on_opened: Callable[[SegmentInfo], None] | None = None,
         on_failed: Callable[[SegmentInfo, WriteFailure], None] | None = None,
+        keys: SealKeys | None = None,
         track_id: str = "",
         participant: str = "",
         source: str = "",
@@ -297,6 +320,7 @@ class SegmentWriter:
         self._request_keyframe = request_keyframe
         self._on_opened = on_opened
         self._on_failed = on_failed
+        self._keys = keys
         self._info = SegmentInfo(
             path=path,
             kind=kind,
@@ -369,7 +393,7 @@ class SegmentWriter:
         self._first_timestamp = frame.timestamp
         self._needs_keyframe = False
         self._info = replace(self._info, start_s=start_s)
-        self._file = _SegmentFile(self._info.path, self._info.kind, start_s)
+        self._file = _SegmentFile(self._info.path, self._info.kind, start_s, self._keys)
         if self._on_opened is not None:
             self._on_opened(self._info)
 
@@ -448,20 +472,26 @@ def file_sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def recover_segment(path: Path) -> SegmentInfo:
+def recover_segment(path: Path, keys: SealKeys | None = None) -> SegmentInfo:
     """Describes a segment file a dead process left open, without changing it: the duration
-    of what demuxes, the session-clock start from its tag, SHA-256 and size; state
-    INTERRUPTED. Blocking (it reads the whole file): call it off the event loop, e.g. with
-    `asyncio.to_thread`."""
-    digest, size = file_sha256(path)
+    of what demuxes, the session-clock start from its tag, SHA-256 and size (of the plaintext,
+    up to its last whole chunk, if sealed); state INTERRUPTED. Blocking (it reads the whole
+    file): call it off the event loop, e.g. with `asyncio.to_thread`."""
     info = SegmentInfo(path=path, kind="", codec="", start_s=0.0, state=SegmentState.INTERRUPTED)
+    if keys is not None and path.stat().st_size == 0:
+        # Killed before the seal's header was out: nothing was recorded.
+        return replace(info, sha256=hashlib.sha256(b"").hexdigest(), error="unreadable: empty")
+    if keys is None:
+        digest, size = file_sha256(path)
+    else:
+        digest, size = plaintext_sha256(path, keys, unfinished_ok=True)
     info = replace(info, sha256=digest, size_bytes=size)
-    try:
-        container = av.open(str(path))
-    except av.FFmpegError as exc:
-        # Killed before the header was out: an empty or partial file, nothing to play.
-        return replace(info, error=f"unreadable: {exc}")
-    with container:
+    with contextlib.ExitStack() as stack:
+        try:
+            container = stack.enter_context(media_input(path, keys, unfinished_ok=True))
+        except av.FFmpegError as exc:
+            # Killed before the header was out: an empty or partial file, nothing to play.
+            return replace(info, error=f"unreadable: {exc}")
         if not container.streams:
             return replace(info, error="no stream")
         stream = container.streams[0]

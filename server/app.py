@@ -14,6 +14,7 @@ from aiohttp import hdrs, web
 
 from media.offer_sections import PublishLimits
 from media.peer import IceServer, PeerConfig
+from media.sealed import SealKeys
 from rooms.consultations import ConsultationService, RequestContext
 from rooms.live import InMemoryPresence
 from rooms.model import ConsultationId
@@ -38,6 +39,7 @@ from server.metrics import ServerMetrics, metrics_handler
 from server.presence_redis import RedisPresence
 from server.recorder_relay import RedisRecorderRelay
 from server.recording import SessionRecordings
+from server.recording_keys import load_recording_keys
 from server.recovery import CrashRecovery
 from server.revocations import LocalRevocations, RedisRevocations
 from server.signing import OpinionKeys, load_opinion_keys
@@ -61,6 +63,8 @@ COMPOSITES = web.AppKey("composites", Composites)
 METRICS = web.AppKey("metrics", ServerMetrics)
 RECOVERY = web.AppKey("recovery", CrashRecovery)
 SIGNER = web.AppKey("signer", OpinionKeys)
+# What recordings are sealed with at rest (media/sealed.py): downloads, composites, verify.
+RECORDING_KEYS = web.AppKey("recording_keys", SealKeys)
 # The engine.io frame limit guards the transport; per-event limits are the namespace's.
 _MAX_FRAME_BYTES = 1024 * 1024
 
@@ -82,6 +86,7 @@ def create_app(config: Config) -> web.Application:
     signer = load_opinion_keys(config.signing, dev=config.dev)
     service = ConsultationService(store, signer)
     app[SIGNER] = signer
+    app[RECORDING_KEYS] = load_recording_keys(config)
     app[CONFIG] = config
     app[STORE] = store
     app[TOKENS] = tokens
@@ -101,10 +106,13 @@ def create_app(config: Config) -> web.Application:
         app[NAMESPACE].media,
         public_url=config.effective_public_url,
         data_dir=config.data_dir,
+        recording_keys=app[RECORDING_KEYS],
         revocations=revocations,
         live=app[NAMESPACE],
         link_key=_link_key(config),
-        verifier=lambda cid: verify_consultation(store, signer, config.data_dir, cid),
+        verifier=lambda cid: verify_consultation(
+            store, signer, config.data_dir, app[RECORDING_KEYS], cid
+        ),
     )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))
@@ -224,12 +232,14 @@ def _attach_signaling(
         counts=metrics,
     )
     node = config.effective_node_id
-    composites = Composites(store, config.data_dir, node=node)
+    keys = app[RECORDING_KEYS]
+    composites = Composites(store, config.data_dir, keys, node=node)
     recordings = SessionRecordings(
         store,
         namespace.media,
         presence,
         config.data_dir,
+        keys,
         on_session_ended=composites.render_later,
         node=node,
         on_failure=namespace.recording_failed,

@@ -25,6 +25,7 @@ from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.demo import describe, ensure_demo
 from server.logs import configure_logging
+from server.recording_keys import load_recording_keys
 from server.retention import RetentionError, RetentionReport, run_retention
 from server.signing import load_opinion_keys
 from server.verify import VerifyReport, verify_consultation
@@ -167,7 +168,9 @@ async def _render_sessions(
                 print(f"telemed: no session {only} in {consultation_id}", file=sys.stderr)
                 return 2
             sessions = [SessionId(only)]
-        composites = Composites(store, config.data_dir, node=config.effective_node_id)
+        composites = Composites(
+            store, config.data_dir, load_recording_keys(config), node=config.effective_node_id
+        )
         made = 0
         for session_id in sessions:
             print(f"session {session_id}", file=sys.stderr)
@@ -247,7 +250,8 @@ async def _verify_record(config: Config, consultation_id: ConsultationId) -> Ver
     await store.start()
     try:
         signer = load_opinion_keys(config.signing, dev=config.dev)
-        return await verify_consultation(store, signer, config.data_dir, consultation_id)
+        keys = load_recording_keys(config)
+        return await verify_consultation(store, signer, config.data_dir, keys, consultation_id)
     finally:
         await store.stop()
 

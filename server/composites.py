@@ -21,6 +21,7 @@ from media.composite import (
     remove_partial_outputs,
     run_composite,
 )
+from media.sealed import SealKeys
 from rooms.clock import Clock, utc_now
 from rooms.model import (
     ConsultationId,
@@ -53,11 +54,17 @@ ROLE_LABELS = {
 
 class Composites:
     def __init__(
-        self, store: RecordStore, data_dir: Path, clock: Clock = utc_now, node: str | None = None
+        self,
+        store: RecordStore,
+        data_dir: Path,
+        keys: SealKeys,
+        clock: Clock = utc_now,
+        node: str | None = None,
     ) -> None:
         """`node` names this server in the composite rows it renders (config node_id)."""
         self._store = store
         self._data_dir = data_dir
+        self._keys = keys
         self._node = node
         self._now = clock
         self._tasks: set[asyncio.Task[Recording | None]] = set()
@@ -120,7 +127,7 @@ class Composites:
                     task.add_done_callback(pending.discard)
 
             try:
-                result = await run_composite(job, progress)
+                result = await run_composite(job, progress, keys=self._keys)
             except Exception as exc:
                 log.error("composite of session %s failed: %s", session_id, exc)
                 await asyncio.gather(*pending, return_exceptions=True)
@@ -179,7 +186,9 @@ class Composites:
 
         def ref(r: Recording) -> SegmentRef:
             path = str(self._data_dir / paths[r.id])
-            return SegmentRef(path, (r.offset_s or 0.0) - base, r.duration_s or 0.0, r.track)
+            return SegmentRef(
+                path, (r.offset_s or 0.0) - base, r.duration_s or 0.0, r.track, r.sha256
+            )
 
         strokes = tuple(
             Stroke(

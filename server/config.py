@@ -200,6 +200,18 @@ class SigningConfig(_Section):
     _keys_from_one_string = field_validator("previous_public_keys", mode="before")(_split_list)
 
 
+class RecordingConfig(_Section):
+    """Recordings are sealed at rest (media/sealed.py) with the key in `key_file`: 32 random
+    bytes, raw or as base64. Files sealed with a key in `previous_key_files` stay readable
+    after a rotation. Required outside development mode; in it, one is generated into
+    data_dir when none is set (server/recording_keys.py)."""
+
+    key_file: Path | None = None
+    previous_key_files: list[Path] = []
+
+    _files_from_one_string = field_validator("previous_key_files", mode="before")(_split_list)
+
+
 class Config(_Section):
     dev: bool = False
     host: str = "127.0.0.1"
@@ -222,6 +234,7 @@ class Config(_Section):
     media: MediaConfig = MediaConfig()
     retention: RetentionConfig = RetentionConfig()
     signing: SigningConfig = SigningConfig()
+    recording: RecordingConfig = RecordingConfig()
     # Static STUN/TURN servers, for the relay and the clients; [turn] mints credentials instead.
     ice_servers: list[IceServer] = []
     turn: TurnConfig = TurnConfig()
@@ -308,6 +321,8 @@ _ENV_FIELDS: dict[str, tuple[str, ...]] = {
     "RETENTION_ACCESS_LOGS": ("retention", "access_logs"),
     "SIGNING_KEY_FILE": ("signing", "key_file"),
     "SIGNING_PREVIOUS_PUBLIC_KEYS": ("signing", "previous_public_keys"),
+    "RECORDING_KEY_FILE": ("recording", "key_file"),
+    "RECORDING_PREVIOUS_KEY_FILES": ("recording", "previous_key_files"),
 }
 
 

@@ -5,8 +5,9 @@ The room service decides when recording starts and stops (consent, permission) a
 room's lock, has this carry it out (rooms.room_service.RoomRecorders): a start either records
 or raises, a stop writes nothing more at once and closes and hashes the segments in the
 background, so that `session_ended` is not held back by hashing. Files live under
-`{data_dir}/recordings/{session_id}/`; the record keeps their path relative to `data_dir`,
-and clients only ever see recording ids."""
+`{data_dir}/recordings/{session_id}/`, sealed with the configured keys (media/sealed.py); the
+record keeps their path relative to `data_dir` and the SHA-256 of what was recorded (the
+plaintext), and clients only ever see recording ids."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from media.hub import MediaHub
 from media.recorder import RoomRecorder
 from media.recording import SegmentInfo, SegmentState, WriteFailure, recover_segment
+from media.sealed import SealKeys
 from rooms.clock import Clock, utc_now
 from rooms.live import PresenceStore
 from rooms.model import (
@@ -73,6 +75,7 @@ class SessionRecordings:
         hub: MediaHub,
         presence: PresenceStore,
         data_dir: Path,
+        keys: SealKeys,
         on_session_ended: SessionEnded | None = None,
         clock: Clock = utc_now,
         node: str | None = None,
@@ -84,6 +87,7 @@ class SessionRecordings:
         self._node = node
         self._on_failure = on_failure
         self._store = store
+        self._keys = keys
         self._hub = hub
         self._presence = presence
         self._data_dir = data_dir
@@ -186,6 +190,7 @@ class SessionRecordings:
             on_segment_opened=opened,
             on_segment_closed=closed,
             on_failed=failed,
+            keys=self._keys,
         )
         await recorder.start()
         assert recorder.started_at is not None  # set by start()
@@ -266,7 +271,8 @@ class SessionRecordings:
             if row.kind != RecordingKind.TRACK.value or not self.mine(row, alone):
                 continue
             sessions[row.session_id] = s.consultation_id
-            recovered = await _recover_row(row, self._data_dir / s.path if s.path else None)
+            path = self._data_dir / s.path if s.path else None
+            recovered = await _recover_row(row, path, self._keys)
             async with self._store.transaction() as tx:
                 await tx.update_recording(replace(recovered, ended_at=self._now()))
         async with self._store.reading() as tx:
@@ -300,12 +306,12 @@ async def _recording_was_on(tx: RecordRepository, session_id: SessionId) -> bool
     return bool(started) and (not stopped or stopped[-1].seq < started[-1].seq)
 
 
-async def _recover_row(row: Recording, path: Path | None) -> Recording:
+async def _recover_row(row: Recording, path: Path | None, keys: SealKeys) -> Recording:
     if path is None or not await asyncio.to_thread(path.exists):
         log.warning("recording %s: its file is gone", row.id)
         return replace(row, state=RecordingState.FAILED.value, size_bytes=0)
     try:
-        info = await asyncio.to_thread(recover_segment, path)
+        info = await asyncio.to_thread(recover_segment, path, keys)
     except Exception:
         log.exception("recording %s could not be recovered", row.id)
         return replace(row, state=RecordingState.FAILED.value)

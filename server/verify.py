@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from media.recording import file_sha256
+from media.sealed import SealError, SealKeys, plaintext_sha256
 from rooms import opinion
-from rooms.model import Consultation, ConsultationId, SignatureCheck
+from rooms.model import Consultation, ConsultationId, RecordingState, SignatureCheck
 from rooms.retention import UNFINISHED_RECORDING_STATES
 from rooms.store import StoredRecording
 from server.db import chain
@@ -59,6 +59,7 @@ async def verify_consultation(
     store: SqlRecordStore,
     signer: opinion.OpinionSigner,
     data_dir: Path,
+    keys: SealKeys,
     consultation_id: ConsultationId,
 ) -> VerifyReport | None:
     """The report, or None if there is no such consultation."""
@@ -74,7 +75,7 @@ async def verify_consultation(
             for s in await tx.list_sessions(consultation_id)
             for r in await tx.list_stored_recordings(session_id=s.id)
         ]
-    await asyncio.to_thread(_recordings, stored, data_dir, report)
+    await asyncio.to_thread(_recordings, stored, data_dir, keys, report)
     return report
 
 
@@ -144,7 +145,9 @@ async def _opinions(
                 )
 
 
-def _recordings(stored: list[StoredRecording], data_dir: Path, report: VerifyReport) -> None:
+def _recordings(
+    stored: list[StoredRecording], data_dir: Path, keys: SealKeys, report: VerifyReport
+) -> None:
     """Blocking (reads every file): run in a thread."""
     data_dir = data_dir.resolve()
     checked = 0
@@ -154,13 +157,13 @@ def _recordings(stored: list[StoredRecording], data_dir: Path, report: VerifyRep
         if r.state in UNFINISHED_RECORDING_STATES or item.path is None:
             continue
         checked += 1
-        mismatch = _check_file(data_dir, item)
+        mismatch = _check_file(data_dir, keys, item)
         if mismatch is not None:
             report.mismatches.append(mismatch)
     report.checked["recording_files"] = checked
 
 
-def _check_file(data_dir: Path, item: StoredRecording) -> Mismatch | None:
+def _check_file(data_dir: Path, keys: SealKeys, item: StoredRecording) -> Mismatch | None:
     r, cid = item.recording, item.consultation_id
     where = f"recording {r.id}"
     assert item.path is not None
@@ -170,11 +173,16 @@ def _check_file(data_dir: Path, item: StoredRecording) -> Mismatch | None:
     if not path.is_relative_to(data_dir):
         return Mismatch("recording_file", where, "its path leaves the data directory")
     try:
-        # The one function that hashes a recording file (what was recorded, whatever its
-        # form on disk).
-        digest, _ = file_sha256(path)
+        # The one function that hashes a recording file: what was recorded, decrypted from
+        # its seal, every chunk authenticated on the way.
+        unfinished = r.state == RecordingState.INTERRUPTED.value
+        digest, _ = plaintext_sha256(path, keys, unfinished_ok=unfinished)
     except FileNotFoundError:
         return Mismatch("recording_file", where, "the file is missing", r.sha256, None, cid)
+    except SealError as exc:
+        return Mismatch(
+            "recording_file", where, f"the file fails its seal: {exc}", r.sha256, None, cid
+        )
     if digest != r.sha256:
         return Mismatch(
             "recording_file",

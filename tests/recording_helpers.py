@@ -18,6 +18,7 @@ import numpy as np
 
 from media.aiortc_hooks import EncodedFrame
 from media.recording import DiskWriter, SegmentInfo, SegmentWriter
+from media.sealed import SealKeys, media_input
 
 Colour = tuple[int, int, int]
 WHITE: Colour = (255, 255, 255)
@@ -124,15 +125,22 @@ async def record_track(
     kind: str,
     frames: Sequence[EncodedFrame],
     *,
-    clock: ManualClock,
-    start_s: float,
+    clock: ManualClock | None = None,
+    start_s: float = 0.0,
     keyframe_requests: list[float] | None = None,
+    keys: SealKeys | None = None,
 ) -> SegmentInfo:
     """Pushes `frames` into a new segment as the relay would, the first arriving at session
-    time `start_s`, and closes it."""
+    time `start_s`, and closes it (sealed, given `keys`)."""
     requests = keyframe_requests if keyframe_requests is not None else []
+    clock = clock or ManualClock()
     segment = SegmentWriter(
-        writer, path, kind, session_clock=clock, request_keyframe=lambda: requests.append(0.0)
+        writer,
+        path,
+        kind,
+        session_clock=clock,
+        request_keyframe=lambda: requests.append(0.0),
+        keys=keys,
     )
     clock.now = start_s
     for frame in frames:
@@ -151,8 +159,10 @@ class Decoded:
     audio: list[av.AudioFrame]
 
 
-def decode(path: Path) -> Decoded:
-    with av.open(str(path)) as container:
+def decode(path: Path, keys: SealKeys | None = None) -> Decoded:
+    """Every frame of a segment file (through the seal, given `keys`; a cut-short file up to
+    its last whole chunk)."""
+    with media_input(path, keys, unfinished_ok=True) as container:
         stream = container.streams[0]
         video: list[av.VideoFrame] = []
         audio: list[av.AudioFrame] = []
@@ -205,14 +215,15 @@ def tone_energy(signal: np.ndarray, rate: int, frequency: float, window: int) ->
     ]
 
 
-def record_until_killed(directory: str, started: Any) -> None:
+def record_until_killed(directory: str, started: Any, key: bytes | None = None) -> None:
     """The crash test's child process: records a video and an audio track in real time (as
-    they would arrive from a publisher) until it is killed; sets `started` at the first
-    frame."""
-    asyncio.run(_record_in_real_time(Path(directory), started))
+    they would arrive from a publisher; sealed with `key` if given) until it is killed; sets
+    `started` at the first frame."""
+    keys = SealKeys(key) if key is not None else None
+    asyncio.run(_record_in_real_time(Path(directory), started, keys))
 
 
-async def _record_in_real_time(directory: Path, started: Any) -> None:
+async def _record_in_real_time(directory: Path, started: Any, keys: SealKeys | None) -> None:
     video = vp8_frames((40, 200, 40), 15.0)
     audio = opus_frames(660.0, 15.0)
     writer = DiskWriter()
@@ -223,7 +234,9 @@ async def _record_in_real_time(directory: Path, started: Any) -> None:
         return time.monotonic() - origin
 
     segments = {
-        kind: SegmentWriter(writer, directory / f"{kind}.webm", kind, session_clock=session_clock)
+        kind: SegmentWriter(
+            writer, directory / f"{kind}.webm", kind, session_clock=session_clock, keys=keys
+        )
         for kind in ("video", "audio")
     }
     timeline = [((f.timestamp - video[0].timestamp) / 90_000, "video", f) for f in video]

@@ -1,7 +1,7 @@
 """PYTEST_DONT_REWRITE
 Helpers for the server-side recording tests: reading recording rows and their files from a
-running app's store, checking decoded content, and the real server as a child process that a
-test can `kill -9`."""
+running app's store, checking decoded content (through the seal, with the app's keys), and the
+real server as a child process that a test can `kill -9`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,8 +26,16 @@ import numpy as np
 from record_helpers import signing_key_file
 from recording_helpers import Decoded, decode, has_tone
 
-from rooms.model import ConsultationId, Recording
-from server.app import CONFIG, STORE
+from media.sealed import SealedReader, SealedWriter, media_input, plaintext_sha256
+from rooms.model import (
+    ConsultationId,
+    Recording,
+    RecordingId,
+    RecordingKind,
+    RecordingState,
+    SessionId,
+)
+from server.app import CONFIG, RECORDING_KEYS, STORE
 
 Colour = tuple[int, int, int]
 
@@ -45,12 +55,54 @@ async def recordings_of(app: Any, cid: str) -> list[tuple[Recording, Path | None
     return [(r, data_dir / p if (p := paths.get(r.id)) else None) for r in rows]
 
 
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+# The WebM (EBML) header: what every plaintext recording starts with.
+EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 
 
-def decoded(path: Path) -> Decoded:
-    return decode(path)
+async def add_sealed_recording(app: Any, session_id: str, data: bytes) -> str:
+    """A closed track segment of `session_id` that recorded `data`, as the recorder leaves it:
+    its sealed file under data_dir, its path relative to it and its SHA-256 in the record."""
+    recording_id = f"rec_{secrets.token_hex(8)}"
+    relative = f"recordings/{session_id}/{recording_id}.webm"
+    path: Path = app[CONFIG].data_dir / relative
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with SealedWriter(path, app[RECORDING_KEYS]) as sealed:
+            sealed.write(data)
+
+    await asyncio.to_thread(write)
+    now = datetime.now(UTC)
+    row = Recording(
+        id=RecordingId(recording_id),
+        session_id=SessionId(session_id),
+        track="t-video",
+        kind=RecordingKind.TRACK.value,
+        media_type="video/webm",
+        sha256=hashlib.sha256(data).hexdigest(),
+        duration_s=1.0,
+        size_bytes=len(data),
+        state=RecordingState.COMPLETE.value,
+        started_at=now,
+        ended_at=now,
+    )
+    async with app[STORE].transaction() as tx:
+        await tx.add_recording(row, path=relative)
+    return recording_id
+
+
+def sha256_of(app: Any, path: Path, *, unfinished_ok: bool = False) -> tuple[str, int]:
+    """SHA-256 and size of what was recorded into the sealed file."""
+    return plaintext_sha256(path, app[RECORDING_KEYS], unfinished_ok=unfinished_ok)
+
+
+def plaintext(app: Any, path: Path, *, unfinished_ok: bool = False) -> bytes:
+    with SealedReader(path, app[RECORDING_KEYS], unfinished_ok=unfinished_ok) as reader:
+        return reader.read_span(0, reader.size)
+
+
+def decoded(app: Any, path: Path) -> Decoded:
+    return decode(path, app[RECORDING_KEYS])
 
 
 def colour_fraction(image: np.ndarray, colour: Colour, tolerance: int = 40) -> float:
@@ -70,12 +122,13 @@ class CompositeContent:
     audio_codec: str
 
 
-def read_composite(path: Path) -> CompositeContent:
-    with av.open(str(path)) as container:
+def read_composite(app: Any, path: Path) -> CompositeContent:
+    keys = app[RECORDING_KEYS]
+    with media_input(path, keys) as container:
         vstream = container.streams.video[0]
         video_codec = vstream.codec_context.name
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(vstream)]
-    with av.open(str(path)) as container:
+    with media_input(path, keys) as container:
         astream = container.streams.audio[0]
         audio_codec = astream.codec_context.name
         resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
@@ -111,6 +164,10 @@ def free_port() -> int:
 
 
 def write_config(path: Path, data_dir: Path) -> None:
+    """A config for `telemed serve` outside development mode, with a recording key file
+    beside it."""
+    key_file = path.parent / "recording.key"
+    key_file.write_bytes(os.urandom(32))
     path.write_text(
         "\n".join(
             [
@@ -121,6 +178,8 @@ def write_config(path: Path, data_dir: Path) -> None:
                 "empty_room_grace_s = 3600",
                 "[media]",
                 'host_addresses = ["127.0.0.1"]',
+                "[recording]",
+                f'key_file = "{key_file}"',
                 "",
             ]
         ),

@@ -3,6 +3,7 @@ with a controlled environment (no TELEMED_* from the caller, data under tmp_path
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -61,9 +62,14 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """No TELEMED_* of the caller; data under tmp_path; a recording key file beside it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
     env["TELEMED_DATA_DIR"] = str(tmp_path / "data")
     env["PYTHONIOENCODING"] = "utf-8"  # demo names are Chinese, whatever the locale
+    key_file = tmp_path / "recording.key"
+    if not key_file.exists():
+        key_file.write_text(base64.b64encode(os.urandom(32)).decode())
+    env["TELEMED_RECORDING_KEY_FILE"] = str(key_file)
     env.update(extra)
     return env
 
@@ -418,8 +424,57 @@ def test_serve_refuses_to_start_without_an_ed25519_signing_key(tmp_path: Path) -
         assert "PRIVATE KEY" not in wrong.stderr
 
 
+def test_serve_refuses_to_start_without_a_recording_key(tmp_path: Path) -> None:
+    port = _free_port()
+    env = _env(
+        tmp_path,
+        TELEMED_JWT_SECRET=STRONG_SECRET,
+        TELEMED_SIGNING_KEY_FILE=str(signing_key_file(tmp_path)),
+    )
+    del env["TELEMED_RECORDING_KEY_FILE"]
+
+    result = _telemed(["serve", "--port", str(port)], env, tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr == (
+        "telemed: set TELEMED_RECORDING_KEY_FILE (or run with --dev): recordings are encrypted "
+        "at rest with its key (32 random bytes, raw or base64)\n"
+    )
+    assert result.stdout == ""
+    assert _port_is_free(port)
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (None, "cannot read the recording key file {path}: No such file or directory"),
+        (b"not a key", "recording key file {path}: a recording key file holds 32 bytes"),
+    ],
+)
+def test_serve_refuses_a_recording_key_file_it_cannot_use(
+    tmp_path: Path, content: bytes | None, error: str
+) -> None:
+    key_file = tmp_path / "bad.key"
+    if content is not None:
+        key_file.write_bytes(content)
+    env = _env(
+        tmp_path,
+        TELEMED_JWT_SECRET=STRONG_SECRET,
+        TELEMED_SIGNING_KEY_FILE=str(signing_key_file(tmp_path)),
+    )
+    env["TELEMED_RECORDING_KEY_FILE"] = str(key_file)
+
+    result = _telemed(["serve", "--port", str(_free_port())], env, tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("telemed: " + error.format(path=key_file)), result.stderr
+    assert result.stdout == ""
+
+
 def test_serve_dev_prints_a_working_demo(tmp_path: Path) -> None:
     env = _env(tmp_path)
+    # Development mode without a key: one is generated into the data dir, and said so.
+    del env["TELEMED_RECORDING_KEY_FILE"]
 
     with running_server(tmp_path, env, "--dev") as server:
         demo = _parse_demo(server.stdout)
@@ -456,6 +511,12 @@ def test_serve_dev_prints_a_working_demo(tmp_path: Path) -> None:
         server.stderr
     )
     assert "PRIVATE KEY" not in server.stderr + stdout
+    key_file = tmp_path / "data" / "recording-dev.key"
+    assert f"development mode: generated a recording key at {key_file}" in server.stderr
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_bytes()
+    for shown in (key.hex(), base64.b64encode(key).decode()):
+        assert shown not in stdout and shown not in server.stderr
 
 
 def test_serve_dev_reuses_the_demo_consultation_after_a_restart(tmp_path: Path) -> None:

@@ -12,12 +12,12 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import av
 import numpy as np
 from recording_helpers import ManualClock, has_tone, opus_frames, record_track, vp8_frames
 from test_store import add_with_session
 
 from media.recording import DiskWriter
+from media.sealed import SealedReader, SealKeys, media_input
 from rooms.model import (
     ConsultationId,
     Recording,
@@ -33,9 +33,14 @@ TELEMED = Path(sys.executable).parent / "telemed"
 RED = (220, 30, 30)
 
 
+def _key_file(data_dir: Path) -> Path:
+    return data_dir.parent / "recording.key"
+
+
 def _telemed(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
     env["TELEMED_DATA_DIR"] = str(data_dir)
+    env["TELEMED_RECORDING_KEY_FILE"] = str(_key_file(data_dir))
     return subprocess.run(
         [str(TELEMED), *args],
         env=env,
@@ -47,10 +52,14 @@ def _telemed(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str
     )
 
 
-async def _recorded_session(data_dir: Path) -> SqlRecordStore:
-    """A consultation c1 whose session s1 recorded 3 s of red video and a 440 Hz tone."""
+async def _recorded_session(data_dir: Path) -> tuple[SqlRecordStore, SealKeys]:
+    """A consultation c1 whose session s1 recorded 3 s of red video and a 440 Hz tone, sealed
+    with the key in `_key_file`."""
     url = f"sqlite+aiosqlite:///{data_dir / 'telemed.db'}"
     await asyncio.to_thread(data_dir.mkdir, parents=True)
+    key = os.urandom(32)
+    await asyncio.to_thread(_key_file(data_dir).write_bytes, key)
+    keys = SealKeys(key)
     await upgrade(url)
     store = SqlRecordStore(url)
     await store.start()
@@ -62,10 +71,10 @@ async def _recorded_session(data_dir: Path) -> SqlRecordStore:
     try:
         clock = ManualClock()
         video = await record_track(
-            disk, folder / "v.webm", "video", vp8_frames(RED, 3.0), clock=clock, start_s=0.0
+            disk, folder / "v.webm", "video", vp8_frames(RED, 3.0), clock=clock, keys=keys
         )
         audio = await record_track(
-            disk, folder / "a.webm", "audio", opus_frames(440.0, 3.0), clock=clock, start_s=0.0
+            disk, folder / "a.webm", "audio", opus_frames(440.0, 3.0), clock=clock, keys=keys
         )
     finally:
         await disk.stop()
@@ -103,12 +112,12 @@ async def _recorded_session(data_dir: Path) -> SqlRecordStore:
             ),
             path="recordings/s1/a.webm",
         )
-    return store
+    return store, keys
 
 
 async def test_render_makes_the_composite_and_reports_progress(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    store = await _recorded_session(data_dir)
+    store, keys = await _recorded_session(data_dir)
     try:
         done = await asyncio.to_thread(_telemed, ["render", "c1"], data_dir)
         assert done.returncode == 0, done.stderr
@@ -127,13 +136,14 @@ async def test_render_makes_the_composite_and_reports_progress(tmp_path: Path) -
         assert composite.state == "complete" and composite.media_type == "video/mp4"
         assert composite.progress == 1.0
         file = data_dir / found.path
-        content = await asyncio.to_thread(file.read_bytes)
+        with SealedReader(file, keys) as reader:
+            content = reader.read_span(0, reader.size)
         assert composite.sha256 == hashlib.sha256(content).hexdigest()
         assert composite.size_bytes == len(content)
         assert composite.duration_s is not None and abs(composite.duration_s - 3.0) < 0.5
-        with av.open(str(file)) as container:
+        with media_input(file, keys) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        with av.open(str(file)) as container:
+        with media_input(file, keys) as container:
             samples = np.concatenate(
                 [f.to_ndarray().reshape(-1) for f in container.decode(audio=0)]
             )
@@ -156,7 +166,7 @@ async def test_render_makes_the_composite_and_reports_progress(tmp_path: Path) -
 
 async def test_render_of_an_unknown_session_is_a_usage_error(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    store = await _recorded_session(data_dir)
+    store, _ = await _recorded_session(data_dir)
     await store.stop()
     done = await asyncio.to_thread(_telemed, ["render", "c1", "--session", "nope"], data_dir)
     assert done.returncode == 2

@@ -5,6 +5,8 @@ burnt in for a while, progress to 1.0, and a rerun that replaces the file whole.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +35,7 @@ from media.composite import (
     run_composite,
 )
 from media.recording import DiskWriter, SegmentInfo
+from media.sealed import SealKeys, media_input, plaintext_sha256
 
 # (colour, tone Hz, start on the session clock, label)
 TRACKS: list[tuple[Colour, float, float, str]] = [
@@ -214,3 +217,58 @@ async def test_annotations_are_drawn_on_their_tile_for_a_while(
         abs(a - b) < 40
         for a, b in zip(at(frames, 3.0)[40, 160].tolist(), (40, 200, 40), strict=True)
     )
+
+
+async def test_sealed_segments_make_a_sealed_composite(tmp_path: Path) -> None:
+    keys = SealKeys(os.urandom(32))
+    writer = DiskWriter()
+    writer.start()
+    try:
+        colour, tone = TRACKS[0][0], TRACKS[0][1]
+        infos = [
+            replace(
+                await record_track(writer, tmp_path / f"{kind}.webm", kind, frames, keys=keys),
+                track_id=f"t{kind[0]}",
+                participant="p0",
+            )
+            for kind, frames in (
+                ("video", vp8_frames(colour, 3.0)),
+                ("audio", opus_frames(tone, 3.0)),
+            )
+        ]
+    finally:
+        await writer.stop()
+    output = tmp_path / "composite.mp4"
+    job = job_from_segments(infos, output, width=320, height=240, fps=15)
+
+    result = await run_composite(job, keys=keys)  # the keys go over the child's stdin
+
+    on_disk = output.read_bytes()
+    assert b"ftyp" not in on_disk and b"mdat" not in on_disk  # nothing of the MP4 readable
+    assert (result.sha256, result.size_bytes) == plaintext_sha256(output, keys)
+    with media_input(output, keys) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+        frames = [
+            (float(f.time or 0.0), f.to_ndarray(format="rgb24"))
+            for f in container.decode(container.streams.video[0])
+        ]
+    got = centre_colour(at(frames, 1.5), (0, 0, 320, 240))
+    assert all(abs(a - b) < 40 for a, b in zip(got, colour, strict=True)), got
+    with media_input(output, keys) as container:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=48_000)
+        samples = np.concatenate(
+            [
+                out.to_ndarray().reshape(-1)
+                for frame in container.decode(container.streams.audio[0])
+                for out in resampler.resample(frame)
+            ]
+        )
+    assert has_tone(samples, 48_000, tone)
+    assert hidden_files(tmp_path) == []  # no temporary (or job) files left
+
+    # A segment that does not read back as the record says it was recorded is not used.
+    altered = replace(
+        job, audio=(replace(job.audio[0], sha256=hashlib.sha256(b"other").hexdigest()),)
+    )
+    with pytest.raises(CompositeError, match="segment ta does not match the SHA-256"):
+        await run_composite(altered, keys=keys)

@@ -74,7 +74,7 @@ async def test_a_composite_render_that_crashes_fails_cleanly_and_can_be_made_aga
     assert len(tracks) == 4
     for row, path in tracks:
         assert row.state == RecordingState.COMPLETE.value, row
-        assert path is not None and row.sha256 == sha256_of(path)
+        assert path is not None and (row.sha256, row.size_bytes) == sha256_of(server.app, path)
     assert partial_files(server.config.data_dir) == []
     record = await server.record(cid)
     assert record.sessions[0].end_reason == "ended"
@@ -85,8 +85,8 @@ async def test_a_composite_render_that_crashes_fails_cleanly_and_can_be_made_aga
     assert again is not None and again.state == RecordingState.COMPLETE.value, again
     assert again.id == composite.id  # the one composite row of the session, updated
     (_, path), *_ = [(r, p) for r, p in await recordings_of(server.app, cid) if r.id == again.id]
-    assert path is not None and again.sha256 == sha256_of(path)
-    assert read_composite(path).video_frames > 0
+    assert path is not None and again.sha256 == sha256_of(server.app, path)[0]
+    assert read_composite(server.app, path).video_frames > 0
 
 
 async def test_kill_9_while_rendering_renders_again_on_restart(tmp_path: Path) -> None:
@@ -136,8 +136,8 @@ async def test_kill_9_while_rendering_renders_again_on_restart(tmp_path: Path) -
         assert len(composites) == 1, composites
         ((composite, path),) = composites
         assert composite.state == RecordingState.COMPLETE.value, composite
-        assert path is not None and composite.sha256 == sha256_of(path)
-        content = read_composite(path)
+        assert path is not None and composite.sha256 == sha256_of(server.app, path)[0]
+        content = read_composite(server.app, path)
         assert content.video_frames > 0
         assert partial_files(d.data_dir) == []
         tracks = [r for r, _ in rows if r.kind == "track"]

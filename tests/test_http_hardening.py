@@ -12,7 +12,6 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -22,10 +21,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from api_helpers import PROBLEM_JSON, VILLAGE, Api, one
 from multidict import CIMultiDict
+from recording_server_helpers import add_sealed_recording
 from signaling_fixtures import SignalingServer, eventually
 
-from rooms.model import Recording, RecordingId, RecordingKind, RecordingState, SessionId
-from server.app import CONFIG, STORE
+from server.app import CONFIG
 from server.logs import JsonFormatter, TextFormatter, _RequestIdFilter
 
 pytest_plugins = ["signaling_fixtures"]
@@ -533,30 +532,9 @@ async def test_every_response_names_no_versions_and_api_responses_are_not_stored
 
 
 async def recording(api: Api, data: bytes) -> str:
-    """A closed recording of a live session with `data` as its file."""
+    """A closed recording of a live session with `data` as its (sealed) file."""
     _, session = await api.live()
-    recording_id = f"rec_{secrets.token_hex(8)}"
-    relative = f"recordings/{session.id}/{recording_id}.webm"
-    path: Path = api.app[CONFIG].data_dir / relative
-    await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
-    await asyncio.to_thread(path.write_bytes, data)
-    now = datetime.now(UTC)
-    row = Recording(
-        id=RecordingId(recording_id),
-        session_id=SessionId(session.id),
-        track="t-video",
-        kind=RecordingKind.TRACK.value,
-        media_type="video/webm",
-        sha256=None,
-        duration_s=1.0,
-        size_bytes=len(data),
-        state=RecordingState.COMPLETE.value,
-        started_at=now,
-        ended_at=now,
-    )
-    async with api.app[STORE].transaction() as tx:
-        await tx.add_recording(row, path=relative)
-    return recording_id
+    return await add_sealed_recording(api.app, session.id, data)
 
 
 DATA = bytes(range(256)) * 4  # 1024 bytes

@@ -424,7 +424,7 @@ async def test_a_clinic_that_changes_address_keeps_its_seat_media_and_recording(
             if str(r.participant_id) == seat and r.media_type == "video/webm"
         )
         assert red_row.state == RecordingState.COMPLETE.value and red_path is not None
-        recorded = decoded(red_path)
+        recorded = decoded(server.app, red_path)
         after_move = (moved_at - red_row.started_at).total_seconds()
         late = [f for f in recorded.video if f.time is not None and f.time > after_move]
         assert len(late) >= 10, (after_move, recorded.duration_s)

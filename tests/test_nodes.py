@@ -6,7 +6,6 @@ that. Real aiohttp apps on ephemeral ports, a private redis-server, one SQLite f
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from recording_helpers import ManualClock, opus_frames, record_track
+from recording_server_helpers import sha256_of
 from signaling_fixtures import (
     SPECIALIST,
     VILLAGE,
@@ -26,6 +26,7 @@ from signaling_fixtures import (
 )
 
 from media.recording import DiskWriter
+from media.sealed import SealedWriter
 from rooms.consultations import RequestContext
 from rooms.model import (
     ConsultationId,
@@ -38,7 +39,7 @@ from rooms.model import (
     SessionId,
 )
 from rooms.roles import Role
-from server.app import CONFIG, RECORDINGS, STORE
+from server.app import CONFIG, RECORDING_KEYS, RECORDINGS, STORE
 from server.config import load_config
 
 pytest_plugins = ["signaling_fixtures", "redis_fixtures"]
@@ -89,7 +90,12 @@ async def add_file(
     relative = f"recordings/{session_id}/{recording_id}.webm"
     path: Path = server.app[CONFIG].data_dir / relative
     await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
-    await asyncio.to_thread(path.write_bytes, data)
+
+    def seal() -> None:
+        with SealedWriter(path, server.app[RECORDING_KEYS]) as sealed:
+            sealed.write(data)
+
+    await asyncio.to_thread(seal)
     now = datetime.now(UTC)
     done = state is not RecordingState.RECORDING
     row = Recording(
@@ -161,7 +167,13 @@ async def open_segment(server: SignalingServer, session_id: str, node: str) -> s
     writer.start()
     try:
         await record_track(
-            writer, path, "audio", opus_frames(440.0, 1.0), clock=ManualClock(), start_s=0.5
+            writer,
+            path,
+            "audio",
+            opus_frames(440.0, 1.0),
+            clock=ManualClock(),
+            start_s=0.5,
+            keys=server.app[RECORDING_KEYS],
         )
     finally:
         await writer.stop()
@@ -213,8 +225,8 @@ async def test_each_node_recovers_what_it_was_writing_and_only_that(start_node: 
     recovered = await row_of(a2, mine)
     assert recovered.state == RecordingState.INTERRUPTED.value, recovered
     path = a2.app[CONFIG].data_dir / f"recordings/{session_a}/{mine}.webm"
-    assert recovered.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert recovered.size_bytes == path.stat().st_size
+    # What was recorded into the sealed file (the plaintext's hash and size).
+    assert (recovered.sha256, recovered.size_bytes) == sha256_of(a2.app, path, unfinished_ok=True)
     assert await a2.status(cid_a) is ConsultationStatus.OPINION_PENDING
     kinds = await a2.event_kinds(cid_a)
     assert kinds[-2:] == ["recording_stopped", "session_ended"], kinds

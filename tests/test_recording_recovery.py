@@ -3,6 +3,7 @@ the server died is closed, and its session ended as aborted."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ from test_store import add_with_session
 
 from media.hub import MediaHub
 from media.peer import PeerConfig
+from media.sealed import SealKeys
 from rooms.live import InMemoryPresence
 from rooms.model import ConsultationId, EventKind, SessionId
 from server.db.migrate import upgrade
@@ -50,7 +52,9 @@ async def test_recording_on_without_any_segment_yet_is_recovered(
             SessionId("s2"), now, EventKind.RECORDING_STOPPED, None, None, {"reason": "stopped"}
         )
     hub = MediaHub(PeerConfig(), _nothing, _nothing)
-    recordings = SessionRecordings(store, hub, InMemoryPresence(), tmp_path)
+    recordings = SessionRecordings(
+        store, hub, InMemoryPresence(), tmp_path, SealKeys(os.urandom(32))
+    )
     ended: list[tuple[str, str]] = []
 
     async def end_session(consultation_id: ConsultationId, session_id: SessionId) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,9 +20,12 @@ from media_client import MediaClient, MediaRoom
 from media_peers import ColourCounterTrack, ToneTrack, close_to, dominant_frequency, mean_colour
 from pydantic import SecretStr
 from recording_server_helpers import (
+    EBML_MAGIC,
     ServerProcess,
+    add_sealed_recording,
     colour_fraction,
     decoded,
+    plaintext,
     read_composite,
     recordings_of,
     sha256_of,
@@ -42,14 +46,11 @@ from signaling_fixtures import (
 from rooms.model import (
     ConsultationKind,
     Recording,
-    RecordingId,
-    RecordingKind,
     RecordingState,
-    SessionId,
 )
 from rooms.roles import Role
 from server.api.recording_routes import PlaybackGrants, link_key
-from server.app import COMPOSITES, CONFIG, RECORDINGS, STORE
+from server.app import COMPOSITES, RECORDINGS
 from server.auth import AuthError, TokenService
 from server.config import JwtConfig, load_config
 
@@ -169,37 +170,6 @@ async def test_teaching_recording_also_needs_the_teaching_consent(
 # --- 3. the recordings API -----------------------------------------------------------------
 
 
-async def add_file_recording(api: Api, session_id: str, data: bytes) -> str:
-    """A closed track segment of `session_id` with `data` as its file, as the recorder would
-    leave it (the file under data_dir, its path relative to it in the record)."""
-    recording_id = f"rec_{secrets.token_hex(8)}"
-    relative = f"recordings/{session_id}/{recording_id}.webm"
-    path: Path = api.app[CONFIG].data_dir / relative
-
-    def write() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-    await asyncio.to_thread(write)
-    now = datetime.now(UTC)
-    row = Recording(
-        id=RecordingId(recording_id),
-        session_id=SessionId(session_id),
-        track="t-video",
-        kind=RecordingKind.TRACK.value,
-        media_type="video/webm",
-        sha256=None,
-        duration_s=1.0,
-        size_bytes=len(data),
-        state=RecordingState.COMPLETE.value,
-        started_at=now,
-        ended_at=now,
-    )
-    async with api.app[STORE].transaction() as tx:
-        await tx.add_recording(row, path=relative)
-    return recording_id
-
-
 async def invite_token(api: Api, cid: str, role: str) -> str:
     reply = await api.post(one(cid, "/invites"), VILLAGE, {"role": role, "name": f"{role} 1"})
     assert reply.status in (200, 201), reply
@@ -214,9 +184,9 @@ async def test_recordings_api_links_ranges_access_and_audit(api: Api) -> None:
     resident_b = consultation_body()["resident"] | {"pseudonym": "res-0002"}
     cid_b, session_b = await api.live(resident=resident_b)
     cid_t, session_t = await api.live(kind="teaching")
-    rec_a = await add_file_recording(api, session_a.id, data_a)
-    rec_b = await add_file_recording(api, session_b.id, data_b)
-    rec_t = await add_file_recording(api, session_t.id, b"teaching" * 100)
+    rec_a = await add_sealed_recording(api.app, session_a.id, data_a)
+    rec_b = await add_sealed_recording(api.app, session_b.id, data_b)
+    rec_t = await add_sealed_recording(api.app, session_t.id, b"teaching" * 100)
     allowed: dict[str, int] = {rec_a: 0, rec_b: 0, rec_t: 0}
 
     async def playback(rec: str, who: Any, status: int = 200) -> str:
@@ -380,10 +350,17 @@ async def publish_looks(clients: dict[str, MediaClient]) -> dict[str, str]:
     return pids
 
 
-def check_track_file(path: Path, row: Recording, colour: Any, tone: float) -> float:
-    """The file decodes with the codec of its kind and the published content; returns its
-    decoded length."""
-    got = decoded(path)
+def check_track_file(
+    app: Any, path: Path, row: Recording, colour: Any, tone: float, *, unfinished_ok: bool = False
+) -> float:
+    """The file is sealed: nothing of the WebM on disk, what was recorded (its SHA-256 and
+    size in the row) once decrypted, and that decodes with the codec of its kind and the
+    published content. Returns its decoded length."""
+    assert EBML_MAGIC not in path.read_bytes(), row
+    recorded = plaintext(app, path, unfinished_ok=unfinished_ok)
+    assert recorded.startswith(EBML_MAGIC), row
+    assert (row.sha256, row.size_bytes) == (hashlib.sha256(recorded).hexdigest(), len(recorded))
+    got = decoded(app, path)
     if row.media_type.startswith("video/"):
         assert got.codec == "vp8", (row, got.codec)
         frames = got.video[len(got.video) // 4 :]
@@ -393,6 +370,22 @@ def check_track_file(path: Path, row: Recording, colour: Any, tone: float) -> fl
         assert got.codec == "opus", (row, got.codec)
         assert abs(dominant_frequency(got.audio[50:]) - tone) < 20, row  # type: ignore[arg-type]
     return got.duration_s
+
+
+async def check_download(server: SignalingServer, row: Recording, recorded: bytes) -> None:
+    """Downloads are of what was recorded: a byte range is exactly those bytes of it."""
+    middle = len(recorded) // 3
+    url = f"{server.url}/api/v1/recordings/{row.id}/content"
+    auth = {"Authorization": f"Bearer {server.token(VILLAGE)}"}
+    async with aiohttp.ClientSession() as http:
+        span = {"Range": f"bytes={middle}-{middle + 99_999}"}
+        async with http.get(url, headers={**auth, **span}) as reply:
+            assert reply.status == 206, reply
+            end = min(len(recorded), middle + 100_000)
+            assert reply.headers["Content-Range"] == f"bytes {middle}-{end - 1}/{len(recorded)}"
+            assert await reply.read() == recorded[middle:end]
+        async with http.get(url, headers=auth) as reply:
+            assert reply.status == 200 and await reply.read() == recorded
 
 
 async def test_recorded_consultation_leaves_checked_tracks_and_a_composite(
@@ -436,8 +429,6 @@ async def run_recorded_consultation(room: MediaRoom) -> None:
         assert row.state == RecordingState.COMPLETE.value, row
         assert path is not None and path.is_file(), row
         assert path.is_relative_to(server.config.data_dir)
-        assert row.sha256 == sha256_of(path), row
-        assert row.size_bytes == path.stat().st_size
         label = label_of[str(row.participant_id)]
         kind = "video" if row.media_type == "video/webm" else "audio"
         assert row.media_type == f"{kind}/webm"
@@ -450,7 +441,7 @@ async def run_recorded_consultation(room: MediaRoom) -> None:
         recorded = (ending - row.started_at).total_seconds()
         assert abs(row.duration_s - recorded) <= 0.5, (row, recorded)
         colour, tone = LOOKS[label]
-        length = check_track_file(path, row, colour, tone)
+        length = check_track_file(server.app, path, row, colour, tone)
         assert abs(length - row.duration_s) <= 0.5, (row, length)
     assert seen == {(label, kind) for label in LOOKS for kind in ("video", "audio")}
 
@@ -465,6 +456,10 @@ async def run_recorded_consultation(room: MediaRoom) -> None:
         ("recording_stopped", {"reason": "session_ended"}),
     ]
 
+    row, path = next((r, p) for r, p in rows if r.media_type == "video/webm")
+    assert path is not None
+    await check_download(server, row, plaintext(server.app, path))
+
     # The composite, made when the session ended.
     await server.app[RECORDINGS].wait()  # the segments hashed, the render handed over
     await server.app[COMPOSITES].wait()
@@ -473,8 +468,10 @@ async def run_recorded_consultation(room: MediaRoom) -> None:
     composite, path = composites[0]
     assert composite.state == RecordingState.COMPLETE.value, composite
     assert composite.media_type == "video/mp4"
-    assert path is not None and composite.sha256 == sha256_of(path)
-    content = read_composite(path)
+    assert path is not None
+    assert (composite.sha256, composite.size_bytes) == sha256_of(server.app, path)
+    assert b"ftyp" not in path.read_bytes()  # sealed too
+    content = read_composite(server.app, path)
     assert (content.video_codec, content.audio_codec) == ("h264", "aac")
     assert content.video_frames > 0
     assert composite.duration_s is not None
@@ -598,12 +595,12 @@ async def check_recovered(
     for row, path in rows:
         assert row.state == RecordingState.INTERRUPTED.value, row
         assert path is not None and path.is_file(), row
-        assert row.sha256 == sha256_of(path), row
-        assert row.size_bytes == path.stat().st_size
         assert row.duration_s is not None and row.duration_s >= 7.0, row
         colour, tone = LOOKS[label_of[str(row.participant_id)]]
-        length = check_track_file(path, row, colour, tone)
+        length = check_track_file(server.app, path, row, colour, tone, unfinished_ok=True)
         assert length >= 7.0, (row, length)
+        # Served as recorded up to the crash, ranges included.
+        await check_download(server, row, plaintext(server.app, path, unfinished_ok=True))
 
     record = await server.record(cid)
     (session,) = record.sessions

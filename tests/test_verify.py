@@ -20,9 +20,11 @@ from record_helpers import signing_key_file, tamper
 from sqlalchemy import text
 from test_fhir import full_consultation
 
+from media.sealed import SealedWriter
 from rooms.model import ConsultationId, Recording, RecordingId, SessionId
-from server.app import STORE, create_app
+from server.app import RECORDING_KEYS, STORE, create_app
 from server.config import Config, SigningConfig
+from server.recording_keys import DEV_KEY_FILE
 
 FILE = b"\x1a\x45\xdf\xa3 a recorded segment"
 
@@ -49,7 +51,7 @@ async def consulted(
         (session,) = await tx.list_sessions(ConsultationId(cid))
     path = config.data_dir / "recordings" / "rec_verify.webm"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(FILE)
+    seal(api, path, FILE)
     async with api.app[STORE].transaction() as tx:
         await tx.add_recording(
             Recording(
@@ -60,6 +62,12 @@ async def consulted(
             path="recordings/rec_verify.webm",
         )  # fmt: skip
     yield Consulted(api, config, cid, path)
+
+
+def seal(api: Api, path: Path, data: bytes) -> None:
+    """`data` as the recorder leaves a file: sealed with the server's recording key."""
+    with SealedWriter(path, api.app[RECORDING_KEYS]) as sealed:
+        sealed.write(data)
 
 
 async def verify(c: Consulted) -> dict[str, Any]:
@@ -102,8 +110,8 @@ async def tamper_everything(c: Consulted) -> dict[str, Any]:
         "audit_log",
         f"UPDATE audit_log SET remote_addr = '10.6.6.6' WHERE id = {audit[1].seq}",
     )
-    with c.recording_file.open("ab") as f:
-        f.write(b"!")
+    # Another recording sealed with the same key in its place: the seal holds, the hash not.
+    seal(c.api, c.recording_file, FILE + b"!")
     async with store.engine.begin() as conn:
         await conn.execute(
             text(
@@ -138,6 +146,17 @@ async def test_each_tampering_is_reported_precisely(c: Consulted) -> None:
     assert file["found"] == hashlib.sha256(FILE + b"!").hexdigest()
 
 
+async def test_a_recording_file_altered_on_disk_fails_its_seal(c: Consulted) -> None:
+    raw = bytearray(c.recording_file.read_bytes())
+    raw[-20] ^= 0x01  # inside the last chunk's ciphertext
+    c.recording_file.write_bytes(bytes(raw))
+    report = await verify(c)
+    (mismatch,) = report["mismatches"]
+    assert (mismatch["check"], mismatch["where"]) == ("recording_file", "recording rec_verify")
+    assert mismatch["problem"].startswith("the file fails its seal: "), mismatch
+    assert mismatch["expected"] == hashlib.sha256(FILE).hexdigest()
+
+
 # -- the command -------------------------------------------------------------------------------
 
 
@@ -150,6 +169,8 @@ def telemed_verify(c: Consulted, *args: str, key: bool = True) -> subprocess.Com
     }
     if key:
         env["TELEMED_SIGNING_KEY_FILE"] = str(c.config.signing.key_file)
+    # The key the development server generated for its recordings.
+    env["TELEMED_RECORDING_KEY_FILE"] = str(c.config.data_dir / DEV_KEY_FILE)
     code = "import sys; from server.cli import main; sys.exit(main())"
     return subprocess.run(
         [sys.executable, "-c", code, "verify", *args],

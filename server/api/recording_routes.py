@@ -1,17 +1,23 @@
 """Recordings: playback links and the files themselves, with byte ranges so a browser can
 seek. Recordings are addressed by id; the path on disk never leaves the server. Every access
-is checked (the caller may download recordings of that consultation) and audited."""
+is checked (the caller may download recordings of that consultation) and audited.
+
+Files are sealed at rest (media/sealed.py): what is served is the plaintext, decrypted chunk
+by chunk, and ranges are ranges of the plaintext. A whole download is also checked against
+the SHA-256 in the record before its last bytes go out."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
 import time
 from datetime import UTC, datetime
+from email.utils import formatdate
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any, Literal
@@ -19,6 +25,7 @@ from typing import Any, Literal
 import jwt
 from aiohttp import hdrs, web
 
+from media.sealed import SealedReader, SealError, SealKeys
 from rooms.consultations import ConsultationService, RequestContext
 from rooms.errors import Conflict, NotFound
 from rooms.model import ConsultationId, RecordingId, RecordingState, UserId
@@ -30,11 +37,22 @@ from server.api.problems import problem_response
 from server.api.schemas import NoBody, ResponseBody
 from server.auth import AuthError
 
+log = logging.getLogger(__name__)
+
 PREFIX = "/api/v1/recordings/{recording_id}"
 # What can be played: closed files (a crash-closed segment holds what was written).
 _PLAYABLE = {RecordingState.COMPLETE.value, RecordingState.INTERRUPTED.value}
 PLAYBACK_TTL_S = 600
 _LINK_AUDIENCE = "telemed-playback"
+# Plaintext bytes decrypted per step of a response (four chunks).
+_SEND_STEP = 256 * 1024
+
+
+class RecordingDamaged(Conflict):
+    """The file is there but does not read back as sealed: altered, truncated, or sealed
+    with a key that is not configured."""
+
+    code = "recording_damaged"
 
 
 class PlaybackLink(ResponseBody):
@@ -136,6 +154,16 @@ def _range_plan(header: str, size: int) -> _RangePlan:
     return "serve"
 
 
+def _byte_span(header: str, size: int) -> tuple[int, int]:
+    """[start, end) of a range `_range_plan` said to serve."""
+    match = _ONE_BYTE_RANGE.fullmatch(header)
+    assert match is not None
+    first, last = match.groups()
+    if not first:
+        return max(0, size - int(last)), size
+    return int(first), min(size, int(last) + 1) if last else size
+
+
 def _range_applies(request: web.Request, mtime: float) -> bool:
     """If-Range as aiohttp's FileResponse evaluates it: a date the file is not newer than."""
     if_range = request.if_range
@@ -160,12 +188,42 @@ def _regular_file_stat(path: Path) -> os.stat_result | None:
     return stat if S_ISREG(stat.st_mode) else None
 
 
-async def _whole_file(path: Path, headers: dict[str, str]) -> web.StreamResponse:
-    """The whole file whatever Range says (FileResponse would apply it)."""
-    handle = await asyncio.to_thread(path.open, "rb")
-    # aiohttp streams a file body in chunks and closes it when done.
-    response = web.Response(body=handle, headers=headers)
+async def _send(
+    request: web.Request,
+    reader: SealedReader,
+    headers: dict[str, str],
+    span: tuple[int, int] | None,
+    sha256: str | None,
+) -> web.StreamResponse:
+    """The plaintext, whole (200) or one span (206), decrypted a step at a time off the
+    event loop. A chunk that fails authentication midway, or a whole file whose SHA-256 is
+    not the record's, ends the connection before the last bytes: the client sees a broken
+    download, never a complete-looking wrong one."""
+    start, end = span or (0, reader.size)
+    response = web.StreamResponse(status=206 if span else 200, headers=headers)
     response.headers[hdrs.ACCEPT_RANGES] = "bytes"
+    if span is not None:
+        response.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{reader.size}"
+    response.content_length = end - start
+    await response.prepare(request)
+    digest = hashlib.sha256() if span is None and sha256 is not None else None
+    position = start
+    try:
+        while position < end:
+            stop = min(end, position + _SEND_STEP)
+            data = await asyncio.to_thread(reader.read_span, position, stop)
+            if digest is not None:
+                digest.update(data)
+                if stop == end and digest.hexdigest() != sha256:
+                    raise SealError(f"{reader.path} does not match the SHA-256 in the record")
+            await response.write(data)
+            position = stop
+    except SealError as exc:
+        log.error("recording download broken off: %s", exc)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
     return response
 
 
@@ -175,10 +233,12 @@ class RecordingRoutes:
         service: ConsultationService,
         data_dir: Path,
         authenticate: Authenticate,
+        keys: SealKeys | None,
         grants: PlaybackGrants | None = None,
     ) -> None:
         self._service = service
         self._data_dir = data_dir.resolve()
+        self._keys = keys
         self._bearer = authenticate
         self._grants = grants or PlaybackGrants()
 
@@ -229,26 +289,49 @@ class RecordingRoutes:
         stat = await asyncio.to_thread(_regular_file_stat, file) if file is not None else None
         if file is None or not file.is_relative_to(self._data_dir) or stat is None:
             raise NotFound(f"the file of recording {recording_id} is gone")
-        headers = {
-            "Content-Type": recording.media_type,
-            "Cache-Control": "no-store",
-            "Content-Disposition": f'inline; filename="{recording_id}{file.suffix}"',
-        }
-        if asked is not None and _range_applies(request, stat.st_mtime):
-            plan = _range_plan(asked, stat.st_size)
-            if plan == "unsatisfiable":
-                response = problem_response(
-                    416,
-                    f"the range is not satisfiable: the file has {stat.st_size} bytes; ask "
-                    "for one byte range that overlaps them (see Content-Range)",
-                    request,
-                )
-                response.headers[hdrs.CONTENT_RANGE] = f"bytes */{stat.st_size}"
-                return response
-            if plan == "ignore":
-                return await _whole_file(file, headers)
-        # No Range, or one satisfiable byte range: aiohttp answers it (200 or 206).
-        return web.FileResponse(file, headers=headers)
+        reader = await self._open(recording_id, file, recording.state)
+        try:
+            headers = {
+                "Content-Type": recording.media_type,
+                "Cache-Control": "no-store",
+                "Content-Disposition": f'inline; filename="{recording_id}{file.suffix}"',
+                "Last-Modified": formatdate(stat.st_mtime, usegmt=True),
+            }
+            span: tuple[int, int] | None = None
+            if asked is not None and _range_applies(request, stat.st_mtime):
+                plan = _range_plan(asked, reader.size)
+                if plan == "unsatisfiable":
+                    response = problem_response(
+                        416,
+                        f"the range is not satisfiable: the file has {reader.size} bytes; ask "
+                        "for one byte range that overlaps them (see Content-Range)",
+                        request,
+                    )
+                    response.headers[hdrs.CONTENT_RANGE] = f"bytes */{reader.size}"
+                    return response
+                if plan == "serve":
+                    span = _byte_span(asked, reader.size)
+            return await _send(request, reader, headers, span, recording.sha256)
+        finally:
+            reader.close()
+
+    async def _open(self, recording_id: str, file: Path, state: str) -> SealedReader:
+        if self._keys is None:
+            raise Conflict("recordings cannot be read here: no recording key is configured")
+        try:
+            return await asyncio.to_thread(
+                SealedReader,
+                file,
+                self._keys,
+                # A crash-closed segment holds what was sealed before the crash.
+                unfinished_ok=state == RecordingState.INTERRUPTED.value,
+            )
+        except SealError as exc:
+            log.error("recording %s cannot be read: %s", recording_id, exc)
+            raise RecordingDamaged(
+                f"recording {recording_id} does not read back as it was recorded (altered, "
+                "truncated, or sealed with a key that is not configured)"
+            ) from None
 
     async def _playable(self, call: Call[Any, None], detail: dict[str, Any]) -> StoredRecording:
         """The recording, if the caller may have it (audited) and it is closed."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from media.hub import MediaHub
+from media.sealed import SealKeys
 from rooms.consultations import (
     ConsultationService,
     NewConsultation,
@@ -349,20 +350,24 @@ def build_api(
     *,
     public_url: str = "",
     data_dir: Path = Path("data"),
+    recording_keys: SealKeys | None = None,
     revocations: Revocations | None = None,
     live: LiveTransitions | None = None,
     link_key: bytes | None = None,
     verifier: Verifier | None = None,
 ) -> Api:
     """`public_url` is the base of links in exports; empty, the request's own origin.
-    `data_dir` holds the recordings. `revocations` ends the connections of a revoked invite;
-    without it (an API built only to be described) revoking touches the record alone. `live`
-    carries out life-cycle actions through the live room. `link_key` signs playback links (a
-    key of this process's own without it). `verifier` checks a record (server/verify.py); an
-    API without one is only described."""
+    `data_dir` holds the recordings, sealed with `recording_keys` (without them, recording
+    content is refused). `revocations` ends the connections of a revoked invite; without it (an
+    API built only to be described) revoking touches the record alone. `live` carries out
+    life-cycle actions through the live room. `link_key` signs playback links (a key of this
+    process's own without it). `verifier` checks a record (server/verify.py); an API without
+    one is only described."""
     api = Api(authenticate)
     for endpoint in [
-        *RecordingRoutes(service, data_dir, authenticate, PlaybackGrants(key=link_key)).endpoints(),
+        *RecordingRoutes(
+            service, data_dir, authenticate, recording_keys, PlaybackGrants(key=link_key)
+        ).endpoints(),
         *ConsultationRoutes(service, tokens, invite_ttl_s, revocations, live).endpoints(),
         *MediaRoutes(service, hub).endpoints(),
         *FhirRoutes(service, public_url).endpoints(),
