@@ -104,6 +104,9 @@ async def test_an_empty_body_is_an_empty_object(api: Api) -> None:
         (consultation_body(specialty="   "), "specialty", "at least 1 character"),
         (consultation_body(specialty="x" * 201), "specialty", "at most 200"),
         (consultation_body(reason="理" * 2001), "reason", "at most 2000"),
+        # Counted as sent: stripping the leading space must not bring it under the limit.
+        (consultation_body(reason="\u00a0" + "理" * 2000), "reason", "at most 2000"),
+        (consultation_body(specialty=" " + "x" * 200), "specialty", "at most 200"),
         (consultation_body(case_summary="x" * 20_001), "case_summary", "at most 20000"),
         (consultation_body(specialty=42), "specialty", "valid string"),
         (consultation_body(resident="刘奶奶"), "resident", "valid dictionary"),

@@ -50,16 +50,44 @@ _MAX_VERSION = 2**31 - 1
 # converted, see the query models.
 _Clean = AfterValidator(reject_control_characters)
 _OneLine = AfterValidator(reject_control_characters_or_line_breaks)
+
+
+def _sent_at_most(limit: int) -> BeforeValidator:
+    """The document's maxLength holds for the string as sent: without this, a string one
+    character too long would pass when its first character is whitespace stripped below."""
+
+    def check(value: object) -> object:
+        if isinstance(value, str) and len(value) > limit:
+            raise ValueError(f"should have at most {limit} characters")
+        return value
+
+    return BeforeValidator(check)
+
+
 # One line: names, institutions, specialties, titles.
 Text = Annotated[
-    StrictStr, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), _OneLine
+    StrictStr,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    _sent_at_most(200),
+    _OneLine,
 ]
-LongText = Annotated[StrictStr, StringConstraints(strip_whitespace=True, max_length=20_000), _Clean]
+LongText = Annotated[
+    StrictStr,
+    StringConstraints(strip_whitespace=True, max_length=20_000),
+    _sent_at_most(20_000),
+    _Clean,
+]
 ReasonText = Annotated[
-    StrictStr, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), _Clean
+    StrictStr,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=2000),
+    _sent_at_most(2000),
+    _Clean,
 ]
 BigText = Annotated[
-    StrictStr, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000), _Clean
+    StrictStr,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000),
+    _sent_at_most(20_000),
+    _Clean,
 ]
 Identifier = Annotated[
     StrictStr,
@@ -67,6 +95,7 @@ Identifier = Annotated[
     StringConstraints(
         strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@:-]+$"
     ),
+    _sent_at_most(64),
 ]
 
 # Clinical times: RFC 3339 strings with an offset, written with a year from 1900 to 2200 (a
