@@ -27,7 +27,10 @@ from server.demo import COUNTY, VILLAGE
 pytest_plugins = ["signaling_fixtures", "media_client"]
 
 UPLINK_LOSS = 0.05
-RTX_LOSS = 0.3
+# The relay asks for a lost video packet up to three times; a packet is given up (and a
+# keyframe requested) only when every retransmission is lost too: at 0.5, a quarter of the
+# lost packets, so a 10 s window gives some up for certain.
+RTX_LOSS = 0.5
 # Audio frames (20 ms) the publisher sends while the subscriber counts: 10 s.
 WINDOW_FRAMES = 500
 # At 5 % loss about 95 % arrive; the old relay passed 20-50 %.
