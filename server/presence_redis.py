@@ -111,9 +111,14 @@ class RedisPresence:
 
     async def _merge(self, room: RoomState) -> None:
         """Like create, but adds to what other nodes have written back already."""
+        await self._write(room, replace_all=False)
+
+    async def _write(self, room: RoomState, *, replace_all: bool) -> None:
         keys = _keys(room.consultation_id)
         with _reachable():
             async with self._redis.pipeline(transaction=True) as pipe:
+                if replace_all:
+                    pipe.delete(*keys)
                 pipe.hset(keys[0], mapping=_meta(room))
                 for p in room.participants.values():
                     pipe.hset(keys[1], p.participant_id, json.dumps(p.to_dict()))
@@ -164,18 +169,7 @@ class RedisPresence:
         return room
 
     async def create(self, room: RoomState) -> None:
-        keys = _keys(room.consultation_id)
-        with _reachable():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(*keys)
-                pipe.hset(keys[0], mapping=_meta(room))
-                for p in room.participants.values():
-                    pipe.hset(keys[1], p.participant_id, json.dumps(p.to_dict()))
-                if room.removed_users:
-                    pipe.sadd(keys[2], *room.removed_users)
-                for key in keys:
-                    pipe.expire(key, _TTL_S)
-                await pipe.execute()
+        await self._write(room, replace_all=True)
         await self._mirror.create(room)
 
     async def put_participant(
