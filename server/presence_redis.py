@@ -13,19 +13,18 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from rooms.errors import RoomRefused, Unavailable
 from rooms.live import InMemoryPresence, LiveParticipant, RecordingOn, RoomState
 from rooms.model import ConsultationId, ParticipantId, SessionId, UserId
+from server.redis_errors import reachable
 
 log = logging.getLogger(__name__)
 
@@ -259,12 +258,5 @@ def _meta(room: RoomState) -> dict[FieldT, EncodableT]:
     }
 
 
-@contextlib.contextmanager
-def _reachable() -> Iterator[None]:
-    """Redis away (restarting, the network cut) is `unavailable`, not an internal error."""
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise Unavailable(
-            f"room presence is unavailable ({type(exc).__name__}); try again"
-        ) from None
+def _reachable() -> contextlib.AbstractContextManager[None]:
+    return reachable("room presence")
