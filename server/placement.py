@@ -34,9 +34,13 @@ _WORKER = "telemed:worker:"  # + incarnation: hash of its load, expires without 
 _ROOMS_OF = "telemed:worker-rooms:"  # + incarnation: set of the rooms placed on it
 _PLACED = "telemed:placement:"  # + consultation id: the owning incarnation
 
+_LEASE = "telemed:takeover-lease:"  # + incarnation: who is cleaning up after it
+
 HEARTBEAT_S = 1.0
 # A worker silent this long is dead: three heartbeats missed.
 WORKER_TTL_S = 3.0
+# How long a dead worker stays listed (with its rooms) for another to clean up after it.
+DEAD_KEPT_S = 3600
 
 # KEYS: placement, worker key of candidate a, of b, rooms set of a, of b
 # ARGV: incarnation a, incarnation b, worker prefix, rooms prefix
@@ -124,17 +128,15 @@ class RedisPlacement:
         self._beat = asyncio.create_task(self._beat_forever(), name="placement-heartbeat")
 
     async def stop(self) -> None:
-        """Leaves the registry; rooms still placed here are placed again by their next join."""
+        """Dead at once: rooms still placed here are placed again by their next join, and
+        another worker cleans up after this one (dead_workers) as after a crash."""
         if self._beat is not None:
             self._beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._beat
             self._beat = None
         with contextlib.suppress(*REDIS_AWAY):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(_WORKER + self.worker_id, _ROOMS_OF + self.worker_id)
-                pipe.zrem(_WORKERS, self.worker_id)
-                await pipe.execute()
+            await self._redis.delete(_WORKER + self.worker_id)
         await self._redis.aclose()
 
     async def owner_of(self, consultation_id: ConsultationId) -> Placed:
@@ -191,6 +193,35 @@ class RedisPlacement:
                 found = await pipe.execute()
         return {w for w, exists in zip(ordered, found, strict=True) if exists}
 
+    async def dead_workers(self) -> list[str]:
+        """Incarnations whose heartbeat lapsed and that nobody has cleaned up after yet."""
+        with reachable("room placement"):
+            listed = {str(w) for w in await self._redis.zrange(_WORKERS, 0, -1)}
+        # Listed and without a live key: it stopped, or its heartbeat lapsed.
+        return sorted(listed - await self.alive(listed))
+
+    async def rooms_of(self, worker: str) -> set[ConsultationId]:
+        """The rooms placed on `worker` (a dead one's, until it is forgotten)."""
+        with reachable("room placement"):
+            return {ConsultationId(str(c)) for c in await self._redis.smembers(_ROOMS_OF + worker)}
+
+    async def lease(self, dead: str, ttl_s: float) -> bool:
+        """Takes the lease on cleaning up after `dead`: True for exactly one worker at a time
+        (until the lease expires, should that worker die too)."""
+        with reachable("room placement"):
+            taken = await self._redis.set(
+                _LEASE + dead, self.worker_id, nx=True, px=int(ttl_s * 1000)
+            )
+        return bool(taken)
+
+    async def forget(self, dead: str) -> None:
+        """Cleaning up after `dead` is done: it leaves the registry for good."""
+        with reachable("room placement"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(_WORKERS, dead)
+                pipe.delete(_ROOMS_OF + dead, _WORKER + dead)
+                await pipe.execute()
+
     async def load_of(self, worker: str) -> WorkerLoad | None:
         with reachable("room placement"):
             raw = await self._redis.hget(_WORKER + worker, "load")
@@ -204,9 +235,10 @@ class RedisPlacement:
             pipe.hset(key, mapping={"cpu": f"{load.cpu:.3f}", "load": json.dumps(asdict(load))})
             pipe.pexpire(key, self._ttl_ms)
             pipe.zadd(_WORKERS, {self.worker_id: now_ms})
-            # Incarnations gone for a minute leave the registry (their keys expired long ago).
-            pipe.zremrangebyscore(_WORKERS, "-inf", now_ms - 60_000)
-            pipe.pexpire(_ROOMS_OF + self.worker_id, self._ttl_ms)
+            # Dead incarnations stay listed for a while, so that another worker takes over
+            # what they left (see dead_workers), then leave.
+            pipe.zremrangebyscore(_WORKERS, "-inf", now_ms - DEAD_KEPT_S * 1000)
+            pipe.expire(_ROOMS_OF + self.worker_id, DEAD_KEPT_S)
             await pipe.execute()
 
     def _measured(self) -> WorkerLoad:

@@ -123,3 +123,20 @@ async def test_redis_away_is_unavailable(restartable_redis: RestartableRedis) ->
         assert placed.owner == placement.worker_id and placed.fresh
     finally:
         await placement.stop()
+
+
+async def test_one_worker_at_a_time_cleans_up_after_a_dead_one(
+    workers: list[RedisPlacement],
+) -> None:
+    a, b = workers
+    placed = {c: await a.owner_of(c) for c in map(ConsultationId, ("c-1", "c-2", "c-3", "c-4"))}
+    on_b = {c for c, p in placed.items() if p.owner == b.worker_id}
+    await b.stop()  # a clean stop is a death too: its rooms are left for another to end
+    await until_dead(a, b.worker_id)
+    assert await a.dead_workers() == [b.worker_id]
+    assert await a.rooms_of(b.worker_id) == on_b
+    assert await a.lease(b.worker_id, ttl_s=30) is True
+    assert await a.lease(b.worker_id, ttl_s=30) is False
+    await a.forget(b.worker_id)
+    assert await a.dead_workers() == []
+    assert await a.rooms_of(b.worker_id) == set()
