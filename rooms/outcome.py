@@ -77,6 +77,8 @@ class Outcome:
     moved: list[Seat] = field(default_factory=list)
     # Forced mutes: (consultation, participant, "audio" | "video").
     muted: list[tuple[ConsultationId, str, str]] = field(default_factory=list)
+    # Rooms whose session ended: nothing of them stays here.
+    ended: list[ConsultationId] = field(default_factory=list)
     # A reply to the connection that sent the event (the ack), if any.
     reply: dict[str, Any] | None = None
 

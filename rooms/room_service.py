@@ -946,6 +946,7 @@ class LiveRoomService:
         """The session is over in the record: everyone is told `why` and disconnected, the
         room's media and presence go, the composite follows."""
         self._forget(room.consultation_id)
+        out.ended.append(room.consultation_id)
         if self._recorders is not None:
             self._recorders.session_ended(room.consultation_id, room.session_id)
         payload = {"session_id": room.session_id, **why}

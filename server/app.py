@@ -36,6 +36,7 @@ from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.logs import redact_aiohttp_access_log, request_id_middleware
 from server.metrics import ServerMetrics, metrics_handler
+from server.placement import MediaLoad, RedisPlacement
 from server.presence_redis import RedisPresence
 from server.recorder_relay import RedisRecorderRelay
 from server.recording import SessionRecordings
@@ -46,8 +47,10 @@ from server.signing import OpinionKeys, load_opinion_keys
 from server.turn import TurnCredentials, ice_servers_for_clients
 from server.verify import verify_consultation
 from server.web_routes import register_web
+from server.worker_link import RedisWorkerLink
 from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
 from signaling.packets import CheckedServer
+from signaling.routing import Routing
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +219,18 @@ def _attach_signaling(
             raise Refused(exc.message) from None
         return Identity(claims.to_actor(), claims.expires_at, claims.jti)
 
+    # Behind Redis each room has one owning worker, and the others relay to it.
+    placement = link = None
+    if config.redis_url:
+        # The heartbeat reads the media hub, which comes with the namespace below.
+        gauge: list[MediaLoad] = []
+        placement = RedisPlacement(
+            config.redis_url,
+            config.effective_node_id,
+            lambda: gauge[0](),
+            held=lambda: namespace.rooms_served(),
+        )
+        link = RedisWorkerLink(config.redis_url, placement.worker_id)
     namespace = ConsultNamespace(
         rooms,
         authenticate,
@@ -230,7 +245,10 @@ def _attach_signaling(
         ),
         peer_config,
         counts=metrics,
+        routing=Routing(placement, link) if placement and link else None,
     )
+    if placement is not None:
+        gauge.append(MediaLoad(namespace.media))
     node = config.effective_node_id
     keys = app[RECORDING_KEYS]
     composites = Composites(store, config.data_dir, keys, node=node)
@@ -284,7 +302,14 @@ def _attach_signaling(
             await relay.start_listening()
         if isinstance(presence, RedisPresence):
             await presence.start(namespace.holds)
+        if placement is not None and link is not None:
+            await link.start(namespace.relayed)
+            await placement.start()
+        await namespace.start()
         yield
+        if placement is not None and link is not None:
+            await placement.stop()
+            await link.stop()
         await revocations.stop()
         if relay is not None:
             await relay.stop_listening()

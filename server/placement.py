@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass
 
 import redis.asyncio as aioredis
 
+from media.hub import MediaHub
 from rooms.errors import Unavailable
 from rooms.model import ConsultationId
-from server.redis_errors import REDIS_AWAY, reachable
+from server.redis_conn import REDIS_AWAY, client, reachable
+from signaling.routing import Placed
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +89,25 @@ class WorkerLoad:
 
     rooms: int = 0
     tracks: int = 0
-    packets_per_s: float = 0.0
+    frames_per_s: float = 0.0
     # This process's CPU time per wall-clock second since the last heartbeat (1.0 = one core).
     cpu: float = 0.0
 
 
-@dataclass(frozen=True)
-class Placed:
-    owner: str
-    # True when this call placed the room: it had no owner, or its owner had died.
-    fresh: bool
-    # The dead owner a fresh placement replaced ("" when the room had none).
-    previous: str = ""
+class MediaLoad:
+    """A worker's load as its media hub tells it (the heartbeat adds the CPU)."""
+
+    def __init__(self, media: MediaHub) -> None:
+        self._media = media
+        self._mark = (time.monotonic(), 0)
+
+    def __call__(self) -> WorkerLoad:
+        totals = self._media.totals()
+        now, forwarded = time.monotonic(), totals["frames_forwarded"]
+        then, before = self._mark
+        self._mark = (now, forwarded)
+        rate = (forwarded - before) / (now - then) if now > then else 0.0
+        return WorkerLoad(totals["rooms"], totals["publications"], round(rate, 1))
 
 
 class RedisPlacement:
@@ -107,13 +116,16 @@ class RedisPlacement:
         url: str,
         node_id: str,
         load: Callable[[], WorkerLoad],
+        held: Callable[[], set[ConsultationId]] = set,
         *,
         heartbeat_s: float = HEARTBEAT_S,
         ttl_s: float = WORKER_TTL_S,
     ) -> None:
         self.worker_id = f"{node_id}#{secrets.token_hex(4)}"
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self._redis: aioredis.Redis = client(url)
         self._load = load
+        self._held = held
+        self._registered = False
         self._heartbeat_s = heartbeat_s
         self._ttl_ms = int(ttl_s * 1000)
         self._place = self._redis.register_script(_PLACE)
@@ -145,9 +157,12 @@ class RedisPlacement:
             for _ in range(3):
                 live = await self.live_workers()
                 if self.worker_id not in live:
-                    # Our own heartbeat lapsed (Redis restarted, say): register again first.
+                    # Redis forgot us (restarted, say): register again, and give every other
+                    # worker a heartbeat's time to place its rooms again before placing one
+                    # that may be theirs.
                     await self._heartbeat()
-                    live.append(self.worker_id)
+                    await asyncio.sleep(self._heartbeat_s * 1.5)
+                    live = await self.live_workers()
                 a, b = random.sample(live, 2) if len(live) > 1 else (live[0], live[0])
                 owner, fresh, previous = await self._place(
                     keys=[
@@ -230,8 +245,10 @@ class RedisPlacement:
     async def _heartbeat(self) -> None:
         load = self._measured()
         now_ms = int(time.time() * 1000)
+        key = _WORKER + self.worker_id
+        if self._registered and not await self._redis.exists(key):
+            await self._place_again()
         async with self._redis.pipeline(transaction=True) as pipe:
-            key = _WORKER + self.worker_id
             pipe.hset(key, mapping={"cpu": f"{load.cpu:.3f}", "load": json.dumps(asdict(load))})
             pipe.pexpire(key, self._ttl_ms)
             pipe.zadd(_WORKERS, {self.worker_id: now_ms})
@@ -240,6 +257,23 @@ class RedisPlacement:
             pipe.zremrangebyscore(_WORKERS, "-inf", now_ms - DEAD_KEPT_S * 1000)
             pipe.expire(_ROOMS_OF + self.worker_id, DEAD_KEPT_S)
             await pipe.execute()
+        self._registered = True
+
+    async def _place_again(self) -> None:
+        """Redis forgot this worker (restarted, or our heartbeats stalled past the TTL): the
+        rooms it still serves are placed on it again, unless a join placed one elsewhere
+        meanwhile (that room then lives on two workers until its people reconnect)."""
+        held = self._held()
+        log.warning(
+            "placement: Redis had forgotten this worker; placing its %d rooms again", len(held)
+        )
+        for consultation_id in held:
+            if await self._redis.set(
+                _PLACED + consultation_id, self.worker_id, nx=True, px=86_400_000
+            ):
+                await self._redis.sadd(_ROOMS_OF + self.worker_id, consultation_id)
+            else:
+                log.warning("placement: room %s was placed elsewhere meanwhile", consultation_id)
 
     def _measured(self) -> WorkerLoad:
         wall, cpu = time.monotonic(), time.process_time()
@@ -247,7 +281,7 @@ class RedisPlacement:
         self._cpu_mark = (wall, cpu)
         share = (cpu - last_cpu) / (wall - last_wall) if wall > last_wall else 0.0
         reported = self._load()
-        return WorkerLoad(reported.rooms, reported.tracks, reported.packets_per_s, round(share, 3))
+        return WorkerLoad(reported.rooms, reported.tracks, reported.frames_per_s, round(share, 3))
 
     async def _beat_forever(self) -> None:
         away = False

@@ -24,7 +24,7 @@ from redis.typing import EncodableT, FieldT
 from rooms.errors import RoomRefused, Unavailable
 from rooms.live import InMemoryPresence, LiveParticipant, RecordingOn, RoomState
 from rooms.model import ConsultationId, ParticipantId, SessionId, UserId
-from server.redis_errors import reachable
+from server.redis_conn import reachable
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from rooms.room_service import LiveRoomService, Stroke
 from signaling import events as ev
 from signaling.packets import Unreadable, event_problem, payload_problem
 from signaling.ratelimit import TokenBucket
+from signaling.routing import Message, Routing
 from signaling.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,11 @@ log = logging.getLogger(__name__)
 NAMESPACE = "/consult"
 # How often a disconnect that presence could not take (Redis away) is tried again.
 UNAVAILABLE_RETRY_S = 1.0
+# How often a worker checks that the other ends of its relayed connections are alive, and
+# how long one must have been missing to count as dead (a restarted Redis has forgotten every
+# worker until their next heartbeats, a second later).
+PEER_WATCH_S = 1.0
+PEER_LOST_AFTER_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,12 @@ class Connection:
     revoked: bool = False
     # Set once the connection dropped, for the event still running (a join, say).
     gone: bool = False
+    # Relayed (signaling/routing.py): on the edge, the worker that owns its room; on the
+    # owner, the worker that holds its socket. Neither: a connection of this worker alone.
+    owner: str | None = None
+    edge: str | None = None
+    # The edge keeps the auth payload to present it to the owner (never logged).
+    auth: Any = None
 
     @property
     def actor(self) -> Actor:
@@ -123,9 +136,12 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         limits: Limits,
         peer_config: PeerConfig,
         counts: EventCounts | None = None,
+        routing: Routing | None = None,
     ) -> None:
         super().__init__(NAMESPACE)
         self._counts = counts
+        self._routing = routing
+        self._peer_watch: asyncio.Task[None] | None = None
         self._rooms = rooms
         self._media = MediaHub(peer_config, self._send_subscribe_offer, self._send_layer)
         # Which connection holds each seat, to deliver its subscribe offers.
@@ -172,8 +188,18 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         return len(self._connections)
 
     def holds(self, connection: str) -> bool:
-        """Whether `connection` (a socket id) is one of this node's."""
-        return connection in self._connections
+        """Whether `connection` (a socket id) holds a seat served by this worker (its own
+        sockets and those relayed to it, not those it relays to another)."""
+        conn = self._connections.get(connection)
+        return conn is not None and conn.owner is None
+
+    def rooms_served(self) -> set[ConsultationId]:
+        """The rooms whose seats this worker serves (placed here)."""
+        return {
+            c.consultation_id
+            for c in self._connections.values()
+            if c.consultation_id is not None and c.owner is None
+        }
 
     @property
     def media(self) -> MediaHub:
@@ -196,7 +222,15 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         await self._apply(outcome)
         return consultation
 
+    async def start(self) -> None:
+        if self._routing is not None:
+            self._peer_watch = asyncio.create_task(self._watch_peers(), name="relay-peers")
+
     async def stop(self) -> None:
+        if self._peer_watch is not None:
+            self._peer_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._peer_watch
         await self._timers.cancel_all()
         await self._media.stop()
 
@@ -222,8 +256,15 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         conn = self._connections.get(sid)
         if conn is None:
             return await self._error(sid, name, "not_connected", "connect first")
+        return await self._handle(sid, conn, event, name, data)
+
+    async def _handle(
+        self, sid: str, conn: Connection, event: Any, name: str, data: Any
+    ) -> dict[str, Any]:
         async with conn.lock:
             try:
+                if conn.owner is not None:
+                    return await self._relay(sid, conn, event, name, data)
                 ack = await self._dispatch(sid, conn, event, name, data)
                 if self._counts is not None:
                     # Only the namespace's own event names: a client cannot add series.
@@ -238,6 +279,30 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     async def _dispatch(
         self, sid: str, conn: Connection, event: Any, name: str, data: Any
     ) -> dict[str, Any]:
+        screened = await self._screen(sid, conn, event, name, data)
+        if isinstance(screened, dict):
+            return screened
+        spec, body = screened
+        if spec.needs_room and conn.consultation_id is None:
+            return await self._error(sid, name, "not_in_room", "join a consultation first")
+        try:
+            if isinstance(body, ev.Join) and conn.edge is None and self._routing is not None:
+                relayed = await self._route_join(sid, conn, body, data)
+                if relayed is not None:
+                    return relayed
+            outcome = await spec.handler(sid, conn, body)
+        except DomainError as exc:
+            return await self._error(sid, name, exc.code, str(exc))
+        except MediaError as exc:
+            return await self._error(sid, name, "media_error", str(exc))
+        await self._apply(outcome)
+        return {"ok": True, **({"result": outcome.reply} if outcome.reply else {})}
+
+    async def _screen(
+        self, sid: str, conn: Connection, event: Any, name: str, data: Any
+    ) -> dict[str, Any] | tuple[EventSpec, BaseModel]:
+        """What every event goes through before its handler, on the edge and the owner alike:
+        the refusal's ack, or the event's spec and validated body."""
         if not conn.bucket.take():
             return await self._error(sid, name, "rate_limited", "too many events; slow down")
         # A packet the decoder could not read (signaling/packets.py) says why in its place.
@@ -273,16 +338,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             body = spec.model.model_validate({} if data is None else data)
         except ValidationError as exc:
             return await self._error(sid, name, "invalid_payload", _describe(exc))
-        if spec.needs_room and conn.consultation_id is None:
-            return await self._error(sid, name, "not_in_room", "join a consultation first")
-        try:
-            outcome = await spec.handler(sid, conn, body)
-        except DomainError as exc:
-            return await self._error(sid, name, exc.code, str(exc))
-        except MediaError as exc:
-            return await self._error(sid, name, "media_error", str(exc))
-        await self._apply(outcome)
-        return {"ok": True, **({"result": outcome.reply} if outcome.reply else {})}
+        return spec, body
 
     async def _error(self, sid: str, event: str, code: str, message: str) -> dict[str, Any]:
         if code != "rate_limited":  # a flood would flood the log too
@@ -316,6 +372,11 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         if outcome.disconnects:
             # In a task of its own, so the ack of the event that caused it goes out first.
             self._timers.start(self._disconnect(outcome.disconnects))
+        if self._routing is not None:
+            for ended in outcome.ended:
+                with contextlib.suppress(Unavailable):
+                    # Left standing, it is placed again by the next join: harmless.
+                    await self._routing.placement.release(ended)
 
     def _count(self, outcome: Outcome) -> None:
         if self._counts is None:
@@ -375,6 +436,17 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     # --- connection life cycle ---------------------------------------------------------------
 
     async def _on_connect(self, sid: str, auth: Any) -> bool:
+        identity = await self._verify(sid, auth)
+        self._connections[sid] = Connection(
+            identity,
+            TokenBucket(self._config.events_per_second, self._config.event_burst),
+            auth=auth if self._routing is not None else None,
+        )
+        return True
+
+    async def _verify(self, sid: str, auth: Any) -> Identity:
+        """The identity the auth payload proves; raises ConnectionRefusedError, whose message
+        the client sees, if it proves none."""
         problem = auth.message if isinstance(auth, Unreadable) else payload_problem(auth)
         if problem is not None:
             log.info("connection %s refused: unreadable auth payload", sid)
@@ -406,10 +478,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             self._verifying -= 1
             if not self._verifying:
                 self._revoked_while_verifying.clear()
-        self._connections[sid] = Connection(
-            identity, TokenBucket(self._config.events_per_second, self._config.event_burst)
-        )
-        return True
+        return identity
 
     async def recording_failed(self, consultation_id: ConsultationId, why: str) -> None:
         """This node's recorder of the room failed (see LiveRoomService.recording_failed)."""
@@ -423,12 +492,20 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         is told, its seat closes with reason `revoked`, and it is disconnected."""
         if self._verifying:
             self._revoked_while_verifying.add(token_id)
-        ended = [sid for sid, c in self._connections.items() if c.identity.token_id == token_id]
+        ended = [
+            sid
+            for sid, c in self._connections.items()
+            if c.identity.token_id == token_id and c.owner is None
+        ]
         await asyncio.gather(*(self._end_revoked(sid) for sid in ended))
 
     def token_ids(self) -> set[str]:
         """The token ids this node's connections presented (invites, mostly)."""
-        return {c.identity.token_id for c in self._connections.values() if c.identity.token_id}
+        return {
+            c.identity.token_id
+            for c in self._connections.values()
+            if c.identity.token_id and c.owner is None
+        }
 
     async def _end_revoked(self, sid: str) -> None:
         conn = self._connections.get(sid)
@@ -466,6 +543,9 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             await self._dropped(sid, conn)
 
     async def _dropped(self, sid: str, conn: Connection) -> None:
+        if conn.owner is not None and self._routing is not None:
+            await self._routing.link.tell(conn.owner, {"op": "detach", "sid": sid})
+            return
         cid = conn.consultation_id
         if cid is None:
             return
@@ -521,6 +601,112 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             await self._apply(await self._rooms.end_abandoned(cid))
         except DomainError as exc:
             log.info("session of %s not ended automatically: %s", cid, exc)
+
+    # --- relaying to the room's worker (signaling/routing.py) --------------------------------
+
+    async def _route_join(
+        self, sid: str, conn: Connection, body: ev.Join, data: Any
+    ) -> dict[str, Any] | None:
+        """Joins on the room's worker if that is another: the join's ack, or None to join here."""
+        assert self._routing is not None
+        routing = self._routing
+        placed = await routing.placement.owner_of(ConsultationId(body.consultation_id))
+        if placed.owner == routing.placement.worker_id:
+            return None
+        attached = await routing.link.call(
+            placed.owner,
+            {"op": "attach", "sid": sid, "auth": conn.auth, "edge": routing.placement.worker_id},
+        )
+        if attached.get("ok") is not True:
+            message = str(attached.get("message", "refused"))
+            return await self._error(sid, "join", "refused", message)
+        conn.owner = placed.owner
+        return await routing.link.call(
+            placed.owner, {"op": "event", "sid": sid, "event": "join", "data": data}
+        )
+
+    async def _relay(
+        self, sid: str, conn: Connection, event: Any, name: str, data: Any
+    ) -> dict[str, Any]:
+        """An event of a connection whose room is on another worker: screened here (nothing
+        unreadable or over the limits crosses), handled there."""
+        assert self._routing is not None and conn.owner is not None
+        screened = await self._screen(sid, conn, event, name, data)
+        if isinstance(screened, dict):
+            return screened
+        try:
+            return await self._routing.link.call(
+                conn.owner, {"op": "event", "sid": sid, "event": name, "data": data}
+            )
+        except Unavailable as exc:
+            return await self._error(sid, name, exc.code, str(exc))
+
+    async def relayed(self, message: Message) -> Message | None:
+        """A request from an edge worker about one of its connections (the WorkerLink's
+        handler). Workers trust each other: Redis is theirs alone."""
+        sid = str(message.get("sid", ""))
+        op = message.get("op")
+        if op == "attach":
+            return await self._attach(sid, message.get("auth"), str(message.get("edge", "")))
+        conn = self._connections.get(sid)
+        if conn is None or conn.edge is None:
+            if op == "event":
+                return {"ok": False, "error": {"code": "not_connected", "message": "reconnect"}}
+            return None
+        if op == "event":
+            name = str(message.get("event", ""))
+            return await self._handle(sid, conn, name, name, message.get("data"))
+        if op == "detach":
+            await self._on_disconnect(sid)
+        return None
+
+    async def _attach(self, sid: str, auth: Any, edge: str) -> Message:
+        try:
+            identity = await self._verify(sid, auth)
+        except socketio.exceptions.ConnectionRefusedError as exc:
+            return {"ok": False, "message": str(exc.error_args.get("message", "refused"))}
+        self._connections[sid] = Connection(
+            identity,
+            TokenBucket(self._config.events_per_second, self._config.event_burst),
+            edge=edge,
+        )
+        return {"ok": True}
+
+    async def _watch_peers(self) -> None:
+        """A worker that died takes its side of the relayed connections with it: an edge's
+        sockets whose room's worker died are closed so the clients reconnect (and are placed
+        again); an owner's connections from a dead edge are dropped like a lost socket."""
+        assert self._routing is not None
+        missing_since: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(PEER_WATCH_S)
+            peers = {p for c in self._connections.values() for p in (c.owner, c.edge) if p}
+            try:
+                alive = await self._routing.placement.alive(peers)
+            except Unavailable:
+                continue  # Redis away: nobody's heartbeat can be told either way
+            now = time.monotonic()
+            for peer in list(missing_since):
+                if peer in alive or peer not in peers:
+                    del missing_since[peer]
+            for peer in peers - alive:
+                missing_since.setdefault(peer, now)
+            dead = {p for p, since in missing_since.items() if now - since >= PEER_LOST_AFTER_S}
+            for sid, conn in list(self._connections.items()):
+                if conn.owner is not None and conn.owner in dead:
+                    log.warning("closing %s: the worker of its room is gone", sid)
+                    await self._close_transport(sid)
+                elif conn.edge is not None and conn.edge in dead:
+                    await self._on_disconnect(sid)
+
+    async def _close_transport(self, sid: str) -> None:
+        """Closes the socket without socket.io's disconnect packet: the client sees a lost
+        connection and reconnects by itself (after a disconnect packet it would not)."""
+        eio_sid = self.server.manager.eio_sid_from_sid(sid, self.namespace)
+        if eio_sid is None:
+            await self._on_disconnect(sid)
+            return
+        await self.server.eio.disconnect(eio_sid)
 
     # --- handlers ----------------------------------------------------------------------------
 

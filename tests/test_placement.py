@@ -89,13 +89,13 @@ async def until_dead(observer: RedisPlacement, worker: str) -> None:
 
 async def test_the_heartbeat_reports_the_load(redis_url: str) -> None:
     placement = RedisPlacement(
-        redis_url, "node/w0", lambda: WorkerLoad(rooms=3, tracks=7, packets_per_s=120.0)
+        redis_url, "node/w0", lambda: WorkerLoad(rooms=3, tracks=7, frames_per_s=120.0)
     )
     await placement.start()
     try:
         load = await placement.load_of(placement.worker_id)
         assert load is not None
-        assert (load.rooms, load.tracks, load.packets_per_s) == (3, 7, 120.0)
+        assert (load.rooms, load.tracks, load.frames_per_s) == (3, 7, 120.0)
         assert load.cpu >= 0
     finally:
         await placement.stop()
