@@ -105,6 +105,7 @@ class Backoff:
 def create_supervisor(config: Config, workers: int, worker_argv: WorkerArgv) -> Supervisor:
     """What each worker would refuse at start-up is refused here, once (ConfigError), before
     any is started; the development keys are made here, so that the workers do not race to."""
+    _check_address_free(config.host, config.port)
     env = dict(os.environ)
     if config.dev and config.signing.key_file is None:
         key_file = development_key_file(config.data_dir).resolve()
@@ -114,7 +115,6 @@ def create_supervisor(config: Config, workers: int, worker_argv: WorkerArgv) -> 
         env["TELEMED_SIGNING_KEY_FILE"] = str(key_file)
     load_opinion_keys(config.signing, dev=config.dev)
     load_recording_keys(config)
-    _check_address_free(config.host, config.port)
     return Supervisor(config, workers, worker_argv, env)
 
 
