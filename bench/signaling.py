@@ -632,7 +632,8 @@ class Run:
             upgrade.stop()
         for i in range(scenario.nodes):
             port = free_port()
-            serve = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+            # One process per node, as measured (with Redis the default is one per core).
+            serve = ["serve", "--workers", "1", "--host", "127.0.0.1", "--port", str(port)]
             if args.instrument:
                 stats = self.tmp / f"node{i}-stats.json"
                 self.stats_files.append(stats)

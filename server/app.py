@@ -72,7 +72,10 @@ RECORDING_KEYS = web.AppKey("recording_keys", SealKeys)
 _MAX_FRAME_BYTES = 1024 * 1024
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, *, migrate: bool = True) -> web.Application:
+    """`migrate=False` for the workers of `telemed serve --workers N`: their supervisor has
+    migrated once before starting them, and N processes migrating one database at once would
+    race each other (server/supervisor.py)."""
     install_protocol_errors()
     redact_aiohttp_access_log()
     app = web.Application(
@@ -124,7 +127,9 @@ def create_app(config: Config) -> web.Application:
         return web.Response(text=openapi, content_type="application/json")
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response(Health(status="ok").model_dump(exclude_none=True))
+        # The node tells which process answered: with workers, any of them may (SO_REUSEPORT).
+        body = Health(status="ok", node=config.effective_node_id)
+        return web.json_response(body.model_dump(exclude_none=True))
 
     async def readyz(_: web.Request) -> web.Response:
         try:
@@ -141,7 +146,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/metrics", metrics_handler(metrics))
     app.router.add_get("/api/v1/openapi.json", get_openapi)
     register_web(app, config, service, tokens)
-    app.cleanup_ctx.append(_store_lifecycle)
+    app.cleanup_ctx.append(_store_lifecycle(migrate))
     # After the store (it needs it at startup), before signaling stops (its media).
     app.cleanup_ctx.append(_recording_lifecycle)
     return app
@@ -367,12 +372,16 @@ async def _stop_redis_manager(manager: socketio.AsyncRedisManager) -> None:
         await manager.redis.aclose()
 
 
-async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    await upgrade(app[CONFIG].effective_database_url)
-    store = app[STORE]
-    await store.start()
-    yield
-    await store.stop()
+def _store_lifecycle(migrate: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        if migrate:
+            await upgrade(app[CONFIG].effective_database_url)
+        store = app[STORE]
+        await store.start()
+        yield
+        await store.stop()
+
+    return lifecycle
 
 
 async def _recording_lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from server.logs import configure_logging
 from server.recording_keys import load_recording_keys
 from server.retention import RetentionError, RetentionReport, run_retention
 from server.signing import load_opinion_keys
+from server.supervisor import check_workers, create_supervisor, default_workers, run_worker
 from server.verify import VerifyReport, verify_consultation
 
 log = logging.getLogger("telemed")
@@ -65,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dev", action="store_true", help="development mode: demo data and tokens")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        help="worker processes sharing the port (default: the number of cores with "
+        "TELEMED_REDIS_URL, else 1)",
+    )
+    # What the supervisor of --workers N starts each worker with (server/supervisor.py).
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
 
     db = commands.add_parser("db", help="database maintenance")
@@ -109,16 +120,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(config: Config, _: argparse.Namespace) -> int:
+def _serve(config: Config, args: argparse.Namespace) -> int:
     config.check_safe_to_serve()
+    if args.worker_index is not None:
+        if args.supervisor_pid is None:
+            raise ConfigError("--worker-index needs --supervisor-pid")
+        return run_worker(config, args.worker_index, args.supervisor_pid)
+    workers: int = default_workers(config) if args.workers is None else args.workers
+    check_workers(config, workers)
+    if workers > 1:
+        supervisor = create_supervisor(config, workers, _worker_argv(args))
+        _print_listening(config)
+        return supervisor.run()
     app = create_app(config)
     if config.dev:
         app.cleanup_ctx.append(_print_demo)
+    _print_listening(config)
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    return 0
+
+
+def _print_listening(config: Config) -> None:
     listen = f"http://{config.host}:{config.port}"
     print(f"telemed listening on {listen} (public URL {config.effective_public_url})", flush=True)
     print(f"database: {_redact(config.effective_database_url)}", flush=True)
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
-    return 0
+
+
+def _worker_argv(args: argparse.Namespace) -> Callable[[int], list[str]]:
+    """This command line for worker i: a clean interpreter, the same config and overrides."""
+    common = [sys.executable, "-m", "server.cli"]
+    if args.config is not None:
+        common += ["--config", str(args.config)]
+    common.append("serve")
+    if args.dev:
+        common.append("--dev")
+    if args.host is not None:
+        common += ["--host", args.host]
+    if args.port is not None:
+        common += ["--port", str(args.port)]
+    supervisor = ["--supervisor-pid", str(os.getpid())]
+    return lambda index: [*common, "--worker-index", str(index), *supervisor]
 
 
 async def _print_demo(app: web.Application) -> AsyncIterator[None]:
@@ -266,6 +307,16 @@ def _aware_time(text: str) -> datetime:
     return value
 
 
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -279,3 +330,7 @@ def _redact(url: str) -> str:
     if "@" in rest:
         rest = "***@" + rest.split("@", 1)[1]
     return scheme + sep + rest
+
+
+if __name__ == "__main__":  # how the supervisor starts its workers
+    sys.exit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from server.config import ConfigError, SigningConfig
 
 log = logging.getLogger(__name__)
+
+DEV_KEY_FILE = "signing-dev.pem"
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -79,6 +82,26 @@ def load_opinion_keys(config: SigningConfig, *, dev: bool) -> OpinionKeys:
         )
         return keys
     return OpinionKeys(_private_key(config.key_file), previous)
+
+
+def development_key_file(data_dir: Path) -> Path:
+    """The key file every worker of `telemed serve --dev --workers N` signs with: a key made
+    per process would leave each worker reading the others' signatures as unknown_key. Made
+    once into data_dir (readable by this user only, never overwritten), as recording-dev.key."""
+    path = data_dir / DEV_KEY_FILE
+    if path.exists():
+        return path
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    log.info("development mode: generated the workers' opinion signing key at %s", path)
+    return path
 
 
 def _read(path: Path, what: str) -> bytes:

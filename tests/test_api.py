@@ -28,7 +28,7 @@ from api_helpers import (
     parse_time,
 )
 
-from server.app import STORE
+from server.app import CONFIG, STORE
 
 CST = timezone(timedelta(hours=8))
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -582,13 +582,11 @@ async def test_an_invite_is_revoked_only_through_its_own_consultation(api: Api) 
 
 
 async def test_health_endpoints(api: Api) -> None:
-    for path in ("/healthz", "/readyz"):
+    # /healthz names the node that answered (with workers, which of them did).
+    node = api.app[CONFIG].effective_node_id
+    for path, body in (("/healthz", {"status": "ok", "node": node}), ("/readyz", {"status": "ok"})):
         reply = await api.get(path, None)
-        assert (reply.status, reply.content_type, reply.body) == (
-            200,
-            "application/json",
-            {"status": "ok"},
-        )
+        assert (reply.status, reply.content_type, reply.body) == (200, "application/json", body)
 
 
 async def test_readyz_reports_an_unreachable_database(api: Api) -> None:

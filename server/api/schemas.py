@@ -584,6 +584,8 @@ class RecordOut(ResponseBody):
 class Health(ResponseBody):
     status: Literal["ok", "unavailable"]
     detail: str | None = None
+    # GET /healthz: the node id of the process that answered (with workers, `host:port/w1`).
+    node: str | None = None
 
 
 class ProblemField(ResponseBody):
