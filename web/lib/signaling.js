@@ -37,6 +37,11 @@ export class Signaling {
     this.socket = /** @type {any} */ (globalThis.io)(`${url}/consult`, {
       auth: { token, consultation_id: consultationId },
       autoConnect: false,
+      // WebSocket first: a long-polling session lives on one worker, and behind several
+      // (docs/protocol.md, "Several workers") its next request may reach another. Polling
+      // stays the fallback where a proxy blocks WebSocket.
+      transports: ["websocket", "polling"],
+      tryAllTransports: true,
       reconnectionDelay: 500,
       reconnectionDelayMax: 3000,
     });
