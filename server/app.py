@@ -307,6 +307,13 @@ def _attach_signaling(
             await relay.start_listening()
         if isinstance(presence, RedisPresence):
             await presence.start(namespace.holds)
+        if isinstance(manager, socketio.AsyncRedisManager) and not sio.manager_initialized:
+            # python-socketio starts its Redis listener at the first local connection, and
+            # the listener replaces the client a publish may have used before (leaking its
+            # connection); a room's worker publishes for relayed clients before it may have
+            # any socket of its own.
+            sio.manager_initialized = True
+            manager.initialize()
         if placement is not None and link is not None:
             await link.start(namespace.relayed)
             await placement.start()

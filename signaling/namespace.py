@@ -185,7 +185,8 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 
     @property
     def connection_count(self) -> int:
-        return len(self._connections)
+        """Sockets this worker holds (not those another worker relays to it)."""
+        return sum(1 for c in self._connections.values() if c.edge is None)
 
     def holds(self, connection: str) -> bool:
         """Whether `connection` (a socket id) holds a seat served by this worker (its own
