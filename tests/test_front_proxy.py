@@ -20,7 +20,7 @@ import pytest
 import socketio
 from aiohttp import web
 from api_helpers import consultation_body
-from nginx import Nginx
+from nginx import DEPLOY_CONF, Nginx
 from test_multinode import (
     NS,
     SPECIALIST,
@@ -190,8 +190,11 @@ def bearer(front: Front, role: Role) -> dict[str, str]:
 async def get_json(
     http: aiohttp.ClientSession, url: str, headers: dict[str, str]
 ) -> tuple[int, Any]:
+    """The status and the JSON body (the text, if it is not JSON: nginx's own error pages)."""
     async with http.get(url, headers=headers) as response:
-        return response.status, await response.json(content_type=None)
+        if response.content_type.endswith("json"):
+            return response.status, await response.json(content_type=None)
+        return response.status, await response.text()
 
 
 # --- REST ------------------------------------------------------------------------------------
@@ -233,6 +236,7 @@ async def test_what_nginx_forwards_about_the_client(front: Front) -> None:
         ) as created:
             assert created.status == 201, await created.text()
             cid = (await created.json())["id"]
+            answered_as = created.headers["X-Request-Id"]
         status, audit = await get_json(
             http, f"{url}/api/v1/audit?consultation={cid}", bearer(front, ADMIN)
         )
@@ -246,10 +250,12 @@ async def test_what_nginx_forwards_about_the_client(front: Front) -> None:
     assert status == 200, audit
     [entry] = [e for e in audit["items"] if e["action"] == "create_consultation"]
     assert entry["remote_addr"] == "127.0.0.1"
-    # The client's own address is in nginx's access log.
+    # The client's own address is in nginx's access log, with the request id the node used.
     posts = [line for line in front.proxy.access_log() if "POST /api/v1/consultations" in line]
     assert len(posts) == 1
     assert posts[0].startswith(f"{CLIENT_ADDRESS} ")
+    assert arrival.headers["x-request-id"] == answered_as
+    assert f"request_id={answered_as}" in posts[0]
 
 
 async def test_body_limits_are_telemeds_own(front: Front) -> None:
@@ -269,6 +275,17 @@ async def test_body_limits_are_telemeds_own(front: Front) -> None:
         assert refused.content_type == "application/problem+json"
         problem = await refused.json(content_type=None)
     assert str(limit) in problem["detail"]
+
+
+async def test_no_link_token_in_the_access_log(front: Front) -> None:
+    """A playback link carries its token in the query; nginx's log keeps the path alone."""
+    token = front.cluster.tokens[VILLAGE]
+    path = "/api/v1/recordings/no-such-recording/content"
+    async with http_client() as http, http.get(f"{front.proxy.url}{path}?token={token}") as got:
+        assert got.status in (401, 403, 404), await got.text()
+    [line] = [line for line in front.proxy.access_log() if path in line]
+    assert "token" not in line
+    assert token[:16] not in "\n".join(front.proxy.access_log())
 
 
 # --- socket.io -------------------------------------------------------------------------------
@@ -350,3 +367,78 @@ async def test_a_stopped_node_is_skipped(front: Front) -> None:
     # New socket.io connections too: two in a row, which round-robin would have split.
     peers = [await front.connect(VILLAGE, f"village{i}@proxy") for i in range(2)]
     assert [front.node_of(peer) for peer in peers] == [a, a]
+
+
+# --- socket.io's HTTP long-polling ----------------------------------------------------------
+
+
+def short_polls(front: Front) -> None:
+    """A node holds a long-poll for up to ping_interval + ping_timeout (45 s), even after its
+    session closed, and shuts down only after the last one ended: shorten both, so that the
+    polls a client leaves behind end soon after it."""
+    for node in front.running:
+        node.sio.eio.ping_interval = 1
+        node.sio.eio.ping_timeout = 3
+
+
+async def connect_polling(url: str, token: str) -> socketio.AsyncClient:
+    client = socketio.AsyncClient(reconnection=False)
+    await client.connect(
+        url, namespaces=[NS], auth={"token": token}, transports=["polling"], wait_timeout=TIMEOUT_S
+    )
+    return client
+
+
+async def test_polling_fails_under_round_robin(front: Front) -> None:
+    """Why the web client must use WebSocket behind this proxy: a polling session's requests
+    go to both nodes, and the one not holding the session refuses them."""
+    short_polls(front)
+    client = socketio.AsyncClient(reconnection=False)
+    try:
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await client.connect(
+                front.proxy.url,
+                namespaces=[NS],
+                auth={"token": front.cluster.tokens[VILLAGE]},
+                transports=["polling"],
+                wait_timeout=TIMEOUT_S,
+            )
+        polls = [a for a in front.arrivals if a.path == "/socket.io/"]
+        assert {a.node for a in polls} == {"A", "B"}, "the handshake and the next request split"
+    finally:
+        await client.disconnect()
+        # The client gave up on its session without closing it: close it as it would have,
+        # with an engine.io close packet to the node holding it.
+        async with http_client() as http:
+            for node in front.running:
+                for sid in list(node.sio.eio.sockets):
+                    params = {"EIO": "4", "transport": "polling", "sid": sid}
+                    async with http.post(f"{node.url}/socket.io/", params=params, data="1") as r:
+                        assert r.status == 200, await r.text()
+
+
+async def test_polling_works_with_the_documented_sticky_upstream(
+    tmp_path: Path, front: Front
+) -> None:
+    """docs/deploy/nginx.conf's commented `ip_hash;`, uncommented: one client, one node."""
+    short_polls(front)
+    documented = DEPLOY_CONF.read_text(encoding="utf-8")
+    assert "    # ip_hash;" in documented
+    sticky = tmp_path / "sticky.conf"
+    sticky.write_text(documented.replace("    # ip_hash;", "    ip_hash;", 1), encoding="utf-8")
+    backends = [node.url.removeprefix("http://") for node in front.running]
+    async with Nginx(tmp_path / "sticky", backends, template=sticky) as proxy:
+        client = await connect_polling(proxy.url, front.cluster.tokens[VILLAGE])
+        try:
+            reply = await client.call(
+                "join",
+                {"consultation_id": front.cluster.consultation_id},
+                namespace=NS,
+                timeout=TIMEOUT_S,
+            )
+            assert reply == {"ok": True}
+        finally:
+            await client.disconnect()
+    polls = [a for a in front.arrivals if a.path == "/socket.io/"]
+    assert len(polls) >= 3, "handshake, connect packet, then polls"
+    assert len({a.node for a in polls}) == 1
