@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 # Debian packages the test suite needs: binary name (or file) -> package name.
 TEST_TOOLS := redis-server:redis-server chromium:chromium \
 	/usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei \
-	turnserver:coturn certutil:libnss3-tools openssl:openssl
+	turnserver:coturn certutil:libnss3-tools openssl:openssl \
+	/usr/sbin/nginx:nginx
 
 .PHONY: run test lint typecheck pytest venv dev-venv system-deps clean
 
