@@ -36,6 +36,7 @@ from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.logs import redact_aiohttp_access_log, request_id_middleware
 from server.metrics import ServerMetrics, metrics_handler
+from server.placement import RedisPlacement, WorkerLoad
 from server.presence_redis import RedisPresence
 from server.recorder_relay import RedisRecorderRelay
 from server.recording import SessionRecordings
@@ -43,6 +44,7 @@ from server.recording_keys import load_recording_keys
 from server.recovery import CrashRecovery
 from server.revocations import LocalRevocations, RedisRevocations
 from server.signing import OpinionKeys, load_opinion_keys
+from server.takeover import attach_cleanup
 from server.turn import TurnCredentials, ice_servers_for_clients
 from server.verify import verify_consultation
 from server.web_routes import register_web
@@ -62,6 +64,7 @@ RECORDINGS = web.AppKey("recordings", SessionRecordings)
 COMPOSITES = web.AppKey("composites", Composites)
 METRICS = web.AppKey("metrics", ServerMetrics)
 RECOVERY = web.AppKey("recovery", CrashRecovery)
+PLACEMENT = web.AppKey("placement", RedisPlacement)
 SIGNER = web.AppKey("signer", OpinionKeys)
 # What recordings are sealed with at rest (media/sealed.py): downloads, composites, verify.
 RECORDING_KEYS = web.AppKey("recording_keys", SealKeys)
@@ -141,6 +144,11 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_store_lifecycle)
     # After the store (it needs it at startup), before signaling stops (its media).
     app.cleanup_ctx.append(_recording_lifecycle)
+    # takeover (helper): behind Redis, what dead workers left is cleaned up after here.
+    if PLACEMENT in app:
+        grace_s = config.signaling.empty_room_grace_s
+        rooms, recordings, composites = app[ROOMS], app[RECORDINGS], app[COMPOSITES]
+        attach_cleanup(app, app[PLACEMENT], store, rooms, recordings, composites, grace_s)
     return app
 
 
@@ -231,7 +239,15 @@ def _attach_signaling(
         peer_config,
         counts=metrics,
     )
-    node = config.effective_node_id
+    # takeover (helper): minimal placement until the lead's; rows name the incarnation.
+    placement = (
+        RedisPlacement(config.redis_url, config.effective_node_id, WorkerLoad)
+        if config.redis_url
+        else None
+    )
+    if placement is not None:
+        app[PLACEMENT] = placement
+    node = placement.worker_id if placement is not None else config.effective_node_id
     keys = app[RECORDING_KEYS]
     composites = Composites(store, config.data_dir, keys, node=node)
     recordings = SessionRecordings(
@@ -260,7 +276,7 @@ def _attach_signaling(
     app[RECORDINGS] = recordings
     app[COMPOSITES] = composites
     # Alone, this node knows that nothing it left open is still being served; behind Redis,
-    # it knows that of the recordings it was writing itself (its node_id).
+    # dead workers are cleaned up after by the live ones (server/takeover.py).
     alone = isinstance(presence, InMemoryPresence)
     app[RECOVERY] = CrashRecovery(
         store,
@@ -270,7 +286,6 @@ def _attach_signaling(
         composites,
         sig.empty_room_grace_s,
         alone=alone,
-        end_recorded=None if alone else namespace.end_after_crash,
     )
     sio.register_namespace(namespace)
     sio.attach(app)
@@ -279,6 +294,8 @@ def _attach_signaling(
     app[NAMESPACE] = namespace
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        if placement is not None:  # takeover (helper)
+            await placement.start()
         await revocations.start()
         if relay is not None:
             await relay.start_listening()
@@ -294,6 +311,8 @@ def _attach_signaling(
             await _stop_redis_manager(manager)
         if isinstance(presence, RedisPresence):
             await presence.stop()
+        if placement is not None:  # takeover (helper)
+            await placement.stop()
 
     app.cleanup_ctx.append(lifecycle)
     return revocations
