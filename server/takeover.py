@@ -97,11 +97,15 @@ class DeadWorkerCleanup:
                 if not away:
                     log.warning("dead worker cleanup waits: Redis or the database is away")
                 away = True
+            except Exception:
+                # One bad pass must not end the looking for good.
+                log.exception("looking for dead workers failed")
             await asyncio.sleep(self._every_s)
 
     async def _look(self) -> None:
         for dead in await self._placement.dead_workers():
-            if dead in self._under_way:
+            if dead in self._under_way or dead == self._placement.worker_id:
+                # Our own heartbeat lapsed (a stalled loop, Redis away): we are not dead.
                 continue
             if await self._placement.lease(dead, self._lease_s):
                 log.warning("worker %s is dead: cleaning up after it", dead)
@@ -110,8 +114,12 @@ class DeadWorkerCleanup:
 
     async def _clean_up_after(self, dead: str) -> None:
         try:
+            if not await self._still_dead(dead):
+                return
             await self._recover(dead)
             await self._end_rooms_nobody_took(dead)
+            if not await self._still_dead(dead):
+                return
             await self._placement.forget(dead)
             self.cleaned_up.append(dead)
             log.info("cleaned up after worker %s", dead)
@@ -120,6 +128,14 @@ class DeadWorkerCleanup:
             log.warning("cleaning up after %s stopped (%s); it is done again later", dead, exc)
         finally:
             self._under_way.discard(dead)
+
+    async def _still_dead(self, dead: str) -> bool:
+        """A worker whose heartbeat only lapsed (its loop stalled) registers again under the
+        same incarnation: what it still holds is its own again."""
+        if await self._placement.alive({dead}):
+            log.warning("worker %s is alive again: its cleanup stops", dead)
+            return False
+        return True
 
     async def _recover(self, dead: str) -> None:
         touched = await self._recordings.recover_worker(dead)
@@ -142,7 +158,8 @@ class DeadWorkerCleanup:
             async def still_on_dead(c: ConsultationId = consultation_id) -> bool:
                 # Placing a room on a live worker takes it out of the dead one's set (in the
                 # same script).
-                return c in await self._placement.rooms_of(dead)
+                on_dead = c in await self._placement.rooms_of(dead)
+                return on_dead and await self._still_dead(dead)
 
             try:
                 ended = await self._rooms.end_lost(consultation_id, still_on_dead)

@@ -7,6 +7,7 @@ whose heartbeat stops, with the rows and files its recorder would have left."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ from rooms.model import (
     RecordingState,
 )
 from server.app import CONFIG, PLACEMENT, RECORDINGS, ROOMS
+from server.config import Config
 from server.placement import RedisPlacement, WorkerLoad
 from server.takeover import TAKEOVER
 
@@ -48,10 +50,10 @@ GRACE_S = 3.0
 Start = Callable[[str], Awaitable[SignalingServer]]
 
 
-@pytest.fixture
-async def start_worker(tmp_path: Path, redis_url: str) -> AsyncIterator[Start]:
-    """A worker (node `node_id`) with media on loopback, on the shared database, data
-    directory and Redis; every worker is stopped after the test."""
+@contextlib.asynccontextmanager
+async def workers(tmp_path: Path, redis_url: str, database_url: str) -> AsyncIterator[Start]:
+    """Starts workers (node `node_id`) with media on loopback, on the shared database, data
+    directory and Redis; every worker is stopped afterwards."""
     running: list[SignalingServer] = []
 
     async def start(node_id: str) -> SignalingServer:
@@ -59,15 +61,34 @@ async def start_worker(tmp_path: Path, redis_url: str) -> AsyncIterator[Start]:
             tmp_path,
             redis_url=redis_url,
             node_id=node_id,
+            database_url=database_url,
             **{"signaling.empty_room_grace_s": GRACE_S},
         )
         server = await start_signaling_server(config)
         running.append(server)
         return server
 
-    yield start
-    for server in running:
-        await server.close()
+    try:
+        yield start
+    finally:
+        for server in running:
+            await server.close()
+
+
+@pytest.fixture
+async def start_worker(tmp_path: Path, redis_url: str) -> AsyncIterator[Start]:
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'telemed.db'}"
+    async with workers(tmp_path, redis_url, database_url) as start:
+        yield start
+
+
+@pytest.fixture
+async def start_backend_worker(
+    tmp_path: Path, redis_url: str, backend_config: Config
+) -> AsyncIterator[Start]:
+    """As start_worker, on SQLite and on PostgreSQL (TELEMED_TEST_POSTGRES_URL)."""
+    async with workers(tmp_path, redis_url, backend_config.effective_database_url) as start:
+        yield start
 
 
 @pytest.fixture
@@ -252,11 +273,11 @@ async def test_a_recorder_that_cannot_start_again_stops_the_recording_as_interru
 
 
 async def test_one_live_worker_closes_the_dead_ones_segments_and_ends_the_rooms_nobody_took(
-    start_worker: Start, dead_worker: RedisPlacement
+    start_backend_worker: Start, dead_worker: RedisPlacement
 ) -> None:
-    a = await start_worker("node-a")
+    a = await start_backend_worker("node-a")
     # The dead worker's node restarted: a new incarnation of it, among the live ones.
-    reborn = await start_worker("node-c")
+    reborn = await start_backend_worker("node-c")
     live = [a.app[PLACEMENT], reborn.app[PLACEMENT]]
     dead = dead_worker.worker_id
     assert reborn.app[PLACEMENT].worker_id != dead
