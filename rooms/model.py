@@ -310,7 +310,8 @@ class Recording:
     offset_s: float | None = None
     # How far a composite's rendering got (0..1).
     progress: float | None = None
-    # The server node writing the file (config node_id): whose to recover after a crash.
+    # Who writes (or renders) the file, for whoever recovers it after that one died: behind
+    # Redis the worker's incarnation (server/placement.py), alone the config node_id.
     node: str | None = None
 
 

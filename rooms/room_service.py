@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -77,6 +77,10 @@ class RoomRecorders(Protocol):
 
     def session_ended(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
         """The session is over: its composite is made once its segments are closed."""
+
+    def adopt(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
+        """This worker took the room over from a dead one: the session's composite is made
+        here when it ends, from whatever either of them recorded."""
 
 
 @dataclass(frozen=True)
@@ -259,6 +263,62 @@ class LiveRoomService:
             room.recording = None
             await self._presence.set_recording(consultation_id, None)
             return await self._end(None, room, "aborted")
+
+    async def take_over(
+        self, consultation_id: ConsultationId
+    ) -> tuple[Outcome, list[tuple[ParticipantId, datetime]]]:
+        """This worker now owns a room whose worker died (placement placed it here afresh),
+        before the join that placed it is handled. Every seat presence still shows connected
+        was a connection of the dead worker: it is marked disconnected now and returned with
+        that moment, for the caller to `expire` after the reconnect grace as for any dropped
+        connection (the same user and device get it back). A recording the room shows on lost
+        its recorder: it goes on here, as new segments of the same recording (the log's
+        `recording_started` stands); if the recorder cannot start, the recording stops as
+        interrupted and the failed start is logged and announced."""
+        async with self._presence.lock(consultation_id):
+            out = Outcome()
+            room = await self._presence.get(consultation_id)
+            if room is None:
+                return out, []
+            at = self._now()
+            dropped: list[tuple[ParticipantId, datetime]] = []
+            for participant in list(room.participants.values()):
+                if participant.disconnected_at is None:
+                    gone = replace(participant, disconnected_at=at)
+                    await self._presence.put_participant(consultation_id, gone)
+                    room.participants[gone.participant_id] = gone
+                    dropped.append((gone.participant_id, at))
+            if self._recorders is not None:
+                self._recorders.adopt(consultation_id, room.session_id)
+            if room.recording is not None:
+                await self._resume_recording(room, out)
+            return out, dropped
+
+    async def end_lost(
+        self, consultation_id: ConsultationId, still_lost: Callable[[], Awaitable[bool]]
+    ) -> SessionId | None:
+        """The room's worker died and no live worker took the room over within the empty-room
+        grace; `still_lost()`, asked under the room's lock, says whether that still holds (a
+        join that places the room elsewhere takes it over under this lock, after this). The
+        seats close as `server_lost`, a recording stops as interrupted (its recorder died with
+        the worker) and the session ends as aborted, as a room everyone left would; this
+        worker makes its composite. Returns the session so ended, or None. Nobody can be
+        connected to such a room (a join would have placed it), so nothing is announced."""
+        async with self._presence.lock(consultation_id):
+            room = await self._presence.get(consultation_id)
+            if room is None or not await still_lost():
+                return None
+            out = Outcome()
+            for participant in list(room.participants.values()):
+                await self._close(room, participant, CloseReason.SERVER_LOST, out)
+            if room.recording is not None:
+                async with self._store.transaction() as tx:
+                    stop = await self._log_stop(tx, room, None, "interrupted")
+                await self._recording_stopped(room, stop, out)
+            if self._recorders is not None:
+                self._recorders.adopt(consultation_id, room.session_id)
+            await self._end(None, room, "aborted")
+            return room.session_id
 
     # --- the waiting room --------------------------------------------------------------------
 
@@ -598,7 +658,12 @@ class LiveRoomService:
             except Exception as exc:
                 log.exception("the recorder of %s did not start", consultation_id)
                 why = f"the recorder could not start ({type(exc).__name__})"
-                await self._start_failed(room, me, why, out)
+                async with self._store.transaction() as tx:
+                    failed = await self._append(
+                        tx, room, EventKind.RECORDING_FAILED, me, {"reason": why}
+                    )
+                _announce_failed(room, failed, out)
+                out.reply = {"recording": False, "reason": why}
                 return out
             try:
                 async with self._store.transaction() as tx:
@@ -732,22 +797,24 @@ class LiveRoomService:
             "participant_left", {"participant": RECORDER_ID, "reason": "left"}, Target.room(cid)
         )
 
-    async def _start_failed(
-        self, room: RoomState, me: LiveParticipant, reason: str, out: Outcome
-    ) -> None:
+    async def _resume_recording(self, room: RoomState, out: Outcome) -> None:
+        """Under the room's lock, the room's recorder having died with its worker: recording
+        goes on here (a new recorder, new segment files, the same session clock)."""
+        cid = room.consultation_id
+        why = "this server does not record"
+        if self._recorders is not None:
+            try:
+                await self._recorders.start(cid, room.session_id)
+                return
+            except Exception as exc:
+                log.exception("the recorder of %s did not start again", cid)
+                why = f"the recorder could not start again ({type(exc).__name__})"
+        # The log shows recording since its start: it says the recording stopped, and why.
         async with self._store.transaction() as tx:
-            event = await self._append(tx, room, EventKind.RECORDING_FAILED, me, {"reason": reason})
-        out.reply = {"recording": False, "reason": reason}
-        out.announce(
-            "recording_failed",
-            {
-                "seq": event.seq,
-                "reason": reason,
-                "by": me.participant_id,
-                "at": event.at.isoformat(),
-            },
-            Target.room(room.consultation_id),
-        )
+            stop = await self._log_stop(tx, room, None, "interrupted")
+            failed = await self._append(tx, room, EventKind.RECORDING_FAILED, None, {"reason": why})
+        await self._recording_stopped(room, stop, out)
+        _announce_failed(room, failed, out)
 
     async def _room_for_join(self, actor: Actor, consultation: Consultation) -> RoomState:
         """The presence of the consultation's open session, opening one if a clinician comes
@@ -1078,12 +1145,30 @@ class LiveRoomService:
         tx: RecordRepository,
         room: RoomState,
         kind: EventKind,
-        who: LiveParticipant,
+        who: LiveParticipant | None,
         data: dict[str, Any],
     ) -> SessionEvent:
         return await tx.append_event(
-            room.session_id, self._now(), kind, who.user_id, who.participant_id, data
+            room.session_id,
+            self._now(),
+            kind,
+            who.user_id if who else None,
+            who.participant_id if who else None,
+            data,
         )
+
+
+def _announce_failed(room: RoomState, event: SessionEvent, out: Outcome) -> None:
+    out.announce(
+        "recording_failed",
+        {
+            "seq": event.seq,
+            "reason": event.data["reason"],
+            "by": event.participant_id,
+            "at": event.at.isoformat(),
+        },
+        Target.room(room.consultation_id),
+    )
 
 
 def _chat_payload(event: SessionEvent) -> dict[str, Any]:

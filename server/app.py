@@ -44,6 +44,7 @@ from server.recording_keys import load_recording_keys
 from server.recovery import CrashRecovery
 from server.revocations import LocalRevocations, RedisRevocations
 from server.signing import OpinionKeys, load_opinion_keys
+from server.takeover import attach_cleanup
 from server.turn import TurnCredentials, ice_servers_for_clients
 from server.verify import verify_consultation
 from server.web_routes import register_web
@@ -65,6 +66,7 @@ RECORDINGS = web.AppKey("recordings", SessionRecordings)
 COMPOSITES = web.AppKey("composites", Composites)
 METRICS = web.AppKey("metrics", ServerMetrics)
 RECOVERY = web.AppKey("recovery", CrashRecovery)
+PLACEMENT = web.AppKey("placement", RedisPlacement)
 SIGNER = web.AppKey("signer", OpinionKeys)
 # What recordings are sealed with at rest (media/sealed.py): downloads, composites, verify.
 RECORDING_KEYS = web.AppKey("recording_keys", SealKeys)
@@ -149,6 +151,11 @@ def create_app(config: Config, *, migrate: bool = True) -> web.Application:
     app.cleanup_ctx.append(_store_lifecycle(migrate))
     # After the store (it needs it at startup), before signaling stops (its media).
     app.cleanup_ctx.append(_recording_lifecycle)
+    # Behind Redis, what dead workers left is cleaned up after here (server/takeover.py).
+    if PLACEMENT in app:
+        grace_s = config.signaling.empty_room_grace_s
+        rooms, recordings, composites = app[ROOMS], app[RECORDINGS], app[COMPOSITES]
+        attach_cleanup(app, app[PLACEMENT], store, rooms, recordings, composites, grace_s)
     return app
 
 
@@ -254,7 +261,10 @@ def _attach_signaling(
     )
     if placement is not None:
         gauge.append(MediaLoad(namespace.media))
-    node = config.effective_node_id
+        app[PLACEMENT] = placement
+    # Behind Redis, recording rows name the worker's incarnation: a restarted worker must not
+    # take its previous life's open segments for its own (server/takeover.py).
+    node = placement.worker_id if placement is not None else config.effective_node_id
     keys = app[RECORDING_KEYS]
     composites = Composites(store, config.data_dir, keys, node=node)
     recordings = SessionRecordings(
@@ -283,7 +293,7 @@ def _attach_signaling(
     app[RECORDINGS] = recordings
     app[COMPOSITES] = composites
     # Alone, this node knows that nothing it left open is still being served; behind Redis,
-    # it knows that of the recordings it was writing itself (its node_id).
+    # dead workers are cleaned up after by the live ones (server/takeover.py).
     alone = isinstance(presence, InMemoryPresence)
     app[RECOVERY] = CrashRecovery(
         store,
@@ -293,7 +303,6 @@ def _attach_signaling(
         composites,
         sig.empty_room_grace_s,
         alone=alone,
-        end_recorded=None if alone else namespace.end_after_crash,
     )
     sio.register_namespace(namespace)
     sio.attach(app)

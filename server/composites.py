@@ -61,7 +61,8 @@ class Composites:
         clock: Clock = utc_now,
         node: str | None = None,
     ) -> None:
-        """`node` names this server in the composite rows it renders (config node_id)."""
+        """`node` names this server in the composite rows it renders, as in the segment rows
+        (server.recording.SessionRecordings), so that a dead one's renders are made again."""
         self._store = store
         self._data_dir = data_dir
         self._keys = keys

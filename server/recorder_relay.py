@@ -64,6 +64,9 @@ class RedisRecorderRelay:
             self._publish({"op": "ended", "cid": consultation_id, "sid": session_id})
         )
 
+    def adopt(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
+        self._local.adopt(consultation_id, session_id)
+
     async def _publish(self, order: dict[str, str]) -> None:
         try:
             await self._redis.publish(_CHANNEL, json.dumps({**order, "node": self._node}))

@@ -1,5 +1,6 @@
 """The session recorders: one media.recorder.RoomRecorder per recorded room, its segments kept
-in the record as they open and close, and crash recovery at startup.
+in the record as they open and close, and closing what a dead server (or, behind Redis, a dead
+worker: server/takeover.py) left being written.
 
 The room service decides when recording starts and stops (consent, permission) and, under the
 room's lock, has this carry it out (rooms.room_service.RoomRecorders): a start either records
@@ -81,9 +82,11 @@ class SessionRecordings:
         node: str | None = None,
         on_failure: RecordingFailed | None = None,
     ) -> None:
-        """`node` names this server in the segment rows it writes (config node_id), so that
-        after a crash it recovers its own. `on_failure(room, why)` is told when a room's
-        recorder fails (the disk full), to stop the recording through the room."""
+        """`node` names this worker in the segment rows it writes, for whoever recovers them
+        after it died: behind Redis its incarnation (placement.worker_id: a restarted worker
+        is another one and never takes its live segments for a dead one's), alone the config
+        node_id. `on_failure(room, why)` is told when a room's recorder fails (the disk full),
+        to stop the recording through the room."""
         self._node = node
         self._on_failure = on_failure
         self._store = store
@@ -150,6 +153,10 @@ class SessionRecordings:
             closing = list(self._closing.get(consultation_id, ()))
             self._tasks.start(self._render_after(closing, consultation_id, session_id))
 
+    def adopt(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
+        """This worker took the room over (rooms.room_service.RoomRecorders.adopt)."""
+        self._recorded.add(session_id)
+
     async def _finish(self, recorder: RoomRecorder) -> None:
         await recorder.stop()
 
@@ -170,6 +177,8 @@ class SessionRecordings:
         async with self._store.reading() as tx:
             sessions = await tx.list_sessions(consultation_id)
         session = next(s for s in sessions if s.id == session_id)
+        # A fresh id per recorder: the files of a recording taken over from a dead worker
+        # ({recording_id}_{track}_{n}.webm, n from 1 again) never collide with its files.
         recording_id = f"r{uuid.uuid4().hex[:12]}"
         directory = self._data_dir / "recordings" / session_id
         running: _Running
@@ -246,38 +255,18 @@ class SessionRecordings:
 
     # --- crash recovery -----------------------------------------------------------------
 
-    def mine(self, row: Recording, alone: bool) -> bool:
-        """Whether this node wrote `row`: alone (no other node shares the record), every row
-        is; otherwise those that name its node id."""
-        return alone or row.node == self._node
-
     async def recover(
-        self,
-        end_session: Callable[[ConsultationId, SessionId], Awaitable[None]],
-        *,
-        alone: bool = True,
+        self, end_session: Callable[[ConsultationId, SessionId], Awaitable[None]]
     ) -> list[tuple[ConsultationId, SessionId]]:
-        """After a crash: every segment the record still shows as being written by this node
-        (`mine`) is closed, hashed and marked interrupted (its file is read, never
-        rewritten), the stop is written to its session's log, and the session is ended as
-        aborted (`end_session`). Not `alone` (other nodes share the record), another node's
-        segments are left to it, and so is a session whose log alone says it is recorded.
-        Returns the sessions so aborted, with their consultations."""
-        async with self._store.reading() as tx:
-            open_rows = await tx.list_stored_recordings(state=RecordingState.RECORDING.value)
-        sessions: dict[SessionId, ConsultationId] = {}
-        for s in open_rows:
-            row = s.recording
-            if row.kind != RecordingKind.TRACK.value or not self.mine(row, alone):
-                continue
-            sessions[row.session_id] = s.consultation_id
-            path = self._data_dir / s.path if s.path else None
-            recovered = await _recover_row(row, path, self._keys)
-            async with self._store.transaction() as tx:
-                await tx.update_recording(replace(recovered, ended_at=self._now()))
+        """After a crash of the one server (embedded mode: everything left open was its own):
+        every segment the record still shows as being written is closed, hashed and marked
+        interrupted (its file is read, never rewritten), the stop is written to its session's
+        log, and the session is ended as aborted (`end_session`). Returns the sessions so
+        aborted, with their consultations."""
+        sessions = await self._close_open_segments(lambda _: True)
         async with self._store.reading() as tx:
             open_sessions = await tx.list_open_sessions()
-            for session in open_sessions if alone else ():
+            for session in open_sessions:
                 # Recording, but no segment had opened yet: the log alone says so.
                 if session.id not in sessions and await _recording_was_on(tx, session.id):
                     sessions[session.id] = session.consultation_id
@@ -298,6 +287,30 @@ class SessionRecordings:
             await end_session(consultation_id, session_id)
             aborted.append((consultation_id, session_id))
         return aborted
+
+    async def recover_worker(self, worker: str) -> dict[SessionId, ConsultationId]:
+        """After `worker` died (behind Redis): the segments whose rows name it and that the
+        record still shows as being written are closed, hashed and marked interrupted. Their
+        sessions stay as they are: a room goes on at the worker that took it over, which
+        records into new segments. Returns the sessions of the segments so closed."""
+        return await self._close_open_segments(lambda row: row.node == worker)
+
+    async def _close_open_segments(
+        self, whose: Callable[[Recording], bool]
+    ) -> dict[SessionId, ConsultationId]:
+        async with self._store.reading() as tx:
+            open_rows = await tx.list_stored_recordings(state=RecordingState.RECORDING.value)
+        sessions: dict[SessionId, ConsultationId] = {}
+        for s in open_rows:
+            row = s.recording
+            if row.kind != RecordingKind.TRACK.value or not whose(row):
+                continue
+            sessions[row.session_id] = s.consultation_id
+            path = self._data_dir / s.path if s.path else None
+            recovered = await _recover_row(row, path, self._keys)
+            async with self._store.transaction() as tx:
+                await tx.update_recording(replace(recovered, ended_at=self._now()))
+        return sessions
 
 
 async def _recording_was_on(tx: RecordRepository, session_id: SessionId) -> bool:

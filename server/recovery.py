@@ -1,7 +1,7 @@
-"""What a starting node does about what a predecessor that died left open. Alone (one node,
-no Redis) everything left open was its own, so nothing is still being served. Behind Redis,
-other nodes may be serving what is open: only the recordings this node was writing (their
-rows name its node_id) are closed and their sessions ended, through their rooms.
+"""What a starting server does about what a predecessor that died left open, alone (one node,
+no Redis): everything left open was its own, so nothing is still being served. Behind Redis a
+restarted worker is a new incarnation, and its previous one a dead worker like any other,
+cleaned up after by whichever live worker takes the lease (server/takeover.py): nothing here.
 
 - Recordings the record shows as being written are closed as interrupted and their sessions
   aborted (SessionRecordings.recover); their composites are made; renders that were under way
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 
 from rooms.consultations import ConsultationService
 from rooms.errors import DomainError
@@ -39,12 +38,8 @@ class CrashRecovery:
         grace_s: float,
         *,
         alone: bool = True,
-        end_recorded: Callable[[ConsultationId, SessionId], Awaitable[None]] | None = None,
     ) -> None:
-        """`end_recorded` ends a session whose recording this node was writing (the live
-        room's way, behind Redis); by default the service's."""
         self._alone = alone
-        self._end_recorded = end_recorded
         self._store = store
         self._service = service
         self._presence = presence
@@ -54,12 +49,9 @@ class CrashRecovery:
         self._waits: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        await self._composites.resume(lambda row: self._recordings.mine(row, self._alone))
         if not self._alone:
-            aborted = await self._recordings.recover(self._end_with_room, alone=False)
-            for consultation_id, session_id in aborted:
-                await self._composites.render_later(consultation_id, session_id)
             return
+        await self._composites.resume()
         async with self._store.reading() as tx:
             left_open = await tx.list_open_sessions()
         for session in left_open:
@@ -92,15 +84,6 @@ class CrashRecovery:
         for wait in list(self._waits):
             with contextlib.suppress(asyncio.CancelledError):
                 await wait
-
-    async def _end_with_room(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
-        if self._end_recorded is None:
-            await self._abort(consultation_id, session_id)
-            return
-        try:
-            await self._end_recorded(consultation_id, session_id)
-        except DomainError as exc:
-            log.warning("session %s left as it is: %s", session_id, exc)
 
     async def _abort(self, consultation_id: ConsultationId, session_id: SessionId) -> None:
         try:

@@ -1,6 +1,6 @@
 """Several nodes behind one Redis and one database (as docker-compose.yml runs them): a
 playback link made on one node plays on the other and after a restart (signed with the
-configured key), and each node recovers after a crash what it was writing itself — and only
+configured key), and what a dead worker was writing is closed by one live worker — and only
 that. Real aiohttp apps on ephemeral ports, a private redis-server, one SQLite file."""
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from rooms.model import (
     SessionId,
 )
 from rooms.roles import Role
-from server.app import CONFIG, RECORDING_KEYS, RECORDINGS, STORE
+from server.app import CONFIG, PLACEMENT, RECORDING_KEYS, RECORDINGS, STORE
 from server.config import load_config
+from server.takeover import TAKEOVER
 
 pytest_plugins = ["signaling_fixtures", "redis_fixtures"]
 
@@ -211,29 +212,45 @@ async def row_of(server: SignalingServer, recording_id: str) -> Recording:
     return found.recording
 
 
-async def test_each_node_recovers_what_it_was_writing_and_only_that(start_node: Start) -> None:
+async def test_a_dead_workers_segments_are_closed_by_one_live_worker_and_no_one_elses(
+    start_node: Start,
+) -> None:
     a = await start_node("node-a")
     b = await start_node("node-b")
+    dead = a.app[PLACEMENT].worker_id
     cid_a, session_a = await live_session(a)
     cid_b, session_b = await live_session(a)
-    mine = await open_segment(a, session_a, "node-a")
-    theirs = await open_segment(a, session_b, "node-b")
-    # Node A goes (its recorder's rows stay open, as after kill -9) and comes back.
+    its = await open_segment(a, session_a, dead)
+    theirs = await open_segment(a, session_b, b.app[PLACEMENT].worker_id)
+    # Node A goes (its recorder's rows stay open, as after kill -9) and comes back: a new
+    # incarnation of the same node, writing a segment of its own at once.
     await stop(a)
     a2 = await start_node("node-a")
+    assert a2.app[PLACEMENT].worker_id != dead
+    new = await open_segment(a2, session_a, a2.app[PLACEMENT].worker_id)
 
-    recovered = await row_of(a2, mine)
+    async def closed() -> Recording | None:
+        row = await row_of(a2, its)
+        return row if row.state != RecordingState.RECORDING.value else None
+
+    recovered = await eventually(closed, "the dead worker's segment is closed", within=60.0)
     assert recovered.state == RecordingState.INTERRUPTED.value, recovered
-    path = a2.app[CONFIG].data_dir / f"recordings/{session_a}/{mine}.webm"
+    path = a2.app[CONFIG].data_dir / f"recordings/{session_a}/{its}.webm"
     # What was recorded into the sealed file (the plaintext's hash and size).
     assert (recovered.sha256, recovered.size_bytes) == sha256_of(a2.app, path, unfinished_ok=True)
-    assert await a2.status(cid_a) is ConsultationStatus.OPINION_PENDING
-    kinds = await a2.event_kinds(cid_a)
-    assert kinds[-2:] == ["recording_stopped", "session_ended"], kinds
-    # Node B is still writing its own: untouched, its session still live.
+    # One of the live workers did it, under the lease, and forgot the dead one.
+    cleaners = (b.app[TAKEOVER], a2.app[TAKEOVER])
+    await eventually(
+        lambda: any(c.cleaned_up for c in cleaners), "the cleanup is done", within=60.0
+    )
+    assert sorted(c.cleaned_up for c in cleaners) == [[], [dead]]
+    assert await b.app[PLACEMENT].dead_workers() == []
+    # The sessions go on (a room is taken over at its next join); nothing else was touched.
+    assert await a2.status(cid_a) is ConsultationStatus.LIVE
+    assert "recording_stopped" not in await a2.event_kinds(cid_a)
     assert (await row_of(a2, theirs)).state == RecordingState.RECORDING.value
+    assert (await row_of(a2, new)).state == RecordingState.RECORDING.value
     assert await a2.status(cid_b) is ConsultationStatus.LIVE
-    assert (await row_of(b, theirs)).state == RecordingState.RECORDING.value
 
 
 async def test_a_stop_or_abort_on_one_node_stops_the_recorder_on_the_other(
