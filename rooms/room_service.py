@@ -249,21 +249,6 @@ class LiveRoomService:
                 return Outcome()
             return await self._end(None, room, "no clinician left")
 
-    async def end_after_crash(
-        self, consultation_id: ConsultationId, session_id: SessionId
-    ) -> Outcome:
-        """A node died recording this session (its recovery wrote the stop): the session ends
-        as aborted, through its room where one is still open on other nodes."""
-        async with self._presence.lock(consultation_id):
-            room = await self._presence.get(consultation_id)
-            if room is None or room.session_id != session_id:
-                await self._consultations.end_session(None, consultation_id, session_id, "aborted")
-                return Outcome()
-            # The recorder died with its node; the log says so already.
-            room.recording = None
-            await self._presence.set_recording(consultation_id, None)
-            return await self._end(None, room, "aborted")
-
     async def take_over(
         self, consultation_id: ConsultationId
     ) -> tuple[Outcome, list[tuple[ParticipantId, datetime]]]:

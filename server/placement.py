@@ -73,12 +73,13 @@ end
 return {best, 1, owner or ''}
 """
 
-# KEYS: placement, rooms set; ARGV: incarnation, consultation id
+# KEYS: placement; ARGV: rooms prefix, consultation id
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local owner = redis.call('GET', KEYS[1])
+if owner then
   redis.call('DEL', KEYS[1])
+  redis.call('SREM', ARGV[1] .. owner, ARGV[2])
 end
-redis.call('SREM', KEYS[2], ARGV[2])
 return 0
 """
 
@@ -184,12 +185,9 @@ class RedisPlacement:
         return Placed(str(owner), bool(fresh), str(previous))
 
     async def release(self, consultation_id: ConsultationId) -> None:
-        """The room ended here: its placement ends (if it is still ours)."""
+        """The room's session ended (on whichever worker ended it): its placement ends."""
         with reachable("room placement"):
-            await self._release(
-                keys=[_PLACED + consultation_id, _ROOMS_OF + self.worker_id],
-                args=[self.worker_id, consultation_id],
-            )
+            await self._release(keys=[_PLACED + consultation_id], args=[_ROOMS_OF, consultation_id])
 
     async def live_workers(self) -> list[str]:
         with reachable("room placement"):

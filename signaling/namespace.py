@@ -22,7 +22,7 @@ from media.peer import PeerConfig
 from rooms.consultations import RequestContext
 from rooms.errors import DomainError, RoomRefused, Unavailable
 from rooms.lifecycle import Action
-from rooms.model import Consultation, ConsultationId, ParticipantId, SessionId, TrackSource
+from rooms.model import Consultation, ConsultationId, ParticipantId, TrackSource
 from rooms.outcome import Audience, Outcome, Target
 from rooms.policy import Actor
 from rooms.recording_rules import RECORDER_ID
@@ -156,6 +156,8 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         self._revoked_while_verifying: set[str] = set()
         self._timers = TaskSet("signaling timer")
         self._empty_watch: dict[ConsultationId, asyncio.Future[None]] = {}
+        # Rooms this worker has taken over (or found empty) at their first join here.
+        self._taken_over: dict[ConsultationId, asyncio.Future[None]] = {}
         self._events: dict[str, EventSpec] = {
             "join": EventSpec(ev.Join, self._join, needs_room=False),
             "leave": EventSpec(ev.Empty, self._leave),
@@ -349,11 +351,6 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         await self.emit("error", error, to=sid)
         return {"ok": False, "error": error}
 
-    async def end_after_crash(self, consultation_id: ConsultationId, session_id: str) -> None:
-        """Recovery ended a session this node was recording when it died (its room, if other
-        nodes still hold it, is told and closed)."""
-        await self._apply(await self._rooms.end_after_crash(consultation_id, SessionId(session_id)))
-
     async def _apply(self, outcome: Outcome) -> None:
         self._count(outcome)
         for m in outcome.memberships:
@@ -375,6 +372,7 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             self._timers.start(self._disconnect(outcome.disconnects))
         if self._routing is not None:
             for ended in outcome.ended:
+                self._taken_over.pop(ended, None)
                 with contextlib.suppress(Unavailable):
                     # Left standing, it is placed again by the next join: harmless.
                     await self._routing.placement.release(ended)
@@ -709,12 +707,38 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             return
         await self.server.eio.disconnect(eio_sid)
 
+    async def _take_over_once(self, cid: ConsultationId) -> None:
+        """Before the first join of a room on this worker: every seat presence still shows as
+        connected is a dead worker's (a live room's seats are all served by its one worker),
+        so it is kept for the reconnect grace like any dropped seat, and a recording the dead
+        worker was making goes on here. Later joins wait for it."""
+        pending = self._taken_over.get(cid)
+        if pending is None:
+            pending = asyncio.ensure_future(self._take_over(cid))
+            self._taken_over[cid] = pending
+        try:
+            await asyncio.shield(pending)
+        except DomainError:
+            if self._taken_over.get(cid) is pending:
+                del self._taken_over[cid]  # the next join tries again
+            raise
+
+    async def _take_over(self, cid: ConsultationId) -> None:
+        outcome, seats = await self._rooms.take_over(cid)
+        for participant, since in seats:
+            self._timers.start(self._expire_later(cid, participant, since))
+        if seats:
+            log.warning("took over room %s: %d seat(s) of a lost worker", cid, len(seats))
+        await self._apply(outcome)
+
     # --- handlers ----------------------------------------------------------------------------
 
     async def _join(self, sid: str, conn: Connection, body: ev.Join) -> Outcome:
         if conn.consultation_id is not None:
             raise _refused("already_joined", "this connection is already in a consultation")
         cid = ConsultationId(body.consultation_id)
+        if self._routing is not None:
+            await self._take_over_once(cid)
         media = self._media
 
         def keep_media(participant: ParticipantId) -> bool:

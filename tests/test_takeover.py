@@ -177,18 +177,17 @@ async def test_the_new_owner_keeps_the_seats_and_records_on_as_a_new_segment(
     kinds_before = await b.event_kinds(cid)
     old_row = await row_of(b, old)
 
-    out, dropped = await b.app[ROOMS].take_over(ConsultationId(cid))
+    # What the namespace does before the first join of the room on this worker.
+    await b.namespace._take_over_once(ConsultationId(cid))
 
-    assert sorted(p for p, _ in dropped) == sorted(seats.values())
     room = await b.presence(cid)
     assert room is not None and room.recording is not None
-    for participant, since in dropped:
-        assert room.participants[participant].disconnected_at == since
+    for participant in seats.values():
+        assert room.participants[participant].disconnected_at is not None
     # The recorder runs here now; the log's start stands, the old segment is left as it was.
     assert ConsultationId(cid) in b.app[RECORDINGS].recording
     assert await b.event_kinds(cid) == kinds_before
     assert await row_of(b, old) == old_row
-    assert out.announcements == []
 
     # The village doctor's browser reconnects by itself, the same device: the same seat.
     village = await b.connect(VILLAGE, label="village")
