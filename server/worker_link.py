@@ -14,7 +14,7 @@ import logging
 
 from rooms.errors import Unavailable
 from server.redis_conn import REDIS_AWAY, client, reachable
-from signaling.routing import Handler, Message
+from signaling.routing import Handler, Message, WorkerGone
 from signaling.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class RedisWorkerLink:
                     json.dumps({"id": request_id, "from": self._me, "body": message}),
                 )
             if not heard:
-                raise Unavailable("the room's worker is gone; try again")
+                raise WorkerGone("the room's worker is gone; try again")
             try:
                 return await asyncio.wait_for(answer, self._timeout_s)
             except TimeoutError:

@@ -30,7 +30,7 @@ from rooms.room_service import LiveRoomService, Stroke
 from signaling import events as ev
 from signaling.packets import Unreadable, event_problem, payload_problem
 from signaling.ratelimit import TokenBucket
-from signaling.routing import Message, Routing
+from signaling.routing import Message, Routing, WorkerGone
 from signaling.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ UNAVAILABLE_RETRY_S = 1.0
 # worker until their next heartbeats, a second later).
 PEER_WATCH_S = 1.0
 PEER_LOST_AFTER_S = 3.0
+# A join whose room's worker just died waits (polling) for the room to be placed again.
+WORKER_GONE_WAIT_S = 6.0
+WORKER_GONE_RETRY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -367,15 +370,16 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 else _room_name(a.to.audience, a.to.key)
             )
             await self.emit(a.event, a.payload, to=to, skip_sid=a.skip_connection)
-        if outcome.disconnects:
-            # In a task of its own, so the ack of the event that caused it goes out first.
-            self._timers.start(self._disconnect(outcome.disconnects))
         if self._routing is not None:
             for ended in outcome.ended:
                 self._taken_over.pop(ended, None)
                 with contextlib.suppress(Unavailable):
                     # Left standing, it is placed again by the next join: harmless.
                     await self._routing.placement.release(ended)
+        if outcome.disconnects:
+            # In a task of its own, so the ack of the event that caused it goes out first
+            # (nothing here may wait after this).
+            self._timers.start(self._disconnect(outcome.disconnects))
 
     def _count(self, outcome: Outcome) -> None:
         if self._counts is None:
@@ -430,7 +434,13 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 
     async def _disconnect(self, sids: list[str]) -> None:
         for sid in sids:
-            await self.disconnect(sid)
+            conn = self._connections.get(sid)
+            if conn is not None and conn.edge is not None and self._routing is not None:
+                # The edge disconnects it once the ack of the event that caused it has gone
+                # out (socket.io's own disconnect could overtake the ack relayed back).
+                await self._routing.link.tell(conn.edge, {"op": "disconnect", "sid": sid})
+            else:
+                await self.disconnect(sid)
 
     # --- connection life cycle ---------------------------------------------------------------
 
@@ -609,13 +619,27 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         """Joins on the room's worker if that is another: the join's ack, or None to join here."""
         assert self._routing is not None
         routing = self._routing
-        placed = await routing.placement.owner_of(ConsultationId(body.consultation_id))
-        if placed.owner == routing.placement.worker_id:
-            return None
-        attached = await routing.link.call(
-            placed.owner,
-            {"op": "attach", "sid": sid, "auth": conn.auth, "edge": routing.placement.worker_id},
-        )
+        deadline = time.monotonic() + WORKER_GONE_WAIT_S
+        while True:
+            placed = await routing.placement.owner_of(ConsultationId(body.consultation_id))
+            if placed.owner == routing.placement.worker_id:
+                return None
+            try:
+                attached = await routing.link.call(
+                    placed.owner,
+                    {
+                        "op": "attach",
+                        "sid": sid,
+                        "auth": conn.auth,
+                        "edge": routing.placement.worker_id,
+                    },
+                )
+                break
+            except WorkerGone:
+                # Died a moment ago: the room is placed again once its heartbeat lapses.
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(WORKER_GONE_RETRY_S)
         if attached.get("ok") is not True:
             message = str(attached.get("message", "refused"))
             return await self._error(sid, "join", "refused", message)
@@ -648,6 +672,11 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         if op == "attach":
             return await self._attach(sid, message.get("auth"), str(message.get("edge", "")))
         conn = self._connections.get(sid)
+        if op == "disconnect":
+            if conn is not None and conn.owner is not None:
+                async with conn.lock:  # held while an event of it is relayed
+                    await self.disconnect(sid)
+            return None
         if conn is None or conn.edge is None:
             if op == "event":
                 return {"ok": False, "error": {"code": "not_connected", "message": "reconnect"}}
@@ -699,13 +728,18 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                     await self._on_disconnect(sid)
 
     async def _close_transport(self, sid: str) -> None:
-        """Closes the socket without socket.io's disconnect packet: the client sees a lost
-        connection and reconnects by itself (after a disconnect packet it would not)."""
+        """Drops the socket as a crash would: no Engine.IO CLOSE packet (after one, clients
+        do not reconnect), then the writer is released so the WebSocket closes. The client
+        sees a lost transport and reconnects by itself. python-engineio has no public way to
+        do this: its socket's `close(abort=True)` and queue (tests/test_workers_failover.py
+        would fail without them)."""
         eio_sid = self.server.manager.eio_sid_from_sid(sid, self.namespace)
-        if eio_sid is None:
+        socket = self.server.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        if socket is None:
             await self._on_disconnect(sid)
             return
-        await self.server.eio.disconnect(eio_sid)
+        await socket.close(wait=False, abort=True)
+        socket.queue.put_nowait(None)
 
     async def _take_over_once(self, cid: ConsultationId) -> None:
         """Before the first join of a room on this worker: every seat presence still shows as

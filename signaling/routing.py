@@ -14,11 +14,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rooms.errors import Unavailable
 from rooms.model import ConsultationId
 
 # A request to another worker and its answer: JSON objects.
 Message = dict[str, Any]
 Handler = Callable[[Message], Awaitable[Message | None]]
+
+
+class WorkerGone(Unavailable):
+    """Nobody listens for the worker any more: it died, and its heartbeat has not lapsed yet
+    (the next placement, within a few seconds, puts the room on a live one)."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,8 @@ class Placement(Protocol):
 
 class WorkerLink(Protocol):
     async def call(self, worker: str, message: Message) -> Message:
-        """Sends `message` to `worker`'s handler and returns its answer; raises
-        rooms.errors.Unavailable if the worker does not answer."""
+        """Sends `message` to `worker`'s handler and returns its answer; raises WorkerGone if
+        nobody listens for `worker`, rooms.errors.Unavailable if it does not answer."""
 
     async def tell(self, worker: str, message: Message) -> None:
         """Sends `message` without waiting for an answer (lost if the worker is gone)."""
