@@ -627,6 +627,7 @@ async def run_composite(
         child = await asyncio.create_subprocess_exec(
             *argv,
             *(["--keys-on-stdin"] if keys is not None else []),
+            env={**os.environ, _PARENT_PID: str(os.getpid())},
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -682,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = CompositeJob.from_json(Path(args[0]).read_text(encoding="utf-8"))
     keys = SealKeys.from_json(sys.stdin.read()) if len(args) == 2 else None
-    _die_with_parent()
+    die_with_parent(int(os.environ.get(_PARENT_PID, os.getppid())))
 
     def report(fraction: float) -> None:
         print(json.dumps({"progress": round(fraction, 4)}), flush=True)
@@ -696,18 +697,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """A server killed with -9 takes its renderer along (Linux: the parent-death signal), and
-    SIGTERM unwinds the render, so its temporary file goes too; the restarted server renders
-    again. Elsewhere the renderer notices at its next progress line, when the pipe breaks."""
+def die_with_parent(parent_pid: int) -> None:
+    """A parent killed with -9 takes this child along (Linux: the parent-death signal), and
+    SIGTERM unwinds it (a renderer's temporary file goes too; the restarted server renders
+    again). Elsewhere a renderer notices at its next progress line, when the pipe breaks.
+    `parent_pid` is the parent's pid as the parent gave it: a child adopted before it asked
+    for the signal sees another parent (not always 1: a subreaper, or a parent that is PID 1
+    in a container)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if sys.platform != "linux":
-        return
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() == 1:  # the parent died before the signal was asked for
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the signal was asked for
         sys.exit(143)
+
+
+# The renderer's parent, as the parent names itself (see die_with_parent).
+_PARENT_PID = "TELEMED_RENDER_PARENT_PID"
 
 
 def remove_partial_outputs(output: Path) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from pydantic import ValidationError
 
-from media.composite import _die_with_parent
+from media.composite import die_with_parent
 from rooms.consultations import ConsultationService
 from server.app import create_app
 from server.auth import TokenService
@@ -276,13 +276,6 @@ def run_worker(config: Config, index: int, supervisor_pid: int) -> int:
 
 
 def _die_with_supervisor(supervisor_pid: int) -> None:
-    if supervisor_pid != 1:
-        # The renderer's helper: the parent-death signal (SIGTERM), and an exit if the parent
-        # is gone already. A supervisor that is PID 1 (a container's) needs neither: the kernel
-        # ends its PID namespace with it, and the helper would take it for a dead parent.
-        # The signal follows the thread that forked us: the supervisor's main thread, which
-        # lives as long as the supervisor (asyncio forks from the loop's thread).
-        _die_with_parent()
-    if os.getppid() != supervisor_pid:
-        # The supervisor died before the signal was asked for, and a subreaper adopted us.
-        sys.exit(143)
+    # The signal follows the thread that forked us: the supervisor's main thread, which lives
+    # as long as the supervisor (asyncio forks from the loop's thread).
+    die_with_parent(supervisor_pid)

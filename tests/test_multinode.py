@@ -265,18 +265,20 @@ class Cluster:
         return village, county, specialist, resident
 
     async def wait_linked(self) -> None:
-        """socket.io's Redis manager subscribes lazily (at a node's first connection) and
-        asynchronously: connect once to each node and wait until both listen."""
-        before = await channel_subscribers(self.redis_url)
+        """socket.io's Redis manager subscribes at a node's start-up (server/app.py), in a
+        task of its own: wait until both listen, then connect once to each node."""
         probes = [Peer(f"probe@{node.name}") for node in (self.a, self.b)]
         self.peers.extend(probes)
-        for probe, node in zip(probes, (self.a, self.b), strict=True):
-            await probe.connect(node, self.tokens[VILLAGE])
 
         async def linked() -> bool:
-            return await channel_subscribers(self.redis_url) >= before + 2
+            return all(
+                node.sio.manager.pubsub is not None and node.sio.manager.pubsub.subscribed
+                for node in (self.a, self.b)
+            )
 
         await eventually(linked, "both nodes to subscribe to the socket.io channel")
+        for probe, node in zip(probes, (self.a, self.b), strict=True):
+            await probe.connect(node, self.tokens[VILLAGE])
         for probe in probes:
             await probe.close()
 
