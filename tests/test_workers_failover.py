@@ -1,8 +1,10 @@
-"""`kill -9` of the worker that owns a live, recorded consultation, under `telemed serve
---workers 2` with a private redis-server: the clients reconnect by themselves (as the web
-client does) into the same seats on a live worker, the recording goes on as new segments, the
-dead worker's segments are closed, hashed and marked interrupted by another worker, and the
-record keeps everything (`telemed verify` passes at the end)."""
+"""`kill -9` of the worker that owns a live, recorded consultation, with a private
+redis-server: under `telemed serve --workers 2` (the supervisor starts it again), and as a
+whole node lost behind the documented nginx (two nodes, one killed for good). The clients
+reconnect by themselves (as the web client does) into the same seats on a live worker, the
+recording goes on as new segments, the dead worker's segments are closed, hashed and marked
+interrupted by another worker, and the record keeps everything (`telemed verify` passes at
+the end)."""
 
 from __future__ import annotations
 
@@ -15,15 +17,17 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 import socketio
 from api_helpers import consultation_body
 from media_client import MediaClient
 from media_peers import ToneTrack
+from nginx import Nginx
 from pydantic import SecretStr
 from record_helpers import signing_key_file
 from recording_server_helpers import free_port, telemed_command, write_config
@@ -76,26 +80,45 @@ class RejoiningPeer(Peer):
 
 @dataclass
 class Workers:
-    process: subprocess.Popen[bytes]
+    """Where the clients connect (`url`), and the processes of the workers behind it."""
+
+    processes: list[subprocess.Popen[bytes]]
     url: str
-    log: Path
+    logs: list[Path]
     secret: str
     env: dict[str, str]
+    # Nodes started on their own: node id -> pid (the supervisor prints its workers').
+    nodes: dict[str, int] = field(default_factory=dict)
 
     def token(self, who: DemoIdentity) -> str:
         tokens = TokenService(JwtConfig(secret=SecretStr(self.secret)))
         return tokens.mint(user_id=who.user_id, name=who.name, role=who.role, org=who.org)
 
     def started(self) -> list[tuple[int, int, str]]:
-        text = self.log.read_text(errors="replace")
+        text = self.logs[0].read_text(errors="replace")
         return [(int(m[1]), int(m[2]), m[3]) for m in STARTED.finditer(text)]
 
     def pid_of(self, node: str) -> int:
+        if node in self.nodes:
+            return self.nodes[node]
         return [pid for _, pid, n in self.started() if n == node][-1]
 
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for _, pid, _ in self.started():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
-@contextlib.asynccontextmanager
-async def two_workers(tmp_path: Path, redis_url: str) -> AsyncIterator[Workers]:
+
+def _deployment(tmp_path: Path, redis_url: str) -> tuple[Path, str, dict[str, str]]:
+    """A config file (data under tmp_path, a recording key), the JWT secret, the env."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     config_file = tmp_path / "telemed.toml"
@@ -108,26 +131,53 @@ async def two_workers(tmp_path: Path, redis_url: str) -> AsyncIterator[Workers]:
         "TELEMED_REDIS_URL": redis_url,
         "PYTHONIOENCODING": "utf-8",
     }
+    return config_file, secret, env
+
+
+@contextlib.asynccontextmanager
+async def two_workers(tmp_path: Path, redis_url: str) -> AsyncIterator[Workers]:
+    """`telemed serve --workers 2` on one port."""
+    config_file, secret, env = _deployment(tmp_path, redis_url)
     port = free_port()
     log = tmp_path / "workers.log"
     argv = [*telemed_command(), "--config", str(config_file), "serve", "--workers", "2"]
     process = _spawn([*argv, "--host", "127.0.0.1", "--port", str(port)], env, log)
-    workers = Workers(process, f"http://127.0.0.1:{port}", log, secret, env)
+    workers = Workers([process], f"http://127.0.0.1:{port}", [log], secret, env)
     try:
         await eventually(lambda: len(workers.started()) >= 2, "two workers started", within=WAIT)
         await eventually(lambda: _ready(workers.url), "the workers ready", within=WAIT)
         yield workers
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for _, pid, _ in workers.started():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        workers.stop()
+
+
+@contextlib.asynccontextmanager
+async def two_nodes_behind_nginx(tmp_path: Path, redis_url: str) -> AsyncIterator[Workers]:
+    """Two single-process nodes (`telemed serve`, node ids node-a and node-b) behind the
+    documented nginx configuration (tests/nginx.py)."""
+    config_file, secret, env = _deployment(tmp_path, redis_url)
+    ports = {"node-a": free_port(), "node-b": free_port()}
+    processes, logs, pids = [], [], {}
+    for node, port in ports.items():
+        argv = [*telemed_command(), "--config", str(config_file), "serve", "--workers", "1"]
+        log = tmp_path / f"{node}.log"
+        process = _spawn(
+            [*argv, "--host", "127.0.0.1", "--port", str(port)],
+            env | {"TELEMED_NODE_ID": node},
+            log,
+        )
+        processes.append(process)
+        logs.append(log)
+        pids[node] = process.pid
+    try:
+        for port in ports.values():
+            await eventually(
+                lambda p=port: _ready(f"http://127.0.0.1:{p}"), "a node ready", within=WAIT
+            )
+        async with Nginx(tmp_path, [f"127.0.0.1:{p}" for p in ports.values()]) as proxy:
+            yield Workers(processes, proxy.url, logs, secret, env, pids)
+    finally:
+        Workers(processes, "", logs, secret, env, pids).stop()
 
 
 def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -166,12 +216,14 @@ async def segments(url: str, cid: str, token: str) -> list[dict[str, Any]]:
     return rows
 
 
+@pytest.mark.parametrize("lost", ["worker", "node"])
 async def test_the_owner_killed_mid_recording_is_survived_in_the_same_seats(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path, redis_url: str, lost: str
 ) -> None:
     peers: list[Peer] = []
     clients: list[MediaClient] = []
-    async with two_workers(tmp_path, redis_url) as workers:
+    deployment = two_workers if lost == "worker" else two_nodes_behind_nginx
+    async with deployment(tmp_path, redis_url) as workers:
         try:
             url = workers.url
             village_token = workers.token(VILLAGE)
@@ -243,7 +295,8 @@ async def test_the_owner_killed_mid_recording_is_survived_in_the_same_seats(
                         f"{rejoining.disconnects}, errors {rejoining.events('error')}"
                     ) from None
                 assert rejoining.participant_id == seats[label], label
-            assert await owner_node(redis_url, cid) != dead or len(workers.started()) > 2
+            # On a live worker: the other one, or (--workers) the dead one started again.
+            assert await owner_node(redis_url, cid) != dead or lost == "worker"
             for label, tone in (("village", 440.0), ("resident", 660.0)):
                 ack = await fresh[label].publish([(ToneTrack(tone), "microphone")])
                 assert ack == {"ok": True}, (label, ack)
