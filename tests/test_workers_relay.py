@@ -16,7 +16,7 @@ from media_client import MediaClient, media_config
 from media_peers import ColourCounterTrack, ToneTrack, close_to, dominant_frequency, mean_colour
 from signaling_fixtures import Peer, SignalingServer, eventually, start_signaling_server
 
-from rooms.model import ConsultationId
+from rooms.model import ConsultationId, ConsultationKind
 from rooms.roles import Role
 from server.demo import COUNTY, SPECIALIST, VILLAGE
 
@@ -137,5 +137,55 @@ async def test_four_parties_on_two_workers_see_and_hear_each_other_through_the_o
         )
     finally:
         for client in clients.values():
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+async def test_a_teaching_room_whose_trainees_arrive_at_both_workers_reaches_each_of_them(
+    workers: list[SignalingServer],
+) -> None:
+    """A room lives on one worker: trainees whose sockets reach the other worker are relayed
+    there, and their media connections go to the room's worker."""
+    a, b = workers
+    cid = (await a.scheduled(kind=ConsultationKind.TEACHING)).id
+    presenter = await a.seated(SPECIALIST, cid, label="presenter@A")
+    camera = ColourCounterTrack((200, 80, 40), **SIZE)
+    publisher = MediaClient(presenter)
+    trainees: list[MediaClient] = []
+    try:
+        assert await publisher.publish([(camera, "camera"), (ToneTrack(440.0), "microphone")]) == {
+            "ok": True
+        }
+        for n in range(6):
+            server = (a, b)[n % 2]
+            token, _ = await a.invite(cid, Role.TRAINEE, f"学员{n}")
+            trainee = await server.connect(token, label=f"trainee-{n}@{'AB'[n % 2]}")
+            client = MediaClient(trainee)
+            trainees.append(client)
+            await trainee.join(cid)
+            waiting = await trainee.wait_for("waiting")
+            await presenter.ok("admit", {"participant": waiting["participant"]["participant_id"]})
+            await trainee.wait_for("joined")
+        pid = presenter.participant_id
+        for client in trainees:
+            await eventually(
+                lambda c=client: (
+                    len(c.tracks_from(pid, "video")) == 1
+                    and len(c.tracks_from(pid, "video")[0].frames) >= 10
+                ),
+                f"{client.peer.label} receives the presenter's camera",
+                within=30,
+            )
+            frames = client.tracks_from(pid, "video")[0].frames
+            assert all(close_to(mean_colour(f), (200, 80, 40)) for f in frames[-3:])  # type: ignore[arg-type]
+        owner = owner_of(workers, cid)
+        assert len(owner.namespace.media.members(ConsultationId(cid))) == 7
+        # Those who reached the other worker are relayed: it holds their sockets only (three
+        # trainees, and the presenter if that is worker A).
+        other = b if owner is a else a
+        assert other.namespace.connection_count == (4 if other is a else 3)
+        assert other.namespace.media.totals()["participants"] == 0
+    finally:
+        for client in [publisher, *trainees]:
             with contextlib.suppress(Exception):
                 await client.close()
