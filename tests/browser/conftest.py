@@ -98,10 +98,13 @@ async def start_server(
     netns: list[str] | None = None,
     address: str = "127.0.0.1",
     config: str = "",
+    redis_url: str | None = None,
+    workers: int = 1,
     **signaling: float,
 ) -> Server:
     """`netns` runs the server in a lab namespace (`lab.exec_prefix("srv")`), listening and
-    offering media on `address`; `config` is more TOML, appended."""
+    offering media on `address`; `config` is more TOML, appended; `workers` > 1 needs
+    `redis_url` (`telemed serve --workers N`)."""
     port = free_port()
     config_file = tmp / "telemed.toml"
     lines = [
@@ -114,13 +117,26 @@ async def start_server(
     ]
     config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
+    if redis_url is not None:
+        env["TELEMED_REDIS_URL"] = redis_url
     # The log (stderr) apart from stdout, where --dev prints the demo tokens: tests/log_scan.py
     # scans every server.log for leaked tokens.
     log = tmp / "server.log"
     with log.open("wb") as err, (tmp / "server.stdout").open("wb") as out:
         command = [str(Path(sys.executable).parent / "telemed"), "--config", str(config_file)]
         process = subprocess.Popen(  # noqa: ASYNC220 - started once, before any awaiting
-            [*(netns or []), *command, "serve", "--dev", "--host", address, "--port", str(port)],
+            [
+                *(netns or []),
+                *command,
+                "serve",
+                "--dev",
+                "--workers",
+                str(workers),
+                "--host",
+                address,
+                "--port",
+                str(port),
+            ],
             stdout=out,
             stderr=err,
             env=env,
