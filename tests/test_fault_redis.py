@@ -17,7 +17,7 @@ from redis_fixtures import RestartableRedis
 from test_multinode import RESIDENT, VILLAGE, Node, channel_subscribers, running_cluster
 
 from rooms.model import ConsultationId, EventKind, SessionEvent
-from server.app import STORE
+from server.app import PLACEMENT, STORE
 from server.presence_redis import EPOCH_CHECK_S
 
 pytest_plugins = ["redis_fixtures"]
@@ -83,6 +83,19 @@ async def test_redis_restarted_under_two_nodes_the_room_carries_on(
             return room is not None and seated <= set(room.participants)
 
         await until(seats_back, "every seat back in Redis")
+
+        # The placement too: the room is placed again on the worker that serves it.
+        serving = [
+            n for n in (cluster.a, cluster.b) if ConsultationId(cid) in n.namespace.rooms_served()
+        ]
+        assert len(serving) == 1, serving
+
+        async def placed_back() -> bool:
+            with restartable_redis.server.client() as plain:
+                owner = plain.get(f"telemed:placement:{cid}")
+            return owner is not None and owner.decode() == serving[0].app[PLACEMENT].worker_id
+
+        await until(placed_back, "the room placed again on its worker")
         room = await cluster.presence.get(cid)
         assert room is not None
         assert all(room.participants[p].disconnected_at is None for p in seated)
