@@ -49,7 +49,8 @@ from server.turn import TurnCredentials, ice_servers_for_clients
 from server.verify import verify_consultation
 from server.web_routes import register_web
 from server.worker_link import RedisWorkerLink
-from signaling.namespace import ConsultNamespace, Identity, Limits, Refused
+from signaling.connection import Identity, Limits, Refused
+from signaling.namespace import ConsultNamespace
 from signaling.packets import CheckedServer
 from signaling.routing import Routing
 

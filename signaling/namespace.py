@@ -7,11 +7,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import socketio
 from pydantic import BaseModel, ValidationError
@@ -24,13 +23,21 @@ from rooms.errors import DomainError, RoomRefused, Unavailable
 from rooms.lifecycle import Action
 from rooms.model import Consultation, ConsultationId, ParticipantId, TrackSource
 from rooms.outcome import Audience, Outcome, Target
-from rooms.policy import Actor
 from rooms.recording_rules import RECORDER_ID
 from rooms.room_service import LiveRoomService, Stroke
 from signaling import events as ev
+from signaling.connection import (
+    Authenticate,
+    Connection,
+    EventCounts,
+    Identity,
+    Limits,
+    Refused,
+)
 from signaling.packets import Unreadable, event_problem, payload_problem
 from signaling.ratelimit import TokenBucket
-from signaling.routing import Message, Routing, WorkerGone
+from signaling.relaying import Relaying
+from signaling.routing import Routing
 from signaling.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -38,54 +45,6 @@ log = logging.getLogger(__name__)
 NAMESPACE = "/consult"
 # How often a disconnect that presence could not take (Redis away) is tried again.
 UNAVAILABLE_RETRY_S = 1.0
-# How often a worker checks that the other ends of its relayed connections are alive, and
-# how long one must have been missing to count as dead (a restarted Redis has forgotten every
-# worker until their next heartbeats, a second later).
-PEER_WATCH_S = 1.0
-PEER_LOST_AFTER_S = 3.0
-# A join whose room's worker just died waits (polling) for the room to be placed again.
-WORKER_GONE_WAIT_S = 6.0
-WORKER_GONE_RETRY_S = 0.5
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who a connection is, as their verified token says, and until when."""
-
-    actor: Actor
-    expires_at: datetime
-    # The token's `jti`: revoking it ends every connection that presented it.
-    token_id: str | None = None
-
-
-class Refused(Exception):
-    """A connection refused at connect; the message is what the client sees."""
-
-
-# Verifies a token (and, for a scoped token, the consultation the client asks for).
-Authenticate = Callable[[str, ConsultationId | None], Awaitable[Identity]]
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_payload_bytes: int = 64 * 1024
-    events_per_second: float = 20.0
-    event_burst: int = 40
-    reconnect_grace_s: float = 30.0
-    empty_room_grace_s: float = 120.0
-    chat_max_chars: int = 2000
-    annotation_max_points: int = 500
-
-
-class EventCounts(Protocol):
-    """Counts what happens, where it happens (the server's metrics)."""
-
-    def event(self, name: str, ok: bool) -> None:
-        """A client event was handled (`name` one of the namespace's events) or refused."""
-
-    def happened(self, what: str) -> None:
-        """Something happened in a room: `seat_taken`, `participant_left`, `chat_message`,
-        `recording_started`, `recording_failed`, `session_ended`."""
 
 
 # Announcements that count as something happening (each once per outcome where it is sent to
@@ -100,30 +59,6 @@ _COUNTED = {
 _COUNTED_ONCE = {"session_ended": "session_ended"}
 
 
-@dataclass
-class Connection:
-    identity: Identity
-    bucket: TokenBucket
-    consultation_id: ConsultationId | None = None
-    # socket.io runs each event in a task of its own; this keeps one connection's events in
-    # the order they were sent (asyncio locks are fair).
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # Set once the token is revoked, for events already queued behind the revocation.
-    revoked: bool = False
-    # Set once the connection dropped, for the event still running (a join, say).
-    gone: bool = False
-    # Relayed (signaling/routing.py): on the edge, the worker that owns its room; on the
-    # owner, the worker that holds its socket. Neither: a connection of this worker alone.
-    owner: str | None = None
-    edge: str | None = None
-    # The edge keeps the auth payload to present it to the owner (never logged).
-    auth: Any = None
-
-    @property
-    def actor(self) -> Actor:
-        return self.identity.actor
-
-
 @dataclass(frozen=True)
 class EventSpec:
     model: type[BaseModel]
@@ -131,7 +66,7 @@ class EventSpec:
     needs_room: bool = True
 
 
-class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
+class ConsultNamespace(Relaying, socketio.AsyncNamespace):  # type: ignore[misc]
     def __init__(
         self,
         rooms: LiveRoomService,
@@ -610,160 +545,6 @@ class ConsultNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             await self._apply(await self._rooms.end_abandoned(cid))
         except DomainError as exc:
             log.info("session of %s not ended automatically: %s", cid, exc)
-
-    # --- relaying to the room's worker (signaling/routing.py) --------------------------------
-
-    async def _route_join(
-        self, sid: str, conn: Connection, body: ev.Join, data: Any
-    ) -> dict[str, Any] | None:
-        """Joins on the room's worker if that is another: the join's ack, or None to join here."""
-        assert self._routing is not None
-        routing = self._routing
-        deadline = time.monotonic() + WORKER_GONE_WAIT_S
-        while True:
-            placed = await routing.placement.owner_of(ConsultationId(body.consultation_id))
-            if placed.owner == routing.placement.worker_id:
-                return None
-            try:
-                attached = await routing.link.call(
-                    placed.owner,
-                    {
-                        "op": "attach",
-                        "sid": sid,
-                        "auth": conn.auth,
-                        "edge": routing.placement.worker_id,
-                    },
-                )
-                break
-            except WorkerGone:
-                # Died a moment ago: the room is placed again once its heartbeat lapses.
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(WORKER_GONE_RETRY_S)
-        if attached.get("ok") is not True:
-            message = str(attached.get("message", "refused"))
-            return await self._error(sid, "join", "refused", message)
-        conn.owner = placed.owner
-        return await routing.link.call(
-            placed.owner, {"op": "event", "sid": sid, "event": "join", "data": data}
-        )
-
-    async def _relay(
-        self, sid: str, conn: Connection, event: Any, name: str, data: Any
-    ) -> dict[str, Any]:
-        """An event of a connection whose room is on another worker: screened here (nothing
-        unreadable or over the limits crosses), handled there."""
-        assert self._routing is not None and conn.owner is not None
-        screened = await self._screen(sid, conn, event, name, data)
-        if isinstance(screened, dict):
-            return screened
-        try:
-            return await self._routing.link.call(
-                conn.owner, {"op": "event", "sid": sid, "event": name, "data": data}
-            )
-        except Unavailable as exc:
-            return await self._error(sid, name, exc.code, str(exc))
-
-    async def relayed(self, message: Message) -> Message | None:
-        """A request from an edge worker about one of its connections (the WorkerLink's
-        handler). Workers trust each other: Redis is theirs alone."""
-        sid = str(message.get("sid", ""))
-        op = message.get("op")
-        if op == "attach":
-            return await self._attach(sid, message.get("auth"), str(message.get("edge", "")))
-        conn = self._connections.get(sid)
-        if op == "disconnect":
-            if conn is not None and conn.owner is not None:
-                async with conn.lock:  # held while an event of it is relayed
-                    await self.disconnect(sid)
-            return None
-        if conn is None or conn.edge is None:
-            if op == "event":
-                return {"ok": False, "error": {"code": "not_connected", "message": "reconnect"}}
-            return None
-        if op == "event":
-            name = str(message.get("event", ""))
-            return await self._handle(sid, conn, name, name, message.get("data"))
-        if op == "detach":
-            await self._on_disconnect(sid)
-        return None
-
-    async def _attach(self, sid: str, auth: Any, edge: str) -> Message:
-        try:
-            identity = await self._verify(sid, auth)
-        except socketio.exceptions.ConnectionRefusedError as exc:
-            return {"ok": False, "message": str(exc.error_args.get("message", "refused"))}
-        self._connections[sid] = Connection(
-            identity,
-            TokenBucket(self._config.events_per_second, self._config.event_burst),
-            edge=edge,
-        )
-        return {"ok": True}
-
-    async def _watch_peers(self) -> None:
-        """A worker that died takes its side of the relayed connections with it: an edge's
-        sockets whose room's worker died are closed so the clients reconnect (and are placed
-        again); an owner's connections from a dead edge are dropped like a lost socket."""
-        assert self._routing is not None
-        missing_since: dict[str, float] = {}
-        while True:
-            await asyncio.sleep(PEER_WATCH_S)
-            peers = {p for c in self._connections.values() for p in (c.owner, c.edge) if p}
-            try:
-                alive = await self._routing.placement.alive(peers)
-            except Unavailable:
-                continue  # Redis away: nobody's heartbeat can be told either way
-            now = time.monotonic()
-            for peer in list(missing_since):
-                if peer in alive or peer not in peers:
-                    del missing_since[peer]
-            for peer in peers - alive:
-                missing_since.setdefault(peer, now)
-            dead = {p for p, since in missing_since.items() if now - since >= PEER_LOST_AFTER_S}
-            for sid, conn in list(self._connections.items()):
-                if conn.owner is not None and conn.owner in dead:
-                    log.warning("closing %s: the worker of its room is gone", sid)
-                    await self._close_transport(sid)
-                elif conn.edge is not None and conn.edge in dead:
-                    await self._on_disconnect(sid)
-
-    async def _close_transport(self, sid: str) -> None:
-        """Drops the socket as a crash would: no Engine.IO CLOSE packet (after one, clients
-        do not reconnect), then the writer is released so the WebSocket closes. The client
-        sees a lost transport and reconnects by itself. python-engineio has no public way to
-        do this: its socket's `close(abort=True)` and queue (tests/test_workers_failover.py
-        would fail without them)."""
-        eio_sid = self.server.manager.eio_sid_from_sid(sid, self.namespace)
-        socket = self.server.eio.sockets.get(eio_sid) if eio_sid is not None else None
-        if socket is None:
-            await self._on_disconnect(sid)
-            return
-        await socket.close(wait=False, abort=True)
-        socket.queue.put_nowait(None)
-
-    async def _take_over_once(self, cid: ConsultationId) -> None:
-        """Before the first join of a room on this worker: every seat presence still shows as
-        connected is a dead worker's (a live room's seats are all served by its one worker),
-        so it is kept for the reconnect grace like any dropped seat, and a recording the dead
-        worker was making goes on here. Later joins wait for it."""
-        pending = self._taken_over.get(cid)
-        if pending is None:
-            pending = asyncio.ensure_future(self._take_over(cid))
-            self._taken_over[cid] = pending
-        try:
-            await asyncio.shield(pending)
-        except DomainError:
-            if self._taken_over.get(cid) is pending:
-                del self._taken_over[cid]  # the next join tries again
-            raise
-
-    async def _take_over(self, cid: ConsultationId) -> None:
-        outcome, seats = await self._rooms.take_over(cid)
-        for participant, since in seats:
-            self._timers.start(self._expire_later(cid, participant, since))
-        if seats:
-            log.warning("took over room %s: %d seat(s) of a lost worker", cid, len(seats))
-        await self._apply(outcome)
 
     # --- handlers ----------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from signaling_fixtures import (
 from rooms.model import CloseReason, ConsultationId, EventKind
 from rooms.roles import Role
 from server.config import load_config
-from signaling.namespace import Identity
+from signaling.connection import Identity
 
 pytest_plugins = ["signaling_fixtures", "redis_fixtures"]
 
