@@ -220,6 +220,9 @@ class Config(_Section):
     # Empty: an SQLite file under data_dir.
     database_url: str = ""
     redis_url: str | None = None
+    # Worker processes of `telemed serve` (--workers overrides); unset: one per core with
+    # Redis, else one.
+    workers: int | None = Field(default=None, ge=1, le=256)
     # This node's name in the record (who writes a recording, whose to recover after a
     # crash); empty: host name and port. Each node behind one Redis needs its own.
     node_id: str = Field(default="", max_length=128)
@@ -294,6 +297,7 @@ _ENV_FIELDS: dict[str, tuple[str, ...]] = {
     "DATA_DIR": ("data_dir",),
     "DATABASE_URL": ("database_url",),
     "REDIS_URL": ("redis_url",),
+    "WORKERS": ("workers",),
     "NODE_ID": ("node_id",),
     "LINK_SECRET": ("link_secret",),
     "PUBLIC_URL": ("public_url",),

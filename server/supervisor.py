@@ -45,7 +45,10 @@ WorkerArgv = Callable[[int], Sequence[str]]
 
 
 def default_workers(config: Config) -> int:
-    """Every core this process may run on when the workers can share state (Redis), else 1."""
+    """`workers` of the config if set; else every core this process may run on when the
+    workers can share state (Redis), else 1."""
+    if config.workers is not None:
+        return config.workers
     if not config.redis_url:
         return 1
     if sys.platform == "linux":

@@ -67,6 +67,13 @@ def test_workers_default_to_one_without_redis_and_to_every_core_with_it() -> Non
     assert default_workers(alone) == 1
     shared = load_config(env={"TELEMED_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert default_workers(shared) == len(os.sched_getaffinity(0))
+    # TELEMED_WORKERS (a container's environment) says how many, whatever the cores.
+    set_three = load_config(
+        env={"TELEMED_REDIS_URL": "redis://127.0.0.1:1/0", "TELEMED_WORKERS": "3"}
+    )
+    assert default_workers(set_three) == 3
+    with pytest.raises(ConfigError, match="workers"):
+        load_config(env={"TELEMED_WORKERS": "0"})
 
 
 def test_what_several_workers_need_is_checked_before_any_starts() -> None:
