@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import socketio
 
-from rooms.errors import DomainError, Unavailable
+from rooms.errors import Unavailable
 from rooms.model import ConsultationId, ParticipantId
 from rooms.outcome import Outcome
 from rooms.room_service import LiveRoomService
@@ -154,28 +154,34 @@ class Relaying:
         """A worker that died takes its side of the relayed connections with it: an edge's
         sockets whose room's worker died are closed so the clients reconnect (and are placed
         again); an owner's connections from a dead edge are dropped like a lost socket."""
-        assert self._routing is not None
         missing_since: dict[str, float] = {}
         while True:
             await asyncio.sleep(PEER_WATCH_S)
-            peers = {p for c in self._connections.values() for p in (c.owner, c.edge) if p}
             try:
-                alive = await self._routing.placement.alive(peers)
+                await self._drop_dead_peers(missing_since)
             except Unavailable:
-                continue  # Redis away: nobody's heartbeat can be told either way
-            now = time.monotonic()
-            for peer in list(missing_since):
-                if peer in alive or peer not in peers:
-                    del missing_since[peer]
-            for peer in peers - alive:
-                missing_since.setdefault(peer, now)
-            dead = {p for p, since in missing_since.items() if now - since >= PEER_LOST_AFTER_S}
-            for sid, conn in list(self._connections.items()):
-                if conn.owner is not None and conn.owner in dead:
-                    log.warning("closing %s: the worker of its room is gone", sid)
-                    await self._close_transport(sid)
-                elif conn.edge is not None and conn.edge in dead:
-                    await self._on_disconnect(sid)
+                pass  # Redis away: nobody's heartbeat can be told either way
+            except Exception:
+                # The watch must outlive any one failed round.
+                log.exception("checking the relayed connections' workers failed")
+
+    async def _drop_dead_peers(self, missing_since: dict[str, float]) -> None:
+        assert self._routing is not None
+        peers = {p for c in self._connections.values() for p in (c.owner, c.edge) if p}
+        alive = await self._routing.placement.alive(peers)
+        now = time.monotonic()
+        for peer in list(missing_since):
+            if peer in alive or peer not in peers:
+                del missing_since[peer]
+        for peer in peers - alive:
+            missing_since.setdefault(peer, now)
+        dead = {p for p, since in missing_since.items() if now - since >= PEER_LOST_AFTER_S}
+        for sid, conn in list(self._connections.items()):
+            if conn.owner is not None and conn.owner in dead:
+                log.warning("closing %s: the worker of its room is gone", sid)
+                await self._close_transport(sid)
+            elif conn.edge is not None and conn.edge in dead:
+                await self._on_disconnect(sid)
 
     async def _close_transport(self, sid: str) -> None:
         """Drops the socket as a crash would: no Engine.IO CLOSE packet (after one, clients
@@ -202,7 +208,7 @@ class Relaying:
             self._taken_over[cid] = pending
         try:
             await asyncio.shield(pending)
-        except DomainError:
+        except Exception:
             if self._taken_over.get(cid) is pending:
                 del self._taken_over[cid]  # the next join tries again
             raise
