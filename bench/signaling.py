@@ -3,7 +3,13 @@ against one telemed node or two nodes sharing Redis and PostgreSQL.
 
     python bench/signaling.py --connections 1000 --rooms 100 --runs 3 --nodes 1 --db sqlite
     python bench/signaling.py --connections 1000 --rooms 100 --nodes 1,2 --db postgres
+    python bench/signaling.py --connections 1000 --rooms 100 --nodes 1r,1w2 --db postgres
     python bench/signaling.py --quick
+
+`--nodes 1w2`: one node of `telemed serve --workers 2` (a supervisor and two workers sharing
+its port, the kernel spreading the sockets over them) behind Redis; its CPU is summed over the
+supervisor and the workers (pids from the supervisor's `telemed worker i started` lines) and
+given per worker; ratios are taken against `1` and against `1r` (one process with Redis).
 
 Each run starts everything afresh in a temporary directory and tears it down in `finally`:
 the telemed node(s) (`telemed serve`, separate processes), a scratch PostgreSQL database and
@@ -99,7 +105,13 @@ DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 # consultation, the second (a county physician) accepts and schedules it.
 MEMBER_ROLES = ("village_doctor", "county_physician", "township_doctor", "provincial_specialist")
 CHAT_FIELDS = frozenset({"seq", "at", "participant", "name", "role", "text"})
-PACKAGES: tuple[str, ...] = ("aiohttp", "python-socketio", "python-engineio", "SQLAlchemy", "aiosqlite")
+PACKAGES: tuple[str, ...] = (
+    "aiohttp",
+    "python-socketio",
+    "python-engineio",
+    "SQLAlchemy",
+    "aiosqlite",
+)
 PACKAGES += ("asyncpg", "redis", "pydantic", "PyJWT")
 
 
