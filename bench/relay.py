@@ -409,6 +409,7 @@ class Run:
                 sample["clients"] += sample[f"worker{i}"]
         for i, pid in enumerate(serving):
             sample[f"serving{i}"] = cpu_seconds_of([pid])
+        sample["redis"] = cpu_seconds_of([self.redis.pid]) if self.redis else 0.0
         return sample
 
     async def _metrics_by_worker(self) -> dict[str, dict[str, float]]:
@@ -828,6 +829,7 @@ class Run:
         nodes = [node for node, _ in self.serving]
         room_of_label = re.compile(r"^r(\d+)-")
         forwarded: dict[str, int] = defaultdict(int)
+        video_streams: dict[str, int] = defaultdict(int)
         for reply in replies:
             for stream in reply["streams"]:
                 match = room_of_label.match(stream["viewer"])
@@ -836,6 +838,7 @@ class Run:
                 cid = rooms_known[k] if k < len(rooms_known) else ""
                 owner = placements.get(cid, nodes[0] if len(nodes) == 1 else "?")
                 forwarded[owner] += stream["packets_expected"]
+                video_streams[owner] += stream["kind"] == "video"
         rooms = Counter(placements.get(cid, "?") for cid in self.consultations)
         if self.room is not None and not self.consultations:  # teaching: its one room
             rooms = Counter([placements.get(self.room[0], nodes[0] if len(nodes) == 1 else "?")])
@@ -868,6 +871,13 @@ class Run:
                 for c, n in zip(cores, nodes, strict=True)
             ],
             "server_frames_forwarded_by_worker": frames,
+            # Video streams forwarded (each with its audio), and the worker's CPU per stream.
+            "video_streams_by_worker": [video_streams.get(n, 0) for n in nodes],
+            "server_millicores_per_video_stream_by_worker": [
+                1000 * c / video_streams[n] if video_streams.get(n) else math.nan
+                for c, n in zip(cores, nodes, strict=True)
+            ],
+            "redis_cpu_cores": (after["redis"] - before["redis"]) / wall,
             "server_cores_per_room_by_worker": [
                 c / rooms[n] if rooms.get(n) else math.nan
                 for c, n in zip(cores, nodes, strict=True)
@@ -1148,10 +1158,12 @@ def render_workers(results: dict[str, list[dict[str, Any]]]) -> str:
 
     lines = [
         "| scenario | runs | rooms by worker | cores by worker | fwd pkt/s by worker "
-        "| µs/fwd pkt by worker | cores/room by worker | supervisor cores | bound (runs) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| µs/fwd pkt by worker | cores/room by worker | mcores/video stream by worker "
+        "| supervisor cores | redis cores | bound (runs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     capacity: dict[int, list[tuple[int, bool]]] = defaultdict(list)
+    key = "server_millicores_per_video_stream_by_worker"
     for label, runs in results.items():
         ok = [r for r in runs if "failed" not in r and r.get("server_workers")]
         if not ok:
@@ -1163,7 +1175,9 @@ def render_workers(results: dict[str, list[dict[str, Any]]]) -> str:
             f"| {fmt(_elementwise_median(ok, 'forwarded_packets_per_s_by_worker'), '{:.0f}')} "
             f"| {fmt(_elementwise_median(ok, 'cpu_us_per_forwarded_packet_by_worker'), '{:.1f}')} "
             f"| {fmt(_elementwise_median(ok, 'server_cores_per_room_by_worker'), '{:.3f}')} "
+            f"| {fmt(_elementwise_median(ok, key), '{:.1f}')} "
             f"| {cell(median_of(ok, 'supervisor_cpu_cores'), '{:.3f}')} "
+            f"| {cell(median_of(ok, 'redis_cpu_cores'), '{:.3f}')} "
             f"| {_bound_counts(ok)} |"
         )
         if label.startswith("consult"):
