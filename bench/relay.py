@@ -828,20 +828,23 @@ class Run:
         wall = after["at"] - before["at"]
         nodes = [node for node, _ in self.serving]
         room_of_label = re.compile(r"^r(\d+)-")
+        # The rooms in the order of their labels' k (teaching: its one room).
+        known = self.consultations or ([self.room[0]] if self.room else [])
+
+        def owner_of(cid: str) -> str:
+            # One serving process (no placement without Redis): it owns every room.
+            return placements.get(cid) or (nodes[0] if len(nodes) == 1 else "?")
+
         forwarded: dict[str, int] = defaultdict(int)
         video_streams: dict[str, int] = defaultdict(int)
         for reply in replies:
             for stream in reply["streams"]:
                 match = room_of_label.match(stream["viewer"])
                 k = int(match[1]) if match else 0
-                rooms_known = self.consultations or ([self.room[0]] if self.room else [])
-                cid = rooms_known[k] if k < len(rooms_known) else ""
-                owner = placements.get(cid, nodes[0] if len(nodes) == 1 else "?")
+                owner = owner_of(known[k] if k < len(known) else "")
                 forwarded[owner] += stream["packets_expected"]
                 video_streams[owner] += stream["kind"] == "video"
-        rooms = Counter(placements.get(cid, "?") for cid in self.consultations)
-        if self.room is not None and not self.consultations:  # teaching: its one room
-            rooms = Counter([placements.get(self.room[0], nodes[0] if len(nodes) == 1 else "?")])
+        rooms = Counter(owner_of(cid) for cid in known)
         cores = [
             (after.get(f"serving{i}", 0.0) - before.get(f"serving{i}", 0.0)) / wall
             for i in range(len(nodes))
