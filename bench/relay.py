@@ -654,7 +654,9 @@ class Run:
         await asyncio.sleep(max(0.0, end - time.monotonic()))
         after = self._sample()
         probe_ms = sorted(await probe) if probe is not None else []
-        rss = sum(rss_bytes(pid) for _, pid in self.serving) if self.server else 0
+        # The workers' and the supervisor's, as the CPU.
+        supervisor = [self.server.pid] if self.server and self.server_workers > 1 else []
+        rss = sum(rss_bytes(pid) for pid in [*supervisor, *(p for _, p in self.serving)])
         by_worker_after = await self._metrics_by_worker() if self.server else {}
         metrics_before, metrics_after = _summed(by_worker_before), _summed(by_worker_after)
         placements = await self._placements()
