@@ -9,8 +9,8 @@ loopback, with the server, the publishers and the subscribers in separate proces
     python bench/relay.py teaching --viewers 50 --runs 1 --py-spy /tmp/relay-pyspy/bin/py-spy
     python bench/relay_report.py runs.jsonl        # tables from `--json --out runs.jsonl`
     # scale-out: K consultations at once against `telemed serve --workers N` (issue 13)
-    python bench/relay.py consult --rooms 1,2,3,4,5 --server-workers 1,2 --runs 1
-    python bench/relay.py teaching --viewers 200 --server-workers 2,1 --db postgres
+    python bench/relay.py consult --rooms 2,3,4,5,6 --server-workers 1,2 --runs 1
+    python bench/relay.py teaching --viewers 200 --server-workers 2,1 --join-rate 20
 
 Scenarios:
 - `consult`: the four clinicians of one consultation's team (no waiting room) each publish
