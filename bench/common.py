@@ -263,6 +263,75 @@ async def wait_until_ready(url: str, proc: ManagedProcess, limit_s: float = 60.0
             await asyncio.sleep(0.1)
 
 
+# --- `telemed serve --workers N` -------------------------------------------------------------
+
+# What the supervisor prints for every worker it starts (server/supervisor.py).
+WORKER_STARTED = re.compile(r"telemed worker (\d+) started \(pid (\d+), node (.+)\)")
+
+
+def started_workers(log_path: Path) -> dict[int, tuple[str, int]]:
+    """Worker index -> (node id, pid) from a supervisor's output; the latest start of each
+    index (a restarted worker has a new pid)."""
+    found: dict[int, tuple[str, int]] = {}
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    for match in WORKER_STARTED.finditer(text):
+        found[int(match[1])] = (match[3].strip(), int(match[2]))
+    return found
+
+
+async def get_from_every_worker(
+    url: str, paths: Sequence[str], workers: int, token: str | None = None
+) -> dict[str, list[Any]]:
+    """GET each of `paths` (JSON under /api/, text otherwise) from every worker behind `url`,
+    keyed by node id. The kernel hands each new connection to one worker (SO_REUSEPORT):
+    fresh connections, one per session and kept alive, each first asking /healthz which
+    worker it reached, until `workers` different ones have answered (or enough tries)."""
+    found: dict[str, list[Any]] = {}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    timeout = aiohttp.ClientTimeout(total=30)
+    for _ in range(25 * max(1, workers)):
+        connector = aiohttp.TCPConnector(limit=1)
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+                async with http.get(url + "/healthz") as response:
+                    node = str((await response.json())["node"])
+                if node in found:
+                    continue
+                answers: list[Any] = []
+                for path in paths:
+                    async with http.get(url + path, headers=headers) as response:
+                        answers.append(
+                            await response.json()
+                            if path.startswith("/api/")
+                            else await response.text()
+                        )
+                found[node] = answers
+        if len(found) >= workers:
+            break
+    return found
+
+
+async def wait_for_workers(
+    url: str, proc: ManagedProcess, workers: int, limit_s: float = 60.0
+) -> list[tuple[str, int]]:
+    """(node id, pid) of each serving process, worker 1 first, once every one of them
+    answers /healthz (until then the kernel gives every connection to those already
+    listening); for `workers` 1, the server process itself."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        answered = set(await get_from_every_worker(url, [], workers))
+        if workers == 1 and answered:
+            return [(answered.pop(), proc.pid)]
+        started = started_workers(proc.log_path)
+        if len(started) == workers and answered >= {node for node, _ in started.values()}:
+            return [started[i] for i in sorted(started)]
+        if time.monotonic() > deadline or not proc.alive():
+            raise RuntimeError(
+                f"{workers} workers not all up ({sorted(answered)} answered):\n{proc.tail()}"
+            )
+        await asyncio.sleep(0.2)
+
+
 def start_redis(port: int, log_path: Path, nice: int = 0) -> ManagedProcess:
     return ManagedProcess(
         "redis-server",
@@ -341,6 +410,24 @@ def recording_key_env(directory: Path) -> dict[str, str]:
     key_file = directory / "recording.key"
     key_file.write_bytes(os.urandom(32))
     return {"TELEMED_RECORDING_KEY_FILE": str(key_file)}
+
+
+def signing_key_env(directory: Path) -> dict[str, str]:
+    """A fresh opinion signing key (Ed25519, PEM) in `directory`: outside --dev `telemed serve`
+    refuses to start without one, and the workers of one server must share it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key_file = directory / "signing.pem"
+    key_file.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_file.chmod(0o600)
+    return {"TELEMED_SIGNING_KEY_FILE": str(key_file)}
 
 
 def telemed_command() -> list[str]:

@@ -8,6 +8,9 @@ loopback, with the server, the publishers and the subscribers in separate proces
     python bench/relay.py --quick                  # smoke run of all three, about a minute
     python bench/relay.py teaching --viewers 50 --runs 1 --py-spy /tmp/relay-pyspy/bin/py-spy
     python bench/relay_report.py runs.jsonl        # tables from `--json --out runs.jsonl`
+    # scale-out: K consultations at once against `telemed serve --workers N` (issue 13)
+    python bench/relay.py consult --rooms 2,3,4,5,6 --server-workers 1,2 --runs 1
+    python bench/relay.py teaching --viewers 200 --server-workers 2,1 --join-rate 20
 
 Scenarios:
 - `consult`: the four clinicians of one consultation's team (no waiting room) each publish
@@ -59,6 +62,24 @@ window of `--duration` s is measured:
 - the server's responsiveness: GET /healthz every 0.5 s (`server_http_ms_*`); connections
   that failed or closed, and when (`connection_losses`).
 
+Several workers (`--server-workers N,...`): the server is `telemed serve --workers N` with a
+private redis-server (`--save '' --appendonly no`, a free port; for N = 1 too when another N
+is measured, so that only the worker count differs) and SQLite in the data dir or a scratch
+PostgreSQL database (`--db postgres`). The clients connect to the one port; the kernel
+spreads the sockets over the workers (SO_REUSEPORT), placement puts each room on a worker and
+its media goes there. The worker pids come from the supervisor's `telemed worker i started
+(pid P, node N)` lines; server CPU is summed over the workers and the supervisor and given
+per worker; rooms per worker from Redis (`telemed:placement:*`); each worker's /metrics is
+read over a connection that asked /healthz which worker it reached. `consult --rooms K`: K
+4-party consultations at once; party i of room k in client process (4k + i) mod
+`--consult-procs`; rooms from `--decode-rooms` on do not decode and receive by RTP headers.
+Capacity (the table after the run): the largest K whose every stream held >= 29 fps with no
+frame lost and subscriber latency p95 within 50 ms of the direct pair's. `bound_hints` says
+what likely limited each run (a worker near a core, the machine's cores, the clients' loops
+late, others' load). The join figures (`seated`, `join_ms_*`, `video_gap_max_ms`: the longest
+wait between two frames at any subscriber over its whole life, the join storm included;
+`publisher_send_gap_max_ms`) are reported for every room scenario.
+
 Per packet vs per frame: `cpu_us_per_forwarded_packet` divides by RTP packets sent (video
 ~4 per frame at 1 Mbit/s, audio 1 per 20 ms frame); `cpu_us_per_forwarded_frame` by the
 server's own count of frames handed to subscribers' senders (telemed_media_frames_forwarded).
@@ -78,6 +99,7 @@ import re
 import secrets
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -103,14 +125,22 @@ if str(_ROOT) not in sys.path:
 from bench.common import (  # noqa: E402
     ManagedProcess,
     cpu_seconds,
+    cpu_seconds_of,
+    create_scratch_database,
+    drop_scratch_database,
     free_port,
+    get_from_every_worker,
     machine_busy_seconds,
     machine_info,
     percentile,
     recording_key_env,
     rss_bytes,
+    signing_key_env,
+    start_redis,
     telemed_command,
     wait_for_quiet,
+    wait_for_workers,
+    wait_redis,
     wait_until_ready,
 )
 from bench.relay_client import PartyPlan, WorkerPlan, worker_main  # noqa: E402
@@ -123,6 +153,7 @@ CONSULT_ROLES = ("village_doctor", "county_physician", "township_doctor", "provi
 DRAIN_S = 2.0
 # ManagedProcess.stop: SIGINT, then SIGKILL after this many seconds.
 STOP_TIMEOUT_S = 10.0
+PLACEMENT_PREFIX = "telemed:placement:"
 
 
 @dataclass(frozen=True)
@@ -138,11 +169,31 @@ class Member:
 
 
 class Run:
-    def __init__(self, args: argparse.Namespace, scenario: str, viewers: int, index: int) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        scenario: str,
+        viewers: int,
+        index: int,
+        rooms: int = 1,
+        server_workers: int = 1,
+    ) -> None:
         self.args = args
         self.scenario = scenario
         self.viewers = viewers
         self.index = index
+        # consult: this many 4-party consultations at once; the server: `--workers N`.
+        self.rooms = rooms
+        self.server_workers = server_workers
+        # A private redis-server whenever several workers are measured (also for N = 1 in
+        # the same invocation, so that only the worker count differs) or --redis.
+        self.uses_redis = bool(args.redis) or server_workers > 1
+        self.redis: ManagedProcess | None = None
+        self.redis_url = ""
+        self.database: str | None = None
+        # The processes that serve: (node id, pid), worker 1 first; one entry without workers.
+        self.serving: list[tuple[str, int]] = []
+        self.consultations: list[str] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="telemed-relay-"))
         self.server: ManagedProcess | None = None
         self.url = ""
@@ -157,7 +208,12 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"teaching-{self.viewers}" if self.scenario == "teaching" else self.scenario
+        label = f"teaching-{self.viewers}" if self.scenario == "teaching" else self.scenario
+        if self.scenario == "consult" and (self.rooms > 1 or self.uses_redis):
+            label += f"-x{self.rooms}"
+        if self.uses_redis:
+            label += f"-w{self.server_workers}"
+        return label
 
     # processes
 
@@ -184,9 +240,21 @@ class Run:
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMED_")}
         env |= {"TELEMED_DATA_DIR": str(self.tmp / "data"), "TELEMED_JWT_SECRET": self.secret}
-        env |= recording_key_env(self.tmp)
+        env |= recording_key_env(self.tmp) | signing_key_env(self.tmp)
+        if self.uses_redis:
+            redis_port = free_port()
+            self.redis = start_redis(redis_port, self.tmp / "redis.log", self.args.server_nice)
+            await wait_redis(redis_port, self.redis)
+            self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            env["TELEMED_REDIS_URL"] = self.redis_url
+        if self.args.db == "postgres":
+            # A scratch database; the server (or the supervisor, once) migrates it.
+            self.database, env["TELEMED_DATABASE_URL"] = await create_scratch_database(
+                self.args.pg_url
+            )
         argv = [*telemed_command(), "--config", str(config), "serve"]
-        argv += ["--host", "127.0.0.1", "--port", str(port)]
+        # Always explicit: with Redis the default would be one worker per core.
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(self.server_workers)]
         self.server = ManagedProcess(
             "server",
             argv,
@@ -197,6 +265,12 @@ class Run:
         )
         self.url = f"http://127.0.0.1:{port}"
         await wait_until_ready(self.url + "/readyz", self.server)
+        self.serving = await wait_for_workers(self.url, self.server, self.server_workers)
+
+    async def _per_worker(
+        self, paths: Sequence[str], token: str | None = None
+    ) -> dict[str, list[Any]]:
+        return await get_from_every_worker(self.url, paths, self.server_workers, token)
 
     def _spawn(self, plan: WorkerPlan) -> Connection:
         ctx = multiprocessing.get_context("spawn")
@@ -238,6 +312,11 @@ class Run:
             pipe.close()
         if self.server is not None:
             await asyncio.to_thread(self.server.stop, timeout=STOP_TIMEOUT_S)
+        if self.redis is not None:
+            await asyncio.to_thread(self.redis.stop, timeout=STOP_TIMEOUT_S)
+        if self.database is not None:
+            with contextlib.suppress(Exception):
+                await drop_scratch_database(self.args.pg_url, self.database)
         if self.args.keep:
             print(f"kept {self.tmp}", file=sys.stderr)
         else:
@@ -245,7 +324,7 @@ class Run:
 
     # the consultation
 
-    def _member(self, index: int, role: str) -> Member:
+    def _member(self, index: int, role: str, room: int = 0) -> Member:
         from pydantic import SecretStr
 
         from rooms.model import UserId
@@ -254,8 +333,8 @@ class Run:
         from server.config import JwtConfig
 
         tokens = TokenService(JwtConfig(secret=SecretStr(self.secret)))
-        user_id = f"relay-{role}-{index}"
-        name = f"Relay {role} {index}"
+        user_id = f"relay-{role}-{index}" if room == 0 else f"relay-r{room}-{role}-{index}"
+        name = f"Relay {role} {index}" if room == 0 else f"Relay {role} {index} room {room}"
         org = "relay-clinic" if index == 0 else f"relay-hospital-{index}"
         token = tokens.mint(user_id=UserId(user_id), name=name, role=Role(role), org=org)
         return Member(user_id, name, role, org, token)
@@ -314,9 +393,12 @@ class Run:
     # measuring
 
     def _sample(self) -> dict[str, float]:
+        serving = [pid for _, pid in self.serving]
+        # With workers, the supervisor's own (small) share counts too.
+        supervisor = [self.server.pid] if self.server and self.server_workers > 1 else []
         sample = {
             "at": time.monotonic(),
-            "server_cpu": cpu_seconds(self.server.pid) if self.server else 0.0,
+            "server_cpu": cpu_seconds_of(supervisor + serving),
             "machine": machine_busy_seconds(),
             "own": cpu_seconds(os.getpid()),
             "clients": 0.0,
@@ -325,20 +407,40 @@ class Run:
             with contextlib.suppress(OSError, ValueError):
                 sample[f"worker{i}"] = cpu_seconds(pid)
                 sample["clients"] += sample[f"worker{i}"]
+        for i, pid in enumerate(serving):
+            sample[f"serving{i}"] = cpu_seconds_of([pid])
+        sample["redis"] = cpu_seconds_of([self.redis.pid]) if self.redis else 0.0
         return sample
 
-    async def _metrics(self) -> dict[str, float]:
-        found: dict[str, float] = {}
-        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(self.url + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r,
-            ):
-                for line in (await r.text()).splitlines():
-                    match = re.match(r"^telemed_media_(\w+?)(?:_total)? ([0-9.e+-]+)$", line)
-                    if match:
-                        found[match[1]] = float(match[2])
+    async def _metrics_by_worker(self) -> dict[str, dict[str, float]]:
+        """The media counters of /metrics, per worker (node id)."""
+        found: dict[str, dict[str, float]] = {}
+        for node, (text,) in (await self._per_worker(["/metrics"])).items():
+            found[node] = {}
+            for line in str(text).splitlines():
+                match = re.match(r"^telemed_media_(\w+?)(?:_total)? ([0-9.e+-]+)$", line)
+                if match:
+                    found[node][match[1]] = float(match[2])
         return found
+
+    async def _placements(self) -> dict[str, str]:
+        """Consultation id -> node id of the worker Redis placed its room on."""
+        if not self.redis_url:
+            return {}
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(self.redis_url, decode_responses=True)
+        try:
+            keys = [k async for k in client.scan_iter(PLACEMENT_PREFIX + "*")]
+            owners = await client.mget(keys) if keys else []
+        finally:
+            await client.aclose()
+        # The owner is an incarnation, `<node id>#<token>` (server/placement.py).
+        return {
+            k.removeprefix(PLACEMENT_PREFIX): str(v).split("#", 1)[0]
+            for k, v in zip(keys, owners, strict=True)
+            if v
+        }
 
     async def _probe_server(self, until: float) -> list[float]:
         times: list[float] = []
@@ -359,19 +461,13 @@ class Run:
         subscriptions get each layer, and what the server lost of its publishers' packets."""
         if self.room is None:
             return {}
-        cid, token = self.room
+        _, token = self.room
         layers: dict[str, int] = defaultdict(int)
         lost = 0
-        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, KeyError):
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(
-                    f"{self.url}/api/v1/consultations/{cid}/media",
-                    headers={"Authorization": f"Bearer {token}"},
-                    timeout=aiohttp.ClientTimeout(total=30),
-                ) as r,
-            ):
-                body = await r.json()
+        # Room 0 only (its village doctor's token); each worker knows the rooms it owns.
+        paths = [f"/api/v1/consultations/{self.room[0]}/media"]
+        for (body,) in (await self._per_worker(paths, token)).values():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
                 for track in body["tracks"]:
                     lost += int(track["intake"].get("packets_lost") or 0)
                     if track["kind"] == "video":
@@ -401,31 +497,40 @@ class Run:
         clip = str(clip_path(args.clip, args.cache_dir))
         setup_started = self.setup_started = time.monotonic()
         if self.scenario == "consult":
-            members = [self._member(i, role) for i, role in enumerate(CONSULT_ROLES)]
-            cid, _ = await self._create_consultation(members, "consultation", 0)
-            self.room = (cid, members[0].token)
-            plans = [
-                WorkerPlan(
-                    i,
-                    "room",
-                    self.url,
-                    cid,
-                    (
+            # K consultations; client process p holds party i of room k where (4k + i) mod P
+            # is p: with P = 4, process i is role i of every room (the session openers, the
+            # village doctors, all in the first). Rooms from --decode-rooms on decode nothing
+            # and receive by RTP headers (LeanReceive), so that the clients of many rooms
+            # leave the 2 cores to the server.
+            procs = max(1, args.consult_procs)
+            parties: list[list[PartyPlan]] = [[] for _ in range(procs)]
+            for k in range(self.rooms):
+                members = [self._member(i, role, k) for i, role in enumerate(CONSULT_ROLES)]
+                cid, _ = await self._create_consultation(members, "consultation", 0)
+                self.consultations.append(cid)
+                if k == 0:
+                    self.room = (cid, members[0].token)
+                sampled = k < args.decode_rooms
+                for i, m in enumerate(members):
+                    parties[(4 * k + i) % procs].append(
                         PartyPlan(
-                            m.role,
+                            m.role if self.rooms == 1 else f"r{k}-{m.role}",
                             m.token,
                             "bench",
                             True,
-                            args.consult_decode,
+                            args.consult_decode if sampled else 0,
                             False,
                             3,
                             3,
                             args.layers,
-                        ),
-                    ),
-                    clip,
-                )
-                for i, m in enumerate(members)
+                            lean=not sampled,
+                            consultation_id=cid,
+                        )
+                    )
+            plans = [
+                WorkerPlan(p, "room", self.url, "", tuple(group), clip)
+                for p, group in enumerate(parties)
+                if group
             ]
             first, rest = plans[:1], plans[1:]
         else:
@@ -472,7 +577,7 @@ class Run:
                 for i, group in enumerate(groups)
                 if group
             ]
-        limit = 120.0 + self.viewers
+        limit = 120.0 + self.viewers + 30.0 * self.rooms
         # The session's opener first (the village doctor); in a consultation everyone joins
         # before anyone publishes, and the publishers take turns.
         # --consult-publish on-join: each party publishes as soon as it is in, so the later
@@ -541,7 +646,7 @@ class Run:
         # The server's counters just before the window, its CPU time at the window's edges:
         # the scrapes' own cost stays outside.
         await asyncio.sleep(max(0.0, start - 0.1 - time.monotonic()))
-        metrics_before = await self._metrics() if self.server else {}
+        by_worker_before = await self._metrics_by_worker() if self.server else {}
         await asyncio.sleep(max(0.0, start - time.monotonic()))
         before = self._sample()
         spy = self._start_py_spy()
@@ -549,8 +654,12 @@ class Run:
         await asyncio.sleep(max(0.0, end - time.monotonic()))
         after = self._sample()
         probe_ms = sorted(await probe) if probe is not None else []
-        rss = rss_bytes(self.server.pid) if self.server else 0
-        metrics_after = await self._metrics() if self.server else {}
+        # The workers' and the supervisor's, as the CPU.
+        supervisor = [self.server.pid] if self.server and self.server_workers > 1 else []
+        rss = sum(rss_bytes(pid) for pid in [*supervisor, *(p for _, p in self.serving)])
+        by_worker_after = await self._metrics_by_worker() if self.server else {}
+        metrics_before, metrics_after = _summed(by_worker_before), _summed(by_worker_after)
+        placements = await self._placements()
         replies = [await self._answer(pipe, 60 + DRAIN_S) for pipe in self.pipes]
         direct = [
             r for pipe, r in zip(self.pipes, replies, strict=True) if pipe in self.direct_pipes
@@ -567,6 +676,7 @@ class Run:
             raw.write_bytes(pickle.dumps({"replies": replies, "start": start, "end": end}))
         profile = await self._finish_py_spy(spy)
         result = analyse(replies, start, end, args.duration)
+        result |= self._joins_and_gaps(replies)
         losses = sorted(loss for r in replies for loss in r.get("connection_losses", []))
         if losses:
             # Seconds after the first join; the publishers' losses are what stop everyone.
@@ -594,6 +704,9 @@ class Run:
         result |= {
             "scenario": self.label,
             "viewers": self.viewers if self.scenario == "teaching" else None,
+            "rooms": self.rooms,
+            "db": self.args.db,
+            "redis": self.uses_redis,
             "run": self.index,
             "duration_s": args.duration,
             "setup_s": round(setup_s, 1),
@@ -652,9 +765,129 @@ class Run:
                     "server_rss_mb",
                 )
             }
+        if self.server is not None:
+            result |= self._by_worker(
+                before, after, by_worker_before, by_worker_after, placements, replies
+            )
+        result["bound_hints"] = bound_hints(result, os.cpu_count() or 1)
         if profile is not None:
             result["profile"] = profile
         return result
+
+    def _joins_and_gaps(self, replies: list[dict[str, Any]]) -> dict[str, Any]:
+        """How the joins went (a join storm comes before the window), and whether media
+        stopped meanwhile: the longest wait between two video frames at each subscriber
+        over its whole life, and between two frames the publishers sent."""
+        joins = [tuple(j) for r in replies for j in r.get("joins", [])]
+        seated = [j for j in joins if math.isfinite(j[3])]
+        connect_ms = sorted(1000 * (j[3] - j[2]) for j in seated)
+        due_ms = sorted(1000 * (j[3] - j[1]) for j in seated)
+        video = [s for r in replies for s in r["streams"] if s["kind"] == "video"]
+        gaps = sorted(1000 * float(s.get("gap_max_s") or 0.0) for s in video)
+        sampled = [s for s in video if s["decoded"]]
+        worst = max(video, key=lambda s: float(s.get("gap_max_s") or 0.0), default=None)
+        sent_gaps = [
+            max((b - a for a, b in zip(log["sent"], log["sent"][1:], strict=False)), default=0.0)
+            for r in replies
+            for log in r["publishers"]
+        ]
+        return {
+            "parties": len(joins),
+            "seated": len(seated),
+            "join_ms_p50": percentile(connect_ms, 50),
+            "join_ms_p99": percentile(connect_ms, 99),
+            "join_ms_max": connect_ms[-1] if connect_ms else math.nan,
+            # From the party's turn in the join schedule (includes waiting for a join slot).
+            "join_due_ms_p99": percentile(due_ms, 99),
+            "joins_span_s": (
+                max(j[3] for j in seated) - min(j[2] for j in seated) if seated else math.nan
+            ),
+            "video_gap_max_ms": gaps[-1] if gaps else math.nan,
+            "video_gap_median_of_max_ms": percentile(gaps, 50),
+            "video_gap_max_ms_sampled": max(
+                (1000 * float(s.get("gap_max_s") or 0.0) for s in sampled), default=math.nan
+            ),
+            # Seconds after the first join at which the longest gap ended.
+            "video_gap_max_at_s": (
+                float(worst["gap_max_at"]) - self.setup_started
+                if worst is not None and worst.get("gap_max_at") is not None
+                else math.nan
+            ),
+            "publisher_send_gap_max_ms": 1000 * max(sent_gaps, default=math.nan),
+        }
+
+    def _by_worker(
+        self,
+        before: dict[str, float],
+        after: dict[str, float],
+        metrics_before: dict[str, dict[str, float]],
+        metrics_after: dict[str, dict[str, float]],
+        placements: dict[str, str],
+        replies: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """Per serving process (worker 1 first): CPU, the rooms placed on it, what it
+        forwarded (the packets its rooms' subscribers saw, the frames it counted)."""
+        wall = after["at"] - before["at"]
+        nodes = [node for node, _ in self.serving]
+        room_of_label = re.compile(r"^r(\d+)-")
+        # The rooms in the order of their labels' k (teaching: its one room).
+        known = self.consultations or ([self.room[0]] if self.room else [])
+
+        def owner_of(cid: str) -> str:
+            # One serving process (no placement without Redis): it owns every room.
+            return placements.get(cid) or (nodes[0] if len(nodes) == 1 else "?")
+
+        forwarded: dict[str, int] = defaultdict(int)
+        video_streams: dict[str, int] = defaultdict(int)
+        for reply in replies:
+            for stream in reply["streams"]:
+                match = room_of_label.match(stream["viewer"])
+                k = int(match[1]) if match else 0
+                owner = owner_of(known[k] if k < len(known) else "")
+                forwarded[owner] += stream["packets_expected"]
+                video_streams[owner] += stream["kind"] == "video"
+        rooms = Counter(owner_of(cid) for cid in known)
+        cores = [
+            (after.get(f"serving{i}", 0.0) - before.get(f"serving{i}", 0.0)) / wall
+            for i in range(len(nodes))
+        ]
+        frames = [
+            metrics_after.get(n, {}).get("frames_forwarded", math.nan)
+            - metrics_before.get(n, {}).get("frames_forwarded", math.nan)
+            for n in nodes
+        ]
+        return {
+            "server_workers": self.server_workers,
+            "worker_nodes": nodes,
+            "server_cpu_cores_by_worker": cores,
+            "supervisor_cpu_cores": (
+                (after["server_cpu"] - before["server_cpu"]) / wall - sum(cores)
+                if self.server_workers > 1
+                else 0.0
+            ),
+            "rooms_by_worker": [rooms.get(n, 0) for n in nodes],
+            "rooms_unplaced": rooms.get("?", 0) if self.redis_url else 0,
+            "media_rooms_by_worker": [
+                metrics_after.get(n, {}).get("rooms", math.nan) for n in nodes
+            ],
+            "forwarded_packets_per_s_by_worker": [forwarded.get(n, 0) / wall for n in nodes],
+            "cpu_us_per_forwarded_packet_by_worker": [
+                1e6 * c * wall / forwarded[n] if forwarded.get(n) else math.nan
+                for c, n in zip(cores, nodes, strict=True)
+            ],
+            "server_frames_forwarded_by_worker": frames,
+            # Video streams forwarded (each with its audio), and the worker's CPU per stream.
+            "video_streams_by_worker": [video_streams.get(n, 0) for n in nodes],
+            "server_millicores_per_video_stream_by_worker": [
+                1000 * c / video_streams[n] if video_streams.get(n) else math.nan
+                for c, n in zip(cores, nodes, strict=True)
+            ],
+            "redis_cpu_cores": (after["redis"] - before["redis"]) / wall,
+            "server_cores_per_room_by_worker": [
+                c / rooms[n] if rooms.get(n) else math.nan
+                for c, n in zip(cores, nodes, strict=True)
+            ],
+        }
 
     def _start_py_spy(self) -> tuple[ManagedProcess, Path] | None:
         if not self.args.py_spy or self.server is None:
@@ -677,6 +910,34 @@ class Run:
         if not out.exists():
             return {"error": process.tail()}
         return {"file": str(out), **summarize_collapsed(out.read_text(encoding="utf-8"))}
+
+
+def bound_hints(result: dict[str, Any], cores: int) -> list[str]:
+    """What likely limited a run, from its window's CPU figures: a worker (one event loop)
+    near a whole core; the machine's cores nearly all busy; the client processes' event loops
+    late (they then receive in bursts); others' work on the shared machine."""
+    hints = []
+    by_worker = result.get("server_cpu_cores_by_worker") or []
+    if any(isinstance(c, float) and c >= 0.85 for c in by_worker):
+        hints.append("server: a worker near one core")
+    busy = result.get("machine_busy_cores")
+    if isinstance(busy, float) and busy >= 0.92 * cores:
+        hints.append(f"machine: {busy:.2f} of {cores} cores busy")
+    lag = result.get("client_loop_lag_ms_p99")
+    if isinstance(lag, float) and lag > 50:
+        hints.append(f"clients: their loops {lag:.0f} ms late (p99)")
+    other = result.get("other_cpu_cores")
+    if isinstance(other, float) and other > 0.25:
+        hints.append(f"others: {other:.2f} cores")
+    return hints
+
+
+def _summed(by_worker: dict[str, dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = defaultdict(float)
+    for counters in by_worker.values():
+        for name, value in counters.items():
+            total[name] += value
+    return dict(total)
 
 
 # --- analysis -----------------------------------------------------------------------------
@@ -846,6 +1107,9 @@ SUMMARY: list[tuple[str, str, str]] = [
     ("added_latency_ms_p95", "+lat p95", "{:.1f}"),
     ("frames_lost", "lost", "{:.0f}"),
     ("frames_expected", "of", "{:.0f}"),
+    ("seated", "seated", "{:.0f}"),
+    ("join_ms_p99", "join p99", "{:.0f}"),
+    ("video_gap_max_ms", "gap max", "{:.0f}"),
     ("server_rss_mb", "RSS MB", "{:.0f}"),
     ("client_cpu_cores", "cli cores", "{:.2f}"),
     ("other_cpu_cores", "other", "{:.2f}"),
@@ -858,6 +1122,87 @@ def render_table(results: dict[str, list[dict[str, Any]]]) -> str:
     for label, runs in results.items():
         cells = [cell(median_of(runs, key), fmt) for key, _, fmt in SUMMARY]
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Capacity: every video stream at this many fps or more, no frame lost, and (with the direct
+# pair beside the room) the subscribers' latency p95 at most this much above the pair's:
+# clients that fall behind receive a backlog in a burst, which lifts a window's fps to 30
+# and above while every frame is late (medians of runs).
+CAPACITY_FPS = 29.0
+CAPACITY_ADDED_P95_MS = 50.0
+
+
+def _elementwise_median(runs: list[dict[str, Any]], key: str) -> list[float]:
+    lists = [r[key] for r in runs if isinstance(r.get(key), list)]
+    if not lists:
+        return []
+    width = min(len(x) for x in lists)
+    return [
+        statistics.median(
+            v for x in lists if isinstance(v := x[i], int | float) and math.isfinite(v)
+        )
+        if any(isinstance(x[i], int | float) and math.isfinite(x[i]) for x in lists)
+        else math.nan
+        for i in range(width)
+    ]
+
+
+def _bound_counts(runs: list[dict[str, Any]]) -> str:
+    counts = Counter(h.split(":")[0] for r in runs for h in r.get("bound_hints", []))
+    return ", ".join(f"{name} ×{n}" for name, n in sorted(counts.items())) or "none"
+
+
+def render_workers(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Per worker (medians of runs, element by element), and the consultations' capacity per
+    worker count: the largest K whose runs hold every stream at >= CAPACITY_FPS with no frame
+    lost and added latency p95 <= CAPACITY_ADDED_P95_MS."""
+
+    def fmt(values: list[float], pattern: str) -> str:
+        return " / ".join(pattern.format(v) if math.isfinite(v) else "-" for v in values)
+
+    lines = [
+        "| scenario | runs | rooms by worker | cores by worker | fwd pkt/s by worker "
+        "| µs/fwd pkt by worker | cores/room by worker | mcores/video stream by worker "
+        "| supervisor cores | redis cores | bound (runs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    capacity: dict[int, list[tuple[int, bool]]] = defaultdict(list)
+    key = "server_millicores_per_video_stream_by_worker"
+    for label, runs in results.items():
+        ok = [r for r in runs if "failed" not in r and r.get("server_workers")]
+        if not ok:
+            continue
+        lines.append(
+            f"| {label} | {len(ok)} "
+            f"| {fmt(_elementwise_median(ok, 'rooms_by_worker'), '{:.0f}')} "
+            f"| {fmt(_elementwise_median(ok, 'server_cpu_cores_by_worker'), '{:.3f}')} "
+            f"| {fmt(_elementwise_median(ok, 'forwarded_packets_per_s_by_worker'), '{:.0f}')} "
+            f"| {fmt(_elementwise_median(ok, 'cpu_us_per_forwarded_packet_by_worker'), '{:.1f}')} "
+            f"| {fmt(_elementwise_median(ok, 'server_cores_per_room_by_worker'), '{:.3f}')} "
+            f"| {fmt(_elementwise_median(ok, key), '{:.1f}')} "
+            f"| {cell(median_of(ok, 'supervisor_cpu_cores'), '{:.3f}')} "
+            f"| {cell(median_of(ok, 'redis_cpu_cores'), '{:.3f}')} "
+            f"| {_bound_counts(ok)} |"
+        )
+        if label.startswith("consult"):
+            fps = median_of(ok, "subscriber_fps_min")
+            lost = median_of(ok, "frames_lost")
+            added = median_of(ok, "added_latency_all_ms_p95")
+            good = (
+                math.isfinite(fps)
+                and fps >= CAPACITY_FPS
+                and lost == 0
+                and not added > CAPACITY_ADDED_P95_MS  # NaN (no direct pair): not judged
+            )
+            capacity[int(ok[0]["server_workers"])].append((int(ok[0]["rooms"]), good))
+    for workers, sizes in sorted(capacity.items()):
+        held = [k for k, good in sorted(sizes) if good]
+        failed = [k for k, good in sorted(sizes) if not good]
+        lines.append(
+            f"\ncapacity, {workers} worker(s): {max(held) if held else 0} consultations "
+            f"(held at {held or '-'}; not at {failed or '-'})"
+        )
     return "\n".join(lines)
 
 
@@ -884,6 +1229,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "scenarios", nargs="*", choices=["consult", "teaching", "direct", []], default=[]
     )
     parser.add_argument("--viewers", default="10,50,100", help="teaching: K, comma-separated")
+    parser.add_argument(
+        "--rooms", default="1", help="consult: K 4-party consultations at once, comma-separated"
+    )
+    parser.add_argument(
+        "--server-workers",
+        default="1",
+        help="`telemed serve --workers N`, comma-separated; several: a private redis-server "
+        "for every N (1 too), each K measured with every N in turn",
+    )
+    parser.add_argument(
+        "--redis", action="store_true", help="a private redis-server even for one worker"
+    )
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get(
+            "TELEMED_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+        ),
+        help="--db postgres: a scratch database is created next to this one",
+    )
+    parser.add_argument(
+        "--decode-rooms",
+        type=int,
+        default=1,
+        help="consult: rooms whose parties decode (--consult-decode); the others' parties "
+        "receive by RTP headers (LeanReceive)",
+    )
+    parser.add_argument(
+        "--consult-procs", type=int, default=4, help="consult: client processes for all rooms"
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=float, default=20.0, help="measured window, s")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured, after setup")
@@ -962,6 +1337,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not args.scenarios:
         parser.error("name at least one scenario (or --quick)")
     args.viewer_counts = [int(v) for v in str(args.viewers).split(",") if v.strip()]
+    args.room_counts = [int(v) for v in str(args.rooms).split(",") if v.strip()]
+    args.worker_counts = [int(v) for v in str(args.server_workers).split(",") if v.strip()]
+    if min(args.room_counts + args.worker_counts, default=0) < 1:
+        parser.error("--rooms and --server-workers: positive numbers")
+    # N = 1 beside N > 1 runs with Redis too: only the worker count differs.
+    args.redis = args.redis or max(args.worker_counts) > 1
     args.clip = ClipSpec(kbps=args.kbps, frames=args.clip_frames, gop=args.gop)
     return args
 
@@ -980,16 +1361,20 @@ async def amain(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         "audio_packet_bytes": round(sum(map(len, clip.audio)) / len(clip.audio)),
     }
     print(f"# {json.dumps(info, ensure_ascii=False)}", file=sys.stderr)
-    plan: list[tuple[str, int]] = []
+    # (scenario, viewers, rooms, server workers); the worker counts innermost, so that each
+    # size is measured with N = 1 and N = 2 back to back (similar noise).
+    plan: list[tuple[str, int, int, int]] = []
     for scenario in args.scenarios:
         if scenario == "teaching":
-            plan += [("teaching", k) for k in args.viewer_counts]
+            plan += [("teaching", k, 1, n) for k in args.viewer_counts for n in args.worker_counts]
+        elif scenario == "consult":
+            plan += [("consult", 0, k, n) for k in args.room_counts for n in args.worker_counts]
         else:
-            plan.append((scenario, 0))
+            plan.append((scenario, 0, 1, 1))
     results: dict[str, list[dict[str, Any]]] = {}
     for run_index in range(args.runs):
-        for scenario, viewers in plan:
-            result = await _attempts(args, scenario, viewers, run_index)
+        for scenario, viewers, rooms, workers in plan:
+            result = await _attempts(args, scenario, viewers, run_index, rooms, workers)
             result["machine"] = info
             results.setdefault(result["scenario"], []).append(result)
             line = json.dumps(clean(result), ensure_ascii=False)
@@ -999,6 +1384,8 @@ async def amain(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                 with args.out.open("a", encoding="utf-8") as f:
                     f.write(line + "\n")
     table = render_table(results)
+    if any(r.get("server_workers") for runs in results.values() for r in runs):
+        table += "\n\n" + render_workers(results)
     print(
         table if not args.json else "\n".join("# " + t for t in table.splitlines()), file=sys.stderr
     )
@@ -1007,13 +1394,18 @@ async def amain(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
 
 
 async def _attempts(
-    args: argparse.Namespace, scenario: str, viewers: int, run_index: int
+    args: argparse.Namespace,
+    scenario: str,
+    viewers: int,
+    run_index: int,
+    rooms: int = 1,
+    server_workers: int = 1,
 ) -> dict[str, Any]:
     """One run, again (up to --retries times) while others kept the machine busy during the
     window or the run failed; the last attempt stands, the discarded ones are summarized."""
     discarded: list[dict[str, Any]] = []
     while True:
-        run = Run(args, scenario, viewers, run_index)
+        run = Run(args, scenario, viewers, run_index, rooms, server_workers)
         try:
             result = await run.execute()
         except Exception as exc:
@@ -1046,6 +1438,8 @@ def _one_line(result: dict[str, Any]) -> str:
             parts.append(f"{header}={fmt.format(value)}")
     if result.get("notes"):
         parts.append(f"notes={result['notes']}")
+    if result.get("bound_hints"):
+        parts.append(f"bound={result['bound_hints']}")
     return " ".join(parts)
 
 

@@ -83,6 +83,8 @@ class PartyPlan:
     layer: str = "full"
     # Receive by RTP headers only during the window (LeanReceive), unless it decodes.
     lean: bool = False
+    # The room it joins; "": the worker's (WorkerPlan.consultation_id).
+    consultation_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,12 @@ class StreamStats:
     # Decoded keyframes, whenever they came: (counter, timestamp, arrival).
     anchors: list[tuple[int, int, float]] = field(default_factory=list)
     decode_errors: int = 0
+    # Over the stream's whole life, not only the window (a join storm happens before it):
+    # the first frame's arrival and the longest wait between two frames, and when it ended.
+    first_frame_at: float = math.nan
+    gap_max_s: float = 0.0
+    gap_max_at: float = math.nan
+    _last_frame_at: float = math.nan
     # For unwrapping sequence numbers.
     _last_seq: int | None = None
     _seq_base: int = 0
@@ -167,8 +175,16 @@ class StreamStats:
             if whole:
                 self._frame(timestamp, now)
 
+    def note_frame(self, now: float) -> None:
+        if math.isnan(self._last_frame_at):
+            self.first_frame_at = now
+        elif now - self._last_frame_at > self.gap_max_s:
+            self.gap_max_s, self.gap_max_at = now - self._last_frame_at, now
+        self._last_frame_at = now
+
     def _frame(self, timestamp: int, now: float) -> None:
         w = self.window
+        self.note_frame(now)
         self.frames_total += 1
         if w.start <= now < w.end:
             self.frames += 1
@@ -221,6 +237,9 @@ class StreamStats:
             "counter": self.counter,
             "anchors": self.anchors,
             "decode_errors": self.decode_errors,
+            "first_frame_at": self.first_frame_at,
+            "gap_max_s": self.gap_max_s,
+            "gap_max_at": self.gap_max_at,
         }
 
 
@@ -252,10 +271,19 @@ class LeanReceive:
     # RTP payload size here is the packet less a 12-byte header and a 16-byte SRTP tag.
     OVERHEAD = 12 + 16
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: Any, video_streams: int = 1) -> None:
         self._transport = transport  # the subscriber's RTCDtlsTransport
         self.by_ssrc: dict[int, StreamStats] = {}
         self.on = False
+        # Headers only once this many video streams (all of one subscribe connection) have
+        # their anchor: a stream bypassed before its first keyframe is decoded has none.
+        self._video_streams = video_streams
+        self._anchored: set[int] = set()
+
+    def anchored(self, stats: StreamStats) -> None:
+        self._anchored.add(id(stats))
+        if len(self._anchored) >= self._video_streams:
+            self.switch_on()
 
     def switch_on(self) -> None:
         if self.on:
@@ -291,6 +319,7 @@ def tap_and_count(receiver: Any, stats: StreamStats, lean: LeanReceive | None = 
     def on_frame(frame: EncodedFrame) -> None:
         now = time.monotonic()
         w = stats.window
+        stats.note_frame(now)
         stats.frames_total += 1
         if w.start <= now < w.end:
             stats.frames += 1
@@ -309,7 +338,7 @@ def tap_and_count(receiver: Any, stats: StreamStats, lean: LeanReceive | None = 
             if value is not None:
                 stats.anchors.append((value, frame.timestamp, now))
                 if lean is not None:
-                    lean.switch_on()
+                    lean.anchored(stats)
         if w.start <= now < w.drain_end:
             stats.ts.append(frame.timestamp)
             stats.arrival.append(now)
@@ -379,6 +408,9 @@ class Party:
         # (time.monotonic(), "publish" | "subscribe", state) at each connection state change.
         self.state_log: list[tuple[float, str, str]] = []
         self.seated_at = math.inf
+        self.join_started_at = math.inf
+        # When its turn came (the join rate's schedule), before waiting for a join slot.
+        self.due_at = math.inf
         for name, pc in (("publish", self.publisher), ("subscribe", self.subscriber)):
             pc.on(
                 "connectionstatechange",
@@ -456,13 +488,14 @@ class Party:
         if self.plan.lean and self.plan.decode == 0:
             transport = transceiver.receiver.transport
             if self._lean is None or self._lean._transport is not transport:
-                self._lean = LeanReceive(transport)
+                self._lean = LeanReceive(transport, max(1, self.plan.expect_video))
             lean = self._lean
         tap_and_count(transceiver.receiver, stats, lean)
 
     # steps
 
     async def join(self, url: str, consultation_id: str) -> None:
+        self.join_started_at = time.monotonic()
         await self.sio.connect(
             url,
             auth={"token": self.plan.token, "consultation_id": consultation_id},
@@ -592,8 +625,9 @@ class Worker:
 
         async def one(party: Party, delay: float) -> None:
             await asyncio.sleep(delay)
+            party.due_at = time.monotonic()
             async with limit:
-                await party.join(plan.url, plan.consultation_id)
+                await party.join(plan.url, party.plan.consultation_id or plan.consultation_id)
 
         self.parties = [Party(p, self) for p in plan.parties]
         await asyncio.gather(
@@ -657,6 +691,11 @@ class Worker:
                 if state in ("failed", "closed")
             ],
             "seated_at": [p.seated_at for p in self.parties],
+            # (party, its turn, connect began, seated): to `joined` from the socket.io connect
+            # (for a trainee: through the waiting room and the presenter's admit).
+            "joins": [
+                (p.plan.label, p.due_at, p.join_started_at, p.seated_at) for p in self.parties
+            ],
             # How each party's connections ended the window ("publish/subscribe" state).
             "connection_states": [
                 f"{p.publisher.connectionState}/{p.subscriber.connectionState}"

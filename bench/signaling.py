@@ -3,7 +3,13 @@ against one telemed node or two nodes sharing Redis and PostgreSQL.
 
     python bench/signaling.py --connections 1000 --rooms 100 --runs 3 --nodes 1 --db sqlite
     python bench/signaling.py --connections 1000 --rooms 100 --nodes 1,2 --db postgres
+    python bench/signaling.py --connections 1000 --rooms 100 --nodes 1r,1w2 --db postgres
     python bench/signaling.py --quick
+
+`--nodes 1w2`: one node of `telemed serve --workers 2` (a supervisor and two workers sharing
+its port, the kernel spreading the sockets over them) behind Redis; its CPU is summed over the
+supervisor and the workers (pids from the supervisor's `telemed worker i started` lines) and
+given per worker; ratios are taken against `1` and against `1r` (one process with Redis).
 
 Each run starts everything afresh in a temporary directory and tears it down in `finally`:
 the telemed node(s) (`telemed serve`, separate processes), a scratch PostgreSQL database and
@@ -42,6 +48,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -82,10 +89,12 @@ from bench.common import (  # noqa: E402
     raise_fd_limit,
     recording_key_env,
     rss_bytes,
+    signing_key_env,
     start_redis,
     summarize,
     telemed_command,
     wait_for_quiet,
+    wait_for_workers,
     wait_redis,
     wait_until_ready,
 )
@@ -96,7 +105,13 @@ DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 # consultation, the second (a county physician) accepts and schedules it.
 MEMBER_ROLES = ("village_doctor", "county_physician", "township_doctor", "provincial_specialist")
 CHAT_FIELDS = frozenset({"seq", "at", "participant", "name", "role", "text"})
-PACKAGES = ("aiohttp", "python-socketio", "python-engineio", "SQLAlchemy", "aiosqlite")
+PACKAGES: tuple[str, ...] = (
+    "aiohttp",
+    "python-socketio",
+    "python-engineio",
+    "SQLAlchemy",
+    "aiosqlite",
+)
 PACKAGES += ("asyncpg", "redis", "pydantic", "PyJWT")
 
 
@@ -391,26 +406,41 @@ class Scenario:
     nodes: int
     db: str  # "sqlite" | "postgres"
     redis: bool
+    # Per node: `telemed serve --workers N` (N > 1: a supervisor and N workers on its port).
+    workers: int = 1
 
     @property
     def label(self) -> str:
         nodes = f"{self.nodes} node{'s' if self.nodes > 1 else ''}"
+        if self.workers > 1:
+            return f"{nodes}, {self.workers} workers, {self.db}"
         return f"{nodes}, {self.db}" + (", redis" if self.redis and self.nodes == 1 else "")
+
+
+def node_spec(spec: str) -> tuple[int, bool, int] | None:
+    """--nodes item -> (nodes, redis, workers per node); None if it is not one."""
+    fixed = {"1": (1, False, 1), "1r": (1, True, 1), "2": (2, True, 1)}
+    if spec in fixed:
+        return fixed[spec]
+    match = re.fullmatch(r"1w([2-9])", spec)
+    return (1, True, int(match[1])) if match else None
 
 
 def scenarios_from(nodes: Sequence[str], dbs: Sequence[str]) -> list[Scenario]:
     found: list[Scenario] = []
     for db in dbs:
         for spec in nodes:
-            count, redis = {"1": (1, False), "1r": (1, True), "2": (2, True)}[spec]
-            if count > 1 and db == "sqlite":
+            parsed = node_spec(spec)
+            assert parsed is not None  # checked by parse_args
+            count, redis, workers = parsed
+            if (count > 1 or workers > 1) and db == "sqlite":
                 print(
-                    "skipping 2 nodes on sqlite: nodes must share one database, and two "
-                    "processes writing one SQLite file serialise",
+                    f"skipping {spec} on sqlite: nodes and workers must share one database, "
+                    "and two processes writing one SQLite file serialise",
                     file=sys.stderr,
                 )
                 continue
-            found.append(Scenario(count, db, redis))
+            found.append(Scenario(count, db, redis, workers))
     return found
 
 
@@ -518,6 +548,8 @@ class Sample:
     redis_cpu: float
     machine_busy: float  # CPU seconds all processes used (from /proc/stat)
     own_cpu: float  # this orchestrator process
+    # Per serving process (a node's workers, or the node itself), node by node.
+    serving_cpu: list[float] = field(default_factory=list)
 
 
 class Run:
@@ -528,6 +560,9 @@ class Run:
         self.tag = secrets.token_hex(3)
         self.tmp = Path(tempfile.mkdtemp(prefix="telemed-bench-"))
         self.nodes: list[ManagedProcess] = []
+        # Per node, its serving processes: (node id, pid); with workers, the supervisor
+        # (the node's process) is counted in the node's CPU besides them.
+        self.serving: list[list[tuple[str, int]]] = []
         self.ports: list[int] = []
         self.redis: ManagedProcess | None = None
         self.database: str | None = None
@@ -557,14 +592,22 @@ class Run:
         pg = self._postgres_cpu() if self.scenario.db == "postgres" else 0.0
         return Sample(
             at=time.monotonic(),
-            node_cpu=[cpu_seconds(n.pid) for n in self.nodes],
-            node_rss=[rss_bytes(n.pid) for n in self.nodes],
+            node_cpu=[cpu_seconds_of(self._node_pids(i)) for i in range(len(self.nodes))],
+            node_rss=[
+                sum(rss_bytes(pid) for pid in self._node_pids(i)) for i in range(len(self.nodes))
+            ],
             worker_cpu=[cpu_seconds_of([pid]) for pid in self.worker_pids],
             pg_cpu=pg,
             redis_cpu=cpu_seconds_of([self.redis.pid]) if self.redis else 0.0,
             machine_busy=machine_busy_seconds(),
             own_cpu=cpu_seconds(os.getpid()),
+            serving_cpu=[cpu_seconds_of([pid]) for node in self.serving for _, pid in node],
         )
+
+    def _node_pids(self, index: int) -> list[int]:
+        node = self.nodes[index]
+        serving = [pid for _, pid in self.serving[index]] if index < len(self.serving) else []
+        return sorted({node.pid, *serving})
 
     async def execute(self) -> dict[str, Any]:
         try:
@@ -605,6 +648,7 @@ class Run:
             "TELEMED_JWT_SECRET": secret,
             "TELEMED_LOG_LEVEL": args.log_level,
             **recording_key_env(self.tmp),
+            **signing_key_env(self.tmp),
         }
         if scenario.db == "postgres":
             self.database, url = await create_scratch_database(args.pg_url)
@@ -632,8 +676,9 @@ class Run:
             upgrade.stop()
         for i in range(scenario.nodes):
             port = free_port()
-            # One process per node, as measured (with Redis the default is one per core).
-            serve = ["serve", "--workers", "1", "--host", "127.0.0.1", "--port", str(port)]
+            # Explicit: with Redis the default is one worker per core.
+            serve = ["serve", "--workers", str(scenario.workers)]
+            serve += ["--host", "127.0.0.1", "--port", str(port)]
             if args.instrument:
                 stats = self.tmp / f"node{i}-stats.json"
                 self.stats_files.append(stats)
@@ -647,6 +692,9 @@ class Run:
         urls = [f"http://127.0.0.1:{p}" for p in self.ports]
         for node, url in zip(self.nodes, urls, strict=True):
             await wait_until_ready(url + "/readyz", node)
+            # Every worker listening before any client connects (the kernel spreads the
+            # connections over those listening).
+            self.serving.append(await wait_for_workers(url, node, scenario.workers))
 
         # Rooms: the measured ones, then the warm-up ones.
         minter = Minter(secret)
@@ -866,12 +914,21 @@ class Run:
             pct(a, b, join_window)
             for a, b in zip(baseline.node_cpu, after_join.node_cpu, strict=True)
         ]
+        worker_cpu = [
+            pct(a, b, window) for a, b in zip(start.serving_cpu, end.serving_cpu, strict=True)
+        ]
+        worker_cpu_join = [
+            pct(a, b, join_window)
+            for a, b in zip(baseline.serving_cpu, after_join.serving_cpu, strict=True)
+        ]
         held = sum(r["held"] for r in chatted)
         joined_count = sum(r["joined"] for r in joined)
         rss_growth = sum(settled.node_rss) - sum(baseline.node_rss)
         expected = sum(r["expected"] for r in chatted)
         delivered = sum(r["delivered"] for r in chatted)
         sent = sum(r["sent"] for r in chatted)
+        join_cpu_s = sum(after_join.node_cpu) - sum(baseline.node_cpu)
+        chat_cpu_s = sum(end.node_cpu) - sum(start.node_cpu)
         room0 = sorted(k for r in chatted for k in r["room0_sent"])
         probe_check = probe.check(room0)
         chat_errors = counted(chatted, "errors")
@@ -879,6 +936,7 @@ class Run:
         return {
             "scenario": scenario.label,
             "nodes": scenario.nodes,
+            "workers": scenario.workers,
             "db": scenario.db,
             "redis": scenario.redis,
             "run": self.index,
@@ -899,6 +957,9 @@ class Run:
                 "errors": counted(joined, "errors"),
                 "window_s": join_window,
                 "server_cpu_pct": node_cpu_join,
+                "worker_cpu_pct": worker_cpu_join,
+                # Server CPU of the join phase (connects included) per seated connection.
+                "server_cpu_ms_per_join": 1000 * join_cpu_s / max(1, joined_count),
             },
             "chat": {
                 "sent": sent,
@@ -917,6 +978,12 @@ class Run:
             "connections_held": held + probe.held(),
             "server": {
                 "cpu_pct": node_cpu,
+                # Per serving process: node by node, each node's workers (with --nodes 1wN).
+                "workers": [node for serving in self.serving for node, _ in serving],
+                "worker_cpu_pct": worker_cpu,
+                # Server CPU of the measured chat window per message sent in it (with its
+                # fan-out to the room's other members).
+                "cpu_ms_per_chat": 1000 * chat_cpu_s / max(1, sent),
                 "rss_mb_baseline": [b / 2**20 for b in baseline.node_rss],
                 "rss_mb_joined": [b / 2**20 for b in settled.node_rss],
                 "rss_mb_end": [b / 2**20 for b in end.node_rss],
@@ -1068,6 +1135,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("lost", "late/lost", "{:.0f}"),
     ("server_cpu_pct", "srv CPU%", "{:.0f}"),
     ("server_cpu_join_pct", "srv CPU% join", "{:.0f}"),
+    ("cpu_ms_per_join", "CPU ms/join", "{:.1f}"),
+    ("cpu_ms_per_chat", "CPU ms/chat", "{:.2f}"),
     ("rss_mb", "RSS MB", "{:.0f}"),
     ("kb_per_conn", "KB/conn", "{:.1f}"),
     ("client_cpu_pct", "cli CPU%", "{:.0f}"),
@@ -1098,6 +1167,8 @@ def flat(run: dict[str, Any]) -> dict[str, float]:
         "lost": chat["lost"],
         "server_cpu_pct": sum(server["cpu_pct"]),
         "server_cpu_join_pct": sum(run["join"]["server_cpu_pct"]),
+        "cpu_ms_per_join": run["join"]["server_cpu_ms_per_join"],
+        "cpu_ms_per_chat": server["cpu_ms_per_chat"],
         "rss_mb": sum(server["rss_mb_end"]),
         "kb_per_conn": server["rss_kb_per_connection"],
         "client_cpu_pct": sum(run["clients"]["cpu_pct"]),
@@ -1113,7 +1184,16 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
     return {key: median(f[key] for f in flats) for key in flats[0]} if flats else {}
 
 
-RATIO_KEYS = ("join_p50", "join_p99", "fanout_p50", "fanout_p99", "server_cpu_pct")
+RATIO_KEYS = (
+    "join_p50",
+    "join_p99",
+    "fanout_p50",
+    "fanout_p99",
+    "ack_p99",
+    "server_cpu_pct",
+    "cpu_ms_per_join",
+    "cpu_ms_per_chat",
+)
 
 
 def ratios(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -1128,16 +1208,20 @@ def ratios(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, floa
     for label, example in labels.items():
         if example["nodes"] == 1 and not example["redis"]:
             continue
-        base = Scenario(1, example["db"], False).label
-        per_key: dict[str, list[float]] = {k: [] for k in RATIO_KEYS}
-        for scenarios in by_run.values():
-            if label in scenarios and base in scenarios:
-                a, b = flat(scenarios[label]), flat(scenarios[base])
-                for key in RATIO_KEYS:
-                    if b[key]:
-                        per_key[key].append(a[key] / b[key])
-        if any(per_key.values()):
-            found[f"{label} / {base}"] = {k: median(v) for k, v in per_key.items()}
+        bases = [Scenario(1, example["db"], False).label]
+        if example.get("workers", 1) > 1:
+            # Workers need Redis: one process with Redis is the like-for-like baseline.
+            bases.append(Scenario(1, example["db"], True).label)
+        for base in bases:
+            per_key: dict[str, list[float]] = {k: [] for k in RATIO_KEYS}
+            for scenarios in by_run.values():
+                if label in scenarios and base in scenarios:
+                    a, b = flat(scenarios[label]), flat(scenarios[base])
+                    for key in RATIO_KEYS:
+                        if b[key]:
+                            per_key[key].append(a[key] / b[key])
+            if any(per_key.values()):
+                found[f"{label} / {base}"] = {k: median(v) for k, v in per_key.items()}
     return found
 
 
@@ -1191,7 +1275,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--nodes",
         default="1",
         help="comma list: 1 (one node), 1r (one node with the Redis manager and presence), "
-        "2 (two nodes behind Redis; postgres only)",
+        "2 (two nodes behind Redis; postgres only), 1w2 (one node of `telemed serve "
+        "--workers 2` behind Redis, its two workers sharing the port; postgres only)",
     )
     p.add_argument("--db", default="sqlite", help="comma list of sqlite, postgres")
     p.add_argument("--duration", type=float, default=20.0, help="measured chat seconds")
@@ -1247,8 +1332,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.node_specs = [s.strip() for s in args.nodes.split(",") if s.strip()]
     args.dbs = [s.strip() for s in args.db.split(",") if s.strip()]
     for spec in args.node_specs:
-        if spec not in ("1", "1r", "2"):
-            p.error(f"--nodes: {spec!r} is not 1, 1r or 2")
+        if node_spec(spec) is None:
+            p.error(f"--nodes: {spec!r} is not 1, 1r, 2 or 1w2 .. 1w9")
+        if args.instrument and spec.startswith("1w"):
+            p.error("--instrument wraps one process per node: not with --nodes 1wN")
     for db in args.dbs:
         if db not in ("sqlite", "postgres"):
             p.error(f"--db: {db!r} is not sqlite or postgres")
