@@ -207,6 +207,14 @@ def test_a_killed_writer_leaves_segments_that_recover(tmp_path: Path, sealed: bo
     try:
         assert started.wait(60), "the recording child never started"
         time.sleep(8.0)  # recording in real time
+        if keys is not None:
+            # A sealed file shows what it holds a sealed chunk at a time: on a loaded machine
+            # 8 s of real time may not have sealed a few KiB of each yet.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(
+                (tmp_path / f"{kind}.webm").stat().st_size > 4096 for kind in ("video", "audio")
+            ):
+                time.sleep(0.2)  # poll interval, bounded by the deadline
     finally:
         assert child.pid is not None
         os.kill(child.pid, signal.SIGKILL)
