@@ -235,12 +235,11 @@ def _attach_signaling(
     # Behind Redis each room has one owning worker, and the others relay to it.
     placement = link = None
     if config.redis_url:
-        # The heartbeat reads the media hub, which comes with the namespace below.
-        gauge: list[MediaLoad] = []
+        # The heartbeat reads the media hub and the rooms, which come with the namespace below.
         placement = RedisPlacement(
             config.redis_url,
             config.effective_node_id,
-            lambda: gauge[0](),
+            MediaLoad(lambda: namespace.media),
             held=lambda: namespace.rooms_served(),
         )
         link = RedisWorkerLink(config.redis_url, placement.worker_id)
@@ -261,7 +260,6 @@ def _attach_signaling(
         routing=Routing(placement, link) if placement and link else None,
     )
     if placement is not None:
-        gauge.append(MediaLoad(namespace.media))
         app[PLACEMENT] = placement
     # Behind Redis, recording rows name the worker's incarnation: a restarted worker must not
     # take its previous life's open segments for its own (server/takeover.py).

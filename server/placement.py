@@ -96,14 +96,15 @@ class WorkerLoad:
 
 
 class MediaLoad:
-    """A worker's load as its media hub tells it (the heartbeat adds the CPU)."""
+    """A worker's load as its media hub tells it (the heartbeat adds the CPU); `media` is read
+    at each heartbeat, so the hub may come after this."""
 
-    def __init__(self, media: MediaHub) -> None:
+    def __init__(self, media: Callable[[], MediaHub]) -> None:
         self._media = media
         self._mark = (time.monotonic(), 0)
 
     def __call__(self) -> WorkerLoad:
-        totals = self._media.totals()
+        totals = self._media().totals()
         now, forwarded = time.monotonic(), totals["frames_forwarded"]
         then, before = self._mark
         self._mark = (now, forwarded)

@@ -18,6 +18,7 @@ from signaling_fixtures import Peer, SignalingServer, eventually, start_signalin
 
 from rooms.model import ConsultationId, ConsultationKind
 from rooms.roles import Role
+from server.app import PLACEMENT
 from server.demo import COUNTY, SPECIALIST, VILLAGE
 
 pytest_plugins = ["redis_fixtures", "signaling_fixtures"]
@@ -105,6 +106,16 @@ async def test_four_parties_on_two_workers_see_and_hear_each_other_through_the_o
         assert other.namespace.media.totals()["rooms"] == 0
         assert owner.namespace.rooms_served() == {ConsultationId(cid)}
         assert other.namespace.rooms_served() == set()
+
+        # Each heartbeat reports the worker's media load (what placement compares).
+        async def owner_reports_its_room() -> bool:
+            placement = owner.app[PLACEMENT]
+            load = await placement.load_of(placement.worker_id)
+            return (
+                load is not None and (load.rooms, load.tracks) == (1, 8) and load.frames_per_s > 0
+            )
+
+        await eventually(owner_reports_its_room, "the owner's heartbeat to report its room")
 
         # Chat from a relayed party reaches everyone, and the record has it once.
         relayed = specialist if other is b else village
