@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from rooms.model import ConsultationId, SessionId
 from server.recording import SessionRecordings
+from server.redis_conn import subscribe_again
 from signaling.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -92,16 +93,7 @@ class RedisRecorderRelay:
                 log.exception("a recording order from another node failed")
 
     async def _subscribe_again(self) -> None:
-        while True:
-            await asyncio.sleep(RESUBSCRIBE_S)
-            with contextlib.suppress(*_REDIS_AWAY):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-            self._pubsub = self._redis.pubsub()
-            try:
-                await self._pubsub.subscribe(_CHANNEL)
-                break
-            except _REDIS_AWAY:
-                continue
+        self._pubsub = await subscribe_again(self._redis, self._pubsub, _CHANNEL, RESUBSCRIBE_S)
         try:
             await self._local.reconcile()
         except Exception:

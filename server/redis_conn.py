@@ -3,6 +3,7 @@ network cut) as `unavailable` to clients, not an internal error."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 
@@ -35,3 +36,21 @@ def client(url: str) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError],
     )
+
+
+async def subscribe_again(
+    redis: aioredis.Redis, gone: aioredis.client.PubSub, channel: str, every_s: float
+) -> aioredis.client.PubSub:
+    """A new subscription to `channel` once Redis is back (tried every `every_s`), in place of
+    `gone`, whose connection Redis cut. What was published meanwhile is lost."""
+    with contextlib.suppress(*REDIS_AWAY):
+        await gone.aclose()  # type: ignore[no-untyped-call]
+    while True:
+        await asyncio.sleep(every_s)
+        pubsub = redis.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            return pubsub
+        except REDIS_AWAY:
+            with contextlib.suppress(*REDIS_AWAY):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]

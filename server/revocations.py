@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from server.redis_conn import subscribe_again
+
 log = logging.getLogger(__name__)
 
 # Ends this node's connections of one token id.
@@ -93,16 +95,7 @@ class RedisRevocations:
         """Redis went away: what was published meanwhile is lost, so once subscribed again the
         deny list in the database decides for every connection this node holds."""
         log.warning("revocations: Redis is unreachable; subscribing again")
-        while True:
-            await asyncio.sleep(RESUBSCRIBE_S)
-            with contextlib.suppress(RedisConnectionError, OSError):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-            try:
-                self._pubsub = self._redis.pubsub()
-                await self._pubsub.subscribe(_CHANNEL)
-                break
-            except (RedisConnectionError, OSError):
-                continue
+        self._pubsub = await subscribe_again(self._redis, self._pubsub, _CHANNEL, RESUBSCRIBE_S)
         log.info("revocations: subscribed again; checking the connections' tokens")
         try:
             await self._recheck()

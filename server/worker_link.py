@@ -13,7 +13,7 @@ import json
 import logging
 
 from rooms.errors import Unavailable
-from server.redis_conn import REDIS_AWAY, client, reachable
+from server.redis_conn import REDIS_AWAY, client, reachable, subscribe_again
 from signaling.routing import Handler, Message, WorkerGone
 from signaling.tasks import TaskSet
 
@@ -126,14 +126,7 @@ class RedisWorkerLink:
         """Redis went away: requests sent meanwhile are lost (their askers time out and tell
         their clients `unavailable`)."""
         log.warning("worker link: Redis is unreachable; subscribing again")
-        while True:
-            await asyncio.sleep(RESUBSCRIBE_S)
-            with contextlib.suppress(*REDIS_AWAY):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-            try:
-                self._pubsub = self._redis.pubsub()
-                await self._pubsub.subscribe(_INBOX + self._me)
-                break
-            except REDIS_AWAY:
-                continue
+        self._pubsub = await subscribe_again(
+            self._redis, self._pubsub, _INBOX + self._me, RESUBSCRIBE_S
+        )
         log.info("worker link: subscribed again")

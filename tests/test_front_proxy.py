@@ -8,6 +8,7 @@ it receives: which node answered is what the nodes saw, not what nginx claims.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -310,7 +311,13 @@ async def test_no_link_token_in_the_access_log(front: Front) -> None:
     async with http_client() as http, http.get(f"{front.proxy.url}{path}?token={token}") as got:
         # Not a playback link's token (a JWT): refused, but logged all the same.
         assert got.status == 401, await got.text()
-    [line] = [line for line in front.proxy.access_log() if path in line]
+    # nginx writes the access log line after the response is out: wait for it.
+    for _ in range(100):  # 10 s of polls at most
+        logged = [line for line in front.proxy.access_log() if path in line]
+        if logged:
+            break
+        await asyncio.sleep(0.1)
+    [line] = logged
     assert "token" not in line
     assert token[:16] not in "\n".join(front.proxy.access_log())
 
