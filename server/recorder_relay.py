@@ -49,7 +49,7 @@ class RedisRecorderRelay:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._pubsub.aclose()
         await self._redis.aclose()
 
     async def start(self, consultation_id: ConsultationId, session_id: SessionId) -> None:

@@ -44,7 +44,7 @@ async def subscribe_again(
     """A new subscription to `channel` once Redis is back (tried every `every_s`), in place of
     `gone`, whose connection Redis cut. What was published meanwhile is lost."""
     with contextlib.suppress(*REDIS_AWAY):
-        await gone.aclose()  # type: ignore[no-untyped-call]
+        await gone.aclose()
     while True:
         await asyncio.sleep(every_s)
         pubsub = redis.pubsub()
@@ -53,4 +53,4 @@ async def subscribe_again(
             return pubsub
         except REDIS_AWAY:
             with contextlib.suppress(*REDIS_AWAY):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()

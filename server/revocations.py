@@ -63,7 +63,7 @@ class RedisRevocations:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._pubsub.aclose()
         await self._redis.aclose()
 
     async def revoked(self, token_id: str) -> None:

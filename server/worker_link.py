@@ -55,7 +55,7 @@ class RedisWorkerLink:
         for waiting in self._waiting.values():
             waiting.cancel()
         with contextlib.suppress(*REDIS_AWAY):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()
         await self._redis.aclose()
 
     async def call(self, worker: str, message: Message) -> Message:
