@@ -66,11 +66,10 @@ class TrackInfo:
 @dataclass
 class _Published:
     info: TrackInfo
-    incoming: IncomingTrack
-
-    @property
-    def publication(self) -> Publication:
-        return self.incoming.publication
+    publication: Publication
+    # The publisher's section on this worker's publish connection; None for a track piped
+    # from the room's worker (media/pipe.py), whose publisher's link that worker watches.
+    incoming: IncomingTrack | None
 
 
 @dataclass
@@ -188,6 +187,20 @@ class MediaHub:
     def tracks(self, room: str) -> list[TrackInfo]:
         return [p.info for m in self._rooms.get(room, {}).values() for p in m.published.values()]
 
+    @property
+    def counters(self) -> NodeCounters:
+        return self._counters
+
+    def publications(self, room: str) -> list[tuple[TrackInfo, Publication]]:
+        """The tracks published on this worker's connections in `room` (not those piped
+        here), with what carries their frames."""
+        return [
+            (p.info, p.publication)
+            for m in self._rooms.get(room, {}).values()
+            for p in m.published.values()
+            if p.incoming is not None
+        ]
+
     async def enter(self, room: str, participant: str, may_subscribe: bool) -> None:
         """A participant is seated: they will receive every track of the room (if allowed)."""
         if self._sampler is None:
@@ -216,7 +229,7 @@ class MediaHub:
         its source. Returns the answer and the tracks that are new."""
         member = self._member(room, participant)
         wanted = self.offered_sources(offer_sdp, sources)
-        kept = {p.incoming.mid: p.info for p in member.published.values()}
+        kept = {p.incoming.mid: p.info for p in member.published.values() if p.incoming}
         for mid, source in wanted.items():
             if mid in kept and kept[mid].source != source:
                 raise MediaError(
@@ -250,7 +263,7 @@ class MediaHub:
                 )
                 continue
             info = TrackInfo(f"t_{uuid.uuid4().hex[:12]}", participant, incoming.kind, named)
-            member.published[info.track_id] = _Published(info, incoming)
+            member.published[info.track_id] = _Published(info, incoming.publication, incoming)
             added.append(info)
             self._tell_watcher(room, info, incoming.publication)
         if added:
@@ -336,13 +349,7 @@ class MediaHub:
         for info in gone:
             self._tell_watcher(room, info, None)
         for published in member.published.values():
-            for other in members.values():
-                if other.subscribe is not None:
-                    other.subscribe.remove(published.publication)
-            low = self._low.pop(id(published.publication), None)
-            self._low_unused_since.pop(id(published.publication), None)
-            if low is not None:
-                low.close()
+            self._unsubscribe_everyone(members, published)
         if member.publish is not None:
             await member.publish.close()
         if member.subscribe is not None:
@@ -355,6 +362,51 @@ class MediaHub:
                 if other.subscribe is not None:
                     await self._negotiate(room, other)
         return gone
+
+    def _unsubscribe_everyone(self, members: dict[str, _Member], published: _Published) -> None:
+        for other in members.values():
+            if other.subscribe is not None:
+                other.subscribe.remove(published.publication)
+        low = self._low.pop(id(published.publication), None)
+        self._low_unused_since.pop(id(published.publication), None)
+        if low is not None:
+            low.close()
+
+    # --- tracks piped from the room's worker (a room larger than one worker) ---------------
+
+    async def add_piped(self, room: str, info: TrackInfo, publication: Publication) -> None:
+        """A track of a room whose worker is another, piped here (media/pipe.py) for the
+        receive-only seats this worker serves: they receive it like any other. Its publisher
+        is a member here with no connection of its own."""
+        if self._sampler is None:
+            self._sampler = asyncio.ensure_future(self._sample_every_second())
+        members = self._rooms.setdefault(room, {})
+        publisher = members.get(info.participant)
+        if publisher is None:
+            publisher = members[info.participant] = _Member(info.participant, may_subscribe=False)
+        publisher.published[info.track_id] = _Published(info, publication, None)
+        await self._fan_out(room, info.participant)
+
+    async def remove_piped(self, room: str, track_id: str) -> None:
+        """The piped track ended on the room's worker: it ends here too."""
+        members = self._rooms.get(room, {})
+        for member in list(members.values()):
+            published = member.published.get(track_id)
+            if published is None or published.incoming is not None:
+                continue
+            del member.published[track_id]
+            self._unsubscribe_everyone(members, published)
+            published.publication.end()
+            self._release_unused_low_layers()
+            if not member.published and member.publish is None and member.subscribe is None:
+                del members[member.participant]
+            if not members:
+                self._rooms.pop(room, None)
+                return
+            for other in members.values():
+                if other.subscribe is not None:
+                    await self._negotiate(room, other)
+            return
 
     async def close_room(self, room: str) -> None:
         for participant in list(self._rooms.get(room, {})):
@@ -503,7 +555,7 @@ class MediaHub:
         now = time.monotonic()
         for _, member in members:
             for published in member.published.values():
-                if published.publication.kind == "audio":
+                if published.publication.kind == "audio" and published.incoming is not None:
                     worst = loss_to_report_upstream(reports.get(id(published.publication), []), now)
                     report_downstream_loss(published.incoming.receiver, worst)
 
@@ -639,7 +691,11 @@ class MediaHub:
                         "frames": pub.frames_in,
                         "muted": pub.muted,
                         "keyframe_requests": pub.keyframe_requests,
-                        "uplink_estimate_bps": uplink_estimate_bps(published.incoming.receiver),
+                        "uplink_estimate_bps": (
+                            uplink_estimate_bps(published.incoming.receiver)
+                            if published.incoming is not None
+                            else None
+                        ),
                         "intake": intake.public(),
                         "subscribers": subscribers,
                     }
@@ -654,7 +710,8 @@ class MediaHub:
         for room, members in self._rooms.items():
             for member in members.values():
                 for published in member.published.values():
-                    hops.append(self._intake(room, member.participant, published))
+                    if published.incoming is not None:  # a piped track's is the owner's
+                        hops.append(self._intake(room, member.participant, published))
                     for other in members.values():
                         subscribe = other.subscribe
                         outgoing = (
@@ -668,7 +725,9 @@ class MediaHub:
 
     def _intake(self, room: str, participant: str, published: _Published) -> HopFigures:
         kind = published.info.kind
-        figures = intake_figures(published.incoming.receiver)
+        figures = (
+            intake_figures(published.incoming.receiver) if published.incoming is not None else None
+        )
         values = vars(figures) if figures is not None else {}
         return HopFigures(
             room,
@@ -721,7 +780,8 @@ class MediaHub:
                 pub = published.publication
                 keys.add(id(pub))
                 self._rates.sample(id(pub), pub.frames_in, pub.bytes_in)
-                intake = intake_figures(published.incoming.receiver)
+                incoming = published.incoming
+                intake = intake_figures(incoming.receiver) if incoming is not None else None
                 if intake is not None:
                     self._intake_loss.sample(id(pub), intake.packets_expected, intake.packets_lost)
             if member.subscribe is not None:

@@ -60,6 +60,9 @@ class Seat:
     participant_id: str
     connection: str
     may_subscribe: bool
+    # Whether the seat may publish any kind of track: a seat that may not (a trainee) can
+    # be served by another worker than the room's (a room larger than one worker).
+    may_publish: bool = False
 
 
 @dataclass

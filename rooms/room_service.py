@@ -879,7 +879,15 @@ class LiveRoomService:
         room.participants[seated.participant_id] = seated
         cid = room.consultation_id
         may_subscribe = _may(seated, Permission.SUBSCRIBE, consultation)
-        out.seated.append(Seat(cid, seated.participant_id, seated.connection, may_subscribe))
+        out.seated.append(
+            Seat(
+                cid,
+                seated.participant_id,
+                seated.connection,
+                may_subscribe,
+                _may_publish(seated, consultation),
+            )
+        )
         if may_subscribe:
             out.enter(seated.connection, Audience.ROOM, cid)
         if _may(seated, Permission.ADMIT, consultation):
@@ -930,7 +938,13 @@ class LiveRoomService:
             return out
         consultation = await self._joinable(actor, room.consultation_id)
         may_subscribe = _may(resumed, Permission.SUBSCRIBE, consultation)
-        seat_now = Seat(room.consultation_id, resumed.participant_id, conn, may_subscribe)
+        seat_now = Seat(
+            room.consultation_id,
+            resumed.participant_id,
+            conn,
+            may_subscribe,
+            _may_publish(resumed, consultation),
+        )
         media_kept = keep_media is not None and keep_media(resumed.participant_id)
         if media_kept:
             out.moved.append(seat_now)
@@ -1174,6 +1188,13 @@ def _may(participant: LiveParticipant, permission: Permission, consultation: Con
         participant.user_id, participant.name, participant.role, participant.org, consultation.id
     )
     return bool(can(actor, permission, consultation))
+
+
+def _may_publish(participant: LiveParticipant, consultation: Consultation) -> bool:
+    return any(
+        _may(participant, permission, consultation)
+        for permission in set(SOURCE_PERMISSION.values())
+    )
 
 
 def _consent_subject(actor: Actor, consultation: Consultation, on_behalf_of: str | None) -> str:

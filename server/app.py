@@ -14,6 +14,7 @@ from aiohttp import hdrs, web
 
 from media.offer_sections import PublishLimits
 from media.peer import IceServer, PeerConfig
+from media.pipe import PipeEndpoint
 from media.sealed import SealKeys
 from rooms.consultations import ConsultationService, RequestContext
 from rooms.live import InMemoryPresence
@@ -258,6 +259,7 @@ def _attach_signaling(
         peer_config,
         counts=metrics,
         routing=Routing(placement, link) if placement and link else None,
+        pipe=PipeEndpoint(_pipe_address(config)) if placement else None,
     )
     if placement is not None:
         app[PLACEMENT] = placement
@@ -353,6 +355,13 @@ def _link_key(config: Config) -> bytes | None:
             )
         return None
     return link_key(material)
+
+
+def _pipe_address(config: Config) -> str:
+    media = config.media
+    if media.pipe_address:
+        return media.pipe_address
+    return media.host_addresses[0] if media.host_addresses else "127.0.0.1"
 
 
 def _peer_config(config: Config) -> PeerConfig:

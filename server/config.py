@@ -143,6 +143,10 @@ class MediaConfig(_Section):
     # Host addresses the relay offers in ICE; unset, every interface but loopback.
     host_addresses: list[str] | None = None
     _addresses_from_one_string = field_validator("host_addresses", mode="before")(_split_list)
+    # Where this worker's pipe socket listens (tracks of a room larger than one worker,
+    # media/pipe.py): an address the other workers reach. Unset: the first host address,
+    # else 127.0.0.1 (enough for the workers of one machine).
+    pipe_address: str | None = None
     # Media sections in one publish offer (the whole publish connection: a renegotiation
     # offer holds every section). Every subscriber is offered each published track.
     max_sections_per_connection: int = Field(default=8, gt=0, le=64)
@@ -317,6 +321,7 @@ _ENV_FIELDS: dict[str, tuple[str, ...]] = {
     "EMPTY_ROOM_GRACE_S": ("signaling", "empty_room_grace_s"),
     "MAX_PARTICIPANTS": ("signaling", "max_participants"),
     "MEDIA_HOST_ADDRESSES": ("media", "host_addresses"),
+    "MEDIA_PIPE_ADDRESS": ("media", "pipe_address"),
     "TURN_SECRET": ("turn", "secret"),
     "TURN_URLS": ("turn", "urls"),
     "TURN_TTL_S": ("turn", "ttl_s"),

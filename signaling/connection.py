@@ -70,6 +70,9 @@ class Connection:
     # owner, the worker that holds its socket. Neither: a connection of this worker alone.
     owner: str | None = None
     edge: str | None = None
+    # On the owner: the edge's pipe socket, where tracks go for the seats it serves
+    # (signaling/edge_media.py).
+    edge_pipe: tuple[str, int] | None = None
     # The edge keeps the auth payload to present it to the owner (never logged).
     auth: Any = None
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from media.hub import MediaError, MediaHub, TrackInfo
 from media.layers import Layer
 from media.peer import PeerConfig
+from media.pipe import PipeEndpoint
 from rooms.consultations import RequestContext
 from rooms.errors import DomainError, RoomRefused, Unavailable
 from rooms.lifecycle import Action
@@ -34,6 +35,7 @@ from signaling.connection import (
     Limits,
     Refused,
 )
+from signaling.edge_media import EdgeMedia
 from signaling.packets import Unreadable, event_problem, payload_problem
 from signaling.ratelimit import TokenBucket
 from signaling.relaying import Relaying
@@ -75,6 +77,7 @@ class ConsultNamespace(Relaying, socketio.AsyncNamespace):  # type: ignore[misc]
         peer_config: PeerConfig,
         counts: EventCounts | None = None,
         routing: Routing | None = None,
+        pipe: PipeEndpoint | None = None,
     ) -> None:
         super().__init__(NAMESPACE)
         self._counts = counts
@@ -84,6 +87,13 @@ class ConsultNamespace(Relaying, socketio.AsyncNamespace):  # type: ignore[misc]
         self._media = MediaHub(peer_config, self._send_subscribe_offer, self._send_layer)
         # Which connection holds each seat, to deliver its subscribe offers.
         self._seats: dict[tuple[str, str], str] = {}
+        # Receive-only seats served by the worker holding their sockets (a room larger than
+        # one worker): both sides of it.
+        self._edge_media = (
+            EdgeMedia(self._media, pipe, routing.link, routing.placement.worker_id, self._seats)
+            if routing is not None and pipe is not None
+            else None
+        )
         self._authenticate = authenticate
         self._config = limits
         self._connections: dict[str, Connection] = {}
@@ -164,6 +174,8 @@ class ConsultNamespace(Relaying, socketio.AsyncNamespace):  # type: ignore[misc]
         return consultation
 
     async def start(self) -> None:
+        if self._edge_media is not None:
+            await self._edge_media.start()
         if self._routing is not None:
             self._peer_watch = asyncio.create_task(self._watch_peers(), name="relay-peers")
 
@@ -173,6 +185,8 @@ class ConsultNamespace(Relaying, socketio.AsyncNamespace):  # type: ignore[misc]
             with contextlib.suppress(asyncio.CancelledError):
                 await self._peer_watch
         await self._timers.cancel_all()
+        if self._edge_media is not None:
+            await self._edge_media.stop()
         await self._media.stop()
 
     # --- dispatch ----------------------------------------------------------------------------
@@ -331,14 +345,34 @@ class ConsultNamespace(Relaying, socketio.AsyncNamespace):  # type: ignore[misc]
     async def _apply_media(self, outcome: Outcome) -> None:
         """Media follows seats: a seat gone takes its tracks with it, a new seat receives the
         room's tracks, a forced mute stops forwarding at once."""
+        edges = self._edge_media
         for cid, participant in outcome.unseated:
             self._seats.pop((cid, participant), None)
+            if edges is not None and await edges.unseat(cid, participant):
+                continue
             for gone in await self._media.leave(cid, participant):
                 await self.emit(
                     "track_unpublished", gone.public(), to=_room_name(Audience.ROOM, cid)
                 )
+                if edges is not None:
+                    await edges.track_unpublished(cid, gone)
         for seat in outcome.seated:
             self._seats[(seat.consultation_id, seat.participant_id)] = seat.connection
+            conn = self._connections.get(seat.connection)
+            if (
+                edges is not None
+                and conn is not None
+                and edges.served_at_edge(seat, conn.edge, conn.edge_pipe)
+            ):
+                assert conn.edge is not None and conn.edge_pipe is not None
+                await edges.seat(
+                    seat.consultation_id,
+                    seat.participant_id,
+                    seat.connection,
+                    conn.edge,
+                    conn.edge_pipe,
+                )
+                continue
             await self._media.enter(seat.consultation_id, seat.participant_id, seat.may_subscribe)
         for seat in outcome.moved:
             # The same peer connections, reached over a new signaling connection: an offer
@@ -664,6 +698,10 @@ class ConsultNamespace(Relaying, socketio.AsyncNamespace):  # type: ignore[misc]
             self._media.pause(cid, me.participant_id, "audio", paused=True)
         if me.video_muted:
             self._media.pause(cid, me.participant_id, "video", paused=True)
+        if self._edge_media is not None and added:
+            carried = dict((i.track_id, p) for i, p in self._media.publications(cid))
+            for info in added:
+                await self._edge_media.track_published(cid, info, carried[info.track_id])
         out = Outcome()
         out.announce("publish_answer", {"sdp": answer}, Target.connection(sid))
         for info in added:

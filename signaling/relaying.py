@@ -13,12 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import socketio
 
+from media.hub import MediaError, MediaHub
+from media.layers import Layer
 from rooms.errors import Unavailable
 from rooms.model import ConsultationId, ParticipantId
 from rooms.outcome import Outcome
 from rooms.room_service import LiveRoomService
 from signaling import events as ev
 from signaling.connection import Connection, Identity, Limits
+from signaling.edge_media import EDGE_OPS, EDGE_SERVED_EVENTS, EdgeMedia
 from signaling.ratelimit import TokenBucket
 from signaling.routing import Message, Routing, WorkerGone
 from signaling.tasks import TaskSet
@@ -45,6 +48,8 @@ class Relaying:
         _rooms: LiveRoomService
         _timers: TaskSet
         _taken_over: dict[ConsultationId, asyncio.Future[None]]
+        _edge_media: EdgeMedia | None
+        _media: MediaHub
         server: Any
         namespace: str
 
@@ -74,16 +79,17 @@ class Relaying:
             placed = await routing.placement.owner_of(ConsultationId(body.consultation_id))
             if placed.owner == routing.placement.worker_id:
                 return None
+            attach = {
+                "op": "attach",
+                "sid": sid,
+                "auth": conn.auth,
+                "edge": routing.placement.worker_id,
+            }
+            if self._edge_media is not None:
+                # Where the owner pipes tracks if it lets this worker serve the seat's media.
+                attach["pipe"] = list(self._edge_media.pipe_address)
             try:
-                attached = await routing.link.call(
-                    placed.owner,
-                    {
-                        "op": "attach",
-                        "sid": sid,
-                        "auth": conn.auth,
-                        "edge": routing.placement.worker_id,
-                    },
-                )
+                attached = await routing.link.call(placed.owner, attach)
                 break
             except WorkerGone:
                 # Died a moment ago: the room is placed again once its heartbeat lapses.
@@ -107,6 +113,9 @@ class Relaying:
         screened = await self._screen(sid, conn, event, name, data)
         if isinstance(screened, dict):
             return screened
+        seat = self._edge_media.seat_of(sid) if self._edge_media is not None else None
+        if seat is not None and name in EDGE_SERVED_EVENTS:
+            return await self._serve_at_edge(sid, name, screened[1], *seat)
         try:
             return await self._routing.link.call(
                 conn.owner, {"op": "event", "sid": sid, "event": name, "data": data}
@@ -114,13 +123,39 @@ class Relaying:
         except Unavailable as exc:
             return await self._error(sid, name, exc.code, str(exc))
 
+    async def _serve_at_edge(
+        self, sid: str, name: str, body: Any, room: str, participant: str
+    ) -> dict[str, Any]:
+        """A media event of a seat this edge serves (signaling/edge_media.py): the seat's
+        connection is the one its owner named, so it may answer its own offers."""
+        try:
+            if isinstance(body, ev.SubscribeAnswer):
+                await self._media.accept_answer(room, participant, body.sdp)
+                return {"ok": True}
+            if isinstance(body, ev.SetLayer):
+                layer = None if body.layer == "auto" else Layer(body.layer)
+                count = self._media.set_layer(room, participant, body.track_id, layer)
+                return {"ok": True, "result": {"tracks": count}}
+            restarted = await self._media.restart_subscribe(room, participant)
+            return {"ok": True, "result": {"subscribe": restarted}}
+        except MediaError as exc:
+            return await self._error(sid, name, "media_error", str(exc))
+
     async def relayed(self, message: Message) -> Message | None:
         """A request from an edge worker about one of its connections (the WorkerLink's
-        handler). Workers trust each other: Redis is theirs alone."""
-        sid = str(message.get("sid", ""))
+        handler), or an owner's message about the seats this worker serves as its edge.
+        Workers trust each other: Redis is theirs alone."""
         op = message.get("op")
+        if op in EDGE_OPS:
+            # Queued before anything is awaited: the owner's messages keep their order.
+            if self._edge_media is not None:
+                self._edge_media.received(message)
+            return None
+        sid = str(message.get("sid", ""))
         if op == "attach":
-            return await self._attach(sid, message.get("auth"), str(message.get("edge", "")))
+            return await self._attach(
+                sid, message.get("auth"), str(message.get("edge", "")), message.get("pipe")
+            )
         conn = self._connections.get(sid)
         if op == "disconnect":
             if conn is not None and conn.owner is not None:
@@ -138,15 +173,21 @@ class Relaying:
             await self._on_disconnect(sid)
         return None
 
-    async def _attach(self, sid: str, auth: Any, edge: str) -> Message:
+    async def _attach(self, sid: str, auth: Any, edge: str, pipe: Any) -> Message:
         try:
             identity = await self._verify(sid, auth)
         except socketio.exceptions.ConnectionRefusedError as exc:
             return {"ok": False, "message": str(exc.error_args.get("message", "refused"))}
+        edge_pipe = None
+        if isinstance(pipe, list) and len(pipe) == 2:
+            host, port = pipe
+            if isinstance(host, str) and isinstance(port, int) and 0 < port < 65536:
+                edge_pipe = (host, port)
         self._connections[sid] = Connection(
             identity,
             TokenBucket(self._config.events_per_second, self._config.event_burst),
             edge=edge,
+            edge_pipe=edge_pipe,
         )
         return {"ok": True}
 
@@ -176,6 +217,11 @@ class Relaying:
         for peer in peers - alive:
             missing_since.setdefault(peer, now)
         dead = {p for p, since in missing_since.items() if now - since >= PEER_LOST_AFTER_S}
+        if self._edge_media is not None and dead:
+            # The pipes to dead edges stop now; those from dead owners end with their rooms.
+            for peer in dead:
+                self._edge_media.edge_gone(peer)
+            await self._edge_media.owners_gone(dead)
         for sid, conn in list(self._connections.items()):
             if conn.owner is not None and conn.owner in dead:
                 log.warning("closing %s: the worker of its room is gone", sid)

@@ -67,17 +67,20 @@ class MediaClient:
         self.info: dict[str, dict[str, Any]] = {}
         self._mid_info: dict[str, dict[str, Any]] = {}
         self.answers = 0
+        self._sources: list[str] = []  # of the publish connection's sections, in order
         self.subscriber.on("track", self._on_track)
         peer.sio.on("subscribe_offer", self._on_offer, namespace="/consult")
 
     async def publish(self, tracks: list[tuple[MediaStreamTrack, str]]) -> dict[str, Any]:
-        """Publishes (track, source) pairs; returns the ack of publish_offer."""
-        for track, _ in tracks:
+        """Publishes (track, source) pairs; returns the ack of publish_offer. Called again,
+        it adds tracks to the publish connection (the offer names every section)."""
+        for track, source in tracks:
             self.publisher.addTransceiver(track, direction="sendonly")
+            self._sources.append(source)
         offer = await local_description(self.publisher, offer=True)
         sources = {
             t.mid: source
-            for t, (_, source) in zip(self.publisher.getTransceivers(), tracks, strict=True)
+            for t, source in zip(self.publisher.getTransceivers(), self._sources, strict=True)
             if t.mid is not None
         }
         before = len(self.peer.events("publish_answer"))

@@ -7,15 +7,18 @@ redis-server; the parties are socket.io clients with real aiortc peer connection
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from media_client import MediaClient, media_config
 from media_peers import ColourCounterTrack, ToneTrack, close_to, dominant_frequency, mean_colour
 from signaling_fixtures import Peer, SignalingServer, eventually, start_signaling_server
 
+from media.pipe import KEYFRAME_EVERY_S
 from rooms.model import ConsultationId, ConsultationKind
 from rooms.roles import Role
 from server.app import PLACEMENT
@@ -152,27 +155,47 @@ async def test_four_parties_on_two_workers_see_and_hear_each_other_through_the_o
                 await client.close()
 
 
-async def test_a_teaching_room_whose_trainees_arrive_at_both_workers_reaches_each_of_them(
+def edge_rooms(server: SignalingServer) -> dict[str, Any]:
+    edges = server.namespace._edge_media
+    assert edges is not None
+    return edges._rooms
+
+
+def owner_pipes(server: SignalingServer) -> dict[tuple[str, str], Any]:
+    edges = server.namespace._edge_media
+    assert edges is not None
+    return edges._out
+
+
+async def test_a_teaching_room_spans_two_workers_its_trainees_served_where_they_arrived(
     workers: list[SignalingServer],
 ) -> None:
-    """A room lives on one worker: trainees whose sockets reach the other worker are relayed
-    there, and their media connections go to the room's worker."""
+    """Trainees whose sockets reach the worker that does not own the room get their media
+    from that worker (an edge), from tracks the owner pipes to it once; their signaling is
+    still relayed to the owner, their media events answered by the edge."""
     a, b = workers
     cid = (await a.scheduled(kind=ConsultationKind.TEACHING)).id
-    presenter = await a.seated(SPECIALIST, cid, label="presenter@A")
+    room = ConsultationId(cid)
+    presenter = await a.seated(SPECIALIST, cid, label="presenter")
+    placed = await a.app[PLACEMENT].owner_of(room)
+    owner = next(w for w in workers if w.app[PLACEMENT].worker_id == placed.owner)
+    edge = b if owner is a else a
     camera = ColourCounterTrack((200, 80, 40), **SIZE)
     publisher = MediaClient(presenter)
     trainees: list[MediaClient] = []
+    at_edge: list[MediaClient] = []
     try:
         assert await publisher.publish([(camera, "camera"), (ToneTrack(440.0), "microphone")]) == {
             "ok": True
         }
         for n in range(6):
-            server = (a, b)[n % 2]
+            server = (owner, edge)[n % 2]
             token, _ = await a.invite(cid, Role.TRAINEE, f"学员{n}")
-            trainee = await server.connect(token, label=f"trainee-{n}@{'AB'[n % 2]}")
+            trainee = await server.connect(token, label=f"trainee-{n}@{'OE'[n % 2]}")
             client = MediaClient(trainee)
             trainees.append(client)
+            if server is edge:
+                at_edge.append(client)
             await trainee.join(cid)
             waiting = await trainee.wait_for("waiting")
             await presenter.ok("admit", {"participant": waiting["participant"]["participant_id"]})
@@ -183,19 +206,74 @@ async def test_a_teaching_room_whose_trainees_arrive_at_both_workers_reaches_eac
                 lambda c=client: (
                     len(c.tracks_from(pid, "video")) == 1
                     and len(c.tracks_from(pid, "video")[0].frames) >= 10
+                    and len(c.tracks_from(pid, "audio")) == 1
+                    and len(c.tracks_from(pid, "audio")[0].frames) >= 40
                 ),
-                f"{client.peer.label} receives the presenter's camera",
+                f"{client.peer.label} receives the presenter's camera and microphone",
                 within=30,
             )
             frames = client.tracks_from(pid, "video")[0].frames
             assert all(close_to(mean_colour(f), (200, 80, 40)) for f in frames[-3:])  # type: ignore[arg-type]
-        owner = owner_of(workers, cid)
-        assert len(owner.namespace.media.members(ConsultationId(cid))) == 7
-        # Those who reached the other worker are relayed: it holds their sockets only (three
-        # trainees, and the presenter if that is worker A).
-        other = b if owner is a else a
-        assert other.namespace.connection_count == (4 if other is a else 3)
-        assert other.namespace.media.totals()["participants"] == 0
+            sound = client.tracks_from(pid, "audio")[0].frames[-40:]
+            assert abs(dominant_frequency(sound) - 440.0) < 20  # type: ignore[arg-type]
+        # The owner serves the presenter and the trainees that reached it; the edge serves
+        # its own three from one pipe of the room's two tracks.
+        assert len(owner.namespace.media.members(room)) == 4
+        assert set(edge.namespace.media.members(room)) == {
+            pid,
+            *(c.peer.participant_id for c in at_edge),
+        }
+        served = edge_rooms(edge)[room]
+        assert len(served.ssrcs) == 2 and served.owner == placed.owner
+        assert list(owner_pipes(owner)) == [(room, edge.app[PLACEMENT].worker_id)]
+        edge_stats = await edge.namespace.media.stats(room)
+        for track in edge_stats["tracks"]:
+            assert {s["participant"] for s in track["subscribers"]} == {
+                c.peer.participant_id for c in at_edge
+            }
+            assert all(s["frames"] > 0 for s in track["subscribers"])
+        # Three trainees subscribing at the edge asked for a keyframe: it reached the
+        # presenter at most once a second (plus the one asked at once).
+        opened = served.pipe.opened_at
+        elapsed = asyncio.get_running_loop().time() - opened
+        assert 1 <= served.pipe.requests_sent <= elapsed / KEYFRAME_EVERY_S + 1
+
+        # A media event of an edge's seat is answered by the edge.
+        edge_trainee = at_edge[0].peer
+        ack = await edge_trainee.call("set_layer", {"layer": "low"})
+        assert ack == {"ok": True, "result": {"tracks": 1}}
+        # Its other events are still the owner's: chat reaches everyone, once in the record.
+        await presenter.ok("set_trainee_chat", {"open": True})
+        await edge_trainee.ok("chat", {"text": "经边缘"})
+        for client in trainees:
+            await client.peer.wait_for("chat_message", lambda d: d["text"] == "经边缘")
+        chats = [e for e in await a.events(cid) if e.kind.value == "chat"]
+        assert [e.data["text"] for e in chats] == ["经边缘"]
+
+        # A track published later is piped too, and reaches the edge's trainees.
+        screen = ColourCounterTrack((40, 90, 210), **SIZE)
+        assert await publisher.publish([(screen, "screen")]) == {"ok": True}
+        for client in at_edge:
+            await eventually(
+                lambda c=client: (
+                    len(c.tracks_from(pid, "video")) == 2
+                    and all(len(t.frames) >= 5 for t in c.tracks_from(pid, "video"))
+                ),
+                f"{client.peer.label} receives the presenter's screen",
+                within=30,
+            )
+        assert len(served.ssrcs) == 3
+
+        # The edge's trainees leave: the last takes the pipe with it, on both sides.
+        for client in at_edge:
+            await client.peer.ok("leave")
+        await eventually(lambda: not owner_pipes(owner), "the owner's pipe to the edge closed")
+        await eventually(lambda: not edge_rooms(edge), "the edge's room closed")
+        assert edge.namespace.media.totals()["rooms"] == 0
+        # The others carry on.
+        here = trainees[0].tracks_from(pid, "video")[0]
+        count = len(here.frames)
+        await eventually(lambda: len(here.frames) > count + 10, "the owner's trainees still receive")
     finally:
         for client in [publisher, *trainees]:
             with contextlib.suppress(Exception):
