@@ -273,8 +273,90 @@ async def test_a_teaching_room_spans_two_workers_its_trainees_served_where_they_
         # The others carry on.
         here = trainees[0].tracks_from(pid, "video")[0]
         count = len(here.frames)
-        await eventually(lambda: len(here.frames) > count + 10, "the owner's trainees still receive")
+        await eventually(
+            lambda: len(here.frames) > count + 10, "the owner's trainees still receive"
+        )
     finally:
         for client in [publisher, *trainees]:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+async def heartbeat_stops(server: SignalingServer) -> None:
+    """To the other workers, `server` is dead: its heartbeat stops and lapses at once. It
+    goes on running, as a worker cut off from the others would."""
+    placement = server.app[PLACEMENT]
+    assert placement._beat is not None
+    placement._beat.cancel()
+    await placement._redis.delete(f"telemed:worker:{placement.worker_id}")
+
+
+async def teaching_room_on_both(
+    workers: list[SignalingServer],
+) -> tuple[str, SignalingServer, SignalingServer, MediaClient, list[MediaClient]]:
+    """A presenter publishing, and two trainees on each worker receiving: (room, owner,
+    edge, presenter, trainees at the edge)."""
+    a, _ = workers
+    cid = (await a.scheduled(kind=ConsultationKind.TEACHING)).id
+    presenter = await a.seated(SPECIALIST, cid, label="presenter")
+    placed = await a.app[PLACEMENT].owner_of(ConsultationId(cid))
+    owner = next(w for w in workers if w.app[PLACEMENT].worker_id == placed.owner)
+    edge = next(w for w in workers if w is not owner)
+    publisher = MediaClient(presenter)
+    assert await publisher.publish([(ColourCounterTrack((90, 200, 90), **SIZE), "camera")]) == {
+        "ok": True
+    }
+    at_edge = []
+    for n in range(4):
+        token, _ = await a.invite(cid, Role.TRAINEE, f"学员{n}")
+        server = (owner, edge)[n % 2]
+        trainee = await server.connect(token, label=f"trainee-{n}")
+        client = MediaClient(trainee)
+        await trainee.join(cid)
+        waiting = await trainee.wait_for("waiting")
+        await presenter.ok("admit", {"participant": waiting["participant"]["participant_id"]})
+        await trainee.wait_for("joined")
+        await eventually(
+            lambda c=client: any(len(t.frames) >= 5 for t in c.received.values()),
+            f"trainee {n} receives the presenter",
+            within=30,
+        )
+        if server is edge:
+            at_edge.append(client)
+    return cid, owner, edge, publisher, at_edge
+
+
+async def test_an_edge_whose_room_worker_died_ends_its_media_and_drops_its_trainees(
+    workers: list[SignalingServer],
+) -> None:
+    cid, owner, edge, publisher, at_edge = await teaching_room_on_both(workers)
+    try:
+        assert ConsultationId(cid) in edge_rooms(edge)
+        await heartbeat_stops(owner)
+        # The edge closes the sockets relayed to the dead worker (the clients reconnect and
+        # are placed again) and ends the room's media it served.
+        for client in at_edge:
+            await client.peer.wait_disconnected(within=30)
+        await eventually(lambda: not edge_rooms(edge), "the edge's room closed", within=30)
+        assert edge.namespace.media.totals()["rooms"] == 0
+    finally:
+        for client in [publisher, *at_edge]:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+async def test_a_room_worker_whose_edge_died_stops_piping_to_it(
+    workers: list[SignalingServer],
+) -> None:
+    cid, owner, edge, publisher, at_edge = await teaching_room_on_both(workers)
+    try:
+        room = ConsultationId(cid)
+        assert list(owner_pipes(owner)) == [(room, edge.app[PLACEMENT].worker_id)]
+        await heartbeat_stops(edge)
+        await eventually(lambda: not owner_pipes(owner), "the pipe to the dead edge", within=30)
+        # The trainees' seats wait for them as any dropped seat does; the room goes on.
+        assert len(owner.namespace.media.members(room)) == 3
+    finally:
+        for client in [publisher, *at_edge]:
             with contextlib.suppress(Exception):
                 await client.close()
