@@ -847,14 +847,27 @@ class Run:
                 forwarded[owner] += stream["packets_expected"]
                 video_streams[owner] += stream["kind"] == "video"
         rooms = Counter(owner_of(cid) for cid in known)
-        cores = [
-            (after.get(f"serving{i}", 0.0) - before.get(f"serving{i}", 0.0)) / wall
-            for i in range(len(nodes))
-        ]
         frames = [
             metrics_after.get(n, {}).get("frames_forwarded", math.nan)
             - metrics_before.get(n, {}).get("frames_forwarded", math.nan)
             for n in nodes
+        ]
+        served = sum(frames)
+        if served > 0 and len(nodes) > 1:
+            # A teaching room's trainees that reached another worker are served by it (an
+            # edge, signaling/edge_media.py), not by the room's owner: the packets and the
+            # streams the subscribers saw are shared out as the workers' own counts of
+            # frames forwarded are.
+            packets, streams = sum(forwarded.values()), sum(video_streams.values())
+            forwarded = defaultdict(
+                int, {n: round(packets * f / served) for n, f in zip(nodes, frames, strict=True)}
+            )
+            video_streams = defaultdict(
+                int, {n: round(streams * f / served) for n, f in zip(nodes, frames, strict=True)}
+            )
+        cores = [
+            (after.get(f"serving{i}", 0.0) - before.get(f"serving{i}", 0.0)) / wall
+            for i in range(len(nodes))
         ]
         return {
             "server_workers": self.server_workers,
