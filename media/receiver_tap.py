@@ -58,7 +58,8 @@ class _NoDecoding:
 def tap_receiver(receiver: RTCRtpReceiver, kind: str, on_frame: FrameSink) -> FrameAssembler:
     """Turns a receiver into a source of encoded frames. Call it from the peer connection's
     `track` event, before the receiver starts (aiortc starts it once DTLS is up). Its RTP is
-    then handled by `LeanReceive` straight from the socket (see `demux_media_first`)."""
+    then handled by `LeanReceive` straight from the socket (media/rtp_intake.py's
+    `demux_media_first`)."""
     assembler = FrameAssembler(kind, on_frame)
     anyreceiver: Any = receiver
     anyreceiver._RTCRtpReceiver__jitter_buffer = assembler
