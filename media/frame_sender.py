@@ -542,6 +542,7 @@ def internals_problems() -> list[str]:
         "self._tx_srtp",
         "self.__tx_bytes",
         "self.__tx_packets",
+        "self._state = state",
         "async def _send_rtp(self, data: bytes)",
     ):
         if needle not in dtls_src:
@@ -557,13 +558,32 @@ def internals_problems() -> list[str]:
         getattr(pair, "remote_addr", None), property
     ):
         problems.append("missing: aioice CandidatePair.protocol and .remote_addr")
-    if "self.__ids = HeaderExtensions()" not in inspect.getsource(HeaderExtensionsMap):
-        problems.append("missing: HeaderExtensionsMap.__ids")
-    for name in ("_srtp", "_cdata", "_buffer"):
-        if f"self.{name}" not in inspect.getsource(pylibsrtp.Session.__init__):
-            problems.append(f"missing: pylibsrtp Session.{name}")
-    if not hasattr(_SRTP, "ffi") or not hasattr(_SRTP.lib, "srtp_protect"):
-        problems.append("missing: libsrtp srtp_protect in pylibsrtp's binding")
+    ids = getattr(HeaderExtensionsMap(), "_HeaderExtensionsMap__ids", None)
+    if not (hasattr(ids, "mid") and hasattr(ids, "abs_send_time")):
+        problems.append("missing: HeaderExtensionsMap.__ids (mid, abs_send_time)")
     if not isinstance(getattr(pylibsrtp, "SRTP_MAX_TRAILER_LEN", None), int):
         problems.append("missing: pylibsrtp.SRTP_MAX_TRAILER_LEN")
+    elif not _protects_as_pylibsrtp():
+        problems.append(
+            "changed: pylibsrtp Session._srtp, _cdata, _buffer with libsrtp's srtp_protect "
+            "no longer protect as Session.protect does"
+        )
     return problems
+
+
+def _protects_as_pylibsrtp() -> bool:
+    """Whether _Route's way (libsrtp on the session's own buffer) gives what pylibsrtp's
+    Session.protect gives, on two sessions with one key."""
+    key = bytes(range(30))  # AES_CM_128_HMAC_SHA1_80, pylibsrtp's default profile
+    plain = struct.pack("!BBHII", 0x80, 96, 1, 2, 3) + bytes(100)
+    try:
+        policy = pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
+        expected = pylibsrtp.Session(policy).protect(plain)
+        route: Any = _Route.__new__(_Route)  # its SRTP part only: no socket
+        session = pylibsrtp.Session(policy)
+        route._srtp, route._cdata, route._buffer = session._srtp[0], session._cdata, session._buffer
+        route._length = _SRTP.ffi.new("int *")
+        route._limit = len(route._cdata) - pylibsrtp.SRTP_MAX_TRAILER_LEN
+        return bool(route.protect(plain) == expected)
+    except Exception:
+        return False

@@ -205,17 +205,39 @@ def internals_problems() -> list[str]:
         "receiver = self._rtp_router.route_rtp(packet)",
         "RtpPacket.parse(data, self._rtp_header_extensions_map)",
         "self._set_state(State.CONNECTED)",
+        "self._state = state",
     ):
         if needle not in dtls_src:
             problems.append(f"missing in RTCDtlsTransport: {needle}")
     parameters = inspect.signature(RTCRtpReceiver._handle_rtp_packet).parameters
     if list(parameters) != ["self", "packet", "arrival_time_ms"]:
         problems.append("missing: RTCRtpReceiver._handle_rtp_packet(packet, arrival_time_ms)")
-    if "self.__ids = HeaderExtensions()" not in inspect.getsource(HeaderExtensionsMap):
-        problems.append("missing: HeaderExtensionsMap.__ids")
-    for name in ("_srtp", "_cdata", "_buffer"):
-        if f"self.{name}" not in inspect.getsource(pylibsrtp.Session.__init__):
-            problems.append(f"missing: pylibsrtp Session.{name}")
-    if not hasattr(_SRTP, "ffi") or not hasattr(_SRTP.lib, "srtp_unprotect"):
-        problems.append("missing: libsrtp srtp_unprotect in pylibsrtp's binding")
+    ids = getattr(HeaderExtensionsMap(), "_HeaderExtensionsMap__ids", None)
+    if not hasattr(ids, "abs_send_time"):
+        problems.append("missing: HeaderExtensionsMap.__ids (abs_send_time)")
+    if not _unprotects_as_pylibsrtp():
+        problems.append(
+            "changed: pylibsrtp Session._srtp, _cdata, _buffer with libsrtp's srtp_unprotect "
+            "no longer unprotect what Session.protect made"
+        )
     return problems
+
+
+def _unprotects_as_pylibsrtp() -> bool:
+    """Whether _RtpIntake's way (libsrtp on the session's own buffer) gets back what
+    pylibsrtp's Session.protect protected, with one key."""
+    key = bytes(range(30))  # AES_CM_128_HMAC_SHA1_80, pylibsrtp's default profile
+    plain = struct.pack("!BBHII", 0x80, 96, 1, 2, 3) + bytes(100)
+    try:
+        policy = pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
+        protected = pylibsrtp.Session(policy).protect(plain)
+        policy = pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND)
+        session = pylibsrtp.Session(policy)
+        buffer, length = session._buffer, _SRTP.ffi.new("int *")
+        length[0] = len(protected)
+        buffer[0 : len(protected)] = protected
+        if _SRTP.lib.srtp_unprotect(session._srtp[0], session._cdata, length) != 0:
+            return False
+        return bool(buffer[0 : length[0]] == plain)
+    except Exception:
+        return False
