@@ -469,14 +469,11 @@ def internals_problems() -> list[str]:
             problems.append(f"missing: {cls.__name__}.add reads the sequence number")
     if "self.missing" not in inspect.getsource(NackGenerator.__init__):
         problems.append("missing: NackGenerator.missing")
-    statistics = inspect.getsource(StreamStatistics)
-    for needle in (
-        "self._clockrate = clockrate",
-        "self.base_seq",
-        "def fraction_lost",
-        "def packets_lost",
-        "def jitter",
-    ):
-        if needle not in statistics:
+    statistics_init = inspect.getsource(StreamStatistics.__init__)
+    for needle in ("self._clockrate = clockrate", "self.base_seq"):
+        if needle not in statistics_init:
             problems.append(f"missing: StreamStatistics {needle}")
+    for name in ("fraction_lost", "packets_lost", "jitter"):
+        if not isinstance(getattr(StreamStatistics, name, None), property):
+            problems.append(f"missing: StreamStatistics.{name}")
     return problems

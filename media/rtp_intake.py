@@ -197,7 +197,11 @@ def internals_problems() -> list[str]:
     if "self.receiver.data_received(data, self.local_candidate.component)" not in stun_protocol:
         problems.append("missing: aioice StunProtocol hands non-STUN data to its receiver")
     # What _RtpIntake does in place of the DTLS transport's receive task.
-    dtls_src = inspect.getsource(RTCDtlsTransport)
+    dtls = RTCDtlsTransport
+    dtls_src = "".join(
+        inspect.getsource(method)
+        for method in (dtls._recv_next, dtls._handle_rtp_data, dtls.start, dtls._set_state)
+    )
     for needle in (
         "self._rx_srtp.unprotect(data)",
         "self.__rx_bytes += len(data)",

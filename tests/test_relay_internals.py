@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
+from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtp import HeaderExtensionsMap
 
 from media.internals import PINNED, AiortcInternalsChanged, check_internals, internals_problems
@@ -112,6 +113,11 @@ def _extension_ids_renamed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(HeaderExtensionsMap, "__init__", init)
 
 
+def _no_encoded_frame_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A method a check reads the source of: the check names it rather than fail itself.
+    monkeypatch.delattr(RTCRtpSender, "_next_encoded_frame")
+
+
 def _other_aioice_pin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(PINNED, "aioice", "0.12.0")
 
@@ -144,6 +150,11 @@ CHANGES: list[tuple[Callable[[pytest.MonkeyPatch], None], str]] = [
     ),
     (_extension_ids_renamed, "missing: HeaderExtensionsMap.__ids (abs_send_time)"),
     (_extension_ids_renamed, "missing: HeaderExtensionsMap.__ids (mid, abs_send_time)"),
+    (
+        _no_encoded_frame_method,
+        "missing (media.frame_sender): AttributeError: type object 'RTCRtpSender' has no "
+        "attribute '_next_encoded_frame'",
+    ),
     (_other_aioice_pin, "aioice is 0.13.0, the relay was written for 0.12.0"),
 ]
 
