@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import cpu_seconds, machine_busy_seconds, machine_info, median
 from relay_media import Clip, ClipSpec, load_clip
 
-from media.aiortc_hooks import EncodedFrame
 from media.composite import job_from_segments, render_composite
 from media.forwarding import Publication
+from media.frames import EncodedFrame
 from media.hub import TrackInfo
 from media.recorder import RoomRecorder
 from media.recording import SegmentInfo, vp8_size

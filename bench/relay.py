@@ -32,7 +32,7 @@ Media: a clip encoded once and cached (bench/relay_media.py): 640x480, 30 fps, ~
 with a keyframe every 5 s, the frame counter in the pixels; 1 s of Opus looped. Publishers
 replay it as `av.Packet`s (aiortc packs them without encoding), at 30 fps, and answer a
 keyframe request at once. Subscribers tap their receivers with the project's
-`media.aiortc_hooks.tap_receiver` (encoded frames as soon as complete, no decoding) and pin
+`media.receiver_tap.tap_receiver` (encoded frames as soon as complete, no decoding) and pin
 the full layer (`set_layer`, `--layers auto` leaves the server's REMB-driven choice on).
 Trainees that are not sampled are lean once they have decoded their first keyframe: they
 read RTP headers straight off their socket (relay_client.LeanReceive), so that a hundred

@@ -5,7 +5,7 @@ connection offered by the client, subscribe connection offered by the server), o
 
 Publishers replay the pre-encoded clip (bench/relay_media.py). Subscribers never decode what
 they do not need: every received track is tapped with the project's
-`media.aiortc_hooks.tap_receiver`, which hands out re-assembled encoded frames the moment they
+`media.receiver_tap.tap_receiver`, which hands out re-assembled encoded frames the moment they
 are complete (no jitter-buffer wait, no decoder thread). Per received stream a worker counts,
 over the measurement window, the RTP packets that reached the receiver (and the sequence
 number span: what the server sent), the frames, and when each video frame arrived with its RTP
@@ -55,8 +55,11 @@ from bench.relay_media import (
     PacketVideoTrack,
     decode_counter_once,
 )
-from media.aiortc_hooks import EncodedFrame, FrameAssembler, offer_host_addresses, tap_receiver
+from media.frame_assembler import FrameAssembler
+from media.frames import EncodedFrame
+from media.ice_hosts import offer_host_addresses
 from media.peer import prefer_codec
+from media.receiver_tap import tap_receiver
 
 NS = "/consult"
 LOOPBACK = ["127.0.0.1"]

@@ -4,6 +4,7 @@ as packed encoded frames. Nothing here decodes or encodes."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections import deque
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from media.aiortc_hooks import EncodedFrame, FrameSend, PackedFrame
+from media.frames import EncodedFrame, FrameSend, PackedFrame
 
 log = logging.getLogger(__name__)
 
@@ -279,3 +280,40 @@ class ForwardedTrack(MediaStreamTrack):
     def stop(self) -> None:
         super().stop()
         self._ready.set()  # wakes a pending recv(), which then ends
+
+
+# What Publication.push relies on of aiortc's VP8 packetizer (the payload size is what keeps a
+# forwarded packet inside a 1,500-byte path MTU with the RTP header and SRTP's tag).
+VP8_PAYLOAD_MAX = 1300
+
+
+def internals_problems() -> list[str]:
+    """What `Publication.push` relies on of `Vp8Encoder._packetize`, a private classmethod of
+    aiortc, tried on a frame: called on the class with (data, picture id), it splits the data
+    into payloads of at most VP8_PAYLOAD_MAX bytes, all but the last of one size, each a
+    4-byte VP8 payload descriptor (RFC 7741: the 15-bit picture id; the start-of-partition
+    bit on the first) and the next piece of the data, unchanged."""
+    packetize = getattr(Vp8Encoder, "_packetize", None)
+    if packetize is None or list(inspect.signature(packetize).parameters) != [
+        "buffer",
+        "picture_id",
+    ]:
+        return ["missing: Vp8Encoder._packetize(buffer, picture_id)"]
+    picture_id = 0x1234
+    frame = bytes(range(256)) * 12  # three payloads
+    try:
+        payloads = packetize(frame, picture_id)
+    except Exception as exc:
+        return [f"changed: Vp8Encoder._packetize fails on a frame ({type(exc).__name__})"]
+    descriptor = bytes([0x80, 0x80, 0x80 | picture_id >> 8, picture_id & 0xFF])
+    if not (
+        isinstance(payloads, list)
+        and len(payloads) == -(-len(frame) // (VP8_PAYLOAD_MAX - len(descriptor)))
+        and all(isinstance(p, bytes) and len(p) <= VP8_PAYLOAD_MAX for p in payloads)
+        and len({len(p) for p in payloads[:-1]}) == 1
+        and payloads[0][:4] == bytes([descriptor[0] | 0x10]) + descriptor[1:]
+        and all(p[:4] == descriptor for p in payloads[1:])
+        and b"".join(p[4:] for p in payloads) == frame
+    ):
+        return ["changed: Vp8Encoder._packetize no longer makes the payloads forwarding sends"]
+    return []

@@ -13,15 +13,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from media.aiortc_hooks import (
-    ReceiverReport,
-    intake_figures,
-    report_downstream_loss,
-    subscriber_figures,
-    uplink_estimate_bps,
-)
 from media.errors import MediaError as MediaError
 from media.forwarding import NodeCounters, Publication
+from media.frame_sender import ReceiverReport, subscriber_figures
 from media.ice_restart import IceRestartRefused
 from media.layers import LOW_BPS, Layer, LayerChooser, LinkMonitor, LinkSample, video_budget
 from media.low_layer import LowLayer
@@ -35,6 +29,7 @@ from media.peer import (
     PublishConnection,
     SubscribeConnection,
 )
+from media.receiver_tap import intake_figures, report_downstream_loss, uplink_estimate_bps
 from media.stats import LossBook, RateBook
 
 log = logging.getLogger(__name__)
@@ -109,7 +104,7 @@ class HopFigures:
     `participant` the subscriber). `counts` are cumulative for the track's life on that hop
     (counted where each event happens); `gauges` are current values. Either is None while
     unknown (before the subscriber's first receiver report). The names are those of
-    media/aiortc_hooks.py's IntakeFigures and SubscriberFigures."""
+    media/receiver_tap.py's IntakeFigures and media/frame_sender.py's SubscriberFigures."""
 
     consultation: str
     participant: str

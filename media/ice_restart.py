@@ -30,7 +30,8 @@ Who restarts is the offerer of the restarting description, as RFC 8445 section 9
 with its answer (until then the old ones stay in force both ways); an offer whose credentials
 changed restarts the answerer's side. `set_local_description` and `set_remote_description`
 stand in for aiortc's methods on connections that may restart. Every aioice and aiortc internal
-used here is listed by `internals_problems()`, which `aiortc_hooks.check_internals()` runs."""
+used here is listed by `internals_problems()`, which media/internals.py's `check_internals()`
+runs."""
 
 from __future__ import annotations
 

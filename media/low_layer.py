@@ -17,8 +17,8 @@ from av.codec.context import CodecContext
 from av.video.codeccontext import VideoCodecContext
 from av.video.frame import PictureType, VideoFrame
 
-from media.aiortc_hooks import EncodedFrame
 from media.forwarding import VIDEO_CLOCK, Publication
+from media.frames import EncodedFrame
 
 log = logging.getLogger(__name__)
 

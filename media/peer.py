@@ -24,17 +24,10 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
-from media.aiortc_hooks import (
-    EncodedFrame,
-    FrameSend,
-    ReceiverReport,
-    demux_media_first,
-    offer_host_addresses,
-    prepare_forwarding_sender,
-    request_keyframe,
-    tap_receiver,
-)
 from media.forwarding import ForwardedTrack, NodeCounters, Publication
+from media.frame_sender import ReceiverReport, prepare_forwarding_sender
+from media.frames import EncodedFrame, FrameSend
+from media.ice_hosts import offer_host_addresses
 from media.ice_restart import (
     IceRestartRefused,
     restart_on_next_offer,
@@ -43,6 +36,8 @@ from media.ice_restart import (
 )
 from media.layers import Layer, LayerChooser
 from media.offer_sections import PublishLimits
+from media.receiver_tap import request_keyframe, tap_receiver
+from media.rtp_intake import demux_media_first
 
 log = logging.getLogger(__name__)
 

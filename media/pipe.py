@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import pylibsrtp
 
-from media.aiortc_hooks import EncodedFrame
 from media.forwarding import NodeCounters, Publication
+from media.frames import EncodedFrame
 
 log = logging.getLogger(__name__)
 

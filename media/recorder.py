@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from media.aiortc_hooks import EncodedFrame
 from media.forwarding import Publication
+from media.frames import EncodedFrame
 from media.hub import MediaHub, TrackInfo
 from media.recording import (
     DEFAULT_MAX_PENDING,

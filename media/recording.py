@@ -33,7 +33,7 @@ from typing import Any
 
 import av
 
-from media.aiortc_hooks import EncodedFrame
+from media.frames import EncodedFrame
 from media.sealed import SealedWriter, SealKeys, media_input, plaintext_sha256
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ from importlib.metadata import version
 import socketio
 from aiohttp import hdrs, web
 
+from media.internals import check_internals
 from media.offer_sections import PublishLimits
 from media.peer import IceServer, PeerConfig
 from media.pipe import PipeEndpoint
@@ -79,7 +80,11 @@ _MAX_FRAME_BYTES = 1024 * 1024
 def create_app(config: Config, *, migrate: bool = True) -> web.Application:
     """`migrate=False` for the workers of `telemed serve --workers N`: their supervisor has
     migrated once before starting them, and N processes migrating one database at once would
-    race each other (server/supervisor.py)."""
+    race each other (server/supervisor.py).
+
+    Raises AiortcInternalsChanged, before anything is opened, when the installed aiortc,
+    aioice or pylibsrtp lacks what the media relay reaches into."""
+    check_internals()
     install_protocol_errors()
     redact_aiohttp_access_log()
     app = web.Application(

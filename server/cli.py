@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from media.internals import AiortcInternalsChanged, check_internals
 from rooms.model import ConsultationId, SessionId, UserId
 from rooms.roles import Role
 from server.app import CONFIG as CONFIG_KEY
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.run(config, args)
     except ConfigError as exc:
         print(f"telemed: {exc}", file=sys.stderr)
+        return 2
+    except AiortcInternalsChanged as exc:
+        print(f"telemed: refusing to start: {exc}", file=sys.stderr)
         return 2
     return result
 
@@ -129,6 +133,9 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     workers: int = default_workers(config) if args.workers is None else args.workers
     check_workers(config, workers)
     if workers > 1:
+        # Here once, as create_app does in each worker: else every worker would fail at start
+        # and be started again, forever.
+        check_internals()
         supervisor = create_supervisor(config, workers, _worker_argv(args))
         _print_listening(config)
         return supervisor.run()

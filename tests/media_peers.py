@@ -15,7 +15,7 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack, VideoStreamTrack
 
-from media.aiortc_hooks import offer_host_addresses
+from media.ice_hosts import offer_host_addresses
 
 LOOPBACK = ["127.0.0.1"]
 BITS = 16

@@ -16,7 +16,7 @@ from typing import Any
 import av
 import numpy as np
 
-from media.aiortc_hooks import EncodedFrame
+from media.frames import EncodedFrame
 from media.recording import DiskWriter, SegmentInfo, SegmentWriter
 from media.sealed import SealKeys, media_input
 

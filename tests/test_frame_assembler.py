@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from aiortc.rtp import RtpPacket
 
-from media.aiortc_hooks import AssemblyLimits, EncodedFrame, FrameAssembler
+from media.frame_assembler import AssemblyLimits, FrameAssembler
+from media.frames import EncodedFrame
 
 KEY = b"\x00"  # VP8: bit 0 of the first payload byte clear = keyframe
 DELTA = b"\x01"

@@ -22,8 +22,8 @@ from media_peers import (
     wait_for,
 )
 
-from media.aiortc_hooks import check_internals
 from media.forwarding import Publication
+from media.internals import check_internals
 from media.peer import IncomingTrack, PeerConfig, PublishConnection, SubscribeConnection
 
 SERVER = PeerConfig(host_addresses=LOOPBACK)

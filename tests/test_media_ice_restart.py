@@ -42,7 +42,7 @@ from media_peers import (
 from recording_server_helpers import decoded, recordings_of
 from signaling_fixtures import COUNTY, VILLAGE, Peer, SignalingServer, eventually
 
-from media.aiortc_hooks import media_ssrcs, offer_host_addresses
+from media.ice_hosts import offer_host_addresses
 from media.ice_restart import (
     internals_problems,
     restart_on_next_offer,
@@ -50,6 +50,7 @@ from media.ice_restart import (
     set_local_description,
     set_remote_description,
 )
+from media.receiver_tap import media_ssrcs
 from rooms.model import RecordingState
 from rooms.roles import Role
 

@@ -20,8 +20,8 @@ from media_client import MediaRoom, publication_of
 from media_peers import ColourCounterTrack, close_to, mean_colour, read_counter
 from signaling_fixtures import eventually
 
-from media.aiortc_hooks import EncodedFrame
 from media.forwarding import Publication
+from media.frames import EncodedFrame
 from server.demo import COUNTY, SPECIALIST, VILLAGE
 
 pytest_plugins = ["signaling_fixtures", "media_client"]

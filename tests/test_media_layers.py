@@ -11,8 +11,8 @@ from media_client import MediaClient
 from media_peers import Collector, ColourCounterTrack, ToneTrack, close_to, mean_colour
 from signaling_fixtures import SignalingServer, eventually
 
-from media.aiortc_hooks import EncodedFrame
 from media.forwarding import KEYFRAME_INTERVAL_S, Publication
+from media.frames import EncodedFrame
 from media.low_layer import MAX_HEIGHT, MAX_WIDTH, LowLayer
 from server.demo import COUNTY, VILLAGE
 

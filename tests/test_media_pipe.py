@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from media.aiortc_hooks import EncodedFrame
 from media.forwarding import NodeCounters, Publication
+from media.frames import EncodedFrame
 from media.pipe import FRAGMENT_BYTES, PipeEndpoint, PipeIn, PipeOut, new_key
 
 

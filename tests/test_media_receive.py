@@ -1,7 +1,7 @@
-"""The relay's lean receive path (RTP handled in the socket's callback, media.aiortc_hooks):
-what aiortc's receiver did per packet still happens. A packet the relay lost is asked for
-(NACK) and used when it comes again over RTX; the publisher gets receiver reports, REMB and
-keyframe requests; the statistics the hub reads are counted."""
+"""The relay's lean receive path (RTP handled in the socket's callback, media/rtp_intake.py
+and media/receiver_tap.py): what aiortc's receiver did per packet still happens. A packet the
+relay lost is asked for (NACK) and used when it comes again over RTX; the publisher gets
+receiver reports, REMB and keyframe requests; the statistics the hub reads are counted."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from aiortc.codecs.vpx import vp8_depayload
 from aiortc.rtp import RTCP_PSFB_APP, RTCP_PSFB_PLI, RtcpPsfbPacket, RtcpRrPacket
 from media_peers import LOOPBACK, ColourCounterTrack, ToneTrack, local_description, wait_for
 
-from media.aiortc_hooks import EncodedFrame, _vp8_data
+from media.frames import EncodedFrame
 from media.peer import IncomingTrack, PeerConfig, PublishConnection
+from media.receiver_tap import _vp8_data
 
 SERVER = PeerConfig(host_addresses=LOOPBACK)
 

@@ -36,7 +36,7 @@ from recording_helpers import (
     vp8_frames,
 )
 
-from media.aiortc_hooks import EncodedFrame
+from media.frames import EncodedFrame
 from media.hub import MediaHub, TrackInfo
 from media.peer import PeerConfig
 from media.recorder import RoomRecorder
