@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lossy_link import Impairment, LossyLink
+from lossy_media import LossySubscriber
 from media_client import MediaClient, media_config
 from media_peers import ColourCounterTrack, ToneTrack, close_to, dominant_frequency, mean_colour
 from signaling_fixtures import Peer, SignalingServer, eventually, start_signaling_server
@@ -360,3 +362,66 @@ async def test_a_room_worker_whose_edge_died_stops_piping_to_it(
         for client in [publisher, *at_edge]:
             with contextlib.suppress(Exception):
                 await client.close()
+
+
+async def test_a_trainee_on_a_lossy_link_at_the_edge_is_repaired_by_the_edge(
+    workers: list[SignalingServer],
+) -> None:
+    """The edge packetizes and sends itself: the NACKs of its trainee on a lossy downlink are
+    answered from the edge's own send history; nothing crosses back to the room's worker
+    but keyframe requests (none here beyond the first ones), and the pipe loses nothing."""
+    a, _ = workers
+    cid = (await a.scheduled(kind=ConsultationKind.TEACHING)).id
+    room = ConsultationId(cid)
+    presenter = await a.seated(SPECIALIST, cid, label="presenter")
+    placed = await a.app[PLACEMENT].owner_of(room)
+    owner = next(w for w in workers if w.app[PLACEMENT].worker_id == placed.owner)
+    edge = next(w for w in workers if w is not owner)
+    publisher = MediaClient(presenter)
+    link = LossyLink(Impairment(), Impairment(loss=0.05), seed=3)
+    await link.open()
+    trainee: LossySubscriber | None = None
+    try:
+        camera = ColourCounterTrack((200, 80, 40), **SIZE)
+        assert await publisher.publish([(camera, "camera")]) == {"ok": True}
+        token, _ = await a.invite(cid, Role.TRAINEE, "远端学员")
+        trainee = LossySubscriber(await edge.connect(token, label="trainee@edge"), link)
+        await trainee.peer.join(cid)
+        waiting = await trainee.peer.wait_for("waiting")
+        await presenter.ok("admit", {"participant": waiting["participant"]["participant_id"]})
+        await trainee.peer.wait_for("joined")
+        pid = presenter.participant_id
+        await eventually(
+            lambda: trainee is not None and len(trainee.offered_from(pid, "video")) == 1,
+            "the trainee offered the camera",
+        )
+        (video_id,) = trainee.offered_from(pid, "video")
+
+        def repaired_at_edge() -> int:
+            hops = [
+                h
+                for h in edge.namespace.media.hops()
+                if h.direction == "subscriber" and h.track.track_id == video_id
+            ]
+            return int(hops[0].counts["retransmitted"] or 0) if hops else 0
+
+        await eventually(
+            lambda: repaired_at_edge() >= 10, "retransmissions from the edge", within=60
+        )
+        frames = trainee.frames_of(video_id)
+        await eventually(
+            lambda: trainee.frames_of(video_id) > frames + 60, "video goes on", within=60
+        )
+        served = edge_rooms(edge)[room]
+        (ssrc,) = served.ssrcs.values()
+        assert served.pipe.frames_lost(ssrc) == 0
+        # The owner forwards the camera to nobody but the pipe: no subscriber of its own.
+        assert owner.namespace.media.hops() == [
+            h for h in owner.namespace.media.hops() if h.direction == "intake"
+        ]
+    finally:
+        for client in (publisher, trainee):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
+        link.close()
