@@ -68,6 +68,8 @@ class Publication:
         self.keyframe_requests = 0
         self.ended = False
         self.muted = False
+        # How many times forwarding resumed after a forced mute: frames were skipped.
+        self.resumptions = 0
 
     @property
     def subscriber_count(self) -> int:
@@ -103,6 +105,8 @@ class Publication:
 
     def set_muted(self, muted: bool) -> None:
         """A forced mute: nothing of this track is forwarded to anyone until it is lifted."""
+        if self.muted and not muted:
+            self.resumptions += 1
         self.muted = muted
         if not muted:
             for track in self._subscribers:

@@ -154,6 +154,8 @@ class _OutTrack:
     kind: str
     listener: Callable[[EncodedFrame], None]
     sequence: int = 0
+    # The publication's resumptions after a mute, as last seen: frames were skipped since.
+    resumptions: int = 0
     frames_sent: int = 0
     frames_dropped: int = 0
 
@@ -178,7 +180,9 @@ class PipeOut:
         def send(frame: EncodedFrame) -> None:
             self._send_frame(ssrc, frame)
 
-        self._tracks[ssrc] = _OutTrack(publication, publication.kind, send)
+        self._tracks[ssrc] = _OutTrack(
+            publication, publication.kind, send, resumptions=publication.resumptions
+        )
         publication.add_listener(send)
         return ssrc
 
@@ -201,6 +205,11 @@ class PipeOut:
         track = self._tracks.get(ssrc)
         if track is None:
             return
+        if track.resumptions != track.publication.resumptions:
+            # Frames were held back by a mute: a sequence number left out shows the edge the
+            # gap, and its video waits for a keyframe as after a loss.
+            track.resumptions = track.publication.resumptions
+            track.sequence = (track.sequence + 1) & 0xFFFF
         data = frame.data
         chunks = [data[i : i + FRAGMENT_BYTES] for i in range(0, len(data), FRAGMENT_BYTES)]
         chunks = chunks or [b""]

@@ -208,3 +208,24 @@ async def test_two_rooms_between_the_same_workers_stay_apart_and_end_apart(
     one.publication.push(EncodedFrame(b"again", 960, False))
     await eventually(lambda: len(got_one) == 2, "the first room's next frame")
     assert len(got_two) == 1
+
+
+async def test_after_a_forced_mute_the_edge_waits_for_a_keyframe(
+    endpoints: tuple[PipeEndpoint, PipeEndpoint],
+) -> None:
+    """Frames held back by a mute never reach the edge: what follows refers to them, so the
+    edge's video starts again at a keyframe, as the room's worker's own subscribers do."""
+    owner, edge = endpoints
+    out, pipe_in = connect(owner, edge)
+    video = source("video")
+    got = collect(pipe_in.add(out.add(video.publication), "video"))
+    video.publication.push(EncodedFrame(b"k" * 2000, 0, True))
+    await eventually(lambda: len(got) == 1, "the first keyframe")
+    video.publication.set_muted(True)
+    video.publication.push(EncodedFrame(b"m" * 500, 3000, False))  # held back
+    video.publication.set_muted(False)
+    video.publication.push(EncodedFrame(b"d" * 500, 6000, False))  # refers to the held one
+    video.publication.push(EncodedFrame(b"K" * 2000, 9000, True))
+    await eventually(lambda: len(got) == 2, "the keyframe after the mute")
+    assert [f.data[:1] for f in got] == [b"k", b"K"]
+    assert pipe_in.requests_sent >= 1
