@@ -801,6 +801,8 @@ async def _filtered_record(
         decisions=await tx.list_decisions(consultation_id),
         recordings=await tx.list_recordings(consultation_id),
         audit=audit,
+        # Trainees never read the record (view_record), so nobody here sees them de-identified.
+        attachments=await tx.list_attachments(consultation_id),
     )
 
 
