@@ -163,6 +163,11 @@ class ConsultNamespace(Relaying, socketio.AsyncNamespace):  # type: ignore[misc]
         await self._apply(outcome)
         return consultation
 
+    async def deliver(self, outcome: Outcome) -> None:
+        """What a use case outside the room decided to announce (an attachment added over the
+        API during a session)."""
+        await self._apply(outcome)
+
     async def start(self) -> None:
         if self._routing is not None:
             self._peer_watch = asyncio.create_task(self._watch_peers(), name="relay-peers")
