@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from api_helpers import (
+    ADMIN,
     COORDINATOR,
     COUNTY,
     OUTSIDER,
@@ -37,9 +38,11 @@ from attachment_helpers import (
 from PIL import Image
 
 from rooms.model import Consent, ConsentKind, ConsultationId, UserId
+from rooms.retention import Period, RetentionPeriods
 from rooms.roles import Role
 from server.app import CONFIG, STORE
 from server.dicom import PATIENT_IDENTIFIERS
+from server.retention import run_retention
 
 TRAINEE = Identity(UserId("trainee-1"), "学员甲", Role.TRAINEE, "医学院")
 
@@ -335,3 +338,48 @@ async def test_a_damaged_file_is_refused_clearly(api: Api) -> None:
     assert assert_problem(reply, 409, "does not read back")["code"] == "attachment_damaged"
     path.unlink()
     assert_problem(await api.get(one(cid, f"/attachments/{added}/content"), VILLAGE), 404, "gone")
+
+
+async def test_retention_destroys_attachments_with_their_record_never_on_hold(
+    backend_api: Api,
+) -> None:
+    api = backend_api
+    data_dir = api.app[CONFIG].data_dir
+    cid = await api.create()
+    kept = await api.create()
+    added = (await upload(api, cid, VILLAGE, dicom_file())).body
+    assert (await upload(api, kept, VILLAGE, jpeg())).status == 201
+    await api.act(cid, "cancel", VILLAGE, {"reason": "家属决定去省医院"})
+    await api.act(kept, "cancel", VILLAGE, {"reason": "家属决定去省医院"})
+    hold = await api.request(
+        "PUT", one(kept, "/legal-hold"), ADMIN, json_body={"reason": "court order 17"}
+    )
+    assert hold.status == 200, hold
+    file = data_dir / "attachments" / cid / added["id"]
+    assert file.exists()
+    later = datetime(2060, 1, 1, tzinfo=UTC)
+    periods = RetentionPeriods(Period(15), Period(3), Period(0, 6))
+    dry = await run_retention(api.app[STORE], periods, data_dir, later, dry_run=True)
+    assert file.exists()
+    assert [d.detail["attachments"] for d in dry.destroyed if d.what == "record"] == [
+        [
+            {
+                "id": added["id"],
+                "media_type": "application/dicom",
+                "sha256": added["sha256"],
+                "size_bytes": added["size_bytes"],
+                "file": "present",
+            }
+        ]
+    ]
+    report = await run_retention(api.app[STORE], periods, data_dir, later)
+    record = next(d for d in report.destroyed if d.what == "record")
+    assert record.consultation_id == cid
+    assert record.detail["rows"]["attachments"] == 1
+    assert record.detail["attachments"][0]["file"] == "deleted"
+    assert not file.exists()
+    # The held consultation keeps its attachment, file and all.
+    listed = await api.get(one(kept, "/attachments"), VILLAGE)
+    assert len(listed.body["items"]) == 1
+    only = listed.body["items"][0]["id"]
+    assert (await api.get(one(kept, f"/attachments/{only}/content"), VILLAGE)).raw == jpeg()
