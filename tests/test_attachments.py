@@ -383,3 +383,41 @@ async def test_retention_destroys_attachments_with_their_record_never_on_hold(
     assert len(listed.body["items"]) == 1
     only = listed.body["items"][0]["id"]
     assert (await api.get(one(kept, f"/attachments/{only}/content"), VILLAGE)).raw == jpeg()
+
+
+async def test_the_fhir_export_holds_each_attachment_as_a_document_reference(
+    backend_api: Api,
+) -> None:
+    from test_fhir import validate
+
+    api = backend_api
+    cid = await api.scheduled()
+    report = (await upload(api, cid, VILLAGE, pdf(), filename="血常规.pdf")).body
+    session = await api.start_session(cid)
+    snap = (await upload(api, cid, COUNTY, jpeg(), kind="snapshot", track="t_cam")).body
+    reply = await api.get(one(cid, "/fhir"), VILLAGE)
+    assert reply.status == 200, reply
+    bundle = reply.body
+    validate(bundle)
+    documents = [
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "DocumentReference"
+    ]
+    by_id = {d["identifier"][0]["value"]: d for d in documents}
+    assert set(by_id) == {report["id"], snap["id"]}
+    first = by_id[report["id"]]["content"][0]["attachment"]
+    assert first["contentType"] == "application/pdf" and first["title"] == "血常规.pdf"
+    assert first["size"] == report["size_bytes"]
+    assert first["url"].endswith(f"/attachments/{report['id']}/content")
+    assert {"valueString": report["sha256"]}.items() <= first["extension"][0].items()
+    assert "context" not in by_id[report["id"]]
+    taken = by_id[snap["id"]]
+    assert taken["type"]["coding"][0]["code"] == "snapshot"
+    encounter = taken["context"]["encounter"][0]["reference"]
+    encounters = {
+        e["fullUrl"]: e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "Encounter"
+    }
+    assert session.id in str(encounters[encounter]["identifier"])

@@ -9,6 +9,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from pydantic import ValidationError
@@ -91,7 +92,7 @@ class AttachmentRoutes:
             Endpoint(
                 "POST",
                 PREFIX,
-                self.upload,
+                self.add_attachment,
                 "Add a file to the consultation (multipart/form-data: one `file` part; audited; "
                 "announced to the room as `attachment_added` during a session)",
                 AttachmentOut,
@@ -103,7 +104,7 @@ class AttachmentRoutes:
             Endpoint(
                 "GET",
                 PREFIX,
-                self.list,
+                self.list_attachments,
                 "The consultation's attachments, oldest first (audited)",
                 AttachmentList,
                 tags=tags,
@@ -111,7 +112,7 @@ class AttachmentRoutes:
             Endpoint(
                 "GET",
                 ONE,
-                self.metadata,
+                self.attachment_metadata,
                 "One attachment's metadata (audited)",
                 AttachmentOut,
                 tags=tags,
@@ -119,7 +120,7 @@ class AttachmentRoutes:
             Endpoint(
                 "GET",
                 f"{ONE}/content",
-                self.content,
+                self.attachment_content,
                 "The file as uploaded (audited); for trainees images without their metadata, "
                 "and never a DICOM file",
                 None,
@@ -152,7 +153,7 @@ class AttachmentRoutes:
 
     # -- upload -----------------------------------------------------------------------------
 
-    async def upload(self, call: Call[None, None]) -> AttachmentOut | web.StreamResponse:
+    async def add_attachment(self, call: Call[None, None]) -> AttachmentOut | web.StreamResponse:
         cid = _cid(call)
         if not self._files.available:
             raise Conflict("attachments cannot be stored here: no recording key is configured")
@@ -265,15 +266,15 @@ class AttachmentRoutes:
 
     # -- reading ----------------------------------------------------------------------------
 
-    async def list(self, call: Call[None, None]) -> AttachmentList:
+    async def list_attachments(self, call: Call[None, None]) -> AttachmentList:
         found = await self._service.list(call.ctx, _cid(call))
         return AttachmentList(items=[AttachmentOut.of(r.attachment, r.deidentified) for r in found])
 
-    async def metadata(self, call: Call[None, None]) -> AttachmentOut:
+    async def attachment_metadata(self, call: Call[None, None]) -> AttachmentOut:
         read = await self._open(call, "metadata")
         return AttachmentOut.of(read.attachment, read.deidentified)
 
-    async def content(self, call: Call[None, None]) -> web.StreamResponse:
+    async def attachment_content(self, call: Call[None, None]) -> web.StreamResponse:
         read = await self._open(call, "content")
         data = await self._bytes(read)
         fmt = read.attachment.format
@@ -413,7 +414,8 @@ def _clean_filename(name: str | None) -> str | None:
     line of at most 200 characters; anything else is dropped, never an error."""
     if not name:
         return None
-    base = name.replace("\\", "/").rsplit("/", 1)[-1].strip()[:200]
+    # Some clients (aiohttp's) percent-encode a name that is not ASCII; browsers send UTF-8.
+    base = unquote(name).replace("\\", "/").rsplit("/", 1)[-1].strip()[:200]
     try:
         reject_control_characters_or_line_breaks(base)
     except ValueError:
