@@ -421,3 +421,20 @@ async def test_the_fhir_export_holds_each_attachment_as_a_document_reference(
         if e["resource"]["resourceType"] == "Encounter"
     }
     assert session.id in str(encounters[encounter]["identifier"])
+
+
+async def test_verify_checks_each_attachment_file(api: Api) -> None:
+    cid = await api.create()
+    good = (await upload(api, cid, VILLAGE, png())).body
+    bad = (await upload(api, cid, VILLAGE, jpeg())).body
+    clean = await api.get(one(cid, "/verify"), ADMIN)
+    assert clean.status == 200, clean
+    assert clean.body["ok"] is True and clean.body["checked"]["attachment_files"] == 2
+    path = api.app[CONFIG].data_dir / "attachments" / cid / bad["id"]
+    path.unlink()
+    broken = (await api.get(one(cid, "/verify"), ADMIN)).body
+    assert broken["ok"] is False
+    assert [(m["check"], m["where"], m["problem"]) for m in broken["mismatches"]] == [
+        ("attachment_file", f"attachment {bad['id']}", "the file is missing")
+    ]
+    assert good["id"] not in str(broken["mismatches"])
