@@ -77,8 +77,8 @@ PATIENT_IDENTIFIERS = frozenset(
 )
 # A value shown longer than this is cut (free text, long multi-values).
 _MAX_VALUE_CHARS = 512
-# Larger pictures are not rendered (a PNG of them would be tens of megabytes).
-MAX_RENDER_PIXELS = 8192 * 8192
+# Larger pictures are not rendered: their arithmetic (float64) would take over 128 MiB.
+MAX_RENDER_PIXELS = 4096 * 4096
 
 
 class DicomUnreadable(Exception):
@@ -93,8 +93,13 @@ def read(data: bytes, *, pixels: bool = False) -> Dataset:
     try:
         with _quiet():
             return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
+    except InvalidDicomError as exc:
         raise DicomUnreadable(f"pydicom cannot read it: {_short(exc)}") from None
+    except Exception as exc:
+        # The file is the client's: whatever pydicom trips over in it, it is not readable DICOM.
+        raise DicomUnreadable(
+            f"pydicom cannot read it ({type(exc).__name__}: {_short(exc)})"
+        ) from None
 
 
 def check(data: bytes) -> None:

@@ -106,3 +106,30 @@ async def upload(
             json.loads(raw) if raw and "json" in r.headers.get("Content-Type", "") else None
         )
         return Reply(r.status, r.headers, raw, parsed)
+
+
+def dicom_without_pixels() -> bytes:
+    """A DICOM file that holds no image (a structured report would be one)."""
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(dicom_file()))
+    del ds.PixelData
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def dicom_declared_compressed() -> bytes:
+    """A DICOM file whose transfer syntax says JPEG baseline (its pixels are never decoded)."""
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = dcmread(io.BytesIO(dicom_file()))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([jpeg()])
+    ds["PixelData"].VR = "OB"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()

@@ -27,7 +27,9 @@ from api_helpers import (
 from attachment_helpers import (
     PATIENT_ID,
     PATIENT_NAME,
+    dicom_declared_compressed,
     dicom_file,
+    dicom_without_pixels,
     form,
     jpeg,
     jpeg_with_exif,
@@ -438,3 +440,29 @@ async def test_verify_checks_each_attachment_file(api: Api) -> None:
         ("attachment_file", f"attachment {bad['id']}", "the file is missing")
     ]
     assert good["id"] not in str(broken["mismatches"])
+
+
+async def test_hostile_dicom_is_refused_or_not_rendered_never_a_500(api: Api) -> None:
+    cid = await api.create()
+    whole = dicom_file()
+    for cut in (len(whole) // 2, 140, 200):
+        reply = await upload(api, cid, VILLAGE, whole[:cut])
+        # Cut in its file meta it is no DICOM; cut in its pixels pydicom still reads the
+        # metadata, and rendering says what is wrong.
+        assert reply.status in (201, 415), reply
+        if reply.status == 201:
+            image = await api.get(one(cid, f"/attachments/{reply.body['id']}/image.png"), COUNTY)
+            assert_problem(image, 409)
+    junk_meta = b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + b"1.2" * 20
+    assert_problem(await upload(api, cid, VILLAGE, junk_meta), 415, "not DICOM")
+    no_pixels = (await upload(api, cid, VILLAGE, dicom_without_pixels())).body["id"]
+    reply = await api.get(one(cid, f"/attachments/{no_pixels}/image.png"), COUNTY)
+    problem = assert_problem(reply, 409, "no image")
+    assert problem["code"] == "attachment_not_renderable"
+    compressed = await upload(api, cid, VILLAGE, dicom_declared_compressed())
+    assert compressed.status == 201, compressed
+    reply = await api.get(one(cid, f"/attachments/{compressed.body['id']}/image.png"), COUNTY)
+    assert_problem(reply, 409, "compressed", "uncompressed DICOM only")
+    # Its metadata still reads.
+    meta = await api.get(one(cid, f"/attachments/{compressed.body['id']}/dicom"), COUNTY)
+    assert meta.body["elements"]["TransferSyntaxUID"] == "1.2.840.10008.1.2.4.50"

@@ -65,8 +65,11 @@ class AttachmentDamaged(Conflict):
     code = "attachment_damaged"
 
 
-class DicomNotRenderable(Conflict):
-    code = "dicom_not_renderable"
+class NotRenderable(Conflict):
+    """A file the server cannot show as an image: DICOM it cannot make a PNG of, a picture it
+    cannot re-encode without its metadata (for a trainee)."""
+
+    code = "attachment_not_renderable"
 
 
 class AttachmentRoutes:
@@ -279,7 +282,14 @@ class AttachmentRoutes:
         data = await self._bytes(read)
         fmt = read.attachment.format
         if read.deidentified and fmt in (AttachmentFormat.JPEG, AttachmentFormat.PNG):
-            data = await asyncio.to_thread(strip_image_metadata, data, fmt)
+            try:
+                data = await asyncio.to_thread(strip_image_metadata, data, fmt)
+            except Exception as exc:
+                # Pillow refuses what it cannot decode or what is too large to (a bomb).
+                raise NotRenderable(
+                    f"attachment {read.attachment.id} cannot be shown without its metadata: "
+                    f"{type(exc).__name__}"
+                ) from None
         return web.Response(
             body=data,
             headers={
@@ -308,7 +318,7 @@ class AttachmentRoutes:
         try:
             png = await asyncio.to_thread(dicom.render_png, data)
         except (dicom.NotRenderable, dicom.DicomUnreadable) as exc:
-            raise DicomNotRenderable(
+            raise NotRenderable(
                 f"attachment {read.attachment.id} cannot be shown as PNG: {exc}"
             ) from None
         return web.Response(body=png, content_type="image/png")
