@@ -466,3 +466,39 @@ async def test_hostile_dicom_is_refused_or_not_rendered_never_a_500(api: Api) ->
     # Its metadata still reads.
     meta = await api.get(one(cid, f"/attachments/{compressed.body['id']}/dicom"), COUNTY)
     assert meta.body["elements"]["TransferSyntaxUID"] == "1.2.840.10008.1.2.4.50"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"--b\r\n"),
+        ("multipart/form-data; boundary=", b"--\r\n"),
+        ("multipart/form-data; boundary=b", b""),
+        ("multipart/form-data; boundary=b", b"no boundary here at all"),
+        (
+            "multipart/form-data; boundary=b",
+            b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n",
+        ),
+        ("multipart/mixed; boundary=b", b"--b\r\n\r\n--b--\r\n"),
+        ("image/jpeg", b"\xff\xd8\xff\xe0" + b"\x00" * 100),
+        ("application/octet-stream", b""),
+    ],
+    ids=[
+        "no-boundary",
+        "empty-boundary",
+        "empty-body",
+        "garbage",
+        "nameless-part",
+        "mixed",
+        "raw-jpeg",
+        "octet-stream",
+    ],
+)
+async def test_hostile_bodies_get_a_clear_4xx(api: Api, content_type: str, body: bytes) -> None:
+    cid = await api.create()
+    reply = await api.request(
+        "POST", one(cid, "/attachments"), VILLAGE, data=body, headers={"Content-Type": content_type}
+    )
+    assert reply.status in (400, 415), reply
+    assert_problem(reply, reply.status)
+    assert (await api.get(one(cid, "/attachments"), VILLAGE)).body["items"] == []
