@@ -23,6 +23,9 @@ def build_openapi(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
     for e in endpoints:
         if e.body is not None:
             models.append((e.body, "validation"))
+        if e.upload is not None:
+            # Its fields' types (enums) land in the components the form's schema refers to.
+            models.append((e.upload.form, "validation"))
         if e.response is not None:
             models.append((e.response, "serialization"))
     keys, defs = models_json_schema(models, ref_template=_REF)
@@ -112,8 +115,6 @@ def _upload_body(upload: Upload) -> dict[str, Any]:
         **form["properties"],
     }
     schema: dict[str, Any] = {"type": "object", "required": ["file"], "properties": properties}
-    if "$defs" in form:
-        schema["$defs"] = form["$defs"]
     return {
         "required": True,
         "content": {"multipart/form-data": {"schema": schema}},
