@@ -502,3 +502,24 @@ async def test_hostile_bodies_get_a_clear_4xx(api: Api, content_type: str, body:
     assert reply.status in (400, 415), reply
     assert_problem(reply, reply.status)
     assert (await api.get(one(cid, "/attachments"), VILLAGE)).body["items"] == []
+
+
+async def test_a_download_that_does_not_match_the_record_is_broken_off(api: Api) -> None:
+    from sqlalchemy import update
+
+    from server.db.tables import attachments
+
+    cid = await api.create()
+    added = (await upload(api, cid, VILLAGE, pdf())).body["id"]
+    async with api.app[STORE].transaction() as tx:
+        await tx.connection.execute(
+            update(attachments)
+            .where(attachments.c.id == added)
+            .values(sha256=hashlib.sha256(b"another file").hexdigest())
+        )
+    async with api.client.get(
+        one(cid, f"/attachments/{added}/content"), headers=api.auth(VILLAGE)
+    ) as reply:
+        assert reply.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await reply.read()

@@ -14,7 +14,7 @@ from urllib.parse import unquote
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from pydantic import ValidationError
 
-from media.sealed import SealError
+from media.sealed import SealedReader, SealError
 from rooms.attachments import (
     AttachmentRead,
     AttachmentService,
@@ -36,6 +36,7 @@ from server.api.attachment_schemas import (
 )
 from server.api.framework import Call, Endpoint, Upload
 from server.api.problems import BadRequest, problem_response, validation_problem
+from server.api.recording_routes import send_sealed
 from server.attachment_files import (
     ACCEPTED,
     AttachmentFiles,
@@ -279,27 +280,32 @@ class AttachmentRoutes:
 
     async def attachment_content(self, call: Call[None, None]) -> web.StreamResponse:
         read = await self._open(call, "content")
-        data = await self._bytes(read)
         fmt = read.attachment.format
-        if read.deidentified and fmt in (AttachmentFormat.JPEG, AttachmentFormat.PNG):
+        headers = {
+            hdrs.CONTENT_TYPE: fmt.value,
+            hdrs.CONTENT_DISPOSITION: f'attachment; filename="{read.attachment.id}{_SUFFIX[fmt]}"',
+            "X-Content-Type-Options": "nosniff",
+        }
+        if not read.deidentified:
+            # As uploaded, decrypted a step at a time, the whole checked against its SHA-256
+            # before its last bytes go out (as a recording's).
+            reader = await self._reader(read)
             try:
-                data = await asyncio.to_thread(strip_image_metadata, data, fmt)
-            except Exception as exc:
-                # Pillow refuses what it cannot decode or what is too large to (a bomb).
-                raise NotRenderable(
-                    f"attachment {read.attachment.id} cannot be shown without its metadata: "
-                    f"{type(exc).__name__}"
-                ) from None
-        return web.Response(
-            body=data,
-            headers={
-                hdrs.CONTENT_TYPE: fmt.value,
-                hdrs.CONTENT_DISPOSITION: (
-                    f'attachment; filename="{read.attachment.id}{_SUFFIX[fmt]}"'
-                ),
-                "X-Content-Type-Options": "nosniff",
-            },
-        )
+                return await send_sealed(
+                    call.request, reader, headers, None, read.attachment.sha256, ranges=False
+                )
+            finally:
+                reader.close()
+        data = await self._bytes(read)
+        try:
+            data = await asyncio.to_thread(strip_image_metadata, data, fmt)
+        except Exception as exc:
+            # Pillow refuses what it cannot decode or what is too large to (a bomb).
+            raise NotRenderable(
+                f"attachment {read.attachment.id} cannot be shown without its metadata: "
+                f"{type(exc).__name__}"
+            ) from None
+        return web.Response(body=data, headers=headers)
 
     async def dicom_metadata(self, call: Call[None, None]) -> DicomOut:
         read = await self._open(call, "dicom")
@@ -336,6 +342,24 @@ class AttachmentRoutes:
             )
         return await self._bytes(read)
 
+    async def _reader(self, read: AttachmentRead) -> SealedReader:
+        if not self._files.available:
+            raise Conflict("attachments cannot be read here: no recording key is configured")
+        assert read.path is not None  # set by open()
+        try:
+            return await asyncio.to_thread(self._files.open, read.path)
+        except FileNotFoundError:
+            raise NotFound(f"the file of attachment {read.attachment.id} is gone") from None
+        except (SealError, ValueError) as exc:
+            raise self._damaged(read, exc) from None
+
+    def _damaged(self, read: AttachmentRead, exc: Exception) -> AttachmentDamaged:
+        log.error("attachment %s cannot be read: %s", read.attachment.id, exc)
+        return AttachmentDamaged(
+            f"attachment {read.attachment.id} does not read back as it was uploaded "
+            "(altered, truncated, or sealed with a key that is not configured)"
+        )
+
     async def _bytes(self, read: AttachmentRead) -> bytes:
         if not self._files.available:
             raise Conflict("attachments cannot be read here: no recording key is configured")
@@ -345,11 +369,7 @@ class AttachmentRoutes:
         except FileNotFoundError:
             raise NotFound(f"the file of attachment {read.attachment.id} is gone") from None
         except (SealError, ValueError) as exc:
-            log.error("attachment %s cannot be read: %s", read.attachment.id, exc)
-            raise AttachmentDamaged(
-                f"attachment {read.attachment.id} does not read back as it was uploaded "
-                "(altered, truncated, or sealed with a key that is not configured)"
-            ) from None
+            raise self._damaged(read, exc) from None
 
 
 class UnsupportedUpload(Exception):
