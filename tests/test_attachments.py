@@ -38,11 +38,13 @@ from attachment_helpers import (
     upload,
 )
 from PIL import Image
+from pytest_aiohttp import AiohttpClient
 
 from rooms.model import Consent, ConsentKind, ConsultationId, UserId
 from rooms.retention import Period, RetentionPeriods
 from rooms.roles import Role
-from server.app import CONFIG, STORE
+from server.app import CONFIG, STORE, create_app
+from server.config import load_config
 from server.dicom import PATIENT_IDENTIFIERS
 from server.retention import run_retention
 
@@ -123,17 +125,13 @@ async def test_wrong_magic_is_a_415_naming_what_was_found(api: Api) -> None:
 
 
 async def test_an_oversize_file_is_a_413_naming_the_limit(
-    aiohttp_client: object, tmp_path: Path
+    aiohttp_client: AiohttpClient, tmp_path: Path
 ) -> None:
-    from conftest import make_config
-    from pytest_aiohttp import AiohttpClient
-
-    from server.app import create_app
-
-    assert callable(aiohttp_client)
-    client_factory: AiohttpClient = aiohttp_client  # type: ignore[assignment]
-    config = make_config(tmp_path, **{"attachments.max_bytes": 100_000})
-    api = Api(await client_factory(create_app(config)))
+    config = load_config(
+        env={},
+        overrides={"dev": True, "data_dir": str(tmp_path), "attachments.max_bytes": 100_000},
+    )
+    api = Api(await aiohttp_client(create_app(config)))
     cid = await api.create()
     big = jpeg() + b"\x00" * 100_000
     reply = await upload(api, cid, VILLAGE, big)
