@@ -118,6 +118,11 @@ class ConsultationService:
         self._now = clock
         self._watchers: list[Callable[[ConsultationId], None]] = []
 
+    @property
+    def store(self) -> RecordStore:
+        """The record this service works on (for the use cases beside it: attachments)."""
+        return self._store
+
     def watch(self, on_change: Callable[[ConsultationId], None]) -> None:
         """`on_change` hears of every committed change to a consultation's status or team (the
         live room keeps a copy of both)."""
@@ -801,6 +806,8 @@ async def _filtered_record(
         decisions=await tx.list_decisions(consultation_id),
         recordings=await tx.list_recordings(consultation_id),
         audit=audit,
+        # Trainees never read the record (view_record), so nobody here sees them de-identified.
+        attachments=await tx.list_attachments(consultation_id),
     )
 
 

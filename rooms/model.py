@@ -16,6 +16,7 @@ UserId = NewType("UserId", str)
 # One connection of one person: a surgeon with two cameras is two participants, one user.
 ParticipantId = NewType("ParticipantId", str)
 RecordingId = NewType("RecordingId", str)
+AttachmentId = NewType("AttachmentId", str)
 
 
 class ConsultationKind(StrEnum):
@@ -95,6 +96,8 @@ class EventKind(StrEnum):
     RECORDING_STARTED = "recording_started"
     RECORDING_STOPPED = "recording_stopped"
     RECORDING_FAILED = "recording_failed"
+    # A file added to the consultation while this session was live (its id, not its bytes).
+    ATTACHMENT_ADDED = "attachment_added"
 
 
 class AuditAction(StrEnum):
@@ -115,6 +118,10 @@ class AuditAction(StrEnum):
     DESTROY = "destroy"
     PLACE_LEGAL_HOLD = "place_legal_hold"
     RELEASE_LEGAL_HOLD = "release_legal_hold"
+    ADD_ATTACHMENT = "add_attachment"
+    # The list or one attachment's metadata read; the file (or its rendering) downloaded.
+    VIEW_ATTACHMENT = "view_attachment"
+    DOWNLOAD_ATTACHMENT = "download_attachment"
 
 
 @dataclass(frozen=True)
@@ -315,6 +322,46 @@ class Recording:
     node: str | None = None
 
 
+class AttachmentKind(StrEnum):
+    DOCUMENT = "document"  # a file brought to the consultation: a lab report, an ECG, a photo
+    SNAPSHOT = "snapshot"  # a still of a video tile taken during the session
+
+
+class AttachmentFormat(StrEnum):
+    """What the file's bytes are (found from its content, never from its name); values are
+    the media types it is served as."""
+
+    JPEG = "image/jpeg"
+    PNG = "image/png"
+    PDF = "application/pdf"
+    DICOM = "application/dicom"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file in the consultation's record. Never changed after it is added."""
+
+    id: AttachmentId
+    consultation_id: ConsultationId
+    # The session live when it was added; None before the first call or between calls.
+    session_id: SessionId | None
+    kind: AttachmentKind
+    format: AttachmentFormat
+    size_bytes: int
+    # Of the plaintext (the file is sealed at rest like a recording).
+    sha256: str
+    # The name the uploader gave (shown to the team, never used to find the file).
+    filename: str | None
+    description: str | None
+    added_by: UserId
+    added_by_name: str
+    added_by_role: Role
+    added_at: datetime
+    # A snapshot: when the frame was taken and of which track (the tile).
+    taken_at: datetime | None = None
+    track: str | None = None
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     seq: int
@@ -341,3 +388,4 @@ class SessionRecord:
     decisions: list[FinalDecision]
     recordings: list[Recording]
     audit: list[AuditEntry]
+    attachments: list[Attachment] = field(default_factory=list)

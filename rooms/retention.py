@@ -88,6 +88,8 @@ ACCESS_ACTIONS = frozenset(
         AuditAction.VIEW_RECORD,
         AuditAction.EXPORT_RECORD,
         AuditAction.DOWNLOAD_RECORDING,
+        AuditAction.VIEW_ATTACHMENT,
+        AuditAction.DOWNLOAD_ATTACHMENT,
         AuditAction.VIEW_AUDIT,
         AuditAction.VERIFY_RECORD,
     }

@@ -47,6 +47,10 @@ class Permission(StrEnum):
     INVITE = "invite"
     # Ends an invite link (a lost phone, a wrong recipient) without being able to issue one.
     REVOKE_INVITE = "revoke_invite"
+    # Files in the record (rooms/attachments.py): adding one (a document before the call, a
+    # snapshot of a tile during it) and reading them.
+    ADD_ATTACHMENT = "add_attachment"
+    VIEW_ATTACHMENT = "view_attachment"
 
 
 P = Permission
@@ -65,6 +69,9 @@ _PATIENT = frozenset(
         P.EXPORT_RECORD,
         # Their own consultation's recordings (policy scopes a patient to it).
         P.DOWNLOAD_RECORDING,
+        # Their own results and photos, to their own consultation only (the same scope).
+        P.ADD_ATTACHMENT,
+        P.VIEW_ATTACHMENT,
     }
 )
 
@@ -78,6 +85,8 @@ _CLINICIAN = frozenset(
         P.CHAT,
         P.VIEW_RECORD,
         P.DOWNLOAD_RECORDING,
+        P.ADD_ATTACHMENT,
+        P.VIEW_ATTACHMENT,
     }
 )
 
@@ -124,7 +133,9 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
         P.REMOVE_PARTICIPANT,
         P.START_RECORDING,
     },
-    Role.TRAINEE: frozenset({P.JOIN, P.SUBSCRIBE, P.CHAT}),
+    # Attachments only as rooms/attachments.py shows them to trainees: once the resident
+    # consented to teaching use, images and DICOM stripped of patient identifiers.
+    Role.TRAINEE: frozenset({P.JOIN, P.SUBSCRIBE, P.CHAT, P.VIEW_ATTACHMENT}),
     Role.COORDINATOR: frozenset(
         {
             # Joins the room to run the waiting room; sees and hears nothing clinical.

@@ -9,6 +9,8 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from rooms.model import (
+    Attachment,
+    AttachmentId,
     AuditAction,
     AuditEntry,
     CloseReason,
@@ -57,6 +59,14 @@ class StoredRecording:
     recording: Recording
     consultation_id: ConsultationId
     path: str | None
+
+
+@dataclass(frozen=True)
+class StoredAttachment:
+    """An attachment with its file's path (relative to the data directory; never shown)."""
+
+    attachment: Attachment
+    path: str
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,16 @@ class RecordRepository(Protocol):
         self, *, state: str | None = None, session_id: SessionId | None = None
     ) -> list[StoredRecording]:
         """Recordings with their consultation and path, in a state and/or of a session."""
+        ...
+
+    async def add_attachment(self, attachment: Attachment, path: str) -> None:
+        """`path` (relative to the data directory) is where the sealed file is; never shown."""
+        ...
+
+    async def get_attachment(self, attachment_id: AttachmentId) -> StoredAttachment | None: ...
+
+    async def list_attachments(self, consultation_id: ConsultationId) -> list[Attachment]:
+        """Oldest first."""
         ...
 
     async def revoke_token(self, jti: str, expires_at: datetime, revoked_at: datetime) -> None: ...

@@ -17,10 +17,12 @@ from media.offer_sections import PublishLimits
 from media.peer import IceServer, PeerConfig
 from media.pipe import PipeEndpoint
 from media.sealed import SealKeys
+from rooms.attachments import AttachmentService
 from rooms.consultations import ConsultationService, RequestContext
 from rooms.live import InMemoryPresence
 from rooms.model import ConsultationId
 from rooms.room_service import LiveRoomService, RoomLimits
+from server.api.attachment_routes import PREFIX as ATTACHMENTS_PATH
 from server.api.openapi import build_openapi
 from server.api.problems import (
     SERVER_NAME,
@@ -73,6 +75,8 @@ PLACEMENT = web.AppKey("placement", RedisPlacement)
 SIGNER = web.AppKey("signer", OpinionKeys)
 # What recordings are sealed with at rest (media/sealed.py): downloads, composites, verify.
 RECORDING_KEYS = web.AppKey("recording_keys", SealKeys)
+# An upload's form fields and multipart framing beside its file.
+_FORM_OVERHEAD = 64 * 1024
 # The engine.io frame limit guards the transport; per-event limits are the namespace's.
 _MAX_FRAME_BYTES = 1024 * 1024
 
@@ -92,7 +96,11 @@ def create_app(config: Config, *, migrate: bool = True) -> web.Application:
         middlewares=[
             request_id_middleware,
             problem_middleware,
-            request_body_middleware(config.max_body_bytes),
+            request_body_middleware(
+                config.max_body_bytes,
+                # An upload's file and its form around it (the handler caps the file itself).
+                larger={ATTACHMENTS_PATH: config.attachments.max_bytes + _FORM_OVERHEAD},
+            ),
         ],
     )
     app.on_response_prepare.append(_response_headers)
@@ -128,6 +136,9 @@ def create_app(config: Config, *, migrate: bool = True) -> web.Application:
         verifier=lambda cid: verify_consultation(
             store, signer, config.data_dir, app[RECORDING_KEYS], cid
         ),
+        attachments=AttachmentService(store),
+        attachment_max_bytes=config.attachments.max_bytes,
+        announce=app[NAMESPACE].deliver,
     )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))

@@ -216,6 +216,15 @@ class RecordingConfig(_Section):
     _files_from_one_string = field_validator("previous_key_files", mode="before")(_split_list)
 
 
+DEFAULT_ATTACHMENT_MAX_BYTES = 64 * 1024 * 1024
+
+
+class AttachmentConfig(_Section):
+    """Files in the record (server/api/attachment_routes.py): the largest one accepted."""
+
+    max_bytes: int = Field(default=DEFAULT_ATTACHMENT_MAX_BYTES, gt=0, le=2**40)
+
+
 class Config(_Section):
     dev: bool = False
     host: str = "127.0.0.1"
@@ -242,6 +251,7 @@ class Config(_Section):
     retention: RetentionConfig = RetentionConfig()
     signing: SigningConfig = SigningConfig()
     recording: RecordingConfig = RecordingConfig()
+    attachments: AttachmentConfig = AttachmentConfig()
     # Static STUN/TURN servers, for the relay and the clients; [turn] mints credentials instead.
     ice_servers: list[IceServer] = []
     turn: TurnConfig = TurnConfig()
@@ -332,6 +342,7 @@ _ENV_FIELDS: dict[str, tuple[str, ...]] = {
     "SIGNING_PREVIOUS_PUBLIC_KEYS": ("signing", "previous_public_keys"),
     "RECORDING_KEY_FILE": ("recording", "key_file"),
     "RECORDING_PREVIOUS_KEY_FILES": ("recording", "previous_key_files"),
+    "ATTACHMENT_MAX_BYTES": ("attachments", "max_bytes"),
 }
 
 

@@ -144,6 +144,10 @@ class _Run:
                 return False
             record = found[0]
             files = [await self._remove(r) for r in await tx.retention.recordings_of(cid)]
+            attached = [
+                await self._remove_attachment(a)
+                for a in await tx.retention.attachment_files_of(cid)
+            ]
             detail: dict[str, Any] = {"rows": {}}
             if not self.dry_run:
                 destroyed = await tx.retention.delete_record(cid)
@@ -154,7 +158,13 @@ class _Run:
             )
             await self._destroyed(
                 tx,
-                Destruction("record", cid, "record", reason, detail | {"recordings": files}),
+                Destruction(
+                    "record",
+                    cid,
+                    "record",
+                    reason,
+                    detail | {"recordings": files, "attachments": attached},
+                ),
             )
         return True
 
@@ -222,6 +232,23 @@ class _Run:
                 | destruction.detail,
             )
         )
+
+    async def _remove_attachment(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Deletes an attachment's file (not in a dry run), as _remove does a recording's."""
+        kept = {k: row[k] for k in ("id", "media_type", "sha256", "size_bytes")}
+        path = (self.data_dir / row["path"]).resolve()
+        if not path.is_relative_to(self.data_dir):
+            raise RetentionError(
+                f"attachment {row['id']}: its file is outside the data directory; not deleted"
+            )
+        if self.dry_run:
+            exists = await asyncio.to_thread(path.exists)
+            return kept | {"file": "present" if exists else "missing"}
+        try:
+            await asyncio.to_thread(path.unlink)
+        except FileNotFoundError:
+            return kept | {"file": "already gone"}
+        return kept | {"file": "deleted"}
 
     async def _remove(self, stored: StoredRecording) -> dict[str, Any]:
         """Deletes a recording's file (not in a dry run); what the destruction entry keeps of

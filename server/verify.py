@@ -1,5 +1,6 @@
 """Verification of one consultation's record (`telemed verify`, GET .../verify): its event
-chain, the audit chain, every opinion signature, every recording file's SHA-256.
+chain, the audit chain, every opinion signature, every recording's and attachment's file
+SHA-256.
 
 Everything is read in one snapshot. A mismatch names the row (seq), opinion version and
 signer, or recording, and what was expected against what was found. The audit chain is
@@ -17,14 +18,14 @@ from media.sealed import SealError, SealKeys, plaintext_sha256
 from rooms import opinion
 from rooms.model import Consultation, ConsultationId, RecordingState, SignatureCheck
 from rooms.retention import UNFINISHED_RECORDING_STATES
-from rooms.store import StoredRecording
+from rooms.store import StoredAttachment, StoredRecording
 from server.db import chain
 from server.db.store import SqlRecordRepository, SqlRecordStore
 
 
 @dataclass(frozen=True)
 class Mismatch:
-    check: str  # event_chain, audit_chain, opinion, recording_file
+    check: str  # event_chain, audit_chain, opinion, recording_file, attachment_file
     where: str
     problem: str
     expected: str | None = None
@@ -75,7 +76,13 @@ async def verify_consultation(
             for s in await tx.list_sessions(consultation_id)
             for r in await tx.list_stored_recordings(session_id=s.id)
         ]
+        attached = [
+            found
+            for a in await tx.list_attachments(consultation_id)
+            if (found := await tx.get_attachment(a.id)) is not None
+        ]
     await asyncio.to_thread(_recordings, stored, data_dir, keys, report)
+    await asyncio.to_thread(_attachments, attached, data_dir, keys, report)
     return report
 
 
@@ -161,6 +168,35 @@ def _recordings(
         if mismatch is not None:
             report.mismatches.append(mismatch)
     report.checked["recording_files"] = checked
+
+
+def _attachments(
+    stored: list[StoredAttachment], data_dir: Path, keys: SealKeys, report: VerifyReport
+) -> None:
+    """Blocking (reads every file): run in a thread."""
+    data_dir = data_dir.resolve()
+    for item in stored:
+        a = item.attachment
+        where = f"attachment {a.id}"
+        path = (data_dir / item.path).resolve()
+        if not path.is_relative_to(data_dir):
+            report.mismatches.append(
+                Mismatch("attachment_file", where, "its path leaves the data directory")
+            )
+            continue
+        try:
+            digest, _ = plaintext_sha256(path, keys)
+        except FileNotFoundError:
+            problem, digest = "the file is missing", None
+        except SealError as exc:
+            problem, digest = f"the file fails its seal: {exc}", None
+        else:
+            problem = "the file's SHA-256 is not the one in the record"
+        if digest != a.sha256:
+            report.mismatches.append(
+                Mismatch("attachment_file", where, problem, a.sha256, digest, a.consultation_id)
+            )
+    report.checked["attachment_files"] = len(stored)
 
 
 def _check_file(data_dir: Path, keys: SealKeys, item: StoredRecording) -> Mismatch | None:

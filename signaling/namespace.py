@@ -173,6 +173,11 @@ class ConsultNamespace(Relaying, socketio.AsyncNamespace):  # type: ignore[misc]
         await self._apply(outcome)
         return consultation
 
+    async def deliver(self, outcome: Outcome) -> None:
+        """What a use case outside the room decided to announce (an attachment added over the
+        API during a session)."""
+        await self._apply(outcome)
+
     async def start(self) -> None:
         if self._edge_media is not None:
             await self._edge_media.start()

@@ -68,6 +68,7 @@ CALLERS: tuple[Identity | None, ...] = (
 )
 # aiohttp's limit on the request line (its `max_line_size`), in bytes.
 MAX_REQUEST_LINE = 8190
+STREAMED_UPLOADS = frozenset({"/api/v1/consultations/{consultation_id}/attachments"})
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance]
 SCHEMA_CHECKS = [response_schema_conformance]
 
@@ -218,7 +219,13 @@ def fuzzer(
     seen: set[tuple[str, int]],
 ) -> Callable[[], None]:
     """A hypothesis test of one operation in one generation mode."""
-    checks = CHECKS + (SCHEMA_CHECKS if mode.is_positive else [negative_data_rejection])
+    # An upload is refused by who sends it before a byte of its file is read (a body of tens
+    # of megabytes is not streamed in for someone who may not add it): its invalid requests
+    # may meet a 403 or 409 before their invalidity is seen.
+    streamed = operation.path in STREAMED_UPLOADS and not mode.is_positive
+    checks = CHECKS + (
+        SCHEMA_CHECKS if mode.is_positive else [] if streamed else [negative_data_rejection]
+    )
 
     @settings(
         max_examples=EXAMPLES,
@@ -241,6 +248,8 @@ def fuzzer(
             assert response.status_code in (400, 414), (response.status_code, target[:200])
             return
         case.validate_response(response, checks=checks)
+        if streamed:
+            assert response.status_code in (400, 401, 403, 404, 409, 413, 415), response.text
         seen.add((operation.label, response.status_code))
 
     return fuzz

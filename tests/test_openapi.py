@@ -114,7 +114,14 @@ async def test_every_api_operation_is_described_completely(api: Api, doc: dict[s
         assert [p["name"] for p in op["parameters"] if p["in"] == "path"] == re.findall(
             r"{(\w+)}", e.path
         ), where
-        if e.body is None:
+        if e.upload is not None:
+            form = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+            assert form["required"] == ["file"], where
+            assert form["properties"]["file"]["format"] == "binary", where
+            assert op["requestBody"]["x-max-file-bytes"] == e.upload.max_bytes, where
+            assert {"413", "415"} <= set(op["responses"]), where
+            assert "| `trainee` |" in op["description"], where
+        elif e.body is None:
             assert "requestBody" not in op, where
         else:
             body = op["requestBody"]
@@ -132,8 +139,8 @@ async def test_every_api_operation_is_described_completely(api: Api, doc: dict[s
         for status in ("400", "401", "403"):
             problem = op["responses"][status]["content"]["application/problem+json"]
             assert problem["schema"]["$ref"].endswith("/Problem"), where
-    # Every POST takes a JSON body (actions without input take `{}`).
-    assert all(e.body is not None for e in endpoints if e.method == "POST")
+    # Every POST takes a JSON body (actions without input take `{}`), or a file upload.
+    assert all(e.body is not None or e.upload for e in endpoints if e.method == "POST")
 
 
 # --- real replies validate against the document -----------------------------------------------

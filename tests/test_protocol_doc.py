@@ -17,7 +17,11 @@ from server.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "protocol.md"
 # Files whose emits and error codes the document must cover.
-EMITTERS = (ROOT / "rooms" / "room_service.py", ROOT / "signaling" / "namespace.py")
+EMITTERS = (
+    ROOT / "rooms" / "room_service.py",
+    ROOT / "rooms" / "attachments.py",
+    ROOT / "signaling" / "namespace.py",
+)
 # Where error codes may be raised; globbed so that a new module is covered too.
 CODE_DIRS = (ROOT / "rooms", ROOT / "signaling")
 

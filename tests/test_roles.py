@@ -27,6 +27,8 @@ _CLINICIAN_BASE = {
     "chat",
     "view_record",
     "download_recording",
+    "add_attachment",
+    "view_attachment",
 }
 
 EXPECTED: dict[Role, set[str]] = {
@@ -41,6 +43,8 @@ EXPECTED: dict[Role, set[str]] = {
         "view_record",
         "export_record",
         "download_recording",
+        "add_attachment",
+        "view_attachment",
     },
     # Like the resident; gives consent for minors.
     Role.GUARDIAN: {
@@ -53,6 +57,8 @@ EXPECTED: dict[Role, set[str]] = {
         "view_record",
         "export_record",
         "download_recording",
+        "add_attachment",
+        "view_attachment",
     },
     # The inviting clinician: creates the request, admits, records (with consent), decides.
     Role.VILLAGE_DOCTOR: _CLINICIAN_BASE
@@ -117,7 +123,7 @@ EXPECTED: dict[Role, set[str]] = {
         "start_recording",
     },
     # Watch and listen only; chat.
-    Role.TRAINEE: {"join", "subscribe", "chat"},
+    Role.TRAINEE: {"join", "subscribe", "chat", "view_attachment"},
     # Schedules and admits; no clinical content.
     Role.COORDINATOR: {
         "join",
@@ -140,8 +146,8 @@ def _roles_with(permission: Permission) -> set[Role]:
 
 def test_enumerations_have_the_expected_size() -> None:
     assert len(Role) == 9
-    assert len(Permission) == 27
-    assert len(ALL_PAIRS) == 9 * 27
+    assert len(Permission) == 29
+    assert len(ALL_PAIRS) == 9 * 29
 
 
 def test_expected_table_names_only_real_permissions() -> None:

@@ -37,6 +37,16 @@ Handler = Callable[[Call[Any, Any]], Awaitable[BaseModel | web.StreamResponse | 
 
 
 @dataclass(frozen=True)
+class Upload:
+    """A multipart/form-data body the handler streams itself (a file): its text fields'
+    model, the file's size limit and what the document says of both."""
+
+    form: type[BaseModel]
+    max_bytes: int
+    description: str
+
+
+@dataclass(frozen=True)
 class Endpoint:
     method: str
     path: str
@@ -54,6 +64,10 @@ class Endpoint:
     authenticate: Authenticate | None = None
     # A binary response (a recording file): its media types, for the document.
     binary: tuple[str, ...] = ()
+    # Whether a binary response answers byte ranges (206).
+    ranges: bool = True
+    # A body read by the handler, not by the framework.
+    upload: Upload | None = None
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server.api.framework import Endpoint
+from server.api.framework import Endpoint, Upload
 from server.api.schemas import Health, Problem
 
 _PATH_PARAM = re.compile(r"{(\w+)}")
@@ -23,6 +23,9 @@ def build_openapi(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
     for e in endpoints:
         if e.body is not None:
             models.append((e.body, "validation"))
+        if e.upload is not None:
+            # Its fields' types (enums) land in the components the form's schema refers to.
+            models.append((e.upload.form, "validation"))
         if e.response is not None:
             models.append((e.response, "serialization"))
     keys, defs = models_json_schema(models, ref_template=_REF)
@@ -49,6 +52,9 @@ def build_openapi(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
             + _query_parameters(e.query),
             "responses": {},
         }
+        if e.upload is not None:
+            op["description"] = e.upload.description
+            op["requestBody"] = _upload_body(e.upload)
         if e.body is not None:
             op["requestBody"] = {
                 "required": True,
@@ -60,11 +66,12 @@ def build_openapi(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
         elif e.binary:
             binary = {"type": "string", "format": "binary"}
             ok["content"] = {t: {"schema": binary} for t in e.binary}
-            # Range requests: a part of the file, or a range that does not fit it.
-            op["responses"]["206"] = {
-                "description": "Partial content (the requested byte range)",
-                "content": {t: {"schema": binary} for t in e.binary},
-            }
+            if e.ranges:
+                # Range requests: a part of the file, or a range that does not fit it.
+                op["responses"]["206"] = {
+                    "description": "Partial content (the requested byte range)",
+                    "content": {t: {"schema": binary} for t in e.binary},
+                }
         else:
             ok["description"] = "No content"
         op["responses"][str(e.status)] = ok
@@ -90,10 +97,29 @@ _ERROR_TEXT = {
     403: "The token's role, team or scope does not allow this",
     404: "No such consultation",
     409: "Conflicts with the current state (e.g. an illegal transition)",
-    413: "Request body too large",
-    415: "A request body that is not `application/json` (UTF-8); an empty body needs none",
+    413: "Request body too large (an upload: the file is larger than the limit)",
+    415: "A request body that is not `application/json` (UTF-8); an empty body needs none; "
+    "an upload: a file of a kind not accepted (the detail names what was detected)",
     416: "The requested range is not within the file",
 }
+
+
+def _upload_body(upload: Upload) -> dict[str, Any]:
+    form = upload.form.model_json_schema(ref_template=_REF)
+    properties = {
+        "file": {
+            "type": "string",
+            "format": "binary",
+            "description": f"The file, at most {upload.max_bytes} bytes",
+        },
+        **form["properties"],
+    }
+    schema: dict[str, Any] = {"type": "object", "required": ["file"], "properties": properties}
+    return {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": schema}},
+        "x-max-file-bytes": upload.max_bytes,
+    }
 
 
 def _query_parameters(model: type[BaseModel] | None) -> list[dict[str, Any]]:

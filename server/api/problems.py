@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 
 from aiohttp import hdrs, web
@@ -156,20 +156,26 @@ def _internal_error(request: web.Request) -> web.Response:
     return problem_response(500, "internal error; the request id is in the server log", request)
 
 
-def request_body_middleware(max_bytes: int, prefix: str = "/api/") -> Middleware:
+def request_body_middleware(
+    max_bytes: int, prefix: str = "/api/", larger: Mapping[str, int] | None = None
+) -> Middleware:
     """Refuse, before reading it, a body that cannot be read: 413 when Content-Length already
     says it is too large (aiohttp would only notice after reading max_bytes of it), 415 for a
     Content-Encoding aiohttp does not decode (it would hand the coded bytes on as they are).
     Only under `prefix`, the routes that read bodies against this limit; socket.io polling has
-    its own, engine.io's frame limit."""
+    its own, engine.io's frame limit. `larger` gives routes (by their path pattern) that
+    stream a bigger body themselves a limit of their own (an attachment's upload)."""
+    own_limits = dict(larger or {})
 
     @web.middleware
     async def request_body(request: web.Request, handler: _Handler) -> web.StreamResponse:
         if not request.path.startswith(prefix):
             return await handler(request)
+        resource = request.match_info.route.resource
+        limit = own_limits.get(resource.canonical, max_bytes) if resource else max_bytes
         length = request.content_length
-        if length is not None and length > max_bytes:
-            detail = f"request body too large: Content-Length {length}, the limit is {max_bytes}"
+        if length is not None and length > limit:
+            detail = f"request body too large: Content-Length {length}, the limit is {limit}"
             response = problem_response(413, detail, request)
             # Do not wait for the rest of a body that will not be read.
             response.force_close()

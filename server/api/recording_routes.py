@@ -188,12 +188,14 @@ def _regular_file_stat(path: Path) -> os.stat_result | None:
     return stat if S_ISREG(stat.st_mode) else None
 
 
-async def _send(
+async def send_sealed(
     request: web.Request,
     reader: SealedReader,
     headers: dict[str, str],
     span: tuple[int, int] | None,
     sha256: str | None,
+    *,
+    ranges: bool = True,
 ) -> web.StreamResponse:
     """The plaintext, whole (200) or one span (206), decrypted a step at a time off the
     event loop. A chunk that fails authentication midway, or a whole file whose SHA-256 is
@@ -201,7 +203,7 @@ async def _send(
     download, never a complete-looking wrong one."""
     start, end = span or (0, reader.size)
     response = web.StreamResponse(status=206 if span else 200, headers=headers)
-    response.headers[hdrs.ACCEPT_RANGES] = "bytes"
+    response.headers[hdrs.ACCEPT_RANGES] = "bytes" if ranges else "none"
     if span is not None:
         response.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{reader.size}"
     response.content_length = end - start
@@ -219,7 +221,7 @@ async def _send(
             await response.write(data)
             position = stop
     except SealError as exc:
-        log.error("recording download broken off: %s", exc)
+        log.error("download broken off: %s", exc)
         if request.transport is not None:
             request.transport.abort()
         return response
@@ -311,7 +313,7 @@ class RecordingRoutes:
                     return response
                 if plan == "serve":
                     span = _byte_span(asked, reader.size)
-            return await _send(request, reader, headers, span, recording.sha256)
+            return await send_sealed(request, reader, headers, span, recording.sha256)
         finally:
             reader.close()
 

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from media.hub import MediaHub
 from media.sealed import SealKeys
+from rooms.attachments import AttachmentService
 from rooms.consultations import (
     ConsultationService,
     NewConsultation,
@@ -19,6 +20,7 @@ from rooms.lifecycle import Action
 from rooms.model import Consultation, ConsultationId, OpinionContent, Resident, UserId
 from rooms.roles import Role
 from rooms.store import ConsultationFilter
+from server.api.attachment_routes import Announce, AttachmentRoutes
 from server.api.fhir_routes import FhirRoutes
 from server.api.framework import Api, Authenticate, Call, Endpoint, Handler
 from server.api.media_routes import MediaRoutes
@@ -48,7 +50,9 @@ from server.api.schemas import (
     TeamMemberIn,
 )
 from server.api.verify_routes import Verifier, VerifyRoutes
+from server.attachment_files import AttachmentFiles
 from server.auth import TokenService
+from server.config import DEFAULT_ATTACHMENT_MAX_BYTES
 
 PREFIX = "/api/v1"
 _JTI = re.compile(r"[\w-]{1,128}")
@@ -355,6 +359,9 @@ def build_api(
     live: LiveTransitions | None = None,
     link_key: bytes | None = None,
     verifier: Verifier | None = None,
+    attachments: AttachmentService | None = None,
+    attachment_max_bytes: int = DEFAULT_ATTACHMENT_MAX_BYTES,
+    announce: Announce | None = None,
 ) -> Api:
     """`public_url` is the base of links in exports; empty, the request's own origin.
     `data_dir` holds the recordings, sealed with `recording_keys` (without them, recording
@@ -362,8 +369,10 @@ def build_api(
     API built only to be described) revoking touches the record alone. `live` carries out
     life-cycle actions through the live room. `link_key` signs playback links (a key of this
     process's own without it). `verifier` checks a record (server/verify.py); an API without
-    one is only described."""
+    one is only described. Attachments are stored under `data_dir` with `recording_keys` too,
+    at most `attachment_max_bytes` each; `announce` delivers `attachment_added` to the room."""
     api = Api(authenticate)
+    files = AttachmentFiles(data_dir, recording_keys)
     for endpoint in [
         *RecordingRoutes(
             service, data_dir, authenticate, recording_keys, PlaybackGrants(key=link_key)
@@ -373,6 +382,12 @@ def build_api(
         *FhirRoutes(service, public_url).endpoints(),
         *LegalHoldRoutes(service).endpoints(),
         *VerifyRoutes(service, verifier).endpoints(),
+        *AttachmentRoutes(
+            attachments or AttachmentService(service.store),
+            files,
+            attachment_max_bytes,
+            announce,
+        ).endpoints(),
     ]:
         api.add(endpoint)
     return api

@@ -21,6 +21,9 @@ from pydantic import (
 )
 
 from rooms.model import (
+    Attachment,
+    AttachmentFormat,
+    AttachmentKind,
     AuditEntry,
     Consent,
     ConsultationKind,
@@ -554,6 +557,48 @@ class AuditList(ResponseBody):
     items: list[AuditEntryOut]
 
 
+class AttachmentOut(ResponseBody):
+    id: str
+    consultation_id: str
+    session_id: str | None
+    kind: AttachmentKind
+    media_type: AttachmentFormat
+    size_bytes: int
+    sha256: str = Field(description="SHA-256 of the file as uploaded (hex)")
+    filename: str | None = Field(description="As the uploader named it; hidden from trainees")
+    description: str | None
+    added_by: str
+    added_by_name: str
+    added_by_role: str
+    added_at: datetime
+    taken_at: datetime | None
+    track: str | None
+    deidentified: bool = Field(
+        default=False, description="Shown to a trainee: names and DICOM identifiers removed"
+    )
+
+    @classmethod
+    def of(cls, a: Attachment, deidentified: bool = False) -> AttachmentOut:
+        return cls(
+            id=a.id,
+            consultation_id=a.consultation_id,
+            session_id=a.session_id,
+            kind=a.kind,
+            media_type=a.format,
+            size_bytes=a.size_bytes,
+            sha256=a.sha256,
+            filename=a.filename,
+            description=a.description,
+            added_by=a.added_by,
+            added_by_name=a.added_by_name,
+            added_by_role=a.added_by_role.value,
+            added_at=a.added_at,
+            taken_at=a.taken_at,
+            track=a.track,
+            deidentified=deidentified,
+        )
+
+
 class RecordOut(ResponseBody):
     consultation: ConsultationOut
     sessions: list[SessionOut]
@@ -564,6 +609,9 @@ class RecordOut(ResponseBody):
     decisions: list[DecisionOut]
     recordings: list[RecordingOut]
     audit: list[AuditEntryOut]
+    # Files in the record, oldest first (GET .../attachments/{id}/content for each file); each
+    # one added during a session is also an `attachment_added` event on its timeline.
+    attachments: list[AttachmentOut]
 
     @classmethod
     def of(cls, r: SessionRecord, consultation: ConsultationView) -> RecordOut:
@@ -578,6 +626,7 @@ class RecordOut(ResponseBody):
             decisions=[DecisionOut.of(d) for d in r.decisions],
             recordings=[RecordingOut.of(x) for x in r.recordings],
             audit=[AuditEntryOut.of(a) for a in r.audit],
+            attachments=[AttachmentOut.of(a) for a in r.attachments],
         )
 
 

@@ -10,6 +10,10 @@ from typing import Any
 from sqlalchemy.engine import RowMapping
 
 from rooms.model import (
+    Attachment,
+    AttachmentFormat,
+    AttachmentId,
+    AttachmentKind,
     AuditAction,
     AuditEntry,
     CloseReason,
@@ -38,7 +42,7 @@ from rooms.model import (
 )
 from rooms.retention import LegalHold
 from rooms.roles import Role
-from rooms.store import NewAuditEntry, StoredRecording
+from rooms.store import NewAuditEntry, StoredAttachment, StoredRecording
 
 Values = dict[str, Any]
 
@@ -336,6 +340,52 @@ def stored_recording_from_row(row: RowMapping) -> StoredRecording:
     return StoredRecording(
         recording_from_row(row), ConsultationId(row["consultation_id"]), row["path"]
     )
+
+
+def attachment_values(a: Attachment, path: str) -> Values:
+    return {
+        "id": a.id,
+        "consultation_id": a.consultation_id,
+        "session_id": a.session_id,
+        "kind": a.kind.value,
+        "media_type": a.format.value,
+        "size_bytes": a.size_bytes,
+        "sha256": a.sha256,
+        "path": path,
+        "filename": a.filename,
+        "description": a.description,
+        "added_by": a.added_by,
+        "added_by_name": a.added_by_name,
+        "added_by_role": a.added_by_role.value,
+        "added_at": a.added_at,
+        "taken_at": a.taken_at,
+        "track": a.track,
+    }
+
+
+def attachment_from_row(row: RowMapping) -> Attachment:
+    session_id = row["session_id"]
+    return Attachment(
+        id=AttachmentId(row["id"]),
+        consultation_id=ConsultationId(row["consultation_id"]),
+        session_id=SessionId(session_id) if session_id is not None else None,
+        kind=AttachmentKind(row["kind"]),
+        format=AttachmentFormat(row["media_type"]),
+        size_bytes=row["size_bytes"],
+        sha256=row["sha256"],
+        filename=row["filename"],
+        description=row["description"],
+        added_by=UserId(row["added_by"]),
+        added_by_name=row["added_by_name"],
+        added_by_role=Role(row["added_by_role"]),
+        added_at=row["added_at"],
+        taken_at=row["taken_at"],
+        track=row["track"],
+    )
+
+
+def stored_attachment_from_row(row: RowMapping) -> StoredAttachment:
+    return StoredAttachment(attachment_from_row(row), row["path"])
 
 
 def audit_values(e: NewAuditEntry) -> Values:

@@ -40,6 +40,7 @@ from server.db import chain
 from server.db import mapping as m
 from server.db.store import select_stored_recordings
 from server.db.tables import (
+    attachments,
     audit_log,
     chain_heads,
     consents,
@@ -128,6 +129,17 @@ class RetentionRepository:
             .where(s.consultation_id == consultation_id)
             .order_by(r.started_at, r.id)
         )
+
+    async def attachment_files_of(self, consultation_id: ConsultationId) -> list[dict[str, Any]]:
+        """The consultation's attachments as its destruction entry keeps them, with their paths
+        (relative to the data directory) to delete."""
+        a = attachments.c
+        rows = await self._conn.execute(
+            select(a.id, a.media_type, a.sha256, a.size_bytes, a.path)
+            .where(a.consultation_id == consultation_id)
+            .order_by(a.added_at, a.id)
+        )
+        return [dict(row) for row in rows.mappings()]
 
     async def _stored(self, query: Any) -> list[StoredRecording]:
         rows = (await self._conn.execute(query)).mappings().all()
@@ -239,6 +251,8 @@ class RetentionRepository:
         session_ids = select(sessions.c.id).where(sessions.c.consultation_id == consultation_id)
         by_session = (session_events, participations, recordings)
         by_consultation = (
+            # Before sessions: an attachment names the session it was added in.
+            attachments,
             consents,
             opinion_signatures,
             opinion_versions,

@@ -19,6 +19,8 @@ from sqlalchemy.sql import ColumnElement
 
 from rooms.errors import Conflict, NotFound, Unavailable
 from rooms.model import (
+    Attachment,
+    AttachmentId,
     AuditEntry,
     CloseReason,
     Consent,
@@ -44,12 +46,14 @@ from rooms.store import (
     NewAuditEntry,
     RecordRepository,
     RecordStore,
+    StoredAttachment,
     StoredRecording,
 )
 from server.db import chain
 from server.db import mapping as m
 from server.db.engine import READ_ONLY, make_engine, sqlite_path
 from server.db.tables import (
+    attachments,
     audit_log,
     consents,
     consultations,
@@ -524,6 +528,28 @@ class SqlRecordRepository(RecordRepository):
             .order_by(r.started_at, r.id)
         )
         return [m.recording_from_row(row) for row in rows]
+
+    # -- attachments -------------------------------------------------------------------------
+
+    async def add_attachment(self, attachment: Attachment, path: str) -> None:
+        await self._insert(
+            attachments,
+            m.attachment_values(attachment, path),
+            duplicate=f"attachment {attachment.id} already exists",
+        )
+
+    async def get_attachment(self, attachment_id: AttachmentId) -> StoredAttachment | None:
+        rows = await self._rows(select(attachments).where(attachments.c.id == attachment_id))
+        return m.stored_attachment_from_row(rows[0]) if rows else None
+
+    async def list_attachments(self, consultation_id: ConsultationId) -> list[Attachment]:
+        a = attachments.c
+        rows = await self._rows(
+            select(attachments)
+            .where(a.consultation_id == consultation_id)
+            .order_by(a.added_at, a.id)
+        )
+        return [m.attachment_from_row(row) for row in rows]
 
     # -- revoked tokens ----------------------------------------------------------------------
 

@@ -275,6 +275,31 @@ recordings = Table(
     Index(None, "state"),
 )
 
+# Files in the record (rooms/attachments.py); rows are never updated. The file is sealed
+# under the data directory like a recording's; its path is never shown to clients.
+attachments = Table(
+    "attachments",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    _consultation_fk(),
+    Column("session_id", String(ID), ForeignKey("sessions.id"), nullable=True),
+    Column("kind", String(ENUM), nullable=False),
+    Column("media_type", String(NAME), nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("sha256", String(HASH), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("filename", String(NAME), nullable=True),
+    Column("description", Text, nullable=True),
+    Column("added_by", String(USER), nullable=False),
+    Column("added_by_name", String(NAME), nullable=False),
+    Column("added_by_role", String(ENUM), nullable=False),
+    Column("added_at", UtcDateTime, nullable=False),
+    Column("taken_at", UtcDateTime, nullable=True),
+    Column("track", String(NAME), nullable=True),
+    Index(None, "consultation_id"),
+    Index(None, "session_id"),
+)
+
 revoked_tokens = Table(
     "revoked_tokens",
     metadata,

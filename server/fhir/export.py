@@ -35,6 +35,7 @@ from typing import Any
 
 from rooms import opinion
 from rooms.model import (
+    Attachment,
     AuditAction,
     AuditEntry,
     Consent,
@@ -229,6 +230,8 @@ class _Exporter:
                 self.add_chat(event.seq, event.session_id, event.at, event.actor, event.data)
         for recording in r.recordings:
             self.add_media(recording)
+        for attachment in r.attachments:
+            self.add_document(attachment)
         compositions: dict[int, str] = {}
         for version in r.opinions:
             compositions[version.version] = self.add_opinion(version, compositions)
@@ -516,6 +519,39 @@ class _Exporter:
         if operator is not None:
             resource["operator"] = operator
         self.entries.add("Media", r.id, resource)
+
+    def add_document(self, a: Attachment) -> None:
+        """An attachment as a DocumentReference: its file by URL, its SHA-256 (an extension,
+        as for recordings), who added it and in which session."""
+        content: Resource = {
+            "contentType": a.format.value,
+            "url": f"{self.base}/api/v1/consultations/{a.consultation_id}/attachments/{a.id}"
+            "/content",
+            "creation": fhir_time(a.taken_at or a.added_at),
+            "extension": [self.extension("sha256", valueString=a.sha256)],
+        }
+        if a.filename:
+            content["title"] = a.filename
+        if a.size_bytes <= MAX_UNSIGNED_INT:
+            content["size"] = a.size_bytes
+        else:
+            content["extension"].append(self.extension("size-bytes", valueDecimal=a.size_bytes))
+        resource: Resource = {
+            "identifier": [self.identifier("attachments", a.id)],
+            "status": "current",
+            "type": {
+                "coding": [{"system": self.code_system("attachment-kind"), "code": a.kind.value}]
+            },
+            "subject": _ref(self.patient),
+            "date": fhir_time(a.added_at),
+            "author": [self.someone(a.added_by, a.added_by_name)],
+            "content": [{"attachment": content}],
+        }
+        if a.description:
+            resource["description"] = a.description
+        if a.session_id is not None and a.session_id in self.encounters:
+            resource["context"] = {"encounter": [_ref(self.encounters[a.session_id])]}
+        self.entries.add("DocumentReference", a.id, resource)
 
     def publisher(self, r: Recording) -> dict[str, str] | None:
         """Whose track a recording is, if they are a practitioner in the bundle
