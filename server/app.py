@@ -411,8 +411,6 @@ async def _recording_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 def _is_revoked(store: SqlRecordStore) -> Callable[[str], Awaitable[bool]]:
     async def is_revoked(jti: str) -> bool:
-        async with store.reading() as tx:
-            revoked: bool = await tx.is_token_revoked(jti)
-        return revoked
+        return await store.is_token_revoked(jti)
 
     return is_revoked
