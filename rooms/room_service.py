@@ -1150,8 +1150,7 @@ class LiveRoomService:
         cached = self._consultations_seen.get(consultation_id)
         if cached is not None and now - cached[1] < CONSULTATION_TTL_S:
             return cached[0]
-        async with self._store.reading() as tx:
-            consultation = await tx.get_consultation(consultation_id)
+        consultation = await self._store.get_consultation(consultation_id)
         if consultation is None:
             raise NotFound(f"no consultation {consultation_id}")
         self._consultations_seen[consultation_id] = (consultation, now)

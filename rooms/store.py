@@ -247,6 +247,10 @@ class RecordStore(Protocol):
         reads what the seat's snapshot needs, in one transaction."""
         ...
 
+    async def get_consultation(self, consultation_id: ConsultationId) -> Consultation | None:
+        """The consultation with its team, in one consistent read (never waits for writers)."""
+        ...
+
     async def is_token_revoked(self, jti: str) -> bool:
         """Whether the token `jti` was revoked (a read; never waits for writers)."""
         ...

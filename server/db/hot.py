@@ -24,15 +24,16 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine import Dialect, RowMapping, make_url
 
 from rooms.errors import Conflict, Unavailable
 from rooms.model import (
     Consent,
     ConsentKind,
+    Consultation,
     ConsultationId,
     EventKind,
     ParticipantId,
@@ -43,7 +44,8 @@ from rooms.model import (
 )
 from rooms.store import NewEvent, SeatRecord
 from server.db import chain
-from server.db.tables import UtcDateTime, session_events
+from server.db import mapping as m
+from server.db.tables import UtcDateTime, consultations, session_events, team_members
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,15 @@ _CONSENT_COLUMNS = "consultation_id, session_id, kind, granted, given_by, on_beh
 _PARTICIPATION_COLUMNS = (
     "session_id, participant_id, user_id, name, role, device, joined_at, left_at, close_reason"
 )
+_TEAM_COLUMNS = ("user_id", "name", "role", "institution", "added_at")
+# A consultation with its team in one statement (one consistent read, one round trip); the
+# team in the order the store's _team reads it.
+_CONSULTATION_QUERY = (
+    f"SELECT {', '.join(f'c.{c.name}' for c in consultations.c)}, "
+    f"{', '.join(f't.{c}' for c in _TEAM_COLUMNS)} "
+    "FROM consultations c LEFT JOIN team_members t ON t.consultation_id = c.id "
+    "WHERE c.id = {} ORDER BY t.added_at, t.id"
+)
 
 
 class HotPath(ABC):
@@ -75,6 +86,15 @@ class HotPath(ABC):
         data_type = session_events.c.data.type.dialect_impl(dialect)
         self._data_in = _bind(data_type.bind_processor(dialect))
         self._data_out: Callable[[Any], Any] = _bind(data_type.result_processor(dialect, None))
+        # Result processors of the consultation's and team's columns, in query order.
+        self._consultation_out = [
+            _bind(c.type.dialect_impl(dialect).result_processor(dialect, None))
+            for c in consultations.c
+        ]
+        self._team_out = [
+            _bind(team_members.c[c].type.dialect_impl(dialect).result_processor(dialect, None))
+            for c in _TEAM_COLUMNS
+        ]
         self._consultation_of: dict[str, str] = {}
         self._queue: list[tuple[NewEvent, asyncio.Future[SessionEvent]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -89,6 +109,9 @@ class HotPath(ABC):
 
     @abstractmethod
     async def is_token_revoked(self, jti: str) -> bool: ...
+
+    @abstractmethod
+    async def get_consultation(self, consultation_id: ConsultationId) -> Consultation | None: ...
 
     @abstractmethod
     async def seat(
@@ -164,6 +187,32 @@ class HotPath(ABC):
             participant_id=ParticipantId(participant) if participant is not None else None,
             data=self._data_out(row[6]),
         )
+
+    def _consultation_from(self, rows: Sequence[Sequence[Any]]) -> Consultation | None:
+        if not rows:
+            return None
+        width = len(self._consultation_out)
+        first = rows[0]
+        row = {
+            c.name: out(first[i])
+            for i, (c, out) in enumerate(zip(consultations.c, self._consultation_out, strict=True))
+        }
+        team = [
+            m.team_member_from_row(
+                cast(
+                    RowMapping,
+                    {
+                        name: out(r[width + i])
+                        for i, (name, out) in enumerate(
+                            zip(_TEAM_COLUMNS, self._team_out, strict=True)
+                        )
+                    },
+                )
+            )
+            for r in rows
+            if r[width] is not None
+        ]
+        return m.consultation_from_row(cast(RowMapping, row), team)
 
     def _consent_from(self, row: Sequence[Any]) -> Consent:
         return Consent(
@@ -294,6 +343,13 @@ class SqliteHotPath(HotPath):
 
     async def is_token_revoked(self, jti: str) -> bool:
         return await self._run(self._revoked, jti)
+
+    async def get_consultation(self, consultation_id: ConsultationId) -> Consultation | None:
+        return await self._run(self._read_consultation, consultation_id)
+
+    def _read_consultation(self, consultation_id: ConsultationId) -> Consultation | None:
+        query = _CONSULTATION_QUERY.format("?")
+        return self._consultation_from(self._db().execute(query, (consultation_id,)).fetchall())
 
     def _revoked(self, jti: str) -> bool:
         row = self._db().execute("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,)).fetchone()
@@ -472,6 +528,14 @@ class PostgresHotPath(HotPath):
 
         revoked: bool = await self._in_transaction(body, read=True)
         return revoked
+
+    async def get_consultation(self, consultation_id: ConsultationId) -> Consultation | None:
+        async def body(conn: Any) -> Consultation | None:
+            rows = await conn.fetch(_CONSULTATION_QUERY.format("$1"), consultation_id)
+            return self._consultation_from(rows)
+
+        found: Consultation | None = await self._in_transaction(body, read=True)
+        return found
 
     async def _append(self, events: Sequence[NewEvent]) -> list[int]:
         async def body(conn: Any) -> list[int]:

@@ -196,6 +196,12 @@ class SqlRecordStore(RecordStore):
             consultation_id = await tx.consultation_of(participation.session_id)
             return SeatRecord(event, chat, await tx.list_consents(consultation_id))
 
+    async def get_consultation(self, consultation_id: ConsultationId) -> Consultation | None:
+        if self._hot is not None:
+            return await self._hot.get_consultation(consultation_id)
+        async with self.reading() as tx:
+            return await tx.get_consultation(consultation_id)
+
     async def is_token_revoked(self, jti: str) -> bool:
         if self._hot is not None:
             return await self._hot.is_token_revoked(jti)
