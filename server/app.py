@@ -50,6 +50,7 @@ from server.verify import verify_consultation
 from server.web_routes import register_web
 from server.worker_link import RedisWorkerLink
 from signaling.connection import Identity, Limits, Refused
+from signaling.fanout import DirectEmit, DirectRedisEmit
 from signaling.namespace import ConsultNamespace
 from signaling.packets import CheckedServer
 from signaling.routing import Routing
@@ -189,10 +190,10 @@ def _attach_signaling(
     presence: InMemoryPresence | RedisPresence
     if config.redis_url:
         presence = RedisPresence(config.redis_url)
-        manager: socketio.AsyncManager = socketio.AsyncRedisManager(config.redis_url)
+        manager: socketio.AsyncManager = DirectRedisEmit(config.redis_url)
     else:
         presence = InMemoryPresence()
-        manager = socketio.AsyncManager()
+        manager = DirectEmit()
     # Reads every packet so that a malformed one is answered, not dropped (signaling/packets.py).
     sio = CheckedServer(
         async_mode="aiohttp",
