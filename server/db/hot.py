@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -272,8 +273,9 @@ _SQLITE_UNIQUE = {1555, 2067}  # SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT
 
 
 class SqliteHotPath(HotPath):
-    """Its own connection, used only from its own thread; writers take the store's writer lock
-    (the same queue as the SQLAlchemy path's writers) and BEGIN IMMEDIATE (other processes)."""
+    """Two connections of its own, each used only from its own thread: one writes, one reads
+    (so a read never queues behind a write). Writers take the store's writer lock (the same
+    queue as the SQLAlchemy path's writers) and BEGIN IMMEDIATE (for other processes)."""
 
     def __init__(
         self, path: Path, dialect: Dialect, writer: asyncio.Lock, pragmas: Sequence[str]
@@ -282,23 +284,30 @@ class SqliteHotPath(HotPath):
         self._path = path
         self._writer = writer
         self._pragmas = pragmas
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._threads: dict[bool, ThreadPoolExecutor] = {}
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
 
     async def start(self) -> None:
         # The file is opened at the first use, as the engine does.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="telemed-sqlite-hot")
+        self._threads = {
+            write: ThreadPoolExecutor(1, thread_name_prefix=f"telemed-sqlite-{name}")
+            for write, name in ((True, "write"), (False, "read"))
+        }
 
     async def stop(self) -> None:
         await super().stop()
-        if self._executor is not None:
-            await self._run(self._close)
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        threads, self._threads = self._threads, {}
+        for thread in threads.values():
+            thread.shutdown(wait=True)
+        for conn in self._opened:
+            conn.close()
+        self._opened.clear()
 
     def _db(self) -> sqlite3.Connection:
-        """The connection (in the thread), opened the first time."""
-        if self._conn is None:
+        """This thread's connection, opened the first time."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
             # Autocommit mode: BEGIN is ours (see engine.py for why).
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             try:
@@ -307,19 +316,16 @@ class SqliteHotPath(HotPath):
             except BaseException:
                 conn.close()
                 raise
-            self._conn = conn
-        return self._conn
+            self._local.conn = conn
+            self._opened.append(conn)
+        return conn
 
-    def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None:
+    async def _run(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
+        thread = self._threads.get(write)
+        if thread is None:
             raise RuntimeError("the SQLite hot path is not started")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(thread, fn, *args)
         except sqlite3.IntegrityError as exc:
             if exc.sqlite_errorcode in _SQLITE_UNIQUE:
                 raise Conflict("duplicate record") from exc
@@ -357,7 +363,9 @@ class SqliteHotPath(HotPath):
 
     async def _append(self, events: Sequence[NewEvent]) -> list[int]:
         async with self._writer:
-            return await self._run(self._write, lambda conn: self._insert_events(conn, events))
+            return await self._run(
+                self._write, lambda conn: self._insert_events(conn, events), write=True
+            )
 
     def _insert_events(self, conn: sqlite3.Connection, events: Sequence[NewEvent]) -> list[int]:
         seqs = [0] * len(events)
@@ -417,7 +425,9 @@ class SqliteHotPath(HotPath):
     ) -> SeatRecord:
         async with self._writer:
             return await self._run(
-                self._write, lambda conn: self._seat_in(conn, participation, joined, chat_limit)
+                self._write,
+                lambda conn: self._seat_in(conn, participation, joined, chat_limit),
+                write=True,
             )
 
     def _seat_in(
