@@ -168,3 +168,15 @@ async def test_revoked_tokens_are_seen_at_once(sql_store: SqlRecordStore) -> Non
         await repo.revoke_token("jti-1", at(60), at(1))
     assert await sql_store.is_token_revoked("jti-1") is True
     assert await sql_store.is_token_revoked("jti-2") is False
+
+
+async def test_a_seat_can_start_a_chain(sql_store: SqlRecordStore) -> None:
+    await world(sql_store)
+    seat = participation("s2", "p1", "u-b", minutes=20)
+    joined = NewEvent(
+        SessionId("s2"), at(20), EventKind.JOINED, UserId("u-b"), ParticipantId("p1"), {}
+    )
+    record = await sql_store.seat(seat, joined, chat_limit=10)
+    assert record.chat == [] and record.consents == []
+    assert await events_of(sql_store, "c2") == [record.joined]
+    assert await chain_problems(sql_store, "c2") == []

@@ -488,6 +488,34 @@ _PG_AWAY = (
 )
 
 
+_PG_INSERT_EVENT = (
+    f"INSERT INTO session_events ({_EVENT_INSERT_COLUMNS}) "
+    "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8) RETURNING id"
+)
+_PG_INSERT_LAST_EVENT = (
+    f"WITH e AS (INSERT INTO session_events ({_EVENT_INSERT_COLUMNS}) "
+    "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8) RETURNING id), "
+    "h AS (UPDATE chain_heads SET head_hash = $8, head_seq = (SELECT id FROM e) "
+    "WHERE chain = $9) "
+    "SELECT id FROM e"
+)
+_PG_SEAT = (
+    f"WITH p AS (INSERT INTO participations ({_PARTICIPATION_COLUMNS}) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)) "
+    "SELECT head_hash FROM chain_heads WHERE chain = $10 FOR UPDATE"
+)
+# Rows tagged 0 (chat: id, session_id, at, kind, actor, participant_id, data) and 1 (consents:
+# id, session_id, at, kind, given_by, on_behalf_of, -, granted).
+_PG_SNAPSHOT = (
+    "(SELECT 0 AS tag, id, session_id, at, kind, actor, participant_id, data, "
+    "NULL::boolean AS granted FROM session_events WHERE session_id = $1 AND kind = $2 "
+    "ORDER BY id DESC LIMIT $3) "
+    "UNION ALL "
+    "(SELECT 1, id, session_id, at, kind, given_by, on_behalf_of, NULL::jsonb, granted "
+    "FROM consents WHERE consultation_id = $4)"
+)
+
+
 class PostgresHotPath(HotPath):
     """A small asyncpg pool of its own (no connection is opened before the first use)."""
 
@@ -554,23 +582,18 @@ class PostgresHotPath(HotPath):
         seqs: list[int] = await self._in_transaction(body)
         return seqs
 
-    async def _insert_events(self, conn: Any, events: Sequence[NewEvent]) -> list[int]:
-        for session_id in {e.session_id for e in events} - self._consultation_of.keys():
-            found = await conn.fetchval(
-                "SELECT consultation_id FROM sessions WHERE id = $1", session_id
-            )
-            if found is None:
-                raise _no_session(session_id)
-            self._remember(session_id, found)
+    async def _insert_events(
+        self, conn: Any, events: Sequence[NewEvent], locked: Mapping[str, str] | None = None
+    ) -> list[int]:
+        """`locked`: chain heads the transaction has already locked, with their hashes."""
+        await self._look_up_sessions(conn, {e.session_id for e in events})
         seqs = [0] * len(events)
         for name, indexes in by_chain(events, self._consultation_of.__getitem__):
-            prev = await self._lock_head(conn, name)
-            for i in indexes:
+            prev = locked[name] if locked and name in locked else await self._lock_head(conn, name)
+            for n, i in enumerate(indexes):
                 event = events[i]
                 digest = chain.row_hash(prev, self._values(event), chain.EVENT_FIELDS)
-                seqs[i] = await conn.fetchval(
-                    f"INSERT INTO session_events ({_EVENT_INSERT_COLUMNS}) "
-                    "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8) RETURNING id",
+                row = (
                     event.session_id,
                     self._at_in(event.at),
                     event.kind.value,
@@ -580,14 +603,22 @@ class PostgresHotPath(HotPath):
                     prev,
                     digest,
                 )
+                if n < len(indexes) - 1:
+                    seqs[i] = await conn.fetchval(_PG_INSERT_EVENT, *row)
+                else:
+                    # The chain's last row moves its head in the same statement.
+                    seqs[i] = await conn.fetchval(_PG_INSERT_LAST_EVENT, *row, name)
                 prev = digest
-            await conn.execute(
-                "UPDATE chain_heads SET head_hash = $1, head_seq = $2 WHERE chain = $3",
-                prev,
-                seqs[indexes[-1]],
-                name,
-            )
         return seqs
+
+    async def _look_up_sessions(self, conn: Any, session_ids: set[str]) -> None:
+        for session_id in session_ids - self._consultation_of.keys():
+            found = await conn.fetchval(
+                "SELECT consultation_id FROM sessions WHERE id = $1", session_id
+            )
+            if found is None:
+                raise _no_session(session_id)
+            self._remember(session_id, found)
 
     @staticmethod
     async def _lock_head(conn: Any, name: str) -> str:
@@ -609,44 +640,43 @@ class PostgresHotPath(HotPath):
         p = participation
 
         async def body(conn: Any) -> SeatRecord:
+            await self._look_up_sessions(conn, {p.session_id})
+            consultation_id = self._consultation_of[p.session_id]
+            name = chain.event_chain(consultation_id)
             try:
-                # A savepoint, so that a duplicate seat reads as such, not as an aborted
-                # transaction.
-                async with conn.transaction():
-                    await conn.execute(
-                        f"INSERT INTO participations ({_PARTICIPATION_COLUMNS}) "
-                        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                        p.session_id,
-                        p.participant_id,
-                        p.user_id,
-                        p.name,
-                        p.role.value,
-                        p.device,
-                        self._at_in(p.joined_at),
-                        self._at_in(p.left_at),
-                        p.close_reason.value if p.close_reason is not None else None,
-                    )
+                # The participation and the chain's head lock in one round trip.
+                head = await conn.fetchval(
+                    _PG_SEAT,
+                    p.session_id,
+                    p.participant_id,
+                    p.user_id,
+                    p.name,
+                    p.role.value,
+                    p.device,
+                    self._at_in(p.joined_at),
+                    self._at_in(p.left_at),
+                    p.close_reason.value if p.close_reason is not None else None,
+                    name,
+                )
             except asyncpg.UniqueViolationError as exc:
                 raise Conflict(_duplicate_seat(p)) from exc
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise Conflict("participations row refers to a record that does not exist") from exc
-            (seq,) = await self._insert_events(conn, [joined])
-            chat = await conn.fetch(
-                f"SELECT {_EVENT_COLUMNS} FROM session_events "
-                "WHERE session_id = $1 AND kind = $2 ORDER BY id DESC LIMIT $3",
-                p.session_id,
-                EventKind.CHAT.value,
-                chat_limit,
+            locked = {name: head} if head is not None else None
+            (seq,) = await self._insert_events(conn, [joined], locked)
+            # The snapshot's chat and consents in one read (ordered here).
+            rows = await conn.fetch(
+                _PG_SNAPSHOT, p.session_id, EventKind.CHAT.value, chat_limit, consultation_id
             )
-            consents = await conn.fetch(
-                f"SELECT {_CONSENT_COLUMNS} FROM consents WHERE consultation_id = $1 "
-                "ORDER BY at, id",
-                self._consultation_of[p.session_id],
-            )
+            chat = sorted((r for r in rows if r[0] == 0), key=lambda r: r[1])
+            consents = sorted((r for r in rows if r[0] == 1), key=lambda r: (r[3], r[1]))
             return SeatRecord(
                 _stored(joined, seq),
-                [self._event_from(row) for row in reversed(chat)],
-                [self._consent_from(row) for row in consents],
+                [self._event_from(tuple(r)[1:8]) for r in chat],
+                [
+                    self._consent_from((consultation_id, r[2], r[4], r[8], r[5], r[6], r[3]))
+                    for r in consents
+                ],
             )
 
         record: SeatRecord = await self._in_transaction(body)
