@@ -134,7 +134,15 @@ class HotPath(ABC):
         try:
             while self._queue:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                await self._commit(batch)
+                try:
+                    await self._commit(batch)
+                except BaseException:
+                    # Cancelled (the server stopping): whether it committed is unknown, so
+                    # none of these is acknowledged; their senders are told to try again.
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(Unavailable(UNAVAILABLE))
+                    raise
         finally:
             self._flusher = None
 
