@@ -11,7 +11,8 @@ changing behaviour:
 - `ConsultNamespace._on_connect`, `LiveRoomService.join` / `.chat`, `ConsultNamespace._apply`
   (the socket.io emits of an outcome) and the whole `_dispatch` of each event;
 - the Redis presence lock's acquire (two nodes);
-- the server event loop's lag (a 5 ms timer's overshoot).
+- the server event loop's lag (a 5 ms timer's overshoot);
+- the garbage collector's pauses, per generation.
 
 Each SIGUSR1 starts the next phase (the benchmark sends one before the joins, at the start and
 at the end of the measured chat window); on exit the per-phase summaries go to --stats-out.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 import sys
@@ -169,6 +171,7 @@ def install(sqlite_pool: int | None) -> None:
         app = original_create_app(config)
 
         async def lag_and_signals(_: Any) -> AsyncIterator[None]:
+            _time_gc()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGUSR1, TIMERS.next_phase)
             task = asyncio.create_task(_watch_lag())
@@ -184,6 +187,18 @@ def install(sqlite_pool: int | None) -> None:
     import server.cli
 
     server.cli.create_app = create_app  # type: ignore[attr-defined]
+
+
+def _time_gc() -> None:
+    started: list[float] = []
+
+    def pause(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            TIMERS.add(f"gc generation {info['generation']}", time.perf_counter() - started[0])
+
+    gc.callbacks.append(pause)
 
 
 async def _watch_lag() -> None:

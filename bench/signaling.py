@@ -713,8 +713,11 @@ class Run:
         # Joins.
         self._next_phase()
         t0 = time.monotonic_ns() + 500_000_000
+        # The offered join window (joins may take longer; py-spy stops at its duration).
+        join_spies = self._start_profilers(args.connections / args.join_rate, "join")
         joined = await self._ask_all(("join", t0), "joined")
         after_join = self.sample()
+        join_profiles = await self._finish_profilers(join_spies, "join")
         join_window = after_join.at - baseline.at
         probe = Probe(urls[-1], rooms[0])
         await probe.start(args.timeout)
@@ -731,12 +734,12 @@ class Run:
         await _sleep_until(measure)
         window_start = self.sample()
         self._next_phase()
-        spies = self._start_profilers()
+        spies = self._start_profilers(args.duration, "chat")
         await _sleep_until(end)
         window_end = self.sample()
         self._next_phase()
         chatted = await self._collect("chatted")
-        profiles = await self._finish_profilers(spies)
+        profiles = await self._finish_profilers(spies, "chat")
         await probe.stop()
         await self._ask_all(("close", None), "closed")
 
@@ -746,23 +749,28 @@ class Run:
         report["join"]["window_s"] = join_window
         if profiles:
             report["server"]["profiles"] = profiles
+        if join_profiles:
+            report["join"]["profiles"] = join_profiles
         return report
 
-    def _start_profilers(self) -> list[tuple[ManagedProcess, Path]]:
-        """py-spy on every node for the measured chat window (sampling; --nonblocking, so
-        the node is never paused)."""
+    def _start_profilers(self, duration: float, phase: str) -> list[tuple[ManagedProcess, Path]]:
+        """py-spy on every node for a phase (the join phase or the measured chat window;
+        sampling, --nonblocking, so the node is never paused)."""
         if not self.args.py_spy:
             return []
         spies = []
         for i, node in enumerate(self.nodes):
-            out = self.tmp / f"node{i}.pyspy.txt"
+            out = self.tmp / f"node{i}.{phase}.pyspy.txt"
             argv = [self.args.py_spy, "record", "--pid", str(node.pid), "--format", "raw"]
-            argv += ["--duration", str(max(1, int(self.args.duration))), "--rate", "100"]
+            argv += ["--duration", str(max(1, round(duration))), "--rate", "100"]
             argv += ["--nonblocking", "--output", str(out)]
-            spies.append((ManagedProcess(f"py-spy {i}", argv, self.tmp / f"pyspy{i}.log"), out))
+            log = self.tmp / f"pyspy{i}.{phase}.log"
+            spies.append((ManagedProcess(f"py-spy {i} {phase}", argv, log), out))
         return spies
 
-    async def _finish_profilers(self, spies: list[tuple[ManagedProcess, Path]]) -> list[Any]:
+    async def _finish_profilers(
+        self, spies: list[tuple[ManagedProcess, Path]], phase: str
+    ) -> list[Any]:
         from bench.stacks import summarize_collapsed
 
         found: list[Any] = []
@@ -779,7 +787,7 @@ class Run:
                 name = f"{self.scenario.label.replace(', ', '-').replace(' ', '')}"
                 target = (
                     self.args.profile_dir
-                    / f"{name}-n{self.args.connections}-run{self.index}-node{i}.txt"
+                    / f"{name}-n{self.args.connections}-run{self.index}-node{i}-{phase}.txt"
                 )
                 target.write_text(text, encoding="utf-8")
             found.append(summarize_collapsed(text))

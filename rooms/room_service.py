@@ -47,7 +47,7 @@ from rooms.recording_rules import (
     recorder_participant,
 )
 from rooms.roles import CLINICIAN_ROLES, SOURCE_PERMISSION, Permission, Role
-from rooms.store import RecordRepository, RecordStore
+from rooms.store import NewEvent, RecordRepository, RecordStore, SeatRecord
 from rooms.visibility import audience_of, project, teaching_consent_given
 
 log = logging.getLogger(__name__)
@@ -176,10 +176,10 @@ class LiveRoomService:
                 joined_at=self._now(),
             )
             if can(actor, Permission.ADMIT, consultation):
-                # Whoever may admit others needs no one to admit them.
-                async with self._store.transaction() as tx:
-                    seated = await self._seat(tx, room, participant, admitted_by=None)
-                await self._announce_seated(room, seated, consultation, out)
+                # Whoever may admit others needs no one to admit them: the seat and what its
+                # snapshot reads, in one transaction.
+                seated, record = await self._seat_directly(room, participant)
+                await self._announce_seated(room, seated, consultation, out, record)
             else:
                 await self._wait(room, participant, out)
             return out
@@ -369,10 +369,16 @@ class LiveRoomService:
         if actor.role is Role.TRAINEE and not room.trainee_chat:
             raise RoomRefused("chat_closed", "chat is closed to trainees in this session")
         await self._check(actor, Permission.CHAT, consultation_id)
-        async with self._store.transaction() as tx:
-            event = await self._append(
-                tx, room, EventKind.CHAT, me, {"text": text, "name": me.name, "role": me.role.value}
+        event = await self._store.append_chat(
+            NewEvent(
+                room.session_id,
+                self._now(),
+                EventKind.CHAT,
+                me.user_id,
+                me.participant_id,
+                {"text": text, "name": me.name, "role": me.role.value},
             )
+        )
         out = Outcome()
         out.announce("chat_message", _chat_payload(event), Target.room(consultation_id))
         return out
@@ -842,26 +848,52 @@ class LiveRoomService:
         admitted_by: LiveParticipant | None,
     ) -> LiveParticipant:
         """Records a participant taking a seat in the session (inside the caller's transaction)."""
+        seated, participation, joined = self._seating(room, participant, admitted_by)
+        await tx.add_participation(participation)
+        await tx.append_event(
+            joined.session_id,
+            joined.at,
+            joined.kind,
+            joined.actor,
+            joined.participant_id,
+            joined.data,
+        )
+        return seated
+
+    async def _seat_directly(
+        self, room: RoomState, participant: LiveParticipant
+    ) -> tuple[LiveParticipant, SeatRecord]:
+        """A seat nobody admitted, with what its snapshot reads, in one transaction."""
+        seated, participation, joined = self._seating(room, participant, None)
+        record = await self._store.seat(participation, joined, self._limits.chat_history)
+        return seated, record
+
+    def _seating(
+        self,
+        room: RoomState,
+        participant: LiveParticipant,
+        admitted_by: LiveParticipant | None,
+    ) -> tuple[LiveParticipant, Participation, NewEvent]:
+        """What a seat writes: the participation and its `joined` event."""
         now = self._now()
         seated = replace(participant, state=ParticipantState.ADMITTED, joined_at=now)
-        await tx.add_participation(
-            Participation(
-                room.session_id,
-                seated.participant_id,
-                seated.user_id,
-                seated.name,
-                seated.role,
-                seated.device,
-                now,
-                None,
-                None,
-            )
+        participation = Participation(
+            room.session_id,
+            seated.participant_id,
+            seated.user_id,
+            seated.name,
+            seated.role,
+            seated.device,
+            now,
+            None,
+            None,
         )
-        await self._append(
-            tx,
-            room,
+        joined = NewEvent(
+            room.session_id,
+            self._now(),
             EventKind.JOINED,
-            seated,
+            seated.user_id,
+            seated.participant_id,
             {
                 "name": seated.name,
                 "role": seated.role.value,
@@ -870,10 +902,15 @@ class LiveRoomService:
                 "admitted_by": admitted_by.participant_id if admitted_by else None,
             },
         )
-        return seated
+        return seated, participation, joined
 
     async def _announce_seated(
-        self, room: RoomState, seated: LiveParticipant, consultation: Consultation, out: Outcome
+        self,
+        room: RoomState,
+        seated: LiveParticipant,
+        consultation: Consultation,
+        out: Outcome,
+        record: SeatRecord | None = None,
     ) -> None:
         await self._presence.put_participant(room.consultation_id, seated)
         room.participants[seated.participant_id] = seated
@@ -897,7 +934,9 @@ class LiveRoomService:
         )
         out.announce(
             "joined",
-            await self._snapshot(room, seated, consultation),
+            await self._snapshot(
+                room, seated, consultation, read=(record.chat, record.consents) if record else None
+            ),
             Target.connection(seated.connection),
         )
 
@@ -1030,12 +1069,18 @@ class LiveRoomService:
         consultation: Consultation,
         *,
         media_kept: bool = False,
+        read: tuple[list[SessionEvent], list[Consent]] | None = None,
     ) -> dict[str, Any]:
-        async with self._store.reading() as tx:
-            chat = await tx.list_session_events(
-                room.session_id, EventKind.CHAT, self._limits.chat_history
-            )
-            consents = await tx.list_consents(room.consultation_id)
+        """`read`: the session's newest chat and the consents, when the seat's transaction
+        has just read them."""
+        if read is not None:
+            chat, consents = read
+        else:
+            async with self._store.reading() as tx:
+                chat = await tx.list_session_events(
+                    room.session_id, EventKind.CHAT, self._limits.chat_history
+                )
+                consents = await tx.list_consents(room.consultation_id)
         # Consultation fields come from the reader's view (rooms/visibility.py), like the API's.
         view = project(
             consultation, audience_of(me.role, teaching_consent_given(consultation, consents))
@@ -1119,8 +1164,7 @@ class LiveRoomService:
         cached = self._consultations_seen.get(consultation_id)
         if cached is not None and now - cached[1] < CONSULTATION_TTL_S:
             return cached[0]
-        async with self._store.reading() as tx:
-            consultation = await tx.get_consultation(consultation_id)
+        consultation = await self._store.get_consultation(consultation_id)
         if consultation is None:
             raise NotFound(f"no consultation {consultation_id}")
         self._consultations_seen[consultation_id] = (consultation, now)

@@ -70,6 +70,28 @@ class StoredAttachment:
 
 
 @dataclass(frozen=True)
+class NewEvent:
+    """An event to append to a session's log (the log assigns its seq)."""
+
+    session_id: SessionId
+    at: datetime
+    kind: EventKind
+    actor: UserId | None
+    participant_id: ParticipantId | None
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SeatRecord:
+    """What taking a seat wrote (the `joined` event) and read in the same transaction for the
+    seat's snapshot: the session's newest chat (oldest first) and the consultation's consents."""
+
+    joined: SessionEvent
+    chat: list[SessionEvent]
+    consents: list[Consent]
+
+
+@dataclass(frozen=True)
 class NewAuditEntry:
     at: datetime
     actor: UserId
@@ -228,4 +250,27 @@ class RecordStore(Protocol):
 
     async def ping(self) -> None:
         """Raises if the database cannot be reached."""
+        ...
+
+    # The signaling hot path: each is one transaction of as few statements as the backend
+    # allows, the same rows as the repository's methods would write.
+
+    async def append_chat(self, event: NewEvent) -> SessionEvent:
+        """Appends a chat event; returns once it is committed (several chats arriving
+        together may share one transaction, in the order they arrived)."""
+        ...
+
+    async def seat(
+        self, participation: Participation, joined: NewEvent, chat_limit: int
+    ) -> SeatRecord:
+        """Records a participant taking a seat (the participation and its `joined` event) and
+        reads what the seat's snapshot needs, in one transaction."""
+        ...
+
+    async def get_consultation(self, consultation_id: ConsultationId) -> Consultation | None:
+        """The consultation with its team, in one consistent read (never waits for writers)."""
+        ...
+
+    async def is_token_revoked(self, jti: str) -> bool:
+        """Whether the token `jti` was revoked (a read; never waits for writers)."""
         ...

@@ -54,6 +54,7 @@ from server.verify import verify_consultation
 from server.web_routes import register_web
 from server.worker_link import RedisWorkerLink
 from signaling.connection import Identity, Limits, Refused
+from signaling.fanout import DirectEmit, DirectRedisEmit
 from signaling.namespace import ConsultNamespace
 from signaling.packets import CheckedServer
 from signaling.routing import Routing
@@ -206,10 +207,10 @@ def _attach_signaling(
     presence: InMemoryPresence | RedisPresence
     if config.redis_url:
         presence = RedisPresence(config.redis_url)
-        manager: socketio.AsyncManager = socketio.AsyncRedisManager(config.redis_url)
+        manager: socketio.AsyncManager = DirectRedisEmit(config.redis_url)
     else:
         presence = InMemoryPresence()
-        manager = socketio.AsyncManager()
+        manager = DirectEmit()
     # Reads every packet so that a malformed one is answered, not dropped (signaling/packets.py).
     sio = CheckedServer(
         async_mode="aiohttp",
@@ -436,8 +437,6 @@ async def _recording_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 def _is_revoked(store: SqlRecordStore) -> Callable[[str], Awaitable[bool]]:
     async def is_revoked(jti: str) -> bool:
-        async with store.reading() as tx:
-            revoked: bool = await tx.is_token_revoked(jti)
-        return revoked
+        return await store.is_token_revoked(jti)
 
     return is_revoked

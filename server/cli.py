@@ -27,6 +27,7 @@ from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.demo import describe, ensure_demo
 from server.logs import configure_logging
+from server.memory import freeze_after_startup
 from server.recording_keys import load_recording_keys
 from server.retention import RetentionError, RetentionReport, run_retention
 from server.signing import load_opinion_keys
@@ -142,6 +143,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     app = create_app(config)
     if config.dev:
         app.cleanup_ctx.append(_print_demo)
+    freeze_after_startup(app)
     _print_listening(config)
     web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
     return 0

@@ -33,6 +33,7 @@ from server.config import Config, ConfigError
 from server.db.migrate import upgrade
 from server.db.store import SqlRecordStore
 from server.demo import describe, ensure_demo
+from server.memory import freeze_after_startup
 from server.recording_keys import load_recording_keys
 from server.signing import development_key_file, load_opinion_keys
 
@@ -267,6 +268,7 @@ def run_worker(config: Config, index: int, supervisor_pid: int) -> int:
     _die_with_supervisor(supervisor_pid)
     config = worker_config(config, index)
     app = create_app(config, migrate=False)
+    freeze_after_startup(app)
     web.run_app(
         app,
         host=config.host,

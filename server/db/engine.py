@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 # WAL with synchronous=NORMAL: a commit survives the server process dying (kill -9) and is
 # only at risk from a power cut of the machine itself; FULL would fsync every chat message and
 # cap a node at a few hundred writes a second. Deployments that need more run PostgreSQL.
-_SQLITE_PRAGMAS = ("foreign_keys=ON", "journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000")
+SQLITE_PRAGMAS = ("foreign_keys=ON", "journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000")
 # Execution option marking a read-only transaction (SQLite then begins it DEFERRED: with WAL
 # it reads a snapshot and never waits for the writer).
 READ_ONLY = "telemed_read_only"
@@ -43,7 +43,7 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        for pragma in _SQLITE_PRAGMAS:
+        for pragma in SQLITE_PRAGMAS:
             cursor.execute(f"PRAGMA {pragma}")
     finally:
         cursor.close()

@@ -44,14 +44,17 @@ from rooms.retention import LegalHold
 from rooms.store import (
     ConsultationFilter,
     NewAuditEntry,
+    NewEvent,
     RecordRepository,
     RecordStore,
+    SeatRecord,
     StoredAttachment,
     StoredRecording,
 )
 from server.db import chain
 from server.db import mapping as m
-from server.db.engine import READ_ONLY, make_engine, sqlite_path
+from server.db.engine import READ_ONLY, SQLITE_PRAGMAS, make_engine, sqlite_path
+from server.db.hot import HotPath, create_hot_path
 from server.db.tables import (
     attachments,
     audit_log,
@@ -94,6 +97,7 @@ class SqlRecordStore(RecordStore):
         # SQLite has one writer at a time: writers queue here, in order, instead of polling
         # the file lock (its busy handler sleeps up to 100 ms between tries).
         self._sqlite_writer = asyncio.Lock() if sqlite_path(database_url) is not None else None
+        self._hot: HotPath | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -104,8 +108,22 @@ class SqlRecordStore(RecordStore):
     async def start(self) -> None:
         if self._engine is None:
             self._engine = make_engine(self._url, connect_args=self._connect_args)
+            hot = create_hot_path(
+                self._url,
+                self._engine.dialect,
+                sqlite_file=sqlite_path(self._url),
+                writer=self._sqlite_writer,
+                pragmas=SQLITE_PRAGMAS,
+                connect_args=self._connect_args or {},
+            )
+            if hot is not None:
+                await hot.start()
+            self._hot = hot
 
     async def stop(self) -> None:
+        hot, self._hot = self._hot, None
+        if hot is not None:
+            await hot.stop()
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
@@ -145,6 +163,54 @@ class SqlRecordStore(RecordStore):
                 conn = await plain.execution_options(**{READ_ONLY: True})
                 async with conn.begin():
                     yield SqlRecordRepository(conn)
+
+    # -- the signaling hot path (server/db/hot.py; the repository's way where it has none) ----
+
+    async def append_chat(self, event: NewEvent) -> SessionEvent:
+        if self._hot is not None:
+            return await self._hot.append_chat(event)
+        async with self.transaction() as tx:
+            return await tx.append_event(
+                event.session_id,
+                event.at,
+                event.kind,
+                event.actor,
+                event.participant_id,
+                event.data,
+            )
+
+    async def seat(
+        self, participation: Participation, joined: NewEvent, chat_limit: int
+    ) -> SeatRecord:
+        if self._hot is not None:
+            return await self._hot.seat(participation, joined, chat_limit)
+        async with self.transaction() as tx:
+            await tx.add_participation(participation)
+            event = await tx.append_event(
+                joined.session_id,
+                joined.at,
+                joined.kind,
+                joined.actor,
+                joined.participant_id,
+                joined.data,
+            )
+            chat = await tx.list_session_events(
+                participation.session_id, EventKind.CHAT, chat_limit
+            )
+            consultation_id = await tx.consultation_of(participation.session_id)
+            return SeatRecord(event, chat, await tx.list_consents(consultation_id))
+
+    async def get_consultation(self, consultation_id: ConsultationId) -> Consultation | None:
+        if self._hot is not None:
+            return await self._hot.get_consultation(consultation_id)
+        async with self.reading() as tx:
+            return await tx.get_consultation(consultation_id)
+
+    async def is_token_revoked(self, jti: str) -> bool:
+        if self._hot is not None:
+            return await self._hot.is_token_revoked(jti)
+        async with self.reading() as tx:
+            return await tx.is_token_revoked(jti)
 
 
 @contextmanager
@@ -369,11 +435,7 @@ class SqlRecordRepository(RecordRepository):
     ) -> SessionEvent:
         if self._audit_appended:
             raise RuntimeError("append events before audit entries in one transaction")
-        consultation_id = await self._conn.scalar(
-            select(sessions.c.consultation_id).where(sessions.c.id == session_id)
-        )
-        if consultation_id is None:
-            raise Conflict(f"event of session {session_id} refers to a record that does not exist")
+        consultation_id = await self.consultation_of(session_id)
         values = {
             "session_id": session_id,
             "at": at,
@@ -394,6 +456,14 @@ class SqlRecordRepository(RecordRepository):
             participant_id=participant_id,
             data=data,
         )
+
+    async def consultation_of(self, session_id: SessionId) -> ConsultationId:
+        consultation_id = await self._conn.scalar(
+            select(sessions.c.consultation_id).where(sessions.c.id == session_id)
+        )
+        if consultation_id is None:
+            raise Conflict(f"event of session {session_id} refers to a record that does not exist")
+        return ConsultationId(consultation_id)
 
     async def list_session_events(
         self, session_id: SessionId, kind: EventKind, limit: int
