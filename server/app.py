@@ -18,9 +18,11 @@ from media.peer import IceServer, PeerConfig
 from media.pipe import PipeEndpoint
 from media.sealed import SealKeys
 from rooms.consultations import ConsultationService, RequestContext
+from rooms.invite_codes import InviteCodes
 from rooms.live import InMemoryPresence
 from rooms.model import ConsultationId
 from rooms.room_service import LiveRoomService, RoomLimits
+from server.api.invite_routes import code_key
 from server.api.openapi import build_openapi
 from server.api.problems import (
     SERVER_NAME,
@@ -128,6 +130,8 @@ def create_app(config: Config, *, migrate: bool = True) -> web.Application:
         verifier=lambda cid: verify_consultation(
             store, signer, config.data_dir, app[RECORDING_KEYS], cid
         ),
+        invite_codes=InviteCodes(store, code_key(config.link_secret_material)),
+        invite_base_url=config.public_url,
     )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))

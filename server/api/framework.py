@@ -54,6 +54,8 @@ class Endpoint:
     authenticate: Authenticate | None = None
     # A binary response (a recording file): its media types, for the document.
     binary: tuple[str, ...] = ()
+    # Needs no credentials at all (redeeming an invite code); `authenticate` says who it is.
+    public: bool = False
 
 
 @dataclass
