@@ -64,9 +64,12 @@ async def test_an_invite_gives_link_qr_code_short_code_and_expiry(api: Api) -> N
     width = (expected.symbol_size(scale=4, border=4))[0]
     assert root.get("width") == str(width)
 
-    # The landing page the link names is served.
-    page = await api.get(f"/web/room.html?c={cid}", None)
-    assert page.status == 200
+    # The landing page the link names is served, and so is the page where a code is typed,
+    # at an address short enough to say aloud.
+    assert (await api.get(f"/web/room.html?c={cid}", None)).status == 200
+    async with api.client.get("/join?code=k7qm 3xrd", allow_redirects=False) as moved:
+        assert (moved.status, moved.headers["Location"]) == (302, "/web/join.html?code=k7qm%203xrd")
+    assert (await api.get("/web/join.html", None)).status == 200
 
 
 async def test_a_short_code_redeems_for_the_invite_forgiving_case_and_separators(
