@@ -45,7 +45,10 @@ async def invite(api: Api, cid: str, **body: object) -> dict[str, object]:
     return out
 
 
-async def test_an_invite_gives_link_qr_code_short_code_and_expiry(api: Api) -> None:
+async def test_an_invite_gives_link_qr_code_short_code_and_expiry(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     cid = await api.create()
     got = await invite(api, cid)
     origin = str(api.client.make_url("/")).rstrip("/")
@@ -70,6 +73,10 @@ async def test_an_invite_gives_link_qr_code_short_code_and_expiry(api: Api) -> N
     async with api.client.get("/join?code=k7qm 3xrd", allow_redirects=False) as moved:
         assert (moved.status, moved.headers["Location"]) == (302, "/web/join.html?code=k7qm%203xrd")
     assert (await api.get("/web/join.html", None)).status == 200
+    # A code in the address never reaches a log line.
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("/join?code=[redacted]" in m for m in logged), logged
+    assert not any("k7qm" in m.lower() for m in logged)
 
 
 async def test_a_short_code_redeems_for_the_invite_forgiving_case_and_separators(

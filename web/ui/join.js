@@ -25,8 +25,11 @@ async function redeem(/** @type {string} */ code) {
   return data;
 }
 
+// A code given in the address (/join?code=…) fills the field, and leaves the address bar.
+const prefill = new URLSearchParams(location.search).get("code") ?? "";
+if (prefill) history.replaceState(null, "", location.pathname);
+
 function render() {
-  const prefill = new URLSearchParams(location.search).get("code") ?? "";
   const input = /** @type {HTMLInputElement} */ (h("input", { id: "code", name: "code", type: "text", required: true,
     maxlength: "24", autocomplete: "one-time-code", autocapitalize: "characters", spellcheck: "false",
     placeholder: "K7QM-3XRD", "aria-describedby": "code-hint", value: prefill }));
