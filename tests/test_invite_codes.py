@@ -33,6 +33,28 @@ REDEEM = "/api/v1/invites/redeem"
 CODE = re.compile(rf"[{ALPHABET}]{{4}}-[{ALPHABET}]{{4}}")
 
 
+def modules_drawn(d: str, border: int) -> set[tuple[int, int]]:
+    """The (row, column) of every module an SVG path of horizontal strokes paints: segno draws
+    each run of dark modules as `h<n>` along the row's middle, moving with `M`/`m`."""
+    x = y = 0.0
+    dark: set[tuple[int, int]] = set()
+    for op, args in re.findall(r"([MmHh])([-\d. ]+)", d):
+        numbers = [float(n) for n in args.split()]
+        if op == "M":
+            x, y = numbers
+        elif op == "m":
+            x, y = x + numbers[0], y + numbers[1]
+        else:
+            end = numbers[0] if op == "H" else x + numbers[0]
+            dark |= {(int(y) - border, col - border) for col in range(int(x), int(end))}
+            x = end
+    return dark
+
+
+def dark_modules(matrix: tuple[bytearray, ...]) -> set[tuple[int, int]]:
+    return {(r, c) for r, row in enumerate(matrix) for c, v in enumerate(row) if v}
+
+
 def full_width(text: str) -> str:
     """As a Chinese input method types it: each ASCII character's full-width form."""
     return "".join(chr(ord(c) + 0xFEE0) for c in text)
@@ -60,12 +82,16 @@ async def test_an_invite_gives_link_qr_code_short_code_and_expiry(
     svg = str(got["qr_svg"])
     root = ET.fromstring(svg)
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
-    expected = segno.make(str(got["link"]), error="m", micro=False)
+    expected = segno.make(str(got["link"]), error="l", micro=False)
     drawn = io.BytesIO()
     expected.save(drawn, kind="svg", xmldecl=False, scale=4, border=4, title="QR")
     assert svg == drawn.getvalue().decode()
     width = (expected.symbol_size(scale=4, border=4))[0]
     assert root.get("width") == str(width)
+    # Read back, the drawing's dark modules are the link's code, module for module.
+    path = root.find("{http://www.w3.org/2000/svg}path")
+    assert path is not None and path.get("transform") == "scale(4)"
+    assert modules_drawn(path.get("d") or "", border=4) == dark_modules(expected.matrix)
 
     # The landing page the link names is served, and so is the page where a code is typed,
     # at an address short enough to say aloud.

@@ -54,9 +54,11 @@ def invite_link(base: str, consultation_id: str, token: str) -> str:
 
 
 def qr_svg(link: str) -> str:
-    """The link as a QR code: a standalone SVG document (an <img> shows it; no script)."""
+    """The link as a QR code: a standalone SVG document (an <img> shows it; no script). The
+    link holds a JWT, so the symbol is large (version 16 or so): level L, which segno raises
+    where that costs no size, keeps it as small as it can be for a phone held to a screen."""
     out = io.BytesIO()
-    segno.make(link, error="m", micro=False).save(
+    segno.make(link, error="l", micro=False).save(
         out, kind="svg", xmldecl=False, scale=4, border=4, title="QR"
     )
     return out.getvalue().decode("utf-8")
