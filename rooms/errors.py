@@ -55,3 +55,9 @@ class Unavailable(DomainError):
     Nothing of the action was kept; the caller may try again."""
 
     code = "unavailable"
+
+
+class Gone(DomainError):
+    """What was asked for existed but is no more (an expired or withdrawn invite)."""
+
+    code = "gone"

@@ -103,6 +103,22 @@ class NewAuditEntry:
     detail: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class InviteCode:
+    """A short invite code as stored: its HMAC and the invite it stands for, never the code
+    (rooms/invite_codes.py)."""
+
+    code_hash: str
+    consultation_id: ConsultationId
+    jti: str
+    user_id: UserId
+    name: str
+    role: Role
+    org: str
+    expires_at: datetime
+    created_at: datetime
+
+
 class RecordRepository(Protocol):
     """Reads and writes inside one transaction. Events and audit entries are append-only:
     there is deliberately no method that changes or removes them."""
@@ -215,6 +231,16 @@ class RecordRepository(Protocol):
     async def revoke_token(self, jti: str, expires_at: datetime, revoked_at: datetime) -> None: ...
 
     async def is_token_revoked(self, jti: str) -> bool: ...
+
+    async def add_invite_code(self, code: InviteCode) -> None:
+        """Conflict when the same hash is stored already."""
+        ...
+
+    async def get_invite_code(self, code_hash: str) -> InviteCode | None: ...
+
+    async def purge_invite_codes(self, expired_by: datetime) -> int:
+        """Deletes the codes expired by then; returns how many."""
+        ...
 
     async def get_legal_hold(self, consultation_id: ConsultationId) -> LegalHold | None:
         """The hold in force on a consultation, if any."""

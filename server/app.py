@@ -19,10 +19,12 @@ from media.pipe import PipeEndpoint
 from media.sealed import SealKeys
 from rooms.attachments import AttachmentService
 from rooms.consultations import ConsultationService, RequestContext
+from rooms.invite_codes import InviteCodes
 from rooms.live import InMemoryPresence
 from rooms.model import ConsultationId
 from rooms.room_service import LiveRoomService, RoomLimits
 from server.api.attachment_routes import PREFIX as ATTACHMENTS_PATH
+from server.api.invite_routes import code_key
 from server.api.openapi import build_openapi
 from server.api.problems import (
     SERVER_NAME,
@@ -140,6 +142,8 @@ def create_app(config: Config, *, migrate: bool = True) -> web.Application:
         attachments=AttachmentService(store),
         attachment_max_bytes=config.attachments.max_bytes,
         announce=app[NAMESPACE].deliver,
+        invite_codes=InviteCodes(store, code_key(config.link_secret_material)),
+        invite_base_url=config.public_url,
     )
     api.register(app)
     openapi = json.dumps(build_openapi(api.endpoints, version("telemed")))

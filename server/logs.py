@@ -93,8 +93,9 @@ class JsonFormatter(logging.Formatter):
         return _UNSAFE_IN_JSON.sub(_json_escape_char, json.dumps(line, ensure_ascii=False))
 
 
-# A playback link carries its grant in the query (a <video> cannot send a header).
-_QUERY_TOKEN = re.compile(r"([?&]token=)[^&\s\"]*")
+# A playback link carries its grant in the query (a <video> cannot send a header); /join may
+# carry an invite code there.
+_QUERY_TOKEN = re.compile(r"([?&](?:token|code)=)[^&\s\"]*")
 
 
 class _QueryTokenRedactor(logging.Filter):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -48,6 +49,11 @@ def register_web(
     async def root(_: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("/web/")
 
+    async def join(request: web.Request) -> web.StreamResponse:
+        # A short address to say aloud; `?code=` is carried over to prefill the code.
+        code = request.query.get("code", "")[:64]
+        raise web.HTTPFound(f"/web/join.html?code={quote(code)}" if code else "/web/join.html")
+
     async def static(request: web.Request) -> web.StreamResponse:
         path = _web_file(request.match_info["path"])
         if path is None:
@@ -63,6 +69,7 @@ def register_web(
         return web.json_response(permissions, headers={"Cache-Control": "no-cache"})
 
     app.router.add_get("/", root)
+    app.router.add_get("/join", join)
     app.router.add_get("/web/", index)
     app.router.add_get("/web/roles.json", roles)
     app.router.add_get("/web/{path:.+}", static)

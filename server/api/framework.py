@@ -68,6 +68,8 @@ class Endpoint:
     ranges: bool = True
     # A body read by the handler, not by the framework.
     upload: Upload | None = None
+    # Needs no credentials at all (redeeming an invite code); `authenticate` says who it is.
+    public: bool = False
 
 
 @dataclass

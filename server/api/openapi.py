@@ -44,7 +44,7 @@ def build_openapi(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
             "summary": e.summary,
             "operationId": _operation_id(e),
             "tags": list(e.tags),
-            "security": [{"bearer": []}],
+            "security": [] if e.public else [{"bearer": []}],
             "parameters": [
                 {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
                 for n in _PATH_PARAM.findall(e.path)
@@ -95,12 +95,14 @@ _ERROR_TEXT = {
     400: "The request is malformed or invalid; `errors` names the fields",
     401: "Missing, invalid, expired or revoked token",
     403: "The token's role, team or scope does not allow this",
-    404: "No such consultation",
+    404: "No such consultation (or invite code)",
     409: "Conflicts with the current state (e.g. an illegal transition)",
     413: "Request body too large (an upload: the file is larger than the limit)",
     415: "A request body that is not `application/json` (UTF-8); an empty body needs none; "
     "an upload: a file of a kind not accepted (the detail names what was detected)",
     416: "The requested range is not within the file",
+    410: "The invite code has expired or its invite was revoked",
+    429: "Too many attempts (per client address or over all clients); see Retry-After",
 }
 
 

@@ -17,7 +17,15 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from pydantic import ValidationError
 
-from rooms.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound, Unavailable
+from rooms.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    Gone,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
 from server.api.schemas import Problem, ProblemField
 from server.auth import AuthError
 
@@ -29,6 +37,7 @@ _DOMAIN_STATUS: list[tuple[type[DomainError], int]] = [
     (NotFound, 404),
     (Forbidden, 403),
     (Conflict, 409),
+    (Gone, 410),
     (InvalidInput, 400),
     (Unavailable, 503),
 ]
@@ -44,9 +53,11 @@ _STATUS_CODE = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
+    410: "gone",
     413: "payload_too_large",
     415: "unsupported_content_encoding",
     416: "range_not_satisfiable",
+    429: "too_many_requests",
     500: "internal",
     503: "unavailable",
     504: "timeout",

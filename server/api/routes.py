@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import re
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,15 +15,15 @@ from rooms.consultations import (
     NewTeamMember,
     RequestContext,
 )
+from rooms.invite_codes import InviteCodes
 from rooms.lifecycle import Action
 from rooms.model import Consultation, ConsultationId, OpinionContent, Resident, UserId
-from rooms.roles import Role
 from rooms.store import ConsultationFilter
 from server.api.attachment_routes import Announce, AttachmentRoutes
 from server.api.fhir_routes import FhirRoutes
 from server.api.framework import Api, Authenticate, Call, Endpoint, Handler
+from server.api.invite_routes import InviteRoutes, Revocations
 from server.api.media_routes import MediaRoutes
-from server.api.problems import BadRequest
 from server.api.recording_routes import PlaybackGrants, RecordingRoutes
 from server.api.retention_routes import LegalHoldRoutes
 from server.api.schemas import (
@@ -37,8 +36,6 @@ from server.api.schemas import (
     CreateConsultation,
     DecisionIn,
     DecisionOut,
-    InviteIn,
-    InviteOut,
     NoBody,
     OpinionIn,
     OpinionOut,
@@ -53,16 +50,10 @@ from server.api.verify_routes import Verifier, VerifyRoutes
 from server.attachment_files import AttachmentFiles
 from server.auth import TokenService
 from server.config import DEFAULT_ATTACHMENT_MAX_BYTES
+from server.guess_limits import GuessLimits
 
 PREFIX = "/api/v1"
-_JTI = re.compile(r"[\w-]{1,128}")
 ONE = PREFIX + "/consultations/{consultation_id}"
-
-
-class Revocations(Protocol):
-    """Ends the live connections that presented a token (signaling, on every node)."""
-
-    async def revoked(self, token_id: str) -> None: ...
 
 
 class LiveTransitions(Protocol):
@@ -88,15 +79,9 @@ class ConsultationRoutes:
     def __init__(
         self,
         service: ConsultationService,
-        tokens: TokenService,
-        invite_ttl_s: int,
-        revocations: Revocations | None,
         live: LiveTransitions | None,
     ) -> None:
         self._service = service
-        self._tokens = tokens
-        self._invite_ttl_s = invite_ttl_s
-        self._revocations = revocations
         # Without it (an API built only to be described) a transition touches the record alone.
         self._transitions: LiveTransitions | ConsultationService = live or service
 
@@ -154,26 +139,6 @@ class ConsultationRoutes:
                 status=201,
                 tags=tags,
                 errors=(400, 401, 403, 404, 409),
-            ),
-            Endpoint(
-                "POST",
-                f"{ONE}/invites",
-                self.invite,
-                "Invite a resident, guardian or trainee",
-                InviteOut,
-                body=InviteIn,
-                status=201,
-                tags=("invites",),
-                errors=(400, 401, 403, 404, 409),
-            ),
-            Endpoint(
-                "DELETE",
-                f"{ONE}/invites/{{jti}}",
-                self.revoke,
-                "Revoke an invite",
-                None,
-                status=204,
-                tags=("invites",),
             ),
             Endpoint(
                 "POST",
@@ -279,39 +244,6 @@ class ConsultationRoutes:
         consultation = await self._service.add_member(call.ctx, _cid(call), _member(call.body))
         return await self._out(call, consultation)
 
-    async def invite(self, call: Call[InviteIn, None]) -> InviteOut:
-        ttl_s = min(call.body.ttl_s or self._invite_ttl_s, self._invite_ttl_s)
-        invite = await self._service.prepare_invite(
-            call.ctx, _cid(call), Role(call.body.role), call.body.name, timedelta(seconds=ttl_s)
-        )
-        token, expires_at = self._tokens.mint_invite(
-            user_id=invite.user_id,
-            name=invite.name,
-            role=invite.role,
-            org=invite.org,
-            consultation=invite.consultation_id,
-            ttl_s=ttl_s,
-            jti=invite.jti,
-        )
-        return InviteOut(
-            token=token,
-            jti=invite.jti,
-            user_id=invite.user_id,
-            role=invite.role,
-            expires_at=expires_at,
-        )
-
-    async def revoke(self, call: Call[None, None]) -> None:
-        jti = call.path("jti")
-        if not _JTI.fullmatch(jti):
-            raise BadRequest("jti must be 1-128 letters, digits, '-' or '_'")
-        await self._service.revoke_invite(
-            call.ctx, _cid(call), jti, timedelta(seconds=self._invite_ttl_s)
-        )
-        if self._revocations is not None:
-            # Stored first, so a reconnect with the token is refused before its sockets end.
-            await self._revocations.revoked(jti)
-
     async def write_opinion(self, call: Call[OpinionIn, None]) -> OpinionOut:
         b = call.body
         content = OpinionContent(b.findings, b.assessment, b.recommendations, b.referral_advice)
@@ -362,6 +294,9 @@ def build_api(
     attachments: AttachmentService | None = None,
     attachment_max_bytes: int = DEFAULT_ATTACHMENT_MAX_BYTES,
     announce: Announce | None = None,
+    invite_codes: InviteCodes | None = None,
+    invite_guesses: GuessLimits | None = None,
+    invite_base_url: str = "",
 ) -> Api:
     """`public_url` is the base of links in exports; empty, the request's own origin.
     `data_dir` holds the recordings, sealed with `recording_keys` (without them, recording
@@ -370,14 +305,25 @@ def build_api(
     life-cycle actions through the live room. `link_key` signs playback links (a key of this
     process's own without it). `verifier` checks a record (server/verify.py); an API without
     one is only described. Attachments are stored under `data_dir` with `recording_keys` too,
-    at most `attachment_max_bytes` each; `announce` delivers `attachment_added` to the room."""
+    at most `attachment_max_bytes` each; `announce` delivers `attachment_added` to the room.
+    `invite_codes` issues and redeems short invite codes, guarded by `invite_guesses`;
+    invite links start with `invite_base_url` (else the request's origin)."""
     api = Api(authenticate)
     files = AttachmentFiles(data_dir, recording_keys)
     for endpoint in [
         *RecordingRoutes(
             service, data_dir, authenticate, recording_keys, PlaybackGrants(key=link_key)
         ).endpoints(),
-        *ConsultationRoutes(service, tokens, invite_ttl_s, revocations, live).endpoints(),
+        *ConsultationRoutes(service, live).endpoints(),
+        *InviteRoutes(
+            service,
+            tokens,
+            invite_ttl_s,
+            revocations,
+            invite_codes,
+            invite_guesses or GuessLimits(),
+            invite_base_url,
+        ).endpoints(),
         *MediaRoutes(service, hub).endpoints(),
         *FhirRoutes(service, public_url).endpoints(),
         *LegalHoldRoutes(service).endpoints(),

@@ -320,6 +320,26 @@ class InviteOut(ResponseBody):
     user_id: str
     role: Role
     expires_at: datetime
+    link: str = Field(description="The page the invitee opens; the token is in its fragment")
+    qr_svg: str = Field(description="`link` as a QR code: an SVG document (segno)")
+    short_code: str = Field(
+        description="8 characters to read out, grouped like K7QM-2XRD; redeemed at "
+        "/api/v1/invites/redeem until the invite expires or is revoked"
+    )
+
+
+class RedeemIn(RequestBody):
+    code: StrictStr = Field(
+        max_length=64, description="The short code; case, spaces and hyphens do not matter"
+    )
+
+
+class RedeemOut(ResponseBody):
+    token: str
+    link: str
+    consultation_id: str
+    role: Role
+    expires_at: datetime
 
 
 class SignatureOut(ResponseBody):

@@ -42,7 +42,7 @@ from rooms.model import (
 )
 from rooms.retention import LegalHold
 from rooms.roles import Role
-from rooms.store import NewAuditEntry, StoredAttachment, StoredRecording
+from rooms.store import InviteCode, NewAuditEntry, StoredAttachment, StoredRecording
 
 Values = dict[str, Any]
 
@@ -431,4 +431,32 @@ def legal_hold_from_row(row: RowMapping) -> LegalHold:
         reason=row["reason"],
         placed_by=UserId(row["placed_by"]),
         placed_at=row["placed_at"],
+    )
+
+
+def invite_code_row(c: InviteCode) -> Values:
+    return {
+        "code_hash": c.code_hash,
+        "consultation_id": c.consultation_id,
+        "jti": c.jti,
+        "user_id": c.user_id,
+        "name": c.name,
+        "role": c.role.value,
+        "org": c.org,
+        "expires_at": c.expires_at,
+        "created_at": c.created_at,
+    }
+
+
+def invite_code_from_row(row: RowMapping) -> InviteCode:
+    return InviteCode(
+        code_hash=row["code_hash"],
+        consultation_id=ConsultationId(row["consultation_id"]),
+        jti=row["jti"],
+        user_id=UserId(row["user_id"]),
+        name=row["name"],
+        role=Role(row["role"]),
+        org=row["org"],
+        expires_at=row["expires_at"],
+        created_at=row["created_at"],
     )

@@ -10,7 +10,19 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Executable, Select, Table, and_, exists, insert, or_, select, text, update
+from sqlalchemy import (
+    Executable,
+    Select,
+    Table,
+    and_,
+    delete,
+    exists,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -43,6 +55,7 @@ from rooms.model import (
 from rooms.retention import LegalHold
 from rooms.store import (
     ConsultationFilter,
+    InviteCode,
     NewAuditEntry,
     NewEvent,
     RecordRepository,
@@ -61,6 +74,7 @@ from server.db.tables import (
     consents,
     consultations,
     final_decisions,
+    invite_codes,
     legal_holds,
     opinion_signatures,
     opinion_versions,
@@ -636,6 +650,21 @@ class SqlRecordRepository(RecordRepository):
 
     async def is_token_revoked(self, jti: str) -> bool:
         return await self._exists(revoked_tokens.c.jti == jti)
+
+    # -- invite codes ------------------------------------------------------------------------
+
+    async def add_invite_code(self, code: InviteCode) -> None:
+        await self._insert(invite_codes, m.invite_code_row(code), duplicate="invite code")
+
+    async def get_invite_code(self, code_hash: str) -> InviteCode | None:
+        rows = await self._rows(select(invite_codes).where(invite_codes.c.code_hash == code_hash))
+        return m.invite_code_from_row(rows[0]) if rows else None
+
+    async def purge_invite_codes(self, expired_by: datetime) -> int:
+        result = await self._conn.execute(
+            delete(invite_codes).where(invite_codes.c.expires_at <= expired_by)
+        )
+        return int(result.rowcount or 0)
 
     # -- legal holds -------------------------------------------------------------------------
 

@@ -310,6 +310,23 @@ revoked_tokens = Table(
     Index(None, "expires_at"),
 )
 
+# Short invite codes (rooms/invite_codes.py): an HMAC of each, never the code. No foreign key:
+# like revoked_tokens, rows go when they expire, whatever happens to the consultation.
+invite_codes = Table(
+    "invite_codes",
+    metadata,
+    Column("code_hash", String(HASH), primary_key=True),
+    Column("consultation_id", String(ID), nullable=False),
+    Column("jti", String(USER), nullable=False),
+    Column("user_id", String(USER), nullable=False),
+    Column("name", String(NAME), nullable=False),
+    Column("role", String(ENUM), nullable=False),
+    Column("org", String(NAME), nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index(None, "expires_at"),
+)
+
 # Append-only, like session_events, and one chain over all rows. No foreign key on
 # consultation_id: the trail must outlive a consultation's record (retention may destroy the
 # record, never its audit).

@@ -123,7 +123,8 @@ async function card(c, role, reload) {
     h("div", { class: "actions" }, ...actions), out);
 }
 
-/** Invites with a copyable link: the token rides in the fragment, which no server ever sees. */
+/** Invites for a phone: the link (its token rides in the fragment, which no server ever sees),
+ * its QR code drawn by the server, a short code to read out, and when they expire. */
 function inviteForm(/** @type {any} */ c, /** @type {HTMLElement} */ out) {
   const roleId = `invite-role-${c.id}`;
   const nameId = `invite-name-${c.id}`;
@@ -136,18 +137,34 @@ function inviteForm(/** @type {any} */ c, /** @type {HTMLElement} */ out) {
     const who = /** @type {HTMLInputElement} */ (name).value.trim();
     try {
       const invite = await api(`/consultations/${c.id}/invites`, { method: "POST", body: who ? { role, name: who } : { role } });
-      const link = `${location.origin}/web/room.html?c=${encodeURIComponent(c.id)}#token=${invite.token}`;
-      const field = h("input", { type: "text", readonly: true, value: link, class: "invite-link", "aria-label": t("list.inviteLink") });
-      out.replaceChildren(h("span", { text: `${t("list.invited", { role: roleName(role), until: when(invite.expires_at) })} ` }), field,
-        h("button", { type: "button", text: t("list.copy"), onclick: async () => {
-          /** @type {HTMLInputElement} */ (field).select();
-          try { await navigator.clipboard.writeText(link); out.append(h("span", { text: ` ${t("list.copied")}` })); } catch { document.execCommand("copy"); }
-        } }));
+      out.replaceChildren(inviteView(role, invite));
     } catch (err) {
       out.textContent = problem(err);
     }
   } }, h("label", { for: roleId, text: t("list.inviteRole") }), select,
     h("label", { for: nameId, text: t("list.inviteName") }), name, h("button", { type: "submit", text: t("list.invite") }));
+}
+
+function inviteView(/** @type {string} */ role, /** @type {any} */ invite) {
+  const link = invite.link;
+  const field = h("input", { type: "text", readonly: true, value: link, class: "invite-link", "aria-label": t("list.inviteLink") });
+  const copied = h("span", { role: "status" });
+  // An <img> of the SVG document: shown, never run (the page's CSP allows data: images).
+  const qr = h("img", { class: "invite-qr", src: `data:image/svg+xml;base64,${btoa(invite.qr_svg)}`, alt: t("list.qrAlt") });
+  const joinPage = `${new URL(link).origin}/web/join.html`;
+  return h("div", { class: "invite", "data-jti": invite.jti },
+    h("p", { text: t("list.invited", { role: roleName(role), until: when(invite.expires_at) }) }),
+    h("div", { class: "invite-parts" },
+      qr,
+      h("div", {},
+        h("p", { class: "hint", text: t("list.codeHint", { page: joinPage }) }),
+        h("p", { class: "invite-code", id: `code-${invite.jti}`, "aria-label": invite.short_code.split("").join(" "), text: invite.short_code }))),
+    h("div", { class: "actions" }, field,
+      h("button", { type: "button", text: t("list.copy"), onclick: async () => {
+        /** @type {HTMLInputElement} */ (field).select();
+        try { await navigator.clipboard.writeText(link); } catch { document.execCommand("copy"); }
+        copied.textContent = t("list.copied");
+      } }), copied));
 }
 
 /** The request form: the consultation, the resident and the invited team. */

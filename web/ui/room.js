@@ -179,6 +179,7 @@ async function openMic(/** @type {string} */ deviceId) {
 
 async function prejoin() {
   state.phase = "prejoin";
+  const invitee = who?.role === "resident" || who?.role === "guardian";
   const render = async () => {
     /** @type {Node[]} */
     const body = [h("h2", { text: t("pre.title") })];
@@ -206,15 +207,22 @@ async function prejoin() {
       } }, ...mics.map((d, i) => h("option", { value: d.deviceId, text: d.label || `${t("pre.microphone")} ${i + 1}`, selected: d.deviceId === state.microphone?.getSettings().deviceId })));
       const meter = /** @type {HTMLMeterElement} */ (h("meter", { min: "0", max: "1", value: "0", id: "mic-meter", "aria-label": t("pre.level") }));
       meterFor(meter);
-      body.push(preview,
-        h("div", { class: "form-grid" },
-          h("label", { for: "camera-select", text: t("pre.camera") }), camSelect,
-          h("label", { for: "mic-select", text: t("pre.microphone") }), micSelect,
-          h("span", { text: t("pre.level") }), meter));
+      const devices = h("div", { class: "form-grid" },
+        h("label", { for: "camera-select", text: t("pre.camera") }), camSelect,
+        h("label", { for: "mic-select", text: t("pre.microphone") }), micSelect,
+        h("span", { text: t("pre.level") }), meter);
+      if (invitee) {
+        // A resident or guardian is asked for nothing but the camera and microphone here (and
+        // consent once let in): the choices and the network check are there, folded away.
+        body.push(h("p", { id: "pre-invitee", text: t("pre.invitee") }), preview,
+          h("details", { class: "pre-settings" }, h("summary", { text: t("pre.settings") }), devices, netCheckView()));
+      } else {
+        body.push(preview, devices);
+      }
     } else {
       body.push(h("p", { text: t("pre.watchOnly") }));
     }
-    body.push(netCheckView());
+    if (!invitee || !mayPublish()) body.push(netCheckView());
     const joinButton = h("button", { id: "join", class: "primary", text: t("pre.join"), onclick: () => { joinButton.setAttribute("disabled", ""); join(); } });
     body.push(joinButton);
     main.replaceChildren(h("section", { class: "prejoin", "aria-labelledby": "pre-title" }, ...body));
