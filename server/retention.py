@@ -236,19 +236,7 @@ class _Run:
     async def _remove_attachment(self, row: dict[str, Any]) -> dict[str, Any]:
         """Deletes an attachment's file (not in a dry run), as _remove does a recording's."""
         kept = {k: row[k] for k in ("id", "media_type", "sha256", "size_bytes")}
-        path = (self.data_dir / row["path"]).resolve()
-        if not path.is_relative_to(self.data_dir):
-            raise RetentionError(
-                f"attachment {row['id']}: its file is outside the data directory; not deleted"
-            )
-        if self.dry_run:
-            exists = await asyncio.to_thread(path.exists)
-            return kept | {"file": "present" if exists else "missing"}
-        try:
-            await asyncio.to_thread(path.unlink)
-        except FileNotFoundError:
-            return kept | {"file": "already gone"}
-        return kept | {"file": "deleted"}
+        return kept | {"file": await self._delete_file(f"attachment {row['id']}", row["path"])}
 
     async def _remove(self, stored: StoredRecording) -> dict[str, Any]:
         """Deletes a recording's file (not in a dry run); what the destruction entry keeps of
@@ -265,17 +253,20 @@ class _Run:
         }
         if stored.path is None:
             return kept | {"file": "none"}
-        path = (self.data_dir / stored.path).resolve()
+        return kept | {"file": await self._delete_file(f"recording {r.id}", stored.path)}
+
+    async def _delete_file(self, what: str, relative: str) -> str:
+        """Deletes one file of the record under the data directory (not in a dry run); what
+        became of it, for the destruction entry."""
+        path = (self.data_dir / relative).resolve()
         if not path.is_relative_to(self.data_dir):
-            raise RetentionError(
-                f"recording {r.id}: its file is outside the data directory; not deleted"
-            )
+            raise RetentionError(f"{what}: its file is outside the data directory; not deleted")
         if self.dry_run:
             exists = await asyncio.to_thread(path.exists)
-            return kept | {"file": "present" if exists else "missing"}
+            return "present" if exists else "missing"
         try:
             await asyncio.to_thread(path.unlink)
         except FileNotFoundError:
             # Deleted by an earlier run that died before its commit.
-            return kept | {"file": "already gone"}
-        return kept | {"file": "deleted"}
+            return "already gone"
+        return "deleted"
