@@ -39,6 +39,7 @@ from aiortc.rtp import (
 from aiortc.utils import random32
 
 from media.frames import FrameSend, PackedFrame
+from media.source_check import missing_lines
 
 # Set in RTCRtpSender.__init__ and read or replaced here.
 _SENDER_ATTRS = (
@@ -537,20 +538,18 @@ def internals_problems() -> list[str]:
     if "self.__encoder.pack(data)" not in inspect.getsource(RTCRtpSender._next_encoded_frame):
         problems.append("missing: RTCRtpSender packs non-frame data with its encoder")
     dtls = RTCDtlsTransport
-    dtls_src = "".join(
-        inspect.getsource(method)
-        for method in (dtls.__init__, dtls._handle_rtcp_data, dtls._send_rtp, dtls._set_state)
+    problems += missing_lines(
+        "RTCDtlsTransport",
+        (dtls.__init__, dtls._handle_rtcp_data, dtls._send_rtp, dtls._set_state),
+        (
+            "await recipient._handle_rtcp_packet(packet)",
+            "self._tx_srtp",
+            "self.__tx_bytes",
+            "self.__tx_packets",
+            "self._state = state",
+            "async def _send_rtp(self, data: bytes)",
+        ),
     )
-    for needle in (
-        "await recipient._handle_rtcp_packet(packet)",
-        "self._tx_srtp",
-        "self.__tx_bytes",
-        "self.__tx_packets",
-        "self._state = state",
-        "async def _send_rtp(self, data: bytes)",
-    ):
-        if needle not in dtls_src:
-            problems.append(f"missing in RTCDtlsTransport: {needle}")
     if "self._connection" not in inspect.getsource(RTCIceTransport.__init__):
         problems.append("missing: RTCIceTransport._connection")
     if "active_pair = self._nominated.get(component)" not in inspect.getsource(

@@ -17,6 +17,8 @@ from aioice import Candidate
 from aiortc.rtcicetransport import RTCIceGatherer
 from aiortc.rtcpeerconnection import RTCPeerConnection
 
+from media.source_check import missing_lines
+
 
 def offer_host_addresses(pc: RTCPeerConnection, addresses: Iterable[str]) -> None:
     """Makes every ICE gatherer of `pc` offer exactly these host addresses (aioice leaves out
@@ -72,18 +74,19 @@ def internals_problems() -> list[str]:
     if getattr(connection, "local_candidates", None) != []:
         problems.append("missing: aioice Connection.local_candidates lists _local_candidates")
     # What aioice's own gathering does, which _gather_from repeats with other addresses.
-    gather = inspect.getsource(aioice.Connection.gather_candidates)
-    for needle in (
-        "if not self._local_candidates_start:",
-        "self._local_candidates_start = True",
-        "if self._transport_policy == TransportPolicy.ALL:",
-        "self.get_component_candidates(component=component, addresses=addresses)",
-        "for component in self._components",
-        "self._local_candidates += candidates",
-        "self._local_candidates_end = True",
-    ):
-        if needle not in gather:
-            problems.append(f"missing in aioice Connection.gather_candidates: {needle}")
+    problems += missing_lines(
+        "aioice Connection.gather_candidates",
+        (aioice.Connection.gather_candidates,),
+        (
+            "if not self._local_candidates_start:",
+            "self._local_candidates_start = True",
+            "if self._transport_policy == TransportPolicy.ALL:",
+            "self.get_component_candidates(component=component, addresses=addresses)",
+            "for component in self._components",
+            "self._local_candidates += candidates",
+            "self._local_candidates_end = True",
+        ),
+    )
     get_candidates = aioice.Connection.get_component_candidates
     parameters = list(inspect.signature(get_candidates).parameters.values())
     if (

@@ -366,7 +366,6 @@ class PipeIn:
         self._tracks: dict[int, _InTrack] = {}
         self.closed = False
         self.requests_sent = 0
-        self.opened_at = asyncio.get_running_loop().time()
 
     def add(self, ssrc: int, kind: str) -> Publication:
         """The publication the owner's track `ssrc` feeds; it ends when removed."""

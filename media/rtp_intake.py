@@ -26,6 +26,7 @@ from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
 from media.receiver_tap import LeanReceive, ReceivedPacket
+from media.source_check import missing_lines
 
 log = logging.getLogger(__name__)
 
@@ -198,21 +199,19 @@ def internals_problems() -> list[str]:
         problems.append("missing: aioice StunProtocol hands non-STUN data to its receiver")
     # What _RtpIntake does in place of the DTLS transport's receive task.
     dtls = RTCDtlsTransport
-    dtls_src = "".join(
-        inspect.getsource(method)
-        for method in (dtls._recv_next, dtls._handle_rtp_data, dtls.start, dtls._set_state)
+    problems += missing_lines(
+        "RTCDtlsTransport",
+        (dtls._recv_next, dtls._handle_rtp_data, dtls.start, dtls._set_state),
+        (
+            "self._rx_srtp.unprotect(data)",
+            "self.__rx_bytes += len(data)",
+            "self.__rx_packets += 1",
+            "receiver = self._rtp_router.route_rtp(packet)",
+            "RtpPacket.parse(data, self._rtp_header_extensions_map)",
+            "self._set_state(State.CONNECTED)",
+            "self._state = state",
+        ),
     )
-    for needle in (
-        "self._rx_srtp.unprotect(data)",
-        "self.__rx_bytes += len(data)",
-        "self.__rx_packets += 1",
-        "receiver = self._rtp_router.route_rtp(packet)",
-        "RtpPacket.parse(data, self._rtp_header_extensions_map)",
-        "self._set_state(State.CONNECTED)",
-        "self._state = state",
-    ):
-        if needle not in dtls_src:
-            problems.append(f"missing in RTCDtlsTransport: {needle}")
     parameters = inspect.signature(RTCRtpReceiver._handle_rtp_packet).parameters
     if list(parameters) != ["self", "packet", "arrival_time_ms"]:
         problems.append("missing: RTCRtpReceiver._handle_rtp_packet(packet, arrival_time_ms)")

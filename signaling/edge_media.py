@@ -238,7 +238,7 @@ class EdgeMedia:
             self._rooms[room] = _EdgeRoom(
                 _text(message, "owner"),
                 self._endpoint.open_in(
-                    _address(message.get("address")),
+                    read_address(message.get("address")),
                     _number(message, "pipe_id"),
                     _key(message.get("key")),
                     self._hub.counters,
@@ -303,12 +303,15 @@ def _number(message: Message, name: str) -> int:
     return value
 
 
-def _address(value: Any) -> Address:
+def read_address(value: Any) -> Address:
+    """A pipe socket's address as workers send it: [host, port]."""
     if (
         not isinstance(value, list)
         or len(value) != 2
         or not isinstance(value[0], str)
         or not isinstance(value[1], int)
+        or isinstance(value[1], bool)
+        or not 0 < value[1] < 65536
     ):
         raise EdgeMessageInvalid("address must be [host, port]")
     return value[0], value[1]

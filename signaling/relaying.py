@@ -21,7 +21,13 @@ from rooms.outcome import Outcome
 from rooms.room_service import LiveRoomService
 from signaling import events as ev
 from signaling.connection import Connection, Identity, Limits
-from signaling.edge_media import EDGE_OPS, EDGE_SERVED_EVENTS, EdgeMedia
+from signaling.edge_media import (
+    EDGE_OPS,
+    EDGE_SERVED_EVENTS,
+    EdgeMedia,
+    EdgeMessageInvalid,
+    read_address,
+)
 from signaling.ratelimit import TokenBucket
 from signaling.routing import Message, Routing, WorkerGone
 from signaling.tasks import TaskSet
@@ -178,11 +184,10 @@ class Relaying:
             identity = await self._verify(sid, auth)
         except socketio.exceptions.ConnectionRefusedError as exc:
             return {"ok": False, "message": str(exc.error_args.get("message", "refused"))}
-        edge_pipe = None
-        if isinstance(pipe, list) and len(pipe) == 2:
-            host, port = pipe
-            if isinstance(host, str) and isinstance(port, int) and 0 < port < 65536:
-                edge_pipe = (host, port)
+        try:
+            edge_pipe = read_address(pipe) if pipe is not None else None
+        except EdgeMessageInvalid:
+            edge_pipe = None  # its seats' media is then served here
         self._connections[sid] = Connection(
             identity,
             TokenBucket(self._config.events_per_second, self._config.event_burst),

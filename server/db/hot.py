@@ -180,6 +180,20 @@ class HotPath(ABC):
             "data": event.data,
         }
 
+    def _participation_row(self, p: Participation) -> tuple[Any, ...]:
+        """A participations row in the order of _PARTICIPATION_COLUMNS, as stored."""
+        return (
+            p.session_id,
+            p.participant_id,
+            p.user_id,
+            p.name,
+            p.role.value,
+            p.device,
+            self._at_in(p.joined_at),
+            self._at_in(p.left_at),
+            p.close_reason.value if p.close_reason is not None else None,
+        )
+
     def _remember(self, session_id: str, consultation_id: str) -> None:
         if len(self._consultation_of) >= SESSION_CACHE:
             self._consultation_of.clear()
@@ -449,17 +463,7 @@ class SqliteHotPath(HotPath):
             conn.execute(
                 f"INSERT INTO participations ({_PARTICIPATION_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    p.session_id,
-                    p.participant_id,
-                    p.user_id,
-                    p.name,
-                    p.role.value,
-                    p.device,
-                    self._at_in(p.joined_at),
-                    self._at_in(p.left_at),
-                    p.close_reason.value if p.close_reason is not None else None,
-                ),
+                self._participation_row(p),
             )
         except sqlite3.IntegrityError as exc:
             if exc.sqlite_errorcode in _SQLITE_UNIQUE:
@@ -655,15 +659,7 @@ class PostgresHotPath(HotPath):
                 # The participation and the chain's head lock in one round trip.
                 head = await conn.fetchval(
                     _PG_SEAT,
-                    p.session_id,
-                    p.participant_id,
-                    p.user_id,
-                    p.name,
-                    p.role.value,
-                    p.device,
-                    self._at_in(p.joined_at),
-                    self._at_in(p.left_at),
-                    p.close_reason.value if p.close_reason is not None else None,
+                    *self._participation_row(p),
                     name,
                 )
             except asyncpg.UniqueViolationError as exc:
